@@ -1,0 +1,195 @@
+"""Settings, read from the environment once and validated up front.
+
+A broken setting must stop the function before it touches any record, with one
+message that names every problem, rather than failing each record in turn.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from email.headerregistry import Address
+from email.utils import parseaddr
+from pathlib import Path
+from typing import Literal, TypeVar
+
+from .errors import ConfigError
+
+TlsMode = Literal["starttls", "tls", "none"]
+_T = TypeVar("_T", bound=str)
+TLS_MODES: tuple[TlsMode, ...] = ("starttls", "tls", "none")
+SUPPORTED_LOCALES: tuple[str, ...] = ("pt-BR", "en")
+DEFAULT_TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "templates"
+
+
+@dataclass(frozen=True)
+class Settings:
+    smtp_server: str
+    email_from: Address
+    aws_region: str = "us-east-1"
+    aws_endpoint_url: str | None = None
+    smtp_port: int = 587
+    smtp_user: str | None = None
+    smtp_password: str | None = field(default=None, repr=False)
+    smtp_tls: TlsMode = "starttls"
+    smtp_ca_file: Path | None = None
+    smtp_timeout: float = 30.0
+    smtp_local_hostname: str | None = None
+    smtp_pool_size: int = 8
+    smtp_max_messages_per_connection: int = 100
+    max_concurrency: int = 32
+    allowed_buckets: frozenset[str] = frozenset()
+    default_locale: str = "pt-BR"
+    templates_dir: Path = DEFAULT_TEMPLATES_DIR
+    tmp_dir: Path = field(default_factory=lambda: Path(tempfile.gettempdir()))
+    download_chunk_bytes: int = 1024 * 1024
+    log_level: str = "INFO"
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Parse every setting, collecting all problems into one ConfigError."""
+        env = _Env(os.environ if environ is None else environ)
+        settings = cls(
+            smtp_server=env.required("SMTP_SERVER"),
+            email_from=env.address("EMAIL_FROM"),
+            aws_region=env.text("AWS_REGION", "us-east-1"),
+            aws_endpoint_url=env.optional("AWS_ENDPOINT_URL"),
+            smtp_port=env.integer("SMTP_PORT", 587, low=1, high=65535),
+            smtp_user=env.optional("SMTP_USER"),
+            smtp_password=env.optional("SMTP_PASSWORD"),
+            smtp_tls=env.choice("SMTP_TLS", "starttls", TLS_MODES),
+            smtp_ca_file=env.existing_file("SMTP_CA_FILE"),
+            smtp_timeout=env.number("SMTP_TIMEOUT", 30.0, low=0.1),
+            smtp_local_hostname=env.optional("SMTP_LOCAL_HOSTNAME"),
+            smtp_pool_size=env.integer("SMTP_POOL_SIZE", 8, low=1, high=1000),
+            smtp_max_messages_per_connection=env.integer(
+                "SMTP_MAX_MESSAGES_PER_CONNECTION", 100, low=1
+            ),
+            max_concurrency=env.integer("MAX_CONCURRENCY", 32, low=1, high=10000),
+            allowed_buckets=env.csv("ALLOWED_BUCKETS"),
+            default_locale=env.choice("DEFAULT_LOCALE", "pt-BR", SUPPORTED_LOCALES),
+            templates_dir=env.directory("TEMPLATES_DIR", DEFAULT_TEMPLATES_DIR),
+            tmp_dir=env.directory("TMP_DIR", Path(tempfile.gettempdir())),
+            download_chunk_bytes=env.integer(
+                "DOWNLOAD_CHUNK_BYTES", 1024 * 1024, low=4096, high=64 * 1024 * 1024
+            ),
+            log_level=env.choice(
+                "LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR"), upper=True
+            ),
+        )
+        if settings.smtp_password and not settings.smtp_user:
+            env.problems.append("SMTP_PASSWORD is set but SMTP_USER is not")
+        if settings.smtp_user and settings.smtp_tls == "none":
+            env.problems.append(
+                "SMTP_USER is set with SMTP_TLS=none: the password would cross the network "
+                "in clear text"
+            )
+        if env.problems:
+            raise ConfigError("invalid configuration: " + "; ".join(env.problems))
+        return settings
+
+    @property
+    def sender_domain(self) -> str:
+        return self.email_from.domain or "localhost"
+
+
+class _Env:
+    """Typed reads of an environment mapping that record problems instead of raising."""
+
+    def __init__(self, environ: Mapping[str, str]) -> None:
+        self.environ = environ
+        self.problems: list[str] = []
+
+    def optional(self, name: str) -> str | None:
+        value = self.environ.get(name, "").strip()
+        return value or None
+
+    def text(self, name: str, default: str) -> str:
+        return self.optional(name) or default
+
+    def required(self, name: str) -> str:
+        value = self.optional(name)
+        if value is None:
+            self.problems.append(f"{name} is required")
+            return ""
+        return value
+
+    def integer(self, name: str, default: int, *, low: int, high: int | None = None) -> int:
+        raw = self.optional(name)
+        if raw is None:
+            return default
+        try:
+            value = int(raw)
+        except ValueError:
+            self.problems.append(f"{name} must be an integer, got {raw!r}")
+            return default
+        if value < low or (high is not None and value > high):
+            bounds = f"between {low} and {high}" if high is not None else f"at least {low}"
+            self.problems.append(f"{name} must be {bounds}, got {value}")
+            return default
+        return value
+
+    def number(self, name: str, default: float, *, low: float) -> float:
+        raw = self.optional(name)
+        if raw is None:
+            return default
+        try:
+            value = float(raw)
+        except ValueError:
+            self.problems.append(f"{name} must be a number, got {raw!r}")
+            return default
+        if not value >= low:
+            self.problems.append(f"{name} must be at least {low}, got {raw}")
+            return default
+        return value
+
+    def choice(self, name: str, default: _T, choices: tuple[_T, ...], *, upper: bool = False) -> _T:
+        raw = self.optional(name)
+        if raw is None:
+            return default
+        wanted = raw.upper() if upper else raw
+        for option in choices:
+            if option.lower() == wanted.lower():
+                return option
+        self.problems.append(f"{name} must be one of {', '.join(choices)}, got {raw!r}")
+        return default
+
+    def csv(self, name: str) -> frozenset[str]:
+        raw = self.optional(name) or ""
+        return frozenset(part.strip() for part in raw.split(",") if part.strip())
+
+    def existing_file(self, name: str) -> Path | None:
+        raw = self.optional(name)
+        if raw is None:
+            return None
+        path = Path(raw)
+        if not path.is_file():
+            self.problems.append(f"{name} points to {raw!r}, which is not a readable file")
+        return path
+
+    def directory(self, name: str, default: Path) -> Path:
+        raw = self.optional(name)
+        path = Path(raw) if raw else default
+        if not path.is_dir():
+            self.problems.append(f"{name} points to {str(path)!r}, which is not a directory")
+        return path
+
+    def address(self, name: str) -> Address:
+        raw = self.required(name)
+        if not raw:
+            return Address()
+        if "\r" in raw or "\n" in raw:
+            self.problems.append(f"{name} must be a single line")
+            return Address()
+        display, addr = parseaddr(raw)
+        if "@" not in addr:
+            self.problems.append(f"{name} must be an address such as 'Name <no-reply@example.com>'")
+            return Address()
+        username, domain = addr.rsplit("@", 1)
+        try:
+            return Address(display_name=display, username=username, domain=domain)
+        except (ValueError, TypeError) as exc:
+            self.problems.append(f"{name} is not a valid address: {exc}")
+            return Address()

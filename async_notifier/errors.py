@@ -1,0 +1,83 @@
+"""Error hierarchy: every record-level failure says whether retrying can help.
+
+`transient` errors are worth another delivery (SQS retry); `permanent` ones are
+not and belong in the dead-letter queue. `ConfigError` is not a record failure
+at all: the function cannot run, so the invocation fails loudly.
+"""
+
+from __future__ import annotations
+
+
+class ConfigError(Exception):
+    """A missing or invalid setting; raised once, at start."""
+
+
+class NotifierError(Exception):
+    """A failure of one record. Subclasses fix `transient` and `kind`."""
+
+    transient: bool = True
+    kind: str = "error"
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class PermanentError(NotifierError):
+    """Retrying the same record cannot succeed."""
+
+    transient = False
+    kind = "permanent"
+
+
+class TransientError(NotifierError):
+    """The same record may succeed on a later attempt."""
+
+    transient = True
+    kind = "transient"
+
+
+class BadMessage(PermanentError):
+    """The record body is not a valid notification."""
+
+    kind = "bad_message"
+
+
+class BucketNotAllowed(PermanentError):
+    """The record names a bucket outside ALLOWED_BUCKETS."""
+
+    kind = "bucket_not_allowed"
+
+
+class ObjectUnavailable(PermanentError):
+    """The object does not exist or the role may not read it."""
+
+    kind = "object_unavailable"
+
+
+class DownloadFailed(TransientError):
+    """S3 failed or the stream broke; a later attempt may succeed."""
+
+    kind = "download_failed"
+
+
+class RecipientRejected(PermanentError):
+    """The SMTP server refused the recipient or the message (5xx)."""
+
+    kind = "smtp_rejected"
+
+
+class SmtpUnavailable(TransientError):
+    """The SMTP server could not be reached, dropped us, or answered 4xx."""
+
+    kind = "smtp_unavailable"
+
+
+class DeliveryUnknown(TransientError):
+    """The connection was lost after the message data was sent.
+
+    The server may have accepted it, so it is not resent within the invocation;
+    a later delivery carries the same Message-ID.
+    """
+
+    kind = "delivery_unknown"

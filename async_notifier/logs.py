@@ -1,0 +1,53 @@
+"""Structured JSON logs: one object per line, with the invocation's request id.
+
+CloudWatch Logs Insights can filter on any field; nothing here ever logs a
+message body, an attachment or a credential.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import json
+import logging
+import sys
+from datetime import UTC, datetime
+from typing import Any
+
+LOGGER_NAME = "async_notifier"
+request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
+_RESERVED = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "message": record.getMessage(),
+        }
+        rid = request_id.get()
+        if rid:
+            entry["request_id"] = rid
+        for key, value in vars(record).items():
+            if key not in _RESERVED and not key.startswith("_"):
+                entry[key] = value
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str, ensure_ascii=False)
+
+
+def get_logger() -> logging.Logger:
+    return logging.getLogger(LOGGER_NAME)
+
+
+def configure(level: str = "INFO") -> logging.Logger:
+    """Give the package logger its own JSON handler (idempotent; Lambda keeps processes warm)."""
+    logger = get_logger()
+    logger.setLevel(level)
+    if not any(getattr(h, "_async_notifier", False) for h in logger.handlers):
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(JsonFormatter())
+        handler._async_notifier = True  # type: ignore[attr-defined]
+        logger.addHandler(handler)
+    logger.propagate = False
+    return logger

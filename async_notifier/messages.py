@@ -1,0 +1,236 @@
+"""Turn one SQS record into a validated `Notification`, or say exactly why not.
+
+Everything that reaches an email header or the S3 request is checked here, so
+later stages can trust their input: a record is either fully valid or rejected
+with a `BadMessage` that names the field.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Literal
+
+from email_validator import EmailNotValidError, validate_email
+
+from .errors import BadMessage
+
+Status = Literal["COMPLETED", "FAILED"]
+
+_BUCKET_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{1,253}[A-Za-z0-9]$")
+_LOCALE_ALIASES = {"pt": "pt-BR", "pt-br": "pt-BR", "en": "en"}
+MAX_KEY_BYTES = 1024
+MAX_TEXT = 1000  # header-bound values (names, file names, ids)
+MAX_ERROR_TEXT = 10_000
+
+
+@dataclass(frozen=True)
+class SqsRecord:
+    """The parts of an SQS record the worker needs, typed."""
+
+    message_id: str
+    body: str
+    receive_count: int
+    attributes: Mapping[str, Any]
+    raw: Mapping[str, Any]
+
+    @classmethod
+    def from_event(cls, record: Any) -> SqsRecord:
+        if not isinstance(record, Mapping):
+            raise BadMessage("record is not an object")
+        message_id = record.get("messageId")
+        if not isinstance(message_id, str) or not message_id:
+            raise BadMessage("record has no messageId")
+        body = record.get("body")
+        if not isinstance(body, str):
+            raise BadMessage("record has no body")
+        attributes = record.get("attributes")
+        if not isinstance(attributes, Mapping):
+            attributes = {}
+        try:
+            receive_count = int(attributes.get("ApproximateReceiveCount", 1))
+        except (TypeError, ValueError):
+            receive_count = 1
+        return cls(message_id, body, receive_count, attributes, record)
+
+
+@dataclass(frozen=True)
+class Notification:
+    video_id: str
+    status: Status
+    email: str
+    name: str | None
+    file_name: str | None
+    message: str
+    locale: str | None
+    timestamp: datetime | None
+    bucket: str | None
+    key: str | None
+
+    @property
+    def identity(self) -> str:
+        """Stable across redeliveries: what makes two records the same email."""
+        raw = "\x1f".join((self.video_id, self.status, self.email.lower()))
+        return hashlib.sha256(raw.encode()).hexdigest()
+
+    @property
+    def display_name(self) -> str:
+        return self.file_name or self.video_id
+
+
+def parse_body(body: str) -> Notification:
+    """Parse a record body (plain JSON, or an SNS envelope around it)."""
+    try:
+        data = json.loads(body)
+    except (json.JSONDecodeError, RecursionError) as exc:
+        raise BadMessage(f"body is not valid JSON: {exc}") from None
+    if isinstance(data, dict) and data.get("Type") == "Notification" and "Message" in data:
+        inner = data["Message"]
+        if not isinstance(inner, str):
+            raise BadMessage("SNS envelope Message is not a string")
+        try:
+            data = json.loads(inner)
+        except (json.JSONDecodeError, RecursionError) as exc:
+            raise BadMessage(f"SNS Message is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise BadMessage("body is not a JSON object")
+    return _notification(data)
+
+
+def _notification(data: dict[str, Any]) -> Notification:
+    status = _status(data.get("status"))
+    video_id = _header_text(data, "video_id", required=True)
+    assert video_id is not None
+    email = _email(_first(data, "email", "recipient_email"))
+    name = _header_text(_aliased(data, "name", "recipient_name"), "name")
+    file_name = _header_text(data, "file_name")
+    locale = _locale(data.get("locale"))
+    timestamp = _timestamp(data.get("timestamp"))
+    message = data.get("message")
+    if message is None:
+        message = ""
+    if not isinstance(message, str):
+        raise BadMessage("field 'message' must be a string")
+    if len(message) > MAX_ERROR_TEXT:
+        message = message[:MAX_ERROR_TEXT] + "…"
+
+    bucket, key = _location(data)
+    if status == "COMPLETED" and (bucket is None or key is None):
+        raise BadMessage("a COMPLETED notification needs 'bucket' and 'key'")
+    return Notification(
+        video_id=video_id,
+        status=status,
+        email=email,
+        name=name,
+        file_name=file_name,
+        message=message,
+        locale=locale,
+        timestamp=timestamp,
+        bucket=bucket,
+        key=key,
+    )
+
+
+def _first(data: Mapping[str, Any], *names: str) -> Any:
+    for name in names:
+        if data.get(name) not in (None, ""):
+            return data[name]
+    return None
+
+
+def _aliased(data: Mapping[str, Any], name: str, alias: str) -> dict[str, Any]:
+    return {name: _first(data, name, alias)}
+
+
+def _status(value: Any) -> Status:
+    if value is None or value == "":
+        return "COMPLETED"
+    if not isinstance(value, str):
+        raise BadMessage("field 'status' must be a string")
+    upper = value.strip().upper()
+    if upper == "COMPLETED":
+        return "COMPLETED"
+    if upper == "FAILED":
+        return "FAILED"
+    raise BadMessage(f"unknown status {value[:40]!r} (expected COMPLETED or FAILED)")
+
+
+def _header_text(data: Mapping[str, Any], field: str, *, required: bool = False) -> str | None:
+    """A value that ends up in a header or a file name: one printable line."""
+    value = data.get(field)
+    if value is None or value == "":
+        if required:
+            raise BadMessage(f"field {field!r} is required")
+        return None
+    if not isinstance(value, str):
+        raise BadMessage(f"field {field!r} must be a string")
+    if any(ch in value for ch in "\r\n") or not value.isprintable():
+        raise BadMessage(f"field {field!r} contains line breaks or control characters")
+    value = value.strip()
+    if not value:
+        if required:
+            raise BadMessage(f"field {field!r} is required")
+        return None
+    if len(value) > MAX_TEXT:
+        raise BadMessage(f"field {field!r} is longer than {MAX_TEXT} characters")
+    return value
+
+
+def _email(value: Any) -> str:
+    if value is None:
+        raise BadMessage("field 'email' is required")
+    if not isinstance(value, str):
+        raise BadMessage("field 'email' must be a string")
+    if any(ch in value for ch in "\r\n") or not value.isprintable():
+        raise BadMessage("field 'email' contains line breaks or control characters")
+    try:
+        # A bare addr-spec only: no display names, no lists, no SMTPUTF8 local parts
+        # (not every relay supports them); IDN domains come back in ASCII form.
+        result = validate_email(value.strip(), check_deliverability=False, allow_smtputf8=False)
+    except EmailNotValidError as exc:
+        raise BadMessage(f"field 'email' is not a valid single address: {exc}") from None
+    return result.ascii_email or result.normalized
+
+
+def _locale(value: Any) -> str | None:
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise BadMessage("field 'locale' must be a string")
+    tag = value.strip().replace("_", "-").lower()
+    # Unknown locales fall back to the default rather than lose the email.
+    return _LOCALE_ALIASES.get(tag) or _LOCALE_ALIASES.get(tag.split("-")[0])
+
+
+def _timestamp(value: Any) -> datetime | None:
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise BadMessage("field 'timestamp' must be an ISO 8601 string")
+    try:
+        return datetime.fromisoformat(value.strip())
+    except ValueError:
+        raise BadMessage(f"field 'timestamp' is not ISO 8601: {value[:40]!r}") from None
+
+
+def _location(data: Mapping[str, Any]) -> tuple[str | None, str | None]:
+    zip_ref = data.get("zip")
+    if zip_ref is not None and not isinstance(zip_ref, Mapping):
+        raise BadMessage("field 'zip' must be an object with 'bucket' and 'key'")
+    nested = zip_ref or {}
+    bucket = _first(data, "bucket", "s3_bucket") or _first(nested, "bucket")
+    key = _first(data, "key", "s3_key") or _first(nested, "key")
+    if bucket is not None and (not isinstance(bucket, str) or not _BUCKET_RE.match(bucket)):
+        raise BadMessage("field 'bucket' is not a valid bucket name")
+    if key is not None:
+        if not isinstance(key, str):
+            raise BadMessage("field 'key' must be a string")
+        if len(key.encode("utf-8", "surrogatepass")) > MAX_KEY_BYTES:
+            raise BadMessage(f"field 'key' is longer than {MAX_KEY_BYTES} bytes")
+        if not key.isprintable():
+            raise BadMessage("field 'key' contains control characters")
+    return bucket, key

@@ -1,0 +1,43 @@
+"""AWS Lambda entry point: `handler.lambda_handler`.
+
+Only wiring lives here. Settings are parsed and templates compiled on the first
+invocation and kept while Lambda keeps the process warm; one event loop serves
+every invocation of the process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+from typing import Any
+
+from async_notifier.app import Notifier
+from async_notifier.config import Settings
+from async_notifier.logs import request_id
+
+_notifier: Notifier | None = None
+_runner: asyncio.Runner | None = None
+
+
+def lambda_handler(event: Any, context: Any) -> dict[str, list[dict[str, str]]]:
+    """Return the failed records as `batchItemFailures`; raise only on broken settings."""
+    global _notifier, _runner
+    if _notifier is None:
+        _notifier = Notifier(Settings.from_env())
+    if _runner is None:
+        _runner = asyncio.Runner()
+    token = request_id.set(getattr(context, "aws_request_id", None))
+    try:
+        # Runner.run would otherwise use the context captured when the loop was made.
+        return _runner.run(_notifier.handle(event), context=contextvars.copy_context())
+    finally:
+        request_id.reset(token)
+
+
+def reset() -> None:
+    """Forget cached settings and close the loop (tests change the environment)."""
+    global _notifier, _runner
+    _notifier = None
+    if _runner is not None:
+        _runner.close()
+        _runner = None
