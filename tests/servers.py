@@ -1,0 +1,681 @@
+"""Real peers for the tests: moto in server mode for AWS, aiosmtpd for SMTP.
+
+The worker is only trusted once it has spoken the real protocols, so nothing here mocks a
+client library: S3 runs in a separate moto process (its own GIL, its own HTTP stack) and SMTP
+is a genuine aiosmtpd server on a loopback port that records what it accepted and counts
+connections server-side, so pooling and reconnection can be asserted from the outside.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import email
+import email.policy
+import hashlib
+import http.client
+import io
+import ipaddress
+import json
+import random
+import socket
+import ssl
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+import zipfile
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from email.message import EmailMessage
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
+
+import boto3
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session, syntax
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+LOOPBACK = "127.0.0.1"
+REGION = "us-east-1"
+
+
+def free_port() -> int:
+    """Return a loopback port that was free a moment ago (the OS picks it, so no collisions)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((LOOPBACK, 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+# --------------------------------------------------------------------------- moto (AWS)
+
+
+def _moto_command() -> list[str]:
+    """The venv's `moto_server` script, or the module when the script is not installed."""
+    script = Path(sys.executable).with_name("moto_server")
+    if script.exists():
+        return [str(script)]
+    return [sys.executable, "-m", "moto.server"]
+
+
+class MotoServer:
+    """moto in server mode as a subprocess, so S3 traffic does not compete for the test's GIL."""
+
+    def __init__(self, *, start_timeout: float = 15.0) -> None:
+        self.host = LOOPBACK
+        self.port = 0
+        self.start_timeout = start_timeout
+        self._process: subprocess.Popen[bytes] | None = None
+        # werkzeug logs every request; a pipe nobody reads would fill up and stall the server.
+        self._log: Any = None
+
+    @property
+    def endpoint_url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def start(self, attempts: int = 3) -> None:
+        """Start and wait until it answers; retry on another port if one was taken meanwhile."""
+        if self._process is not None:
+            raise RuntimeError("moto server already running")
+        error: RuntimeError | None = None
+        for _ in range(attempts):
+            try:
+                self._start_once()
+                return
+            except RuntimeError as exc:
+                error = exc
+                self.stop()
+        assert error is not None
+        raise error
+
+    def _start_once(self) -> None:
+        self.port = free_port()
+        self._log = tempfile.TemporaryFile()  # noqa: SIM115 - lives until stop()
+        self._process = subprocess.Popen(
+            [*_moto_command(), "-H", self.host, "-p", str(self.port)],
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + self.start_timeout
+        while time.monotonic() < deadline:
+            if self._process.poll() is not None:
+                raise RuntimeError(
+                    f"moto_server exited with {self._process.returncode}:\n{self.output()}"
+                )
+            try:
+                self._request("GET", "/moto-api/", timeout=1)
+                return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError(
+            f"moto_server did not answer within {self.start_timeout}s:\n{self.output()}"
+        )
+
+    def output(self) -> str:
+        """What the server printed so far (for failure messages)."""
+        if self._log is None:
+            return ""
+        self._log.flush()
+        self._log.seek(0)
+        text: str = self._log.read().decode(errors="replace")
+        self._log.seek(0, io.SEEK_END)
+        return text
+
+    def reset(self) -> None:
+        """Drop all state (buckets, queues...) so tests sharing the session server stay isolated."""
+        self._request("POST", "/moto-api/reset", timeout=10)
+
+    def _request(self, method: str, path: str, timeout: float) -> None:
+        connection = http.client.HTTPConnection(self.host, self.port, timeout=timeout)
+        try:
+            connection.request(method, path)
+            response = connection.getresponse()
+            response.read()
+            if response.status >= 400:
+                raise RuntimeError(f"moto {method} {path}: HTTP {response.status}")
+        finally:
+            connection.close()
+
+    def stop(self) -> None:
+        process, self._process = self._process, None
+        if process is not None and process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(timeout=10)
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+    @property
+    def running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+def s3_client(endpoint_url: str) -> Any:
+    """A plain synchronous boto3 S3 client for seeding and inspecting moto from the test."""
+    return boto3.client(
+        "s3",
+        endpoint_url=endpoint_url,
+        region_name=REGION,
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+    )
+
+
+def seed_objects(client: Any, bucket: str, objects: Mapping[str, bytes]) -> None:
+    """Create `bucket` unless it exists, then upload every key."""
+    with contextlib.suppress(client.exceptions.BucketAlreadyOwnedByYou):
+        client.create_bucket(Bucket=bucket)
+    for key, body in objects.items():
+        client.put_object(Bucket=bucket, Key=key, Body=body)
+
+
+# --------------------------------------------------------------------------- SMTP
+
+
+@dataclass(frozen=True)
+class Received:
+    """One message the sink accepted, exactly as it came over the wire."""
+
+    mail_from: str
+    rcpt_tos: list[str]
+    data: bytes
+
+
+class _SinkSMTP(SMTP):
+    """aiosmtpd's SMTP protocol (one instance per TCP connection) reporting to its sink."""
+
+    def __init__(
+        self, handler: Any, *, sink: SmtpSink, allow_plain_auth: bool, **kwargs: Any
+    ) -> None:
+        super().__init__(handler, **kwargs)
+        if allow_plain_auth:
+            # Set after construction: passing auth_require_tls=False makes aiosmtpd emit a
+            # UserWarning from its thread, and there is no TLS to require in that setup anyway.
+            self._auth_require_tls = False
+        self.sink = sink
+        self.accepted_here = 0
+        self._counted = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # Called again on the TLS transport after STARTTLS; that is the same TCP connection.
+        if self._original_transport is None and not self._counted:
+            self._counted = True
+            self.sink._connection_opened()
+        super().connection_made(transport)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        # aiosmtpd calls this itself after a failed TLS handshake, so it may come twice.
+        if self._counted:
+            self._counted = False
+            self.sink._connection_closed()
+        super().connection_lost(error)
+
+    @syntax("QUIT")
+    async def smtp_QUIT(self, arg: str) -> None:
+        self.sink._quit_received()
+        await super().smtp_QUIT(arg)
+
+    @syntax("DATA")
+    async def smtp_DATA(self, arg: str) -> None:
+        before = self.accepted_here
+        await super().smtp_DATA(arg)  # the 250 has been written when this returns
+        drop_after = self.sink.drop_after
+        if (
+            drop_after
+            and self.accepted_here > before
+            and self.accepted_here % drop_after == 0
+            and self.transport is not None
+        ):
+            # Like a server that reaps connections mid-batch: no 421, the socket just closes.
+            # close() flushes the buffered 250 first.
+            self.transport.close()
+
+
+class _Handler:
+    """aiosmtpd hooks: reject configured mailboxes, record accepted messages."""
+
+    def __init__(self, sink: SmtpSink) -> None:
+        self.sink = sink
+
+    async def handle_RCPT(
+        self,
+        server: _SinkSMTP,
+        session: Session,
+        envelope: Envelope,
+        address: str,
+        rcpt_options: list[str],
+    ) -> str:
+        if address.casefold() in self.sink.reject:
+            return "550 5.1.1 mailbox unavailable"
+        envelope.rcpt_tos.append(address)
+        envelope.rcpt_options.extend(rcpt_options)
+        return "250 OK"
+
+    async def handle_DATA(self, server: _SinkSMTP, session: Session, envelope: Envelope) -> str:
+        data = envelope.original_content
+        assert isinstance(data, bytes)
+        server.accepted_here += 1
+        self.sink._record(
+            Received(
+                mail_from=envelope.mail_from or "",
+                rcpt_tos=list(envelope.rcpt_tos),
+                data=data,
+            )
+        )
+        return "250 OK"
+
+
+class _SinkController(Controller):
+    def __init__(self, sink: SmtpSink, allow_plain_auth: bool, **kwargs: Any) -> None:
+        super().__init__(_Handler(sink), **kwargs)
+        self.sink = sink
+        self.allow_plain_auth = allow_plain_auth
+
+    def factory(self) -> _SinkSMTP:
+        return _SinkSMTP(
+            self.handler,
+            sink=self.sink,
+            allow_plain_auth=self.allow_plain_auth,
+            **self.SMTP_kwargs,
+        )
+
+
+class SmtpSink:
+    """A real SMTP server on 127.0.0.1 that records messages and counts connections.
+
+    aiosmtpd serves from its own event loop in a thread, so all shared state sits behind one
+    condition variable.
+    """
+
+    def __init__(
+        self,
+        *,
+        tls: ssl.SSLContext | None = None,
+        auth: tuple[str, str] | None = None,
+        drop_after: int | None = None,
+        reject: Iterable[str] = (),
+        data_size_limit: int = 64 * 1024 * 1024,
+    ) -> None:
+        if drop_after is not None and drop_after < 1:
+            raise ValueError("drop_after must be >= 1")
+        self.host = LOOPBACK
+        self.port = 0
+        self.tls = tls
+        self.auth = auth
+        self.drop_after = drop_after
+        self.reject = frozenset(address.casefold() for address in reject)
+        self.data_size_limit = data_size_limit
+        self._cond = threading.Condition()
+        self._messages: list[Received] = []
+        self._opened = 0
+        self._open = 0
+        self._quits = 0
+        self._controller: _SinkController | None = None
+
+    # -- hooks called from the server thread
+
+    def _record(self, message: Received) -> None:
+        with self._cond:
+            self._messages.append(message)
+            self._cond.notify_all()
+
+    def _connection_opened(self) -> None:
+        with self._cond:
+            self._opened += 1
+            self._open += 1
+            self._cond.notify_all()
+
+    def _connection_closed(self) -> None:
+        with self._cond:
+            self._open -= 1
+            self._cond.notify_all()
+
+    def _quit_received(self) -> None:
+        with self._cond:
+            self._quits += 1
+            self._cond.notify_all()
+
+    def _authenticate(
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: Envelope,
+        mechanism: str,
+        auth_data: Any,
+    ) -> AuthResult:
+        assert self.auth is not None
+        user, password = self.auth
+        ok = (
+            isinstance(auth_data, LoginPassword)
+            and auth_data.login == user.encode()
+            and auth_data.password == password.encode()
+        )
+        return AuthResult(success=ok, handled=False)
+
+    # -- observations
+
+    @property
+    def messages(self) -> list[Received]:
+        with self._cond:
+            return list(self._messages)
+
+    def parsed(self) -> list[EmailMessage]:
+        """The accepted messages parsed the way a mail client would see them."""
+        return [
+            email.message_from_bytes(m.data, _class=EmailMessage, policy=email.policy.default)
+            for m in self.messages
+        ]
+
+    @property
+    def connections_opened(self) -> int:
+        """TCP connections accepted since start (the controller's readiness probe excluded)."""
+        with self._cond:
+            return self._opened
+
+    @property
+    def connections_open(self) -> int:
+        with self._cond:
+            return self._open
+
+    @property
+    def quit_count(self) -> int:
+        with self._cond:
+            return self._quits
+
+    def wait_for(self, count: int, timeout: float = 10.0) -> list[Received]:
+        """Block until at least `count` messages arrived; fail with what did arrive."""
+        with self._cond:
+            if not self._cond.wait_for(lambda: len(self._messages) >= count, timeout):
+                raise TimeoutError(
+                    f"expected {count} message(s) within {timeout}s, got {len(self._messages)}"
+                )
+            return list(self._messages)
+
+    def wait_idle(self, timeout: float = 10.0) -> None:
+        """Block until the server has seen every connection close (clients may close lazily)."""
+        with self._cond:
+            if not self._cond.wait_for(lambda: self._open == 0, timeout):
+                raise TimeoutError(f"{self._open} connection(s) still open after {timeout}s")
+
+    def clear(self) -> None:
+        """Forget messages and counters (open connections keep being tracked)."""
+        with self._cond:
+            self._messages.clear()
+            self._opened = self._open
+            self._quits = 0
+
+    # -- lifecycle
+
+    def start(self) -> None:
+        if self._controller is not None:
+            raise RuntimeError("SMTP sink already running")
+        kwargs: dict[str, Any] = {
+            "hostname": self.host,
+            "port": free_port(),
+            "server_hostname": "sink.test",
+            "data_size_limit": self.data_size_limit,
+            "ready_timeout": 10.0,
+        }
+        if self.tls is not None:
+            kwargs.update(tls_context=self.tls, require_starttls=True)
+        if self.auth is not None:
+            kwargs.update(authenticator=self._authenticate, auth_required=True)
+        controller = _SinkController(
+            self, allow_plain_auth=self.auth is not None and self.tls is None, **kwargs
+        )
+        controller.start()
+        self._controller = controller
+        self.port = controller.port
+        # Controller.start() opens one probe connection to see the server answer; let it close
+        # and leave it out of the counts so tests see only their own clients.
+        try:
+            self.wait_idle(timeout=10.0)
+        except TimeoutError:
+            self.stop()
+            raise
+        with self._cond:
+            self._opened = 0
+            self._quits = 0
+
+    def stop(self) -> None:
+        controller, self._controller = self._controller, None
+        if controller is not None:
+            controller.stop()
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+# --------------------------------------------------------------------------- TLS
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """A throw-away CA and a server certificate for 127.0.0.1/localhost, as PEM files."""
+
+    ca: Path
+    cert: Path
+    key: Path
+
+    def server_context(self) -> ssl.SSLContext:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(self.cert, self.key)
+        return context
+
+    def client_context(self) -> ssl.SSLContext:
+        """What a correctly configured client uses: trust exactly this CA."""
+        return ssl.create_default_context(cafile=str(self.ca))
+
+
+def make_tls_files(directory: Path) -> TlsFiles:
+    """Write ca.pem, server.pem and server.key into `directory`.
+
+    The extensions (key usages, key identifiers) satisfy strict X.509 verification, which newer
+    Pythons enable in ssl.create_default_context().
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    now = dt.datetime.now(dt.UTC)
+    not_before, not_after = now - dt.timedelta(days=1), now + dt.timedelta(days=30)
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "async-notifier test CA")])
+    ca_ski = x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key())
+    ca_cert = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(ca_ski, critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=False,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.IPAddress(ipaddress.ip_address(LOOPBACK)), x509.DNSName("localhost")]
+            ),
+            critical=False,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski),
+            critical=False,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+
+    files = TlsFiles(
+        ca=directory / "ca.pem", cert=directory / "server.pem", key=directory / "server.key"
+    )
+    files.ca.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
+    files.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    files.key.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return files
+
+
+# --------------------------------------------------------------------------- payloads
+
+_FRAME_BYTES = 64 * 1024
+_ZIP_EOCD = 22
+_ZIP_DATE = (2024, 1, 1, 0, 0, 0)
+
+
+def make_zip(size: int, seed: int) -> bytes:
+    """A real ZIP_STORED archive of fake JPEG frames, `size` bytes long when size allows.
+
+    Random bytes do not compress, so the size on the wire is what the test asked for, and the
+    same seed always yields the same archive.
+    """
+    rng = random.Random(seed)
+    count = max(1, -(-size // _FRAME_BYTES))
+    names = [f"frame_{i:04d}.jpg" for i in range(1, count + 1)]
+    # Per stored entry: a 30-byte local header and a 46-byte central record, each plus the name.
+    overhead = _ZIP_EOCD + sum(76 + 2 * len(name.encode()) for name in names)
+    payload = max(count, size - overhead)
+    share, extra = divmod(payload, count)
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_STORED) as archive:
+        for index, name in enumerate(names):
+            info = zipfile.ZipInfo(name, date_time=_ZIP_DATE)
+            archive.writestr(info, rng.randbytes(share + (1 if index < extra else 0)))
+    return buffer.getvalue()
+
+
+# --------------------------------------------------------------------------- Lambda
+
+
+def sqs_record(
+    body: Mapping[str, Any] | str,
+    message_id: str | None = None,
+    *,
+    receive_count: int = 1,
+    queue_arn: str = "arn:aws:sqs:us-east-1:123456789012:notifications",
+) -> dict[str, Any]:
+    """One record shaped exactly like those Lambda's SQS event source delivers."""
+    text = body if isinstance(body, str) else json.dumps(body)
+    now_ms = int(time.time() * 1000)
+    return {
+        "messageId": message_id or str(uuid.uuid4()),
+        "receiptHandle": f"AQEB{uuid.uuid4().hex}{uuid.uuid4().hex}",
+        "body": text,
+        "attributes": {
+            "ApproximateReceiveCount": str(receive_count),
+            "SentTimestamp": str(now_ms - 50),
+            "SenderId": "AIDAIENQZJOLO23YVJ4VO",
+            "ApproximateFirstReceiveTimestamp": str(now_ms),
+        },
+        "messageAttributes": {},
+        "md5OfBody": hashlib.md5(text.encode(), usedforsecurity=False).hexdigest(),
+        "eventSource": "aws:sqs",
+        "eventSourceARN": queue_arn,
+        "awsRegion": queue_arn.split(":")[3],
+    }
+
+
+def sqs_event(records: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
+    return {"Records": [dict(record) for record in records]}
+
+
+class FakeLambdaContext:
+    """The Lambda context object; the runtime has no local peer, so this one is hand-made."""
+
+    def __init__(
+        self,
+        remaining_ms: int = 300_000,
+        *,
+        function_name: str = "async-notifier",
+        aws_request_id: str | None = None,
+    ) -> None:
+        self.function_name = function_name
+        self.function_version = "$LATEST"
+        self.invoked_function_arn = f"arn:aws:lambda:{REGION}:123456789012:function:{function_name}"
+        self.memory_limit_in_mb = "512"
+        self.aws_request_id = aws_request_id or str(uuid.uuid4())
+        self.log_group_name = f"/aws/lambda/{function_name}"
+        self.log_stream_name = "2024/01/01/[$LATEST]0123456789abcdef"
+        self._deadline = time.monotonic() + remaining_ms / 1000
+
+    def get_remaining_time_in_millis(self) -> int:
+        return max(0, int((self._deadline - time.monotonic()) * 1000))
