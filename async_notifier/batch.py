@@ -1,19 +1,23 @@
 """Run every record of a batch concurrently and collect one outcome per record.
 
-A fixed number of workers pull records from the batch, so memory and tasks stay
+A fixed number of workers pull work from the batch, so memory and tasks stay
 bounded by MAX_CONCURRENCY whether the batch holds 10 records or 10,000. A
 record's failure, expected or not, becomes its outcome; it never ends the batch.
+On a FIFO queue the unit of work is a message group, processed in order and
+stopped at its first failure; groups still run concurrently.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import BadMessage, NotifierError
+from .deadline import Deadline
+from .errors import BadMessage, DeadlineExceeded, NotifierError, TransientError
 from .logs import get_logger
 from .messages import SqsRecord
 
@@ -27,18 +31,27 @@ class RecordResult:
     video_id: str | None = None
     status: str | None = None
     bytes: int = 0
+    retries: int = 0
+    action: str = "sent"  # sent | sent_link | duplicate | already_delivered
 
 
-@dataclass(frozen=True)
+@dataclass
 class Outcome:
     message_id: str
     error: NotifierError | None
     result: RecordResult
     duration: float
+    record: SqsRecord | None = None
+    dead_lettered: bool = False
 
     @property
     def ok(self) -> bool:
         return self.error is None
+
+    @property
+    def acknowledged(self) -> bool:
+        """Delivered, or parked in the dead-letter queue: either way SQS may delete it."""
+        return self.ok or self.dead_lettered
 
 
 @dataclass
@@ -47,7 +60,8 @@ class BatchResult:
 
     @property
     def failures(self) -> list[Outcome]:
-        return [o for o in self.outcomes if not o.ok]
+        """Records SQS must deliver again."""
+        return [o for o in self.outcomes if not o.acknowledged]
 
     def response(self) -> dict[str, list[dict[str, str]]]:
         """The partial batch response Lambda expects with ReportBatchItemFailures."""
@@ -57,22 +71,43 @@ class BatchResult:
 Processor = Callable[[SqsRecord, RecordResult], Awaitable[None]]
 
 
-class _InternalError(NotifierError):
+class InternalError(NotifierError):
     """A bug, not the record's fault: retried, and logged with its traceback."""
 
     transient = True
     kind = "internal"
 
 
+class GroupBlocked(TransientError):
+    """An earlier record of the same FIFO group failed; order forbids going on."""
+
+    kind = "fifo_group_blocked"
+
+
 async def run_batch(
-    raw_records: Sequence[Any], process: Processor, *, concurrency: int
+    raw_records: Sequence[Any],
+    process: Processor,
+    *,
+    concurrency: int,
+    deadline: Deadline | None = None,
 ) -> BatchResult:
     outcomes: list[Outcome | None] = [None] * len(raw_records)
-    queue: Iterable[tuple[int, Any]] = iter(enumerate(raw_records))
+    units = _work_units(raw_records)
 
     async def worker() -> None:
-        for index, raw in queue:  # a shared iterator: each record is taken once
-            outcomes[index] = await _run_one(raw, process)
+        for unit in units:  # a shared iterator: each unit is taken once
+            blocked: Outcome | None = None
+            for index, raw in unit:
+                if blocked is not None:
+                    error = GroupBlocked(
+                        f"earlier message {blocked.message_id} of its group failed"
+                    )
+                    outcomes[index] = _finish(raw, None, error, RecordResult(), 0.0)
+                    continue
+                outcome = await _run_one(raw, process, deadline)
+                outcomes[index] = outcome
+                if not outcome.ok:
+                    blocked = outcome
 
     workers = max(1, min(concurrency, len(raw_records)))
     async with asyncio.TaskGroup() as group:
@@ -81,25 +116,69 @@ async def run_batch(
     return BatchResult([o for o in outcomes if o is not None])
 
 
-async def _run_one(raw: Any, process: Processor) -> Outcome:
+def is_fifo(raw_records: Sequence[Any]) -> bool:
+    return any(
+        isinstance(r, dict) and str(r.get("eventSourceARN", "")).endswith(".fifo")
+        for r in raw_records
+    )
+
+
+def _work_units(raw_records: Sequence[Any]) -> Iterator[list[tuple[int, Any]]]:
+    if not is_fifo(raw_records):
+        return ([(i, raw)] for i, raw in enumerate(raw_records))
+    groups: dict[object, list[tuple[int, Any]]] = {}
+    for index, raw in enumerate(raw_records):
+        attributes = raw.get("attributes") if isinstance(raw, dict) else None
+        group = attributes.get("MessageGroupId") if isinstance(attributes, dict) else None
+        groups.setdefault(group if isinstance(group, str) else ("ungrouped", index), []).append(
+            (index, raw)
+        )
+    return iter(list(groups.values()))
+
+
+async def _run_one(raw: Any, process: Processor, deadline: Deadline | None) -> Outcome:
     started = time.monotonic()
     result = RecordResult()
-    message_id = raw.get("messageId") if isinstance(raw, dict) else None
+    record: SqsRecord | None = None
     error: NotifierError | None = None
     try:
         record = SqsRecord.from_event(raw)
-        await process(record, result)
+        if deadline is None:
+            await process(record, result)
+        elif deadline.expired():
+            raise DeadlineExceeded("not started: the invocation ran out of time")
+        else:
+            try:
+                async with asyncio.timeout_at(deadline.cutoff) as scope:
+                    await process(record, result)
+            except TimeoutError:
+                if not scope.expired():
+                    raise
+                raise DeadlineExceeded("cancelled: the invocation ran out of time") from None
     except NotifierError as exc:
         error = exc
     except Exception as exc:
-        log.exception("unexpected error", extra={"messageId": message_id})
-        error = _InternalError(f"{type(exc).__name__}: {exc}")
-    outcome = Outcome(
-        message_id=message_id if isinstance(message_id, str) else "",
-        error=error,
-        result=result,
-        duration=time.monotonic() - started,
-    )
+        log.exception("unexpected error", extra={"messageId": _message_id(raw)})
+        error = InternalError(f"{type(exc).__name__}: {exc}")
+    return _finish(raw, record, error, result, time.monotonic() - started)
+
+
+def _message_id(raw: Any) -> str:
+    message_id = raw.get("messageId") if isinstance(raw, dict) else None
+    return message_id if isinstance(message_id, str) else ""
+
+
+def _finish(
+    raw: Any,
+    record: SqsRecord | None,
+    error: NotifierError | None,
+    result: RecordResult,
+    duration: float,
+) -> Outcome:
+    if record is None and isinstance(raw, dict):
+        with contextlib.suppress(NotifierError):
+            record = SqsRecord.from_event(raw)
+    outcome = Outcome(_message_id(raw), error, result, duration, record)
     _log_outcome(outcome)
     return outcome
 
@@ -109,12 +188,13 @@ def _log_outcome(outcome: Outcome) -> None:
         "messageId": outcome.message_id,
         "video_id": outcome.result.video_id,
         "status": outcome.result.status,
-        "outcome": "sent" if outcome.ok else "failed",
+        "outcome": outcome.result.action if outcome.ok else "failed",
         "bytes": outcome.result.bytes,
+        "retries": outcome.result.retries,
         "duration_ms": round(outcome.duration * 1000, 1),
     }
     if outcome.error is None:
-        log.info("record sent", extra=fields)
+        log.info("record done", extra=fields)
         return
     fields.update(
         error_class=outcome.error.kind,

@@ -20,6 +20,7 @@ from .errors import ConfigError
 TlsMode = Literal["starttls", "tls", "none"]
 _T = TypeVar("_T", bound=str)
 TLS_MODES: tuple[TlsMode, ...] = ("starttls", "tls", "none")
+MIB = 1024 * 1024
 SUPPORTED_LOCALES: tuple[str, ...] = ("pt-BR", "en")
 DEFAULT_TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "templates"
 
@@ -46,6 +47,19 @@ class Settings:
     tmp_dir: Path = field(default_factory=lambda: Path(tempfile.gettempdir()))
     download_chunk_bytes: int = 1024 * 1024
     log_level: str = "INFO"
+    # Reliability (deadlines, retries, dead letters, idempotency, large files).
+    deadline_margin: float | None = None
+    s3_timeout: float = 30.0
+    retry_attempts: int = 3
+    retry_base_delay: float = 0.2
+    smtp_rate_limit: float | None = None
+    dead_letter_queue_url: str | None = None
+    retry_backoff: bool = True
+    idempotency_table: str | None = None
+    idempotency_ttl: int = 24 * 3600
+    max_attachment_bytes: int = 18 * MIB
+    link_expiry_seconds: int = 7 * 24 * 3600
+    max_tmp_bytes: int = 400 * MIB
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -78,6 +92,21 @@ class Settings:
             log_level=env.choice(
                 "LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR"), upper=True
             ),
+            deadline_margin=env.optional_number("DEADLINE_MARGIN_SECONDS", low=0.0),
+            s3_timeout=env.number("S3_TIMEOUT", 30.0, low=0.1),
+            retry_attempts=env.integer("RETRY_ATTEMPTS", 3, low=1, high=20),
+            retry_base_delay=env.number("RETRY_BASE_DELAY", 0.2, low=0.0),
+            smtp_rate_limit=env.optional_number("SMTP_RATE_LIMIT", low=0.001),
+            dead_letter_queue_url=env.optional("DEAD_LETTER_QUEUE_URL"),
+            retry_backoff=env.boolean("RETRY_BACKOFF", True),
+            idempotency_table=env.optional("IDEMPOTENCY_TABLE"),
+            idempotency_ttl=env.integer("IDEMPOTENCY_TTL_SECONDS", 24 * 3600, low=60),
+            max_attachment_bytes=env.integer("MAX_ATTACHMENT_BYTES", 18 * MIB, low=0),
+            # SigV4 presigned URLs are valid for at most 7 days.
+            link_expiry_seconds=env.integer(
+                "LINK_EXPIRY_SECONDS", 7 * 24 * 3600, low=60, high=7 * 24 * 3600
+            ),
+            max_tmp_bytes=env.integer("MAX_TMP_BYTES", 400 * MIB, low=MIB),
         )
         if settings.smtp_password and not settings.smtp_user:
             env.problems.append("SMTP_PASSWORD is set but SMTP_USER is not")
@@ -154,6 +183,23 @@ class _Env:
             if option.lower() == wanted.lower():
                 return option
         self.problems.append(f"{name} must be one of {', '.join(choices)}, got {raw!r}")
+        return default
+
+    def optional_number(self, name: str, *, low: float) -> float | None:
+        if self.optional(name) is None:
+            return None
+        return self.number(name, low, low=low)
+
+    def boolean(self, name: str, default: bool) -> bool:
+        raw = self.optional(name)
+        if raw is None:
+            return default
+        value = raw.lower()
+        if value in ("1", "true", "yes", "on"):
+            return True
+        if value in ("0", "false", "no", "off"):
+            return False
+        self.problems.append(f"{name} must be true or false, got {raw!r}")
         return default
 
     def csv(self, name: str) -> frozenset[str]:

@@ -73,6 +73,24 @@ class SmtpUnavailable(TransientError):
     kind = "smtp_unavailable"
 
 
+class SmtpThrottled(SmtpUnavailable):
+    """The provider asked us to slow down (454, or 421 with a rate message)."""
+
+    kind = "smtp_throttled"
+
+
+class DeadlineExceeded(TransientError):
+    """The invocation ran out of time before this record finished (or started)."""
+
+    kind = "deadline"
+
+
+class InProgressElsewhere(TransientError):
+    """Another delivery of the same email is under way (or did not finish)."""
+
+    kind = "in_progress_elsewhere"
+
+
 class DeliveryUnknown(TransientError):
     """The connection was lost after the message data was sent.
 

@@ -38,6 +38,17 @@ class SqsRecord:
     attributes: Mapping[str, Any]
     raw: Mapping[str, Any]
 
+    @property
+    def event_source_arn(self) -> str | None:
+        arn = self.raw.get("eventSourceARN")
+        return arn if isinstance(arn, str) and arn else None
+
+    @property
+    def message_group_id(self) -> str | None:
+        """Set on FIFO queues, where records of one group must stay in order."""
+        group = self.attributes.get("MessageGroupId")
+        return group if isinstance(group, str) and group else None
+
     @classmethod
     def from_event(cls, record: Any) -> SqsRecord:
         if not isinstance(record, Mapping):

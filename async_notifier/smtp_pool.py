@@ -26,8 +26,15 @@ from aiosmtplib.errors import (
 )
 
 from .config import Settings
-from .errors import DeliveryUnknown, NotifierError, RecipientRejected, SmtpUnavailable
+from .errors import (
+    DeliveryUnknown,
+    NotifierError,
+    RecipientRejected,
+    SmtpThrottled,
+    SmtpUnavailable,
+)
 from .mailer import OutgoingEmail
+from .throttle import PoolBackoff, TokenBucket, is_throttling
 
 _QUIT_TIMEOUT = 5.0
 
@@ -58,6 +65,9 @@ class SmtpPool:
         self._total = 0
         self._cond = asyncio.Condition()
         self._closed = False
+        self._rate = TokenBucket(settings.smtp_rate_limit) if settings.smtp_rate_limit else None
+        self.backoff = PoolBackoff()
+        self.size_limit: int | None = None  # the server's SIZE, learned at the first EHLO
         self.connections_opened = 0
 
     async def __aenter__(self) -> SmtpPool:
@@ -69,6 +79,9 @@ class SmtpPool:
     async def send(self, email: OutgoingEmail) -> None:
         """Deliver one email; a connection that went stale while idle is replaced once."""
         for attempt in (1, 2):
+            await self.backoff.wait()
+            if self._rate is not None:
+                await self._rate.acquire()
             async with self._connection() as conn:
                 reused = conn.messages_sent > 0
                 try:
@@ -77,16 +90,27 @@ class SmtpPool:
                     if reused and attempt == 1:
                         continue
                     raise SmtpUnavailable(f"SMTP connection lost: {exc}") from None
+                except SmtpThrottled:
+                    self.backoff.throttled()
+                    raise
+                self.backoff.succeeded()
                 return
 
-    async def aclose(self) -> None:
+    async def server_size_limit(self) -> int | None:
+        """The server's advertised SIZE (0 or absent: no limit); connects if none has yet."""
+        if self.connections_opened == 0:
+            async with self._connection():
+                pass
+        return self.size_limit
+
+    async def aclose(self, quit_timeout: float = _QUIT_TIMEOUT) -> None:
         """QUIT every idle connection; the pool refuses further sends."""
         async with self._cond:
             self._closed = True
             idle, self._idle = self._idle, []
             self._total -= len(idle)
             self._cond.notify_all()
-        await asyncio.gather(*(_quit(conn) for conn in idle))
+        await asyncio.gather(*(_quit(conn, quit_timeout) for conn in idle))
 
     @contextlib.asynccontextmanager
     async def _connection(self) -> AsyncIterator[PooledConnection]:
@@ -164,6 +188,9 @@ class SmtpPool:
                 f"cannot connect to SMTP {s.smtp_server}:{s.smtp_port}: {type(exc).__name__}: {exc}"
             ) from None
         self.connections_opened += 1
+        if self.size_limit is None:
+            size = smtp.esmtp_extensions.get("size", "")
+            self.size_limit = int(size) if size.isdigit() and int(size) > 0 else 0
         return PooledConnection(smtp)
 
     async def _deliver(self, conn: PooledConnection, email: OutgoingEmail) -> None:
@@ -194,6 +221,8 @@ class SmtpPool:
 
 def _classify(exc: SMTPResponseException) -> NotifierError:
     text = f"SMTP {exc.code} {exc.message}"
+    if is_throttling(exc.code, exc.message):
+        return SmtpThrottled(text)
     if 500 <= exc.code < 600:
         return RecipientRejected(text)
     return SmtpUnavailable(text)
@@ -210,9 +239,9 @@ async def _reset(conn: PooledConnection, code: int) -> None:
         conn.broken = True
 
 
-async def _quit(conn: PooledConnection) -> None:
+async def _quit(conn: PooledConnection, quit_timeout: float = _QUIT_TIMEOUT) -> None:
     try:
-        await conn.smtp.quit(timeout=_QUIT_TIMEOUT)
+        await conn.smtp.quit(timeout=quit_timeout)
     except (TimeoutError, SMTPException, OSError):
         pass
     finally:

@@ -6,10 +6,14 @@ object key), and every failure says whether another attempt could help.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import shutil
 import tempfile
 import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +47,55 @@ class ScratchDir:
         self.close()
 
 
+class ByteBudget:
+    """Bytes the scratch directory may hold at once (Lambda's /tmp is small and shared).
+
+    Downloads reserve their object's size before writing and release it when the
+    file is removed, so concurrent records cannot fill the disk between them.
+    """
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.in_use = 0
+        self.peak = 0
+        self._cond = asyncio.Condition()
+
+    def try_reserve(self, size: int) -> bool:
+        if self.in_use + size > self.total:
+            return False
+        self.in_use += size
+        self.peak = max(self.peak, self.in_use)
+        return True
+
+    async def reserve(self, size: int) -> None:
+        if size > self.total:
+            raise ValueError(f"{size} bytes can never fit a budget of {self.total}")
+        async with self._cond:
+            await self._cond.wait_for(lambda: self.try_reserve(size))
+
+    async def release(self, size: int) -> None:
+        async with self._cond:
+            self.in_use -= size
+            self._cond.notify_all()
+
+
+@dataclass
+class S3Object:
+    """An open GET: its size is known before any byte is written to disk."""
+
+    bucket: str
+    key: str
+    size: int
+    body: Any
+
+    @property
+    def url(self) -> str:
+        return f"s3://{self.bucket}/{self.key}"
+
+    def close(self) -> None:
+        self.body.close()
+
+
 class ObjectStore:
     """Downloads through one shared aiobotocore S3 client."""
 
@@ -60,43 +113,59 @@ class ObjectStore:
 
     async def download(self, bucket: str, key: str, dest: Path) -> int:
         """Write the object to `dest`; return its size. `dest` is removed on failure."""
+        return await self.save(await self.open(bucket, key), dest)
+
+    async def open(self, bucket: str, key: str) -> S3Object:
         self.check_allowed(bucket)
+        with _s3_errors(f"s3://{bucket}/{key}"):
+            response = await self._client.get_object(Bucket=bucket, Key=key)
+        return S3Object(bucket, key, int(response.get("ContentLength", -1)), response["Body"])
+
+    async def save(self, obj: S3Object, dest: Path) -> int:
+        """Stream an open object to `dest` and check it arrived whole; close the body."""
         try:
-            return await self._download(bucket, key, dest)
+            written = 0
+            with _s3_errors(obj.url):
+                async with obj.body:  # releases the HTTP connection even on error
+                    fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                    with os.fdopen(fd, "wb") as out:
+                        # A page-cache write of one chunk costs less than a thread hop.
+                        async for chunk in obj.body.iter_chunks(self._chunk_size):
+                            out.write(chunk)
+                            written += len(chunk)
+            if obj.size >= 0 and written != obj.size:
+                raise DownloadFailed(f"{obj.url}: stream ended after {written} of {obj.size} bytes")
+            return written
         except BaseException:
             dest.unlink(missing_ok=True)
             raise
 
-    async def _download(self, bucket: str, key: str, dest: Path) -> int:
-        from botocore.exceptions import BotoCoreError, ClientError
-
-        try:
-            response = await self._client.get_object(Bucket=bucket, Key=key)
-            expected = int(response.get("ContentLength", -1))
-            written = 0
-            body = response["Body"]
-            async with body:  # releases the HTTP connection even on error
-                fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-                with os.fdopen(fd, "wb") as out:
-                    # A page-cache write of one chunk costs less than a thread hop.
-                    async for chunk in body.iter_chunks(self._chunk_size):
-                        out.write(chunk)
-                        written += len(chunk)
-        except ClientError as exc:
-            error = exc.response.get("Error", {})
-            code = str(error.get("Code", ""))
-            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-            if code in _MISSING_CODES or status in (403, 404):
-                raise ObjectUnavailable(f"s3://{bucket}/{key}: {code or status}") from None
-            raise DownloadFailed(f"s3://{bucket}/{key}: {code or status}") from None
-        except (TimeoutError, BotoCoreError, OSError) as exc:
-            raise DownloadFailed(f"s3://{bucket}/{key}: {type(exc).__name__}: {exc}") from None
-        except Exception as exc:  # aiohttp payload errors and the like
-            if type(exc).__module__.startswith(("aiohttp", "aiobotocore", "botocore")):
-                raise DownloadFailed(f"s3://{bucket}/{key}: {type(exc).__name__}: {exc}") from None
-            raise
-        if expected >= 0 and written != expected:
-            raise DownloadFailed(
-                f"s3://{bucket}/{key}: stream ended after {written} of {expected} bytes"
+    async def presign(self, bucket: str, key: str, expires: int) -> str:
+        """A GET link; note it dies with the temporary credentials that signed it."""
+        with _s3_errors(f"s3://{bucket}/{key}"):
+            url: str = await self._client.generate_presigned_url(
+                "get_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=expires
             )
-        return written
+        return url
+
+
+@contextlib.contextmanager
+def _s3_errors(where: str) -> Iterator[None]:
+    """Translate botocore/aiohttp failures into permanent or transient record errors."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        yield
+    except ClientError as exc:
+        error = exc.response.get("Error", {})
+        code = str(error.get("Code", ""))
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        if code in _MISSING_CODES or status in (403, 404):
+            raise ObjectUnavailable(f"{where}: {code or status}") from None
+        raise DownloadFailed(f"{where}: {code or status}") from None
+    except (BotoCoreError, OSError, TimeoutError) as exc:
+        raise DownloadFailed(f"{where}: {type(exc).__name__}: {exc}") from None
+    except Exception as exc:  # aiohttp payload errors and the like
+        if type(exc).__module__.startswith(("aiohttp", "aiobotocore", "botocore")):
+            raise DownloadFailed(f"{where}: {type(exc).__name__}: {exc}") from None
+        raise

@@ -1,0 +1,57 @@
+"""Retry transient failures inside the invocation, with backoff, while time allows.
+
+Another SQS delivery costs a whole visibility timeout; a short in-process retry
+with full jitter rides out a dropped connection or a 451 at a fraction of that.
+Permanent errors and the ambiguous "may have been delivered" case are never
+retried here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+from .deadline import Deadline
+from .errors import DeliveryUnknown, NotifierError
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    attempts: int = 3
+    base_delay: float = 0.2
+    max_delay: float = 5.0
+
+    def delay(self, attempt: int) -> float:
+        """Full jitter (AWS's recommendation): spreads retries of a whole batch apart."""
+        return random.uniform(0, min(self.max_delay, self.base_delay * 2 ** (attempt - 1)))
+
+    def should_retry(self, error: NotifierError) -> bool:
+        return error.transient and not isinstance(error, DeliveryUnknown)
+
+
+async def retrying(
+    operation: Callable[[], Awaitable[T]],
+    policy: RetryPolicy,
+    *,
+    deadline: Deadline | None = None,
+    on_retry: Callable[[NotifierError], None] | None = None,
+) -> T:
+    attempt = 1
+    while True:
+        try:
+            return await operation()
+        except NotifierError as error:
+            if attempt >= policy.attempts or not policy.should_retry(error):
+                raise
+            delay = policy.delay(attempt)
+            if deadline is not None and deadline.remaining() <= delay:
+                raise
+            if on_retry is not None:
+                on_retry(error)
+            attempt += 1
+            await asyncio.sleep(delay)

@@ -1,0 +1,65 @@
+"""Stay under a provider's sending rate, and back off together when told to slow down.
+
+A 454 or a 421 "rate exceeded" is about the account, not the connection that got
+it: every connection must pause, or the others keep tripping the same limit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+
+class TokenBucket:
+    """`rate` sends per second on average, with bursts of at most `burst`."""
+
+    def __init__(self, rate: float, burst: float | None = None) -> None:
+        self.rate = rate
+        self.capacity = max(1.0, burst if burst is not None else rate)
+        self._tokens = self.capacity
+        self._updated = time.monotonic()
+        self._lock = asyncio.Lock()
+
+    async def acquire(self) -> None:
+        async with self._lock:  # FIFO: waiters are served in order
+            while True:
+                now = time.monotonic()
+                elapsed = now - self._updated
+                self._tokens = min(self.capacity, self._tokens + elapsed * self.rate)
+                self._updated = now
+                if self._tokens >= 1:
+                    self._tokens -= 1
+                    return
+                await asyncio.sleep((1 - self._tokens) / self.rate)
+
+
+class PoolBackoff:
+    """A pause shared by all connections, doubling while throttling goes on."""
+
+    def __init__(self, initial: float = 1.0, cap: float = 30.0) -> None:
+        self.initial = initial
+        self.cap = cap
+        self._current = 0.0
+        self._until = 0.0
+        self.events = 0
+
+    def throttled(self) -> float:
+        """Record a throttling reply; return how long everyone now waits."""
+        self.events += 1
+        self._current = min(self.cap, self._current * 2 if self._current else self.initial)
+        self._until = max(self._until, time.monotonic() + self._current)
+        return self._current
+
+    def succeeded(self) -> None:
+        self._current = 0.0
+
+    async def wait(self) -> None:
+        delay = self._until - time.monotonic()
+        while delay > 0:
+            await asyncio.sleep(delay)
+            delay = self._until - time.monotonic()
+
+
+def is_throttling(code: int, message: str) -> bool:
+    text = message.lower()
+    return code == 454 or (code == 421 and any(w in text for w in ("rate", "throttl", "too many")))
