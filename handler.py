@@ -29,7 +29,7 @@ def lambda_handler(event: Any, context: Any) -> dict[str, list[dict[str, str]]]:
     token = request_id.set(getattr(context, "aws_request_id", None))
     try:
         # Runner.run would otherwise use the context captured when the loop was made.
-        return _runner.run(_notifier.handle(event), context=contextvars.copy_context())
+        return _runner.run(_notifier.handle(event, context), context=contextvars.copy_context())
     finally:
         request_id.reset(token)
 

@@ -11,9 +11,11 @@ import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from email.headerregistry import Address
-from email.utils import parseaddr
+from email.utils import getaddresses
 from pathlib import Path
 from typing import Literal, TypeVar
+
+from email_validator import EmailNotValidError, validate_email
 
 from .errors import ConfigError
 
@@ -229,13 +231,17 @@ class _Env:
         if "\r" in raw or "\n" in raw:
             self.problems.append(f"{name} must be a single line")
             return Address()
-        display, addr = parseaddr(raw)
-        if "@" not in addr:
-            self.problems.append(f"{name} must be an address such as 'Name <no-reply@example.com>'")
+        pairs = getaddresses([raw])
+        if len(pairs) != 1:
+            self.problems.append(f"{name} must be exactly one address")
             return Address()
-        username, domain = addr.rsplit("@", 1)
+        display, addr = pairs[0]
         try:
+            valid = validate_email(addr, check_deliverability=False, allow_smtputf8=False)
+            username, domain = valid.ascii_email.rsplit("@", 1)  # type: ignore[union-attr]
             return Address(display_name=display, username=username, domain=domain)
-        except (ValueError, TypeError) as exc:
-            self.problems.append(f"{name} is not a valid address: {exc}")
+        except (EmailNotValidError, ValueError, TypeError, AttributeError) as exc:
+            self.problems.append(
+                f"{name} must be an address such as 'Name <no-reply@example.com>': {exc}"
+            )
             return Address()

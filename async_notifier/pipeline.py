@@ -1,17 +1,48 @@
-"""The work for one record: parse, download, render, build, send, clean up."""
+"""The work for one record: parse, deduplicate, fetch, render, build, send, clean up."""
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
 from .batch import RecordResult
 from .config import Settings
+from .deadline import Deadline
+from .errors import DeliveryUnknown, InProgressElsewhere, NotifierError
+from .idempotency import DynamoIdempotencyStore, InBatchDeduplicator, idempotency_key
+from .logs import get_logger
 from .mailer import attachment_filename, build_email
-from .messages import SqsRecord, parse_body
+from .messages import Notification, SqsRecord, parse_body
 from .render import Renderer
+from .retry import RetryPolicy, retrying
 from .smtp_pool import SmtpPool
-from .storage import ObjectStore, ScratchDir
+from .storage import ByteBudget, ObjectStore, S3Object, ScratchDir
+
+log = get_logger()
+# Headers, text and HTML parts, MIME boundaries: generous, so the estimate errs high.
+MESSAGE_OVERHEAD = 256 * 1024
+
+
+def encoded_size(raw: int) -> int:
+    """Bytes a base64 attachment takes in the message: 4/3, plus CRLF per 76 characters."""
+    b64 = 4 * ((raw + 2) // 3)
+    return b64 + 2 * ((b64 + 75) // 76)
+
+
+@dataclass
+class Attachment:
+    path: Path | None = None
+    name: str | None = None
+    size: int = 0
+    link: str | None = None
+    link_expires_at: datetime | None = None
 
 
 class Pipeline:
+    """Shared by all records of one batch; owns that batch's deduplication."""
+
     def __init__(
         self,
         settings: Settings,
@@ -19,37 +50,149 @@ class Pipeline:
         store: ObjectStore,
         pool: SmtpPool,
         scratch: ScratchDir,
+        *,
+        budget: ByteBudget,
+        deadline: Deadline | None = None,
+        idempotency: DynamoIdempotencyStore | None = None,
     ) -> None:
         self._settings = settings
         self._renderer = renderer
         self._store = store
         self._pool = pool
         self._scratch = scratch
+        self._budget = budget
+        self._deadline = deadline
+        self._idempotency = idempotency
+        self._dedup = InBatchDeduplicator()
+        self._retry = RetryPolicy(settings.retry_attempts, settings.retry_base_delay)
 
     async def process(self, record: SqsRecord, result: RecordResult) -> None:
         notification = parse_body(record.body)
         result.video_id = notification.video_id
         result.status = notification.status
-        attachment = None
-        attachment_name = None
+        # Two records for the same email in one batch: send once, both share the outcome.
+        first = await self._dedup.run(
+            notification.identity, lambda: self._deliver_once(notification, result)
+        )
+        if first is None:
+            result.action = "duplicate"
+
+    async def _deliver_once(self, notification: Notification, result: RecordResult) -> bool:
+        """Across deliveries: skip what an earlier delivery already sent (IDEMPOTENCY_TABLE)."""
+        if self._idempotency is None:
+            await self._deliver(notification, result)
+            return True
+        key = idempotency_key(notification.identity)
+        state = await self._idempotency.begin(key, self._in_progress_until())
+        if state == "completed":
+            result.action = "already_delivered"
+            return True
+        if state == "in_progress":
+            raise InProgressElsewhere("another delivery of this email is in progress")
+        try:
+            await self._deliver(notification, result)
+        except DeliveryUnknown:
+            raise  # may have been delivered: keep the mark until it expires
+        except BaseException:
+            await self._idempotency.release(key)
+            raise
+        try:
+            await self._idempotency.complete(key)
+        except NotifierError as exc:
+            # The email is out; failing the record now would only send it twice.
+            log.warning("could not mark email delivered", extra={"reason": exc.reason})
+        return True
+
+    def _in_progress_until(self) -> float:
+        """Wall-clock time after which an unfinished mark may be taken over."""
+        remaining = self._deadline.remaining() if self._deadline else 900.0
+        return time.time() + max(remaining, 0.0) + 60.0
+
+    async def _deliver(self, notification: Notification, result: RecordResult) -> None:
+        attachment = Attachment()
         try:
             if notification.status == "COMPLETED":
-                assert notification.bucket is not None
-                assert notification.key is not None
-                attachment = self._scratch.new_file()
-                result.bytes = await self._store.download(
-                    notification.bucket, notification.key, attachment
-                )
-                attachment_name = attachment_filename(notification)
-            rendered = self._renderer.render(notification, attachment_name=attachment_name)
+                attachment = await self._fetch(notification, result)
+            rendered = self._renderer.render(
+                notification,
+                attachment_name=attachment.name,
+                download_url=attachment.link,
+                link_expires_at=attachment.link_expires_at,
+            )
             email = build_email(
                 notification,
                 rendered,
                 sender=self._settings.email_from,
-                attachment=attachment,
-                attachment_name=attachment_name,
+                attachment=attachment.path,
+                attachment_name=attachment.name,
             )
-            await self._pool.send(email)
+            await retrying(
+                lambda: self._pool.send(email),
+                self._retry,
+                deadline=self._deadline,
+                on_retry=lambda _: _count_retry(result),
+            )
+            result.action = "sent_link" if attachment.link else "sent"
         finally:
-            if attachment is not None:
-                attachment.unlink(missing_ok=True)
+            if attachment.path is not None:
+                attachment.path.unlink(missing_ok=True)
+                await self._budget.release(attachment.size)
+
+    async def _fetch(self, notification: Notification, result: RecordResult) -> Attachment:
+        """Download the ZIP within the temp-dir budget, or sign a link when it cannot go."""
+        bucket, key = notification.bucket, notification.key
+        assert bucket is not None
+        assert key is not None
+        opened: S3Object | None = await retrying(
+            lambda: self._store.open(bucket, key), self._retry, deadline=self._deadline
+        )
+        assert opened is not None
+        size = opened.size
+        if await self._too_big(size):
+            opened.close()
+            return await self._link(bucket, key, size)
+        if not self._budget.try_reserve(size):
+            opened.close()  # don't hold an S3 connection while waiting for disk space
+            opened = None
+            await self._budget.reserve(size)
+        path = self._scratch.new_file()
+        attachment = Attachment(path=path, name=attachment_filename(notification), size=size)
+
+        async def download() -> int:
+            nonlocal opened
+            obj, opened = opened, None
+            if obj is None:
+                obj = await self._store.open(bucket, key)
+            return await self._store.save(obj, path)
+
+        try:
+            result.bytes = await retrying(
+                download,
+                self._retry,
+                deadline=self._deadline,
+                on_retry=lambda _: _count_retry(result),
+            )
+        except BaseException:
+            if opened is not None:
+                opened.close()
+            await self._budget.release(size)
+            raise
+        return attachment
+
+    async def _too_big(self, size: int) -> bool:
+        s = self._settings
+        if size > s.max_attachment_bytes or size > self._budget.total:
+            return True
+        limit = await self._pool.server_size_limit()
+        return bool(limit) and encoded_size(size) + MESSAGE_OVERHEAD > (limit or 0)
+
+    async def _link(self, bucket: str, key: str, size: int) -> Attachment:
+        expiry = self._settings.link_expiry_seconds
+        url = await self._store.presign(bucket, key, expiry)
+        return Attachment(
+            size=size, link=url, link_expires_at=datetime.now(UTC) + timedelta(seconds=expiry)
+        )
+
+
+def _count_retry(result: RecordResult) -> None:
+    result.retries += 1

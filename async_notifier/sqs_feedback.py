@@ -73,7 +73,7 @@ def backoff_seconds(receive_count: int, *, base: int = 30, cap: int = 900) -> in
     if base < 0 or cap < 0:
         raise ValueError("base and cap must not be negative")
     exponent = min(max(receive_count, 1) - 1, 32)  # 2^32 × base is past any cap
-    return min(cap, base * 2**exponent)
+    return min(cap, base << exponent)
 
 
 def attribute_text(value: str, limit: int = MAX_REASON_CHARS) -> str:
@@ -139,8 +139,10 @@ class DeadLetterRouter:
         sizes = [(index, _entry_size(entry)) for index, entry in enumerate(entries)]
         chunks = _chunks(sizes, max_bytes=MAX_BATCH_BYTES)
         results = await asyncio.gather(
-            *(self._send_chunk([items[i][0] for i in chunk], [entries[i] for i in chunk])
-              for chunk in chunks)
+            *(
+                self._send_chunk([items[i][0] for i in chunk], [entries[i] for i in chunk])
+                for chunk in chunks
+            )
         )
         routed: set[str] = set()
         for chunk_routed in results:
@@ -189,19 +191,19 @@ class DeadLetterRouter:
             return set()
         routed: set[str] = set()
         for ok in response.get("Successful") or []:
-            record = by_id.get(ok.get("Id"))
-            if record is not None:
-                routed.add(record.message_id)
+            sent = by_id.get(ok.get("Id"))
+            if sent is not None:
+                routed.add(sent.message_id)
                 log.info(
                     "record moved to dead-letter queue",
-                    extra={"messageId": record.message_id, "queue_url": self._queue_url},
+                    extra={"messageId": sent.message_id, "queue_url": self._queue_url},
                 )
         for failed in response.get("Failed") or []:
-            record = by_id.get(failed.get("Id"))
+            lost = by_id.get(failed.get("Id"))
             log.error(
                 "dead-letter send failed",
                 extra={
-                    "messageId": record.message_id if record else None,
+                    "messageId": lost.message_id if lost else None,
                     "queue_url": self._queue_url,
                     "error_code": failed.get("Code"),
                     "error": failed.get("Message"),
@@ -287,11 +289,11 @@ class VisibilityBackoff:
                 )
             return 0
         for failed in response.get("Failed") or []:
-            record = by_id.get(failed.get("Id"))
+            stuck = by_id.get(failed.get("Id"))
             log.warning(
                 "retry back-off failed",
                 extra={
-                    "messageId": record.message_id if record else None,
+                    "messageId": stuck.message_id if stuck else None,
                     "queue_url": url,
                     "error_code": failed.get("Code"),
                     "error": failed.get("Message"),

@@ -1,0 +1,295 @@
+"""At most one email per notification, within a batch and across redeliveries.
+
+SQS delivers at least once and a batch may carry the same notification twice, so the
+worker needs its own memory of what it sent. Within a batch that is an in-process map of
+futures; across invocations it is an optional DynamoDB table keyed by the notification's
+identity (video_id, status, recipient).
+
+The DynamoDB protocol: a conditional put claims a key as IN_PROGRESS until the invocation's
+deadline; after the SMTP server accepts the email the key becomes COMPLETED for a TTL. A
+claim whose invocation died expires with its deadline and can be taken over. If the table
+cannot be reached the record fails (transiently): sending without the check could send twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, Literal, TypeVar
+
+from .errors import NotifierError, PermanentError, TransientError
+from .logs import get_logger
+
+log = get_logger()
+
+KEY_VERSION = "v1"
+IN_PROGRESS = "IN_PROGRESS"
+COMPLETED = "COMPLETED"
+BeginResult = Literal["new", "completed", "in_progress"]
+_T = TypeVar("_T")
+
+
+class IdempotencyUnavailable(TransientError):
+    """The idempotency store could not be read or written; sending now could send twice."""
+
+    kind = "idempotency_unavailable"
+
+
+class OriginalCancelled(TransientError):
+    """The first record for this notification was cancelled (e.g. at the deadline)."""
+
+    kind = "cancelled"
+
+
+def idempotency_key(notification_identity: str) -> str:
+    """The store key for a `Notification.identity`; versioned so the scheme can change."""
+    if not notification_identity:
+        raise ValueError("empty notification identity")
+    return f"{KEY_VERSION}:{notification_identity}"
+
+
+# --------------------------------------------------------------------------- in a batch
+
+
+class InBatchDeduplicator:
+    """Lets only the first record of each identity do the work; the others share its outcome.
+
+    Each waiter gets a future of its own, so cancelling one waiter (a task awaiting a
+    future cancels that future) cannot disturb the others.
+    """
+
+    def __init__(self) -> None:
+        self._waiters: dict[str, list[asyncio.Future[NotifierError | None]]] = {}
+        self._outcomes: dict[str, NotifierError | None] = {}
+
+    def claim(self, identity: str) -> asyncio.Future[NotifierError | None] | None:
+        """None: the caller owns `identity` and must `resolve` it. Otherwise await the future."""
+        if identity in self._outcomes:  # the first record already finished
+            future = asyncio.get_running_loop().create_future()
+            future.set_result(self._outcomes[identity])
+            return future
+        waiters = self._waiters.get(identity)
+        if waiters is None:
+            self._waiters[identity] = []
+            return None
+        future = asyncio.get_running_loop().create_future()
+        waiters.append(future)
+        return future
+
+    def resolve(self, identity: str, error: NotifierError | None) -> None:
+        """Publish the owner's outcome (None = delivered). Only the first call counts."""
+        if identity in self._outcomes:
+            return
+        self._outcomes[identity] = error
+        for future in self._waiters.pop(identity, []):
+            if not future.done():
+                future.set_result(error)
+
+    def resolve_pending(self, error: NotifierError) -> None:
+        """Fail every identity still unresolved: a last resort so no waiter hangs."""
+        for identity in list(self._waiters):
+            self.resolve(identity, error)
+
+    async def run(self, identity: str, work: Callable[[], Awaitable[_T]]) -> _T | None:
+        """Do `work` if this is the first record for `identity`, else share the first's outcome.
+
+        Returns work's result for the owner and None for a duplicate that was delivered;
+        raises an error of the owner's class for a duplicate whose original failed. The
+        owner's failure, cancellation included, always resolves the waiters.
+        """
+        waiter = self.claim(identity)
+        if waiter is not None:
+            error = await waiter
+            if error is not None:
+                raise duplicate_error(error)
+            return None
+        try:
+            result = await work()
+        except NotifierError as exc:
+            self.resolve(identity, exc)
+            raise
+        except asyncio.CancelledError:
+            self.resolve(identity, OriginalCancelled("the first record was cancelled"))
+            raise
+        except BaseException as exc:
+            self.resolve(identity, TransientError(f"the first record failed: {type(exc).__name__}"))
+            raise
+        self.resolve(identity, None)
+        return result
+
+
+def duplicate_error(error: NotifierError) -> NotifierError:
+    """A fresh error of the original's class for a duplicate (exceptions are not shareable)."""
+    reason = f"same notification as a record that failed: {error.reason}"
+    try:
+        copy = type(error)(reason)
+    except TypeError:  # a subclass with another constructor: keep the retry semantics
+        copy = TransientError(reason) if error.transient else PermanentError(reason)
+    return copy
+
+
+# --------------------------------------------------------------------------- DynamoDB
+
+
+class DynamoIdempotencyStore:
+    """Cross-invocation claims in a DynamoDB table (hash key `id`, TTL on `expires_at`)."""
+
+    def __init__(
+        self,
+        client: Any,
+        table: str,
+        *,
+        ttl_seconds: int = 86_400,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if ttl_seconds <= 0:
+            raise ValueError("ttl_seconds must be positive")
+        self._client = client
+        self._table = table
+        self._ttl = ttl_seconds
+        self._clock = clock
+
+    async def begin(self, key: str, in_progress_until: float) -> BeginResult:
+        """Claim `key` until `in_progress_until` (epoch seconds).
+
+        "new": the caller may send. "completed": already sent, acknowledge without sending.
+        "in_progress": another invocation holds a live claim; fail the record so it retries.
+        """
+        for _ in range(3):
+            now = self._clock()
+            try:
+                await self._call(
+                    "PutItem",
+                    self._client.put_item,
+                    TableName=self._table,
+                    Item=_item(key, IN_PROGRESS, in_progress_until),
+                    # An expired IN_PROGRESS belongs to an invocation that is gone. An expired
+                    # COMPLETED is kept until DynamoDB deletes it: erring towards not resending.
+                    ConditionExpression=(
+                        "attribute_not_exists(#id) OR (#status = :in_progress AND #expires < :now)"
+                    ),
+                    ExpressionAttributeNames={
+                        "#id": "id",
+                        "#status": "status",
+                        "#expires": "expires_at",
+                    },
+                    ExpressionAttributeValues={
+                        ":in_progress": {"S": IN_PROGRESS},
+                        ":now": {"N": _number(now)},
+                    },
+                    ReturnValuesOnConditionCheckFailure="ALL_OLD",
+                )
+            except _ConditionFailed as failed:
+                existing = failed.item
+                if existing is None:  # an emulator that does not return the old item
+                    existing = await self._get(key)
+                if existing is None:  # deleted in between (released or expired): try again
+                    continue
+                status = existing.get("status", {}).get("S")
+                return "completed" if status == COMPLETED else "in_progress"
+            return "new"
+        return "in_progress"  # the key keeps changing under us: let SQS retry later
+
+    async def complete(self, key: str) -> None:
+        """Mark `key` sent, remembered for the TTL. Unconditional: the email is out."""
+        await self._call(
+            "PutItem",
+            self._client.put_item,
+            TableName=self._table,
+            Item=_item(key, COMPLETED, self._clock() + self._ttl),
+        )
+
+    async def release(self, key: str) -> None:
+        """Drop an IN_PROGRESS claim so the record can be retried at once.
+
+        Only for failures where the server accepted nothing; a COMPLETED key stays.
+        """
+        # A failed condition: completed meanwhile, or already gone; nothing to release.
+        with contextlib.suppress(_ConditionFailed):
+            await self._call(
+                "DeleteItem",
+                self._client.delete_item,
+                TableName=self._table,
+                Key={"id": {"S": key}},
+                ConditionExpression="#status = :in_progress",
+                ExpressionAttributeNames={"#status": "status"},
+                ExpressionAttributeValues={":in_progress": {"S": IN_PROGRESS}},
+            )
+
+    async def _get(self, key: str) -> dict[str, Any] | None:
+        response = await self._call(
+            "GetItem",
+            self._client.get_item,
+            TableName=self._table,
+            Key={"id": {"S": key}},
+            ConsistentRead=True,
+        )
+        item = response.get("Item")
+        return item if isinstance(item, dict) else None
+
+    async def _call(
+        self, operation: str, method: Callable[..., Awaitable[dict[str, Any]]], **kwargs: Any
+    ) -> dict[str, Any]:
+        """One DynamoDB call: a failed condition is an answer, any other error unavailability."""
+        try:
+            return await method(**kwargs)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            response = getattr(exc, "response", None)
+            error = response.get("Error", {}) if isinstance(response, dict) else {}
+            code = error.get("Code")
+            if code == "ConditionalCheckFailedException":
+                item = response.get("Item") if isinstance(response, dict) else None
+                raise _ConditionFailed(item if isinstance(item, dict) else None) from None
+            detail = f"{code}: {error.get('Message')}" if code else f"{type(exc).__name__}: {exc}"
+            log.warning(
+                "idempotency store unavailable",
+                extra={"operation": operation, "table": self._table, "error": detail[:500]},
+            )
+            raise IdempotencyUnavailable(f"DynamoDB {operation} failed: {detail}") from exc
+
+
+class _ConditionFailed(Exception):
+    def __init__(self, item: dict[str, Any] | None) -> None:
+        super().__init__("conditional check failed")
+        self.item = item
+
+
+def _number(value: float) -> str:
+    return str(math.ceil(value))
+
+
+def _item(key: str, status: str, expires_at: float) -> dict[str, Any]:
+    # Whole epoch seconds: the TTL attribute must be a Number of seconds.
+    return {
+        "id": {"S": key},
+        "status": {"S": status},
+        "expires_at": {"N": _number(expires_at)},
+    }
+
+
+async def create_table(client: Any, table: str) -> None:
+    """Create the idempotency table (on-demand) with TTL on `expires_at`; idempotent."""
+    try:
+        await client.create_table(
+            TableName=table,
+            AttributeDefinitions=[{"AttributeName": "id", "AttributeType": "S"}],
+            KeySchema=[{"AttributeName": "id", "KeyType": "HASH"}],
+            BillingMode="PAY_PER_REQUEST",
+        )
+    except Exception as exc:
+        if getattr(exc, "response", {}).get("Error", {}).get("Code") != "ResourceInUseException":
+            raise
+    waiter = client.get_waiter("table_exists")
+    await waiter.wait(TableName=table, WaiterConfig={"Delay": 1, "MaxAttempts": 120})
+    described = await client.describe_time_to_live(TableName=table)
+    status = described.get("TimeToLiveDescription", {}).get("TimeToLiveStatus")
+    if status not in ("ENABLED", "ENABLING"):
+        await client.update_time_to_live(
+            TableName=table,
+            TimeToLiveSpecification={"Enabled": True, "AttributeName": "expires_at"},
+        )
