@@ -42,6 +42,9 @@ class Settings:
     smtp_local_hostname: str | None = None
     smtp_pool_size: int = 8
     smtp_max_messages_per_connection: int = 100
+    smtp_max_connection_age: float = 300.0
+    smtp_idle_check: float = 10.0
+    smtp_chunk_bytes: int = 64 * 1024
     max_concurrency: int = 32
     allowed_buckets: frozenset[str] = frozenset()
     default_locale: str = "pt-BR"
@@ -82,6 +85,11 @@ class Settings:
             smtp_pool_size=env.integer("SMTP_POOL_SIZE", 8, low=1, high=1000),
             smtp_max_messages_per_connection=env.integer(
                 "SMTP_MAX_MESSAGES_PER_CONNECTION", 100, low=1
+            ),
+            smtp_max_connection_age=env.number("SMTP_MAX_CONNECTION_AGE", 300.0, low=1.0),
+            smtp_idle_check=env.number("SMTP_IDLE_CHECK_SECONDS", 10.0, low=0.0),
+            smtp_chunk_bytes=env.integer(
+                "SMTP_CHUNK_BYTES", 64 * 1024, low=1024, high=16 * 1024 * 1024
             ),
             max_concurrency=env.integer("MAX_CONCURRENCY", 32, low=1, high=10000),
             allowed_buckets=env.csv("ALLOWED_BUCKETS"),

@@ -1,10 +1,11 @@
-"""The message of `mailer.build_email`, as a stream: small head, attachment from disk, tail.
+"""Build the email as a stream: small head, attachment from disk, tail.
 
-`mailer.build_email` holds the whole message in memory (and aiosmtplib copies it
-again several times), so 32 emails with 20 MiB attachments in flight cost
-gigabytes. Here only the small parts are built in memory, by the same stdlib
-email code and SMTP policy as `mailer` (so headers, folding, RFC 2047/2231
-encoding and part layout are the stdlib's, not ours); the attachment is
+Holding the whole message in memory (and letting aiosmtplib copy it several
+times) would make 32 emails with 20 MiB attachments in flight cost gigabytes.
+Here only the small parts are built in memory, by the stdlib email package and
+its SMTP policy (so headers, folding, RFC 2047/2231 encoding and part layout
+are the stdlib's, not ours: it also refuses CR/LF in header values, a second
+line of defence behind `messages`); the attachment is
 base64-encoded from the file block by block while the message is sent, and
 the total size is known up front for SMTP's SIZE parameter.
 """
@@ -14,16 +15,36 @@ from __future__ import annotations
 import asyncio
 import binascii
 import contextlib
+import re
+import unicodedata
 from collections.abc import AsyncGenerator, Generator, Iterator
 from dataclasses import dataclass
+from email import policy
 from email.headerregistry import Address
 from email.message import EmailMessage
 from email.utils import formatdate
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
-from .mailer import SMTP_POLICY, attachment_filename, message_id
 from .messages import Notification
 from .render import RenderedEmail
+
+SMTP_POLICY = policy.SMTP.clone(max_line_length=78)
+_UNSAFE_FILENAME = re.compile(r'[\\/:*?"<>|\x00-\x1f\x7f]+')
+
+
+def message_id(notification: Notification, domain: str) -> str:
+    """Derived from the record's identity, so a redelivered record repeats it."""
+    return f"<{notification.identity[:40]}@{domain}>"
+
+
+def attachment_filename(notification: Notification) -> str:
+    """A safe `<video name>.zip`; the key's path never reaches the client."""
+    base = notification.file_name or PurePosixPath(notification.key or "").name
+    base = unicodedata.normalize("NFC", base or "")
+    stem = base.rsplit(".", 1)[0] if "." in base.lstrip(".") else base
+    stem = " ".join(_UNSAFE_FILENAME.sub("_", stem).split()).strip(" ._")[:100]
+    return f"{stem or 'frames'}.zip"
+
 
 DEFAULT_CHUNK_SIZE = 256 * 1024
 # Base64 with the SMTP policy's 78-column limit: 57 raw bytes make one 76-character line

@@ -13,8 +13,8 @@ from .deadline import Deadline
 from .errors import DeliveryUnknown, InProgressElsewhere, NotifierError
 from .idempotency import DynamoIdempotencyStore, InBatchDeduplicator, idempotency_key
 from .logs import get_logger
-from .mailer import attachment_filename, build_email
 from .messages import Notification, SqsRecord, parse_body
+from .mime_stream import attachment_filename, build_streamed_email
 from .render import Renderer
 from .retry import RetryPolicy, retrying
 from .smtp_pool import SmtpPool
@@ -119,7 +119,7 @@ class Pipeline:
                 download_url=attachment.link,
                 link_expires_at=attachment.link_expires_at,
             )
-            email = build_email(
+            email = build_streamed_email(
                 notification,
                 rendered,
                 sender=self._settings.email_from,

@@ -1,9 +1,12 @@
 """A bounded pool of long-lived SMTP connections, and delivery over it.
 
-Connections open lazily up to `size`, do EHLO/STARTTLS/AUTH once, carry up to
-`max_messages` emails each, and are replaced when the server drops them. The
-lifecycle is explicit (`aclose` sends QUIT to every idle connection) and the
-pool holds no global state, so tests and warm invocations can own one each.
+Connections open lazily up to `size`, do EHLO/STARTTLS/AUTH once (through
+aiosmtplib), then carry up to `max_messages` emails each over a pipelined
+`SmtpChannel`. A connection idle for a while is checked with NOOP before reuse
+and replaced when the server dropped it; one older than `max_age` is retired.
+The lifecycle is explicit (`aclose` sends QUIT to every idle connection) and the
+pool holds no global state: a process keeps one across warm invocations, tests
+own one each.
 """
 
 from __future__ import annotations
@@ -17,13 +20,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import aiosmtplib
-from aiosmtplib.errors import (
-    SMTPDataError,
-    SMTPException,
-    SMTPRecipientRefused,
-    SMTPResponseException,
-    SMTPSenderRefused,
-)
+from aiosmtplib.errors import SMTPException, SMTPResponseException
 
 from .config import Settings
 from .errors import (
@@ -33,25 +30,40 @@ from .errors import (
     SmtpThrottled,
     SmtpUnavailable,
 )
-from .mailer import OutgoingEmail
+from .mime_stream import StreamedEmail
+from .smtp_channel import (
+    LostAfterEnd,
+    LostBeforeEnd,
+    ProtocolError,
+    RefusedError,
+    Reply,
+    SmtpChannel,
+)
 from .throttle import PoolBackoff, TokenBucket, is_throttling
 
-_QUIT_TIMEOUT = 5.0
+_QUIT_TIMEOUT = 2.0
 
 
 @dataclass(eq=False)
 class PooledConnection:
-    smtp: aiosmtplib.SMTP
+    channel: SmtpChannel
+    pipelining: bool
+    size_extension: bool
     created_at: float = field(default_factory=time.monotonic)
+    last_used: float = field(default_factory=time.monotonic)
     messages_sent: int = 0
     broken: bool = False
 
-    def usable(self) -> bool:
-        return not self.broken and self.smtp.is_connected
+    def usable(self, max_age: float) -> bool:
+        return (
+            not self.broken
+            and self.channel.is_connected
+            and time.monotonic() - self.created_at < max_age
+        )
 
 
 class _StaleConnection(Exception):
-    """The connection failed before any message data was sent: safe to resend."""
+    """The connection failed before the message was complete: nothing delivered, safe to resend."""
 
 
 class SmtpPool:
@@ -59,6 +71,8 @@ class SmtpPool:
         self._settings = settings
         self._size = settings.smtp_pool_size
         self._max_messages = settings.smtp_max_messages_per_connection
+        self._max_age = settings.smtp_max_connection_age
+        self._idle_check = settings.smtp_idle_check
         self._tls_context = _tls_context(settings) if settings.smtp_tls != "none" else None
         self._local_hostname = settings.smtp_local_hostname or socket.gethostname() or "localhost"
         self._idle: list[PooledConnection] = []
@@ -76,8 +90,8 @@ class SmtpPool:
     async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
 
-    async def send(self, email: OutgoingEmail) -> None:
-        """Deliver one email; a connection that went stale while idle is replaced once."""
+    async def send(self, email: StreamedEmail) -> None:
+        """Deliver one email; a connection that failed before the message ended is replaced once."""
         for attempt in (1, 2):
             await self.backoff.wait()
             if self._rate is not None:
@@ -97,8 +111,8 @@ class SmtpPool:
                 return
 
     async def server_size_limit(self) -> int | None:
-        """The server's advertised SIZE (0 or absent: no limit); connects if none has yet."""
-        if self.connections_opened == 0:
+        """The server's advertised SIZE (0: no limit); connects if no connection has yet."""
+        if self.size_limit is None:
             async with self._connection():
                 pass
         return self.size_limit
@@ -120,26 +134,23 @@ class SmtpPool:
         except NotifierError:
             raise  # `_deliver` has already judged the connection
         except BaseException:
-            conn.broken = True  # cancelled or crashed mid-command: state unknown
+            conn.broken = True  # cancelled or crashed mid-transaction: state unknown
             raise
         finally:
             await self._release(conn)
 
     async def _acquire(self) -> PooledConnection:
-        async with self._cond:
-            while True:
-                if self._closed:
-                    raise SmtpUnavailable("SMTP pool is closed")
-                while self._idle:
-                    conn = self._idle.pop()  # most recently used first: least likely stale
-                    if conn.usable():
-                        return conn
-                    conn.smtp.close()
-                    self._total -= 1
-                if self._total < self._size:
-                    self._total += 1
-                    break
-                await self._cond.wait()
+        while True:
+            conn, expired = await self._take_idle_or_slot()
+            await asyncio.gather(*(_quit(old) for old in expired))
+            if conn is None:
+                break
+            if await self._still_alive(conn):
+                return conn
+            conn.channel.close()
+            async with self._cond:
+                self._total -= 1
+                self._cond.notify()
         try:
             return await self._open()
         except BaseException:
@@ -148,8 +159,40 @@ class SmtpPool:
                 self._cond.notify()
             raise
 
+    async def _take_idle_or_slot(
+        self,
+    ) -> tuple[PooledConnection | None, list[PooledConnection]]:
+        """An idle connection, or None after reserving a slot for a new one; plus the
+        idle connections found too old or dead, for the caller to close outside the lock."""
+        expired: list[PooledConnection] = []
+        async with self._cond:
+            while True:
+                if self._closed:
+                    raise SmtpUnavailable("SMTP pool is closed")
+                while self._idle:
+                    conn = self._idle.pop()  # most recently used first: least likely stale
+                    if conn.usable(self._max_age):
+                        return conn, expired
+                    self._total -= 1
+                    expired.append(conn)
+                if self._total < self._size:
+                    self._total += 1
+                    return None, expired
+                await self._cond.wait()
+
+    async def _still_alive(self, conn: PooledConnection) -> bool:
+        """NOOP a connection that sat idle: servers drop idle clients without telling."""
+        if time.monotonic() - conn.last_used < self._idle_check:
+            return True
+        try:
+            async with asyncio.timeout(self._settings.smtp_timeout):
+                return await conn.channel.noop()
+        except TimeoutError:
+            return False
+
     async def _release(self, conn: PooledConnection) -> None:
-        retire = not conn.usable() or conn.messages_sent >= self._max_messages
+        conn.last_used = time.monotonic()
+        retire = not conn.usable(self._max_age) or conn.messages_sent >= self._max_messages
         async with self._cond:
             if retire or self._closed:
                 self._total -= 1
@@ -157,10 +200,10 @@ class SmtpPool:
                 self._idle.append(conn)
             self._cond.notify()
         if retire or self._closed:
-            if conn.usable():
+            if conn.usable(float("inf")):
                 await _quit(conn)
             else:
-                conn.smtp.close()
+                conn.channel.close()
 
     async def _open(self) -> PooledConnection:
         s = self._settings
@@ -175,55 +218,77 @@ class SmtpPool:
             start_tls=s.smtp_tls == "starttls",
             tls_context=self._tls_context,
         )
+        where = f"SMTP {s.smtp_server}:{s.smtp_port}"
         try:
             await smtp.connect()
+            if smtp.last_ehlo_response is None:  # aiosmtplib greets lazily without TLS or AUTH
+                await smtp.ehlo()
+            channel = SmtpChannel.take_over(smtp)
         except SMTPResponseException as exc:
             smtp.close()
             raise SmtpUnavailable(
-                f"SMTP {s.smtp_server}:{s.smtp_port} refused the session: {exc.code} {exc.message}"
+                f"{where} refused the session: {exc.code} {exc.message}"
             ) from None
-        except (TimeoutError, SMTPException, OSError, ssl.SSLError) as exc:
+        except (SMTPException, OSError, ssl.SSLError) as exc:
             smtp.close()
             raise SmtpUnavailable(
-                f"cannot connect to SMTP {s.smtp_server}:{s.smtp_port}: {type(exc).__name__}: {exc}"
+                f"cannot connect to {where}: {type(exc).__name__}: {exc}"
             ) from None
         self.connections_opened += 1
         if self.size_limit is None:
             size = smtp.esmtp_extensions.get("size", "")
-            self.size_limit = int(size) if size.isdigit() and int(size) > 0 else 0
-        return PooledConnection(smtp)
+            self.size_limit = int(size) if size.isdigit() else 0
+        return PooledConnection(
+            channel,
+            pipelining=smtp.supports_extension("pipelining"),
+            size_extension=smtp.supports_extension("size"),
+        )
 
-    async def _deliver(self, conn: PooledConnection, email: OutgoingEmail) -> None:
-        smtp = conn.smtp
-        options = [f"SIZE={len(email.data)}"] if smtp.supports_extension("size") else []
+    async def _deliver(self, conn: PooledConnection, email: StreamedEmail) -> None:
         try:
-            await smtp.mail(email.sender, options=options)
-            await smtp.rcpt(email.recipient)
-        except (SMTPSenderRefused, SMTPRecipientRefused) as exc:
-            await _reset(conn, exc.code)
-            raise _classify(exc) from None
-        except (TimeoutError, SMTPException, OSError) as exc:
-            conn.broken = True
-            raise _StaleConnection(f"{type(exc).__name__}: {exc}") from None
-        try:
-            await smtp.data(email.data)
-        except SMTPDataError as exc:
-            await _reset(conn, exc.code)
-            raise _classify(exc) from None
-        except (TimeoutError, SMTPException, OSError) as exc:
+            async with asyncio.timeout(self._transaction_timeout(email)):
+                await conn.channel.send(
+                    email,
+                    pipelining=conn.pipelining,
+                    size=conn.size_extension,
+                    chunk_size=self._settings.smtp_chunk_bytes,
+                )
+        except RefusedError as exc:
+            if exc.phase != "MESSAGE":
+                await _reset(conn, exc.reply.code)
+            elif exc.reply.code == 421:
+                conn.broken = True
+            raise _classify(exc.reply) from None
+        except LostAfterEnd:
             conn.broken = True
             raise DeliveryUnknown(
-                f"connection lost during DATA ({type(exc).__name__}); the server may have "
-                f"accepted {email.message_id}"
+                "connection lost after the message was sent, before the server's reply; "
+                f"it may have accepted {email.message_id}"
             ) from None
+        except TimeoutError:
+            conn.broken = True
+            conn.channel.close()
+            if conn.channel.end_sent:
+                raise DeliveryUnknown(
+                    f"timed out waiting for the reply to {email.message_id}; it may have "
+                    "been accepted"
+                ) from None
+            raise _StaleConnection("timed out") from None
+        except (LostBeforeEnd, OSError, ProtocolError) as exc:
+            conn.broken = True
+            raise _StaleConnection(f"{type(exc).__name__}: {exc}") from None
         conn.messages_sent += 1
 
+    def _transaction_timeout(self, email: StreamedEmail) -> float:
+        """SMTP_TIMEOUT for the exchange, plus time for the body at a modest 1 MB/s floor."""
+        return self._settings.smtp_timeout + email.size / 1_000_000
 
-def _classify(exc: SMTPResponseException) -> NotifierError:
-    text = f"SMTP {exc.code} {exc.message}"
-    if is_throttling(exc.code, exc.message):
+
+def _classify(reply: Reply) -> NotifierError:
+    text = f"SMTP {reply.code} {reply.text}"
+    if is_throttling(reply.code, reply.text):
         return SmtpThrottled(text)
-    if 500 <= exc.code < 600:
+    if 500 <= reply.code < 600:
         return RecipientRejected(text)
     return SmtpUnavailable(text)
 
@@ -234,18 +299,22 @@ async def _reset(conn: PooledConnection, code: int) -> None:
         conn.broken = True
         return
     try:
-        await conn.smtp.rset()
-    except (TimeoutError, SMTPException, OSError):
+        reply = await conn.channel.command("RSET")
+        conn.broken = reply.code != 250
+    except (OSError, ProtocolError):
         conn.broken = True
 
 
 async def _quit(conn: PooledConnection, quit_timeout: float = _QUIT_TIMEOUT) -> None:
+    if not conn.channel.is_connected:
+        return
     try:
-        await conn.smtp.quit(timeout=quit_timeout)
-    except (TimeoutError, SMTPException, OSError):
+        async with asyncio.timeout(quit_timeout):
+            await conn.channel.quit()
+    except (OSError, ProtocolError):
         pass
     finally:
-        conn.smtp.close()
+        conn.channel.close()
 
 
 def _tls_context(settings: Settings) -> ssl.SSLContext:
