@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from faults import FaultySmtp, S3FaultProxy
 from servers import MotoServer, SmtpSink, TlsFiles, make_tls_files, s3_client
 
 BUCKET = "videos-zip"
@@ -84,4 +85,53 @@ def worker_env(
         monkeypatch.setenv(name, value)
     for name in ("SMTP_USER", "SMTP_PASSWORD", "ALLOWED_BUCKETS", "SMTP_CA_FILE"):
         monkeypatch.delenv(name, raising=False)
+    return values
+
+
+# --------------------------------------------------------------------------- fault injection
+# (see tests/faults.py; the reliability tests point the worker at these instead of the sink)
+
+
+@pytest.fixture
+def faulty_smtp() -> Iterator[FaultySmtp]:
+    """A healthy FaultySmtp; tests install faults with `faulty_smtp.faults = SmtpFaults(...)`."""
+    server = FaultySmtp()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def s3_proxy(moto_server: MotoServer) -> Iterator[S3FaultProxy]:
+    """A passthrough S3FaultProxy in front of the session's moto; install rules per test."""
+    proxy = S3FaultProxy(moto_server.endpoint_url)
+    proxy.start()
+    try:
+        yield proxy
+    finally:
+        proxy.stop()
+
+
+@pytest.fixture
+def faulty_worker_env(
+    worker_env: dict[str, str],
+    faulty_smtp: FaultySmtp,
+    s3_proxy: S3FaultProxy,
+    monkeypatch: pytest.MonkeyPatch,
+) -> dict[str, str]:
+    """`worker_env`, but SMTP goes to `faulty_smtp` and every AWS call through `s3_proxy`.
+
+    The worker passes AWS_ENDPOINT_URL to all its clients, so SQS and DynamoDB go through the
+    proxy as well: scope S3 rules with `match=f"/{BUCKET}/"`.
+    """
+    values = {
+        **worker_env,
+        "SMTP_SERVER": faulty_smtp.host,
+        "SMTP_PORT": str(faulty_smtp.port),
+        "AWS_ENDPOINT_URL": s3_proxy.endpoint_url,
+    }
+    for name in ("SMTP_SERVER", "SMTP_PORT", "AWS_ENDPOINT_URL"):
+        monkeypatch.setenv(name, values[name])
     return values
