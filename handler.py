@@ -35,8 +35,10 @@ def lambda_handler(event: Any, context: Any) -> dict[str, list[dict[str, str]]]:
 
 
 def reset() -> None:
-    """Forget cached settings and close the loop (tests change the environment)."""
+    """Close the warm clients, forget the settings and close the loop (tests change the env)."""
     global _notifier, _runner
+    if _notifier is not None and _runner is not None:
+        _runner.run(_notifier.aclose())
     _notifier = None
     if _runner is not None:
         _runner.close()

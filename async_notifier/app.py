@@ -1,20 +1,25 @@
-"""The notifier: what lives for the process, and what one invocation opens and closes.
+"""The notifier: what lives for the process, and what one batch opens and closes.
 
-Settings and compiled templates live as long as the process. Each batch gets one
-S3 client, one SMTP pool and one scratch directory, shared by all its records,
-and releases them (QUIT, files removed) before it returns. After the records,
-permanent failures go to the dead-letter queue and the rest get a retry back-off.
+Settings, compiled templates, the S3 client and the SMTP pool live as long as the
+process (Lambda keeps it warm between invocations, and a warm pool skips the
+TCP, TLS and AUTH handshakes); they are bound to the event loop that made them
+and rebuilt if a different loop calls. Each batch gets its own scratch directory
+(removed before it returns). After the records, permanent failures go to the
+dead-letter queue and the rest get a retry back-off.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 from .batch import BatchResult, run_batch
 from .config import Settings
 from .deadline import Deadline
+from .idempotency import DynamoIdempotencyStore
 from .logs import configure, get_logger
 from .pipeline import Pipeline
 from .render import Renderer
@@ -24,11 +29,33 @@ from .storage import ByteBudget, ObjectStore, ScratchDir
 log = get_logger()
 
 
+@dataclass
+class _Clients:
+    """Long-lived clients, owned by one event loop."""
+
+    loop: asyncio.AbstractEventLoop
+    stack: contextlib.AsyncExitStack
+    s3: Any
+    pool: SmtpPool
+    idempotency: DynamoIdempotencyStore | None
+
+
 class Notifier:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.renderer = Renderer(settings.templates_dir, settings.default_locale)
+        self._clients: _Clients | None = None
         configure(settings.log_level)
+
+    async def aclose(self) -> None:
+        """Close the S3 client and QUIT the pooled SMTP connections."""
+        clients, self._clients = self._clients, None
+        if clients is not None and clients.loop is asyncio.get_running_loop():
+            await clients.stack.aclose()
+
+    @property
+    def pool(self) -> SmtpPool | None:
+        return self._clients.pool if self._clients else None
 
     async def handle(self, event: Any, context: Any = None) -> dict[str, list[dict[str, str]]]:
         """Process one Lambda SQS event; return the partial batch response."""
@@ -57,33 +84,45 @@ class Notifier:
         )
         return result
 
-    @contextlib.asynccontextmanager
-    async def _pipeline(self, deadline: Deadline | None) -> AsyncIterator[Pipeline]:
+    async def _open_clients(self) -> _Clients:
+        loop = asyncio.get_running_loop()
+        if self._clients is not None and self._clients.loop is loop:
+            return self._clients
+        self._clients = None  # made by a loop that is gone: aiobotocore clients can't move
         s = self.settings
-        async with contextlib.AsyncExitStack() as stack:
+        stack = contextlib.AsyncExitStack()
+        try:
             s3 = await stack.enter_async_context(aws_client("s3", s))
             idempotency = None
             if s.idempotency_table:
-                from .idempotency import DynamoIdempotencyStore
-
                 dynamodb = await stack.enter_async_context(aws_client("dynamodb", s))
                 idempotency = DynamoIdempotencyStore(
                     dynamodb, s.idempotency_table, ttl_seconds=s.idempotency_ttl
                 )
             pool = await stack.enter_async_context(SmtpPool(s))
-            scratch = stack.enter_context(ScratchDir(s.tmp_dir))
+        except BaseException:
+            await stack.aclose()
+            raise
+        self._clients = _Clients(loop, stack, s3, pool, idempotency)
+        return self._clients
+
+    @contextlib.asynccontextmanager
+    async def _pipeline(self, deadline: Deadline | None) -> AsyncIterator[Pipeline]:
+        s = self.settings
+        clients = await self._open_clients()
+        with ScratchDir(s.tmp_dir) as scratch:
             store = ObjectStore(
-                s3, chunk_size=s.download_chunk_bytes, allowed_buckets=s.allowed_buckets
+                clients.s3, chunk_size=s.download_chunk_bytes, allowed_buckets=s.allowed_buckets
             )
             yield Pipeline(
                 s,
                 self.renderer,
                 store,
-                pool,
+                clients.pool,
                 scratch,
                 budget=ByteBudget(s.max_tmp_bytes),
                 deadline=deadline,
-                idempotency=idempotency,
+                idempotency=clients.idempotency,
             )
 
     async def _feedback(self, result: BatchResult) -> None:

@@ -75,7 +75,13 @@ class Settings:
             email_from=env.address("EMAIL_FROM"),
             aws_region=env.text("AWS_REGION", "us-east-1"),
             aws_endpoint_url=env.optional("AWS_ENDPOINT_URL"),
-            smtp_port=env.integer("SMTP_PORT", 587, low=1, high=65535),
+            # Implicit TLS lives on 465 (RFC 8314); submission with STARTTLS on 587.
+            smtp_port=env.integer(
+                "SMTP_PORT",
+                465 if (env.optional("SMTP_TLS") or "").lower() == "tls" else 587,
+                low=1,
+                high=65535,
+            ),
             smtp_user=env.optional("SMTP_USER"),
             smtp_password=env.optional("SMTP_PASSWORD"),
             smtp_tls=env.choice("SMTP_TLS", "starttls", TLS_MODES),

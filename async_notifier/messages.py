@@ -24,7 +24,9 @@ Status = Literal["COMPLETED", "FAILED"]
 _BUCKET_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{1,253}[A-Za-z0-9]$")
 _LOCALE_ALIASES = {"pt": "pt-BR", "pt-br": "pt-BR", "en": "en"}
 MAX_KEY_BYTES = 1024
-MAX_TEXT = 1000  # header-bound values (names, file names, ids)
+# Header-bound values (names, file names, ids): a file name's usual limit, and short enough
+# that an unfoldable value (no spaces) keeps its header line under RFC 5322's 998 octets.
+MAX_TEXT = 255
 MAX_ERROR_TEXT = 10_000
 
 

@@ -20,8 +20,10 @@ import unicodedata
 from collections.abc import AsyncGenerator, Generator, Iterator
 from dataclasses import dataclass
 from email import policy
+from email.header import Header
 from email.headerregistry import Address
 from email.message import EmailMessage
+from email.policy import Policy
 from email.utils import formatdate
 from pathlib import Path, PurePosixPath
 
@@ -30,6 +32,22 @@ from .render import RenderedEmail
 
 SMTP_POLICY = policy.SMTP.clone(max_line_length=78)
 _UNSAFE_FILENAME = re.compile(r'[\\/:*?"<>|\x00-\x1f\x7f]+')
+
+
+class _Subject(str):
+    """A Subject the policy emits as is, folded by `email.header.Header`.
+
+    Python 3.11's header folder drops the space before an encoded word in some
+    subjects ("de Vídeo da apresentação.mp4 estão" loses a space; CPython
+    gh-144156); the older `Header` encoder folds them correctly.
+    """
+
+    name = "Subject"
+
+    def fold(self, *, policy: Policy) -> str:
+        charset = "us-ascii" if self.isascii() else "utf-8"
+        header = Header(str(self), charset, header_name=self.name, maxlinelen=78)
+        return f"{self.name}: {header.encode(linesep=policy.linesep)}{policy.linesep}"
 
 
 def message_id(notification: Notification, domain: str) -> str:
@@ -165,7 +183,7 @@ def build_streamed_email(
     msg = EmailMessage(policy=SMTP_POLICY)
     msg["From"] = sender
     msg["To"] = Address(display_name=notification.name or "", addr_spec=notification.email)
-    msg["Subject"] = rendered.subject
+    msg["Subject"] = _Subject(rendered.subject)
     msg["Date"] = formatdate(localtime=False, usegmt=True)
     msg["Message-ID"] = mid = message_id(notification, sender.domain or "localhost")
     msg["X-Video-Id"] = notification.video_id

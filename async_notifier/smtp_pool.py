@@ -42,6 +42,8 @@ from .smtp_channel import (
 from .throttle import PoolBackoff, TokenBucket, is_throttling
 
 _QUIT_TIMEOUT = 2.0
+# Authentication problems are the sender's configuration, not the message's: retry after a fix.
+_AUTH_CODES = frozenset({530, 534, 535, 538})
 
 
 @dataclass(eq=False)
@@ -288,6 +290,8 @@ def _classify(reply: Reply) -> NotifierError:
     text = f"SMTP {reply.code} {reply.text}"
     if is_throttling(reply.code, reply.text):
         return SmtpThrottled(text)
+    if reply.code in _AUTH_CODES:
+        return SmtpUnavailable(f"{text} (check SMTP_USER and the password)")
     if 500 <= reply.code < 600:
         return RecipientRejected(text)
     return SmtpUnavailable(text)

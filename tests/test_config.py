@@ -1,0 +1,251 @@
+"""Settings from the environment: defaults, every problem reported at once, no secret leaks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from async_notifier.config import DEFAULT_TEMPLATES_DIR, Settings
+from async_notifier.errors import ConfigError
+
+MINIMAL = {"SMTP_SERVER": "smtp.example.com", "EMAIL_FROM": "no-reply@example.com"}
+PASSWORD = "pa55-w0rd-do-not-print"
+
+
+def settings(**changes: str) -> Settings:
+    return Settings.from_env({**MINIMAL, **changes})
+
+
+def problems(env: dict[str, str]) -> str:
+    with pytest.raises(ConfigError) as caught:
+        Settings.from_env(env)
+    return str(caught.value)
+
+
+def test_defaults() -> None:
+    s = Settings.from_env(MINIMAL)
+    assert s.smtp_server == "smtp.example.com"
+    assert s.email_from.addr_spec == "no-reply@example.com"
+    assert s.aws_region == "us-east-1"
+    assert s.aws_endpoint_url is None
+    assert s.smtp_port == 587
+    assert s.smtp_user is None
+    assert s.smtp_password is None
+    assert s.smtp_tls == "starttls"
+    assert s.smtp_ca_file is None
+    assert s.smtp_pool_size == 8
+    assert s.smtp_max_messages_per_connection == 100
+    assert s.max_concurrency == 32
+    assert s.allowed_buckets == frozenset()
+    assert s.default_locale == "pt-BR"
+    assert s.templates_dir == DEFAULT_TEMPLATES_DIR
+    assert s.templates_dir.is_dir()
+    assert s.tmp_dir.is_dir()
+
+
+def test_from_env_reads_the_process_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SMTP_SERVER", "mail.internal")
+    monkeypatch.setenv("EMAIL_FROM", "x@example.org")
+    monkeypatch.setenv("SMTP_POOL_SIZE", "3")
+    s = Settings.from_env()
+    assert (s.smtp_server, s.smtp_pool_size) == ("mail.internal", 3)
+
+
+def test_explicit_values(tmp_path: Path) -> None:
+    ca = tmp_path / "ca.pem"
+    ca.write_text("not parsed here")
+    s = settings(
+        AWS_REGION="sa-east-1",
+        AWS_ENDPOINT_URL="http://127.0.0.1:4566",
+        SMTP_PORT="2525",
+        SMTP_USER="mailer",
+        SMTP_PASSWORD=PASSWORD,
+        SMTP_TLS="tls",
+        SMTP_CA_FILE=str(ca),
+        SMTP_POOL_SIZE="2",
+        SMTP_MAX_MESSAGES_PER_CONNECTION="5",
+        MAX_CONCURRENCY="64",
+        TMP_DIR=str(tmp_path),
+    )
+    assert s.aws_region == "sa-east-1"
+    assert s.aws_endpoint_url == "http://127.0.0.1:4566"
+    assert s.smtp_port == 2525
+    assert (s.smtp_user, s.smtp_password) == ("mailer", PASSWORD)
+    assert s.smtp_tls == "tls"
+    assert s.smtp_ca_file == ca
+    assert s.smtp_pool_size == 2
+    assert s.smtp_max_messages_per_connection == 5
+    assert s.max_concurrency == 64
+    assert s.tmp_dir == tmp_path
+
+
+def test_every_problem_in_one_error() -> None:
+    message = problems(
+        {
+            # SMTP_SERVER missing
+            "EMAIL_FROM": "not an address",
+            "SMTP_PORT": "smtp",
+            "SMTP_TLS": "ssl",
+            "SMTP_CA_FILE": "/nonexistent/ca.pem",
+            "SMTP_POOL_SIZE": "0",
+            "SMTP_MAX_MESSAGES_PER_CONNECTION": "many",
+            "MAX_CONCURRENCY": "-4",
+            "TMP_DIR": "/nonexistent/tmp",
+        }
+    )
+    for name in (
+        "SMTP_SERVER",
+        "EMAIL_FROM",
+        "SMTP_PORT",
+        "SMTP_TLS",
+        "SMTP_CA_FILE",
+        "SMTP_POOL_SIZE",
+        "SMTP_MAX_MESSAGES_PER_CONNECTION",
+        "MAX_CONCURRENCY",
+        "TMP_DIR",
+    ):
+        assert name in message, f"{name} missing from: {message}"
+    # The offending values are quoted back, so the operator sees what to fix.
+    assert "'smtp'" in message
+    assert "'ssl'" in message
+
+
+def test_empty_environment_names_both_required_settings() -> None:
+    message = problems({})
+    assert "SMTP_SERVER is required" in message
+    assert "EMAIL_FROM is required" in message
+
+
+def test_blank_values_count_as_missing() -> None:
+    message = problems({"SMTP_SERVER": "   ", "EMAIL_FROM": ""})
+    assert "SMTP_SERVER is required" in message
+    assert "EMAIL_FROM is required" in message
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("SMTP_PORT", "0"),
+        ("SMTP_PORT", "65536"),
+        ("SMTP_PORT", "25.5"),
+        ("SMTP_POOL_SIZE", "-1"),
+        ("SMTP_MAX_MESSAGES_PER_CONNECTION", "0"),
+        ("MAX_CONCURRENCY", "0"),
+        ("MAX_CONCURRENCY", "ten"),
+    ],
+)
+def test_out_of_range_integers(name: str, value: str) -> None:
+    message = problems({**MINIMAL, name: value})
+    assert name in message
+    assert value in message
+
+
+@pytest.mark.parametrize(
+    ("raw", "mode"),
+    [
+        ("starttls", "starttls"),
+        ("STARTTLS", "starttls"),
+        ("tls", "tls"),
+        ("none", "none"),
+        ("", "starttls"),
+    ],
+)
+def test_smtp_tls_choices(raw: str, mode: str) -> None:
+    assert settings(SMTP_TLS=raw).smtp_tls == mode
+
+
+@pytest.mark.parametrize("raw", ["ssl", "yes", "true", "starttls-optional"])
+def test_smtp_tls_rejects_anything_else(raw: str) -> None:
+    message = problems({**MINIMAL, "SMTP_TLS": raw})
+    assert "SMTP_TLS must be one of starttls, tls, none" in message
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("videos-zip", {"videos-zip"}),
+        ("videos-zip,other-zips", {"videos-zip", "other-zips"}),
+        (" videos-zip , other-zips ,, ", {"videos-zip", "other-zips"}),
+        ("", set()),
+        (" , ", set()),
+    ],
+)
+def test_allowed_buckets_parsing(raw: str, expected: set[str]) -> None:
+    assert settings(ALLOWED_BUCKETS=raw).allowed_buckets == frozenset(expected)
+
+
+def test_email_from_with_display_name() -> None:
+    s = settings(EMAIL_FROM="Async Notifier <no-reply@example.com>")
+    assert s.email_from.display_name == "Async Notifier"
+    assert s.email_from.addr_spec == "no-reply@example.com"
+    assert str(s.email_from) == "Async Notifier <no-reply@example.com>"
+    assert s.sender_domain == "example.com"
+
+
+def test_email_from_plain_address() -> None:
+    s = settings(EMAIL_FROM="no-reply@notify.example.com")
+    assert s.email_from.display_name == ""
+    assert s.email_from.addr_spec == "no-reply@notify.example.com"
+    assert s.sender_domain == "notify.example.com"
+
+
+def test_email_from_non_ascii_display_name() -> None:
+    s = settings(EMAIL_FROM="Notificações <no-reply@example.com>")
+    assert s.email_from.display_name == "Notificações"
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "no-reply",
+        "Notifier <no-reply>",
+        "no-reply@",
+        "no-reply@example.com\r\nBcc: attacker@evil.example",
+        # A sender must be exactly one complete mailbox.
+        "@example.com",
+        "no-reply@example.com, attacker@evil.example",
+    ],
+)
+def test_email_from_invalid(value: str) -> None:
+    assert "EMAIL_FROM" in problems({**MINIMAL, "EMAIL_FROM": value})
+
+
+def test_smtp_ca_file_must_exist(tmp_path: Path) -> None:
+    message = problems({**MINIMAL, "SMTP_CA_FILE": str(tmp_path / "missing.pem")})
+    assert "SMTP_CA_FILE" in message
+    assert "missing.pem" in message
+
+
+def test_password_without_user_is_a_problem() -> None:
+    message = problems({**MINIMAL, "SMTP_PASSWORD": PASSWORD})
+    assert "SMTP_PASSWORD is set but SMTP_USER is not" in message
+    assert PASSWORD not in message
+
+
+def test_login_over_plain_text_is_refused() -> None:
+    message = problems(
+        {**MINIMAL, "SMTP_USER": "mailer", "SMTP_PASSWORD": PASSWORD, "SMTP_TLS": "none"}
+    )
+    assert "SMTP_TLS=none" in message
+    assert PASSWORD not in message
+
+
+def test_repr_never_shows_the_password() -> None:
+    s = settings(SMTP_USER="mailer", SMTP_PASSWORD=PASSWORD)
+    assert s.smtp_password == PASSWORD
+    assert PASSWORD not in repr(s)
+    assert PASSWORD not in str(s)
+    assert "mailer" in repr(s)  # the repr is still useful
+
+
+def test_config_error_never_shows_the_password() -> None:
+    message = problems({"SMTP_USER": "mailer", "SMTP_PASSWORD": PASSWORD, "SMTP_PORT": "x"})
+    assert "SMTP_PORT" in message
+    assert PASSWORD not in message
+
+
+def test_implicit_tls_defaults_to_port_465_and_starttls_to_587() -> None:
+    assert Settings.from_env({**MINIMAL, "SMTP_TLS": "tls"}).smtp_port == 465
+    assert Settings.from_env({**MINIMAL, "SMTP_TLS": "starttls"}).smtp_port == 587
+    assert Settings.from_env({**MINIMAL, "SMTP_TLS": "tls", "SMTP_PORT": "2465"}).smtp_port == 2465

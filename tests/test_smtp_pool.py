@@ -1,0 +1,316 @@
+"""The SMTP pool against a real aiosmtpd server, counted from the server side."""
+
+from __future__ import annotations
+
+import asyncio
+import email
+import email.policy
+import json
+from email.message import EmailMessage
+from pathlib import Path
+
+import pytest
+from servers import LOOPBACK, SmtpSink, TlsFiles, free_port, make_zip
+
+from async_notifier.config import DEFAULT_TEMPLATES_DIR, Settings
+from async_notifier.errors import RecipientRejected, SmtpUnavailable
+from async_notifier.messages import parse_body
+from async_notifier.mime_stream import StreamedEmail, build_streamed_email
+from async_notifier.render import Renderer
+from async_notifier.smtp_pool import SmtpPool
+
+SENDER = "no-reply@example.com"
+PASSWORD = "s3cret-pool-password"
+
+
+def settings(host: str, port: int, **extra: str) -> Settings:
+    env = {
+        "SMTP_SERVER": host,
+        "SMTP_PORT": str(port),
+        "SMTP_TLS": "none",
+        "EMAIL_FROM": f"Async Notifier <{SENDER}>",
+        "SMTP_TIMEOUT": "10",
+        **extra,
+    }
+    return Settings.from_env(env)
+
+
+def sink_settings(sink: SmtpSink, **extra: str) -> Settings:
+    return settings(sink.host, sink.port, **extra)
+
+
+def outgoing(index: int, recipient: str | None = None) -> StreamedEmail:
+    """A small email in the form the pool sends (the pipeline builds the same type)."""
+    to = recipient or f"user{index}@example.com"
+    message = EmailMessage(policy=email.policy.SMTP)
+    message["From"] = SENDER
+    message["To"] = to
+    message["Subject"] = f"message {index}"
+    message["Message-ID"] = f"<m{index}@example.com>"
+    message.set_content(f"body {index}")
+    return StreamedEmail(
+        sender=SENDER,
+        recipient=to,
+        message_id=f"<m{index}@example.com>",
+        head=message.as_bytes(),
+        attachment=None,
+        attachment_size=0,
+        tail=b"",
+    )
+
+
+async def idle(sink: SmtpSink) -> None:
+    """Wait, off the event loop, until the server saw every connection close.
+
+    Blocking the loop instead would stop the client from ever closing its sockets.
+    """
+    await asyncio.to_thread(sink.wait_idle)
+
+
+def subjects(sink: SmtpSink) -> list[str]:
+    return sorted(str(m["Subject"]) for m in sink.parsed())
+
+
+def expected_subjects(count: int) -> list[str]:
+    return sorted(f"message {i}" for i in range(count))
+
+
+async def test_connections_open_lazily(smtp_sink: SmtpSink) -> None:
+    async with SmtpPool(sink_settings(smtp_sink, SMTP_POOL_SIZE="4")) as pool:
+        assert pool.connections_opened == 0
+    assert smtp_sink.connections_opened == 0
+
+
+async def test_sequential_sends_share_one_connection(smtp_sink: SmtpSink) -> None:
+    async with SmtpPool(sink_settings(smtp_sink, SMTP_POOL_SIZE="4")) as pool:
+        for index in range(10):
+            await pool.send(outgoing(index))
+    await idle(smtp_sink)
+    assert subjects(smtp_sink) == expected_subjects(10)
+    assert smtp_sink.connections_opened == 1
+    assert pool.connections_opened == 1
+
+
+async def test_concurrent_sends_use_at_most_pool_size_connections(smtp_sink: SmtpSink) -> None:
+    async with SmtpPool(sink_settings(smtp_sink, SMTP_POOL_SIZE="3")) as pool:
+        await asyncio.gather(*(pool.send(outgoing(i)) for i in range(60)))
+    await idle(smtp_sink)
+    assert subjects(smtp_sink) == expected_subjects(60)
+    assert [m.rcpt_tos for m in smtp_sink.messages].count(["user7@example.com"]) == 1
+    assert 1 <= smtp_sink.connections_opened <= 3
+    assert pool.connections_opened == smtp_sink.connections_opened
+
+
+async def test_connection_recycled_after_max_messages(smtp_sink: SmtpSink) -> None:
+    s = sink_settings(smtp_sink, SMTP_POOL_SIZE="1", SMTP_MAX_MESSAGES_PER_CONNECTION="3")
+    async with SmtpPool(s) as pool:
+        for index in range(10):
+            await pool.send(outgoing(index))
+    await idle(smtp_sink)
+    assert subjects(smtp_sink) == expected_subjects(10)
+    assert smtp_sink.connections_opened == 4  # 3 + 3 + 3 + 1
+    assert smtp_sink.quit_count == 4  # three recycled, the last one closed by aclose
+    assert smtp_sink.connections_open == 0
+
+
+async def test_aclose_quits_idle_connections(smtp_sink: SmtpSink) -> None:
+    pool = SmtpPool(sink_settings(smtp_sink, SMTP_POOL_SIZE="4"))
+    await asyncio.gather(*(pool.send(outgoing(i)) for i in range(12)))
+    opened = smtp_sink.connections_opened
+    assert 1 <= opened <= 4
+    assert smtp_sink.connections_open == opened  # kept open between messages
+    assert smtp_sink.quit_count == 0
+    await pool.aclose()
+    await idle(smtp_sink)
+    assert smtp_sink.connections_open == 0
+    assert smtp_sink.quit_count == opened
+    with pytest.raises(SmtpUnavailable, match="closed"):
+        await pool.send(outgoing(99))
+    assert len(smtp_sink.messages) == 12
+
+
+async def test_server_dropping_connections_mid_batch() -> None:
+    with SmtpSink(drop_after=2) as sink:
+        async with SmtpPool(sink_settings(sink, SMTP_POOL_SIZE="3")) as pool:
+            # One at a time first: every third send finds its pooled connection gone.
+            for index in range(9):
+                await pool.send(outgoing(index))
+            await asyncio.gather(*(pool.send(outgoing(i)) for i in range(9, 40)))
+        await idle(sink)
+        assert subjects(sink) == expected_subjects(40)
+        assert sink.connections_opened >= 20  # at most two messages per connection
+        assert sink.connections_open == 0
+
+
+async def test_rejected_recipient_keeps_the_connection_usable() -> None:
+    with SmtpSink(reject={"gone@example.com"}) as sink:
+        async with SmtpPool(sink_settings(sink, SMTP_POOL_SIZE="1")) as pool:
+            await pool.send(outgoing(0))
+            with pytest.raises(RecipientRejected) as caught:
+                await pool.send(outgoing(1, recipient="gone@example.com"))
+            await pool.send(outgoing(2))
+        await idle(sink)
+        assert caught.value.transient is False
+        assert "550" in caught.value.reason
+        assert [m.rcpt_tos for m in sink.messages] == [
+            ["user0@example.com"],
+            ["user2@example.com"],
+        ]
+        assert sink.connections_opened == 1
+
+
+async def test_unreachable_server() -> None:
+    async with SmtpPool(settings(LOOPBACK, free_port(), SMTP_POOL_SIZE="2")) as pool:
+        with pytest.raises(SmtpUnavailable) as caught:
+            await pool.send(outgoing(0))
+        results = await asyncio.gather(
+            *(pool.send(outgoing(i)) for i in range(5)), return_exceptions=True
+        )
+    assert caught.value.transient is True
+    assert "cannot connect" in caught.value.reason
+    assert all(isinstance(result, SmtpUnavailable) for result in results)
+    assert pool.connections_opened == 0
+
+
+async def test_real_email_with_attachment_and_dot_lines_arrives_intact(
+    smtp_sink: SmtpSink, tmp_path: Path
+) -> None:
+    """The ZIP is streamed from disk and lines starting with '.' are dot-stuffed on the wire."""
+    data = make_zip(300_000, seed=21)
+    zip_path = tmp_path / "frames.zip"
+    zip_path.write_bytes(data)
+    renderer = Renderer(DEFAULT_TEMPLATES_DIR)
+    completed = parse_body(
+        json.dumps(
+            {
+                "video_id": "vid-1",
+                "bucket": "videos-zip",
+                "key": "v/v.zip",
+                "email": "maria@example.com",
+                "name": "Maria",
+                "file_name": "férias.mp4",
+            }
+        )
+    )
+    failed = parse_body(
+        json.dumps(
+            {
+                "video_id": "vid-2",
+                "status": "FAILED",
+                "email": "joao@example.com",
+                "message": "first line\n.\n..two dots\n.\r\nlast line",
+            }
+        )
+    )
+    s = sink_settings(smtp_sink)
+    with_zip = build_streamed_email(
+        completed,
+        renderer.render(completed, attachment_name="férias.zip"),
+        sender=s.email_from,
+        attachment=zip_path,
+        attachment_name="férias.zip",
+    )
+    without = build_streamed_email(failed, renderer.render(failed), sender=s.email_from)
+    async with SmtpPool(s) as pool:
+        await pool.send(with_zip)
+        await pool.send(without)
+    await idle(smtp_sink)
+    assert [len(m.data) for m in smtp_sink.messages] == [with_zip.size, without.size]
+    first, second = smtp_sink.parsed()
+    [attachment] = first.iter_attachments()
+    assert attachment.get_filename() == "férias.zip"
+    assert attachment.get_content() == data
+    text = second.get_body(preferencelist=("plain",))
+    assert text is not None
+    lines = text.get_content().splitlines()
+    assert lines[lines.index("first line") : lines.index("last line") + 1] == [
+        "first line",
+        ".",
+        "..two dots",
+        ".",
+        "last line",
+    ]
+    assert smtp_sink.connections_opened == 1
+
+
+# --------------------------------------------------------------------------- TLS and AUTH
+
+
+async def test_starttls_with_private_ca(tls_files: TlsFiles) -> None:
+    with SmtpSink(tls=tls_files.server_context()) as sink:
+        s = sink_settings(sink, SMTP_TLS="starttls", SMTP_CA_FILE=str(tls_files.ca))
+        async with SmtpPool(s) as pool:
+            for index in range(3):
+                await pool.send(outgoing(index))
+        await idle(sink)
+        # The sink refuses MAIL before STARTTLS, so receiving them proves TLS was negotiated.
+        assert subjects(sink) == expected_subjects(3)
+        assert sink.connections_opened == 1  # STARTTLS once, then reused
+
+
+async def test_starttls_without_the_ca_fails_verification(tls_files: TlsFiles) -> None:
+    with SmtpSink(tls=tls_files.server_context()) as sink:
+        async with SmtpPool(sink_settings(sink, SMTP_TLS="starttls")) as pool:
+            with pytest.raises(SmtpUnavailable, match="CERTIFICATE_VERIFY_FAILED"):
+                await pool.send(outgoing(0))
+        await idle(sink)
+        assert sink.messages == []
+        assert sink.connections_opened == 1
+
+
+async def test_starttls_required_never_falls_back_to_plain_text(smtp_sink: SmtpSink) -> None:
+    async with SmtpPool(sink_settings(smtp_sink, SMTP_TLS="starttls")) as pool:
+        with pytest.raises(SmtpUnavailable, match="STARTTLS"):
+            await pool.send(outgoing(0))
+    await idle(smtp_sink)
+    assert smtp_sink.messages == []
+    assert smtp_sink.connections_opened == 1
+
+
+async def test_auth_over_starttls(tls_files: TlsFiles) -> None:
+    with SmtpSink(tls=tls_files.server_context(), auth=("mailer", PASSWORD)) as sink:
+        s = sink_settings(
+            sink,
+            SMTP_TLS="starttls",
+            SMTP_CA_FILE=str(tls_files.ca),
+            SMTP_USER="mailer",
+            SMTP_PASSWORD=PASSWORD,
+        )
+        async with SmtpPool(s) as pool:
+            await asyncio.gather(*(pool.send(outgoing(i)) for i in range(4)))
+        await idle(sink)
+        assert subjects(sink) == expected_subjects(4)  # the sink requires AUTH for MAIL
+        assert 1 <= sink.connections_opened <= 8
+
+
+async def test_wrong_password_fails_without_leaking_it(tls_files: TlsFiles) -> None:
+    with SmtpSink(tls=tls_files.server_context(), auth=("mailer", PASSWORD)) as sink:
+        s = sink_settings(
+            sink,
+            SMTP_TLS="starttls",
+            SMTP_CA_FILE=str(tls_files.ca),
+            SMTP_USER="mailer",
+            SMTP_PASSWORD="not-the-password",
+        )
+        async with SmtpPool(s) as pool:
+            with pytest.raises(SmtpUnavailable) as caught:
+                await pool.send(outgoing(0))
+        await idle(sink)
+        assert "535" in caught.value.reason
+        assert "not-the-password" not in caught.value.reason
+        assert sink.messages == []
+
+
+def test_authentication_refusals_are_transient_configuration_problems() -> None:
+    """A 535 is about our credentials, not the email: retry after a fix, never dead-letter."""
+    from async_notifier.errors import RecipientRejected, SmtpThrottled, SmtpUnavailable
+    from async_notifier.smtp_channel import Reply
+    from async_notifier.smtp_pool import _classify
+
+    auth = _classify(Reply(535, "5.7.8 Authentication credentials invalid"))
+    assert isinstance(auth, SmtpUnavailable)
+    assert auth.transient
+    assert isinstance(_classify(Reply(550, "5.1.1 no such user")), RecipientRejected)
+    assert isinstance(_classify(Reply(454, "4.7.0 Throttling")), SmtpThrottled)
+    assert isinstance(_classify(Reply(421, "4.7.0 rate limit exceeded")), SmtpThrottled)
+    assert not isinstance(_classify(Reply(421, "4.3.2 shutting down")), SmtpThrottled)

@@ -1,0 +1,226 @@
+"""Streaming S3 objects (moto server) into the private scratch directory."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import stat
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from servers import LOOPBACK, MotoServer, make_zip, s3_client, seed_objects
+
+from async_notifier import app
+from async_notifier.config import Settings
+from async_notifier.errors import (
+    BucketNotAllowed,
+    DownloadFailed,
+    ObjectUnavailable,
+)
+from async_notifier.storage import ObjectStore, ScratchDir
+
+CHUNK = 4096
+
+
+def settings(endpoint_url: str, **extra: str) -> Settings:
+    return Settings.from_env(
+        {
+            "SMTP_SERVER": "smtp.invalid",
+            "EMAIL_FROM": "no-reply@example.com",
+            "AWS_ENDPOINT_URL": endpoint_url,
+            "AWS_REGION": "us-east-1",
+            **extra,
+        }
+    )
+
+
+@contextlib.asynccontextmanager
+async def object_store(
+    endpoint_url: str, allowed: frozenset[str] = frozenset()
+) -> AsyncIterator[ObjectStore]:
+    async with app.s3_client(settings(endpoint_url)) as client:
+        yield ObjectStore(client, chunk_size=CHUNK, allowed_buckets=allowed)
+
+
+@pytest.fixture
+def scratch(tmp_path: Path) -> Any:
+    parent = tmp_path / "tmp"
+    parent.mkdir()
+    with ScratchDir(parent) as directory:
+        yield directory
+
+
+def files_under(path: Path) -> list[Path]:
+    return [p for p in path.rglob("*") if p.is_file()]
+
+
+async def test_download_is_byte_identical_over_many_chunks(
+    aws: MotoServer, bucket: str, scratch: ScratchDir
+) -> None:
+    data = make_zip(300_000, seed=11)  # ~73 chunks of 4 KiB
+    seed_objects(s3_client(aws.endpoint_url), bucket, {"v1/v1.zip": data})
+    dest = scratch.new_file()
+    async with object_store(aws.endpoint_url) as store:
+        size = await store.download(bucket, "v1/v1.zip", dest)
+    assert size == len(data)
+    assert dest.read_bytes() == data
+    assert stat.S_IMODE(dest.stat().st_mode) == 0o600
+
+
+async def test_many_concurrent_downloads_through_one_client(
+    aws: MotoServer, bucket: str, scratch: ScratchDir
+) -> None:
+    objects = {f"v{i}/frames.zip": make_zip(20_000 + i * 1000, seed=i) for i in range(12)}
+    seed_objects(s3_client(aws.endpoint_url), bucket, objects)
+    async with object_store(aws.endpoint_url) as store:
+        dests = {key: scratch.new_file() for key in objects}
+        sizes = await asyncio.gather(
+            *(store.download(bucket, key, dest) for key, dest in dests.items())
+        )
+    assert sizes == [len(body) for body in objects.values()]
+    for key, dest in dests.items():
+        assert dest.read_bytes() == objects[key]
+
+
+async def test_traversal_key_stays_inside_scratch_dir(
+    aws: MotoServer, bucket: str, tmp_path: Path
+) -> None:
+    data = make_zip(10_000, seed=5)
+    seed_objects(s3_client(aws.endpoint_url), bucket, {"../../x.zip": data})
+    parent = tmp_path / "a" / "b"
+    parent.mkdir(parents=True)
+    with ScratchDir(parent) as scratch:
+        dest = scratch.new_file()
+        async with object_store(aws.endpoint_url) as store:
+            await store.download(bucket, "../../x.zip", dest)
+        assert dest.read_bytes() == data
+        assert dest.parent == scratch.path
+        assert dest.name != "x.zip"
+        assert files_under(tmp_path) == [dest]
+    assert files_under(tmp_path) == []
+
+
+async def test_scratch_dir_is_private_and_names_are_ours(tmp_path: Path) -> None:
+    with ScratchDir(tmp_path) as scratch:
+        assert scratch.path.parent == tmp_path
+        assert stat.S_IMODE(scratch.path.stat().st_mode) == 0o700
+        names = {scratch.new_file().name for _ in range(50)}
+        assert len(names) == 50
+        assert all(name.endswith(".zip") and "/" not in name for name in names)
+
+
+async def test_missing_key_is_permanent_object_unavailable(
+    aws: MotoServer, bucket: str, scratch: ScratchDir
+) -> None:
+    dest = scratch.new_file()
+    async with object_store(aws.endpoint_url) as store:
+        with pytest.raises(ObjectUnavailable) as caught:
+            await store.download(bucket, "does/not/exist.zip", dest)
+    assert caught.value.transient is False
+    assert "NoSuchKey" in caught.value.reason
+    assert "does/not/exist.zip" in caught.value.reason
+    assert not dest.exists()
+    assert files_under(scratch.path) == []
+
+
+async def test_missing_bucket_is_permanent_object_unavailable(
+    aws: MotoServer, scratch: ScratchDir
+) -> None:
+    dest = scratch.new_file()
+    async with object_store(aws.endpoint_url) as store:
+        with pytest.raises(ObjectUnavailable, match="NoSuchBucket"):
+            await store.download("no-such-bucket", "k.zip", dest)
+    assert not dest.exists()
+
+
+async def test_bucket_outside_allowed_buckets_is_refused(
+    aws: MotoServer, bucket: str, scratch: ScratchDir
+) -> None:
+    client = s3_client(aws.endpoint_url)
+    seed_objects(client, "private-data", {"secrets.zip": b"PK secret"})
+    seed_objects(client, bucket, {"ok.zip": b"PK ok"})
+    allowed = frozenset({bucket})
+    async with object_store(aws.endpoint_url, allowed) as store:
+        dest = scratch.new_file()
+        with pytest.raises(BucketNotAllowed) as caught:
+            await store.download("private-data", "secrets.zip", dest)
+        assert caught.value.transient is False
+        assert "private-data" in caught.value.reason
+        assert not dest.exists()
+        with pytest.raises(BucketNotAllowed):
+            store.check_allowed("private-data")
+        # The allowed bucket still works through the same store.
+        ok = scratch.new_file()
+        assert await store.download(bucket, "ok.zip", ok) == len(b"PK ok")
+    assert files_under(scratch.path) == [ok]
+
+
+async def test_no_allowed_buckets_means_any_bucket(aws: MotoServer, scratch: ScratchDir) -> None:
+    seed_objects(s3_client(aws.endpoint_url), "anything-goes", {"a.zip": b"PK a"})
+    async with object_store(aws.endpoint_url) as store:
+        dest = scratch.new_file()
+        assert await store.download("anything-goes", "a.zip", dest) == 4
+
+
+# --------------------------------------------------------------------------- a broken stream
+
+# moto always serves whole objects, so a broken download needs a peer that breaks it: this one
+# speaks just enough HTTP to answer GetObject with a Content-Length it never delivers.
+DECLARED = 200_000
+DELIVERED = 60_000
+
+
+@contextlib.asynccontextmanager
+async def truncating_s3() -> AsyncIterator[str]:
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(
+                b"HTTP/1.1 200 OK\r\n"
+                b"Content-Type: application/zip\r\n"
+                + f"Content-Length: {DECLARED}\r\n".encode()
+                + b'ETag: "0123456789abcdef0123456789abcdef"\r\n'
+                b"x-amz-request-id: TRUNCATED\r\n\r\n" + b"P" * DELIVERED
+            )
+            await writer.drain()
+        finally:
+            writer.close()  # mid-body: the client sees the connection end early
+
+    server = await asyncio.start_server(serve, LOOPBACK, 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        yield f"http://{LOOPBACK}:{port}"
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def test_broken_stream_is_transient_and_leaves_no_file(
+    scratch: ScratchDir, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    async with truncating_s3() as endpoint, object_store(endpoint) as store:
+        dest = scratch.new_file()
+        with pytest.raises(DownloadFailed) as caught:
+            await store.download("videos-zip", "v/v.zip", dest)
+    assert caught.value.transient is True
+    assert "s3://videos-zip/v/v.zip" in caught.value.reason
+    assert not dest.exists()
+    assert files_under(scratch.path) == []
+
+
+def test_scratch_dir_close_removes_everything(tmp_path: Path) -> None:
+    scratch = ScratchDir(tmp_path)
+    for index in range(3):
+        scratch.new_file().write_bytes(b"x" * index)
+    nested = scratch.path / "left" / "behind"
+    nested.mkdir(parents=True)
+    (nested / "file").write_bytes(b"y")
+    scratch.close()
+    assert not scratch.path.exists()
+    assert os.listdir(tmp_path) == []
+    scratch.close()  # idempotent
