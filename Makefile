@@ -5,15 +5,39 @@ BIN := $(VENV)/bin
 PY := $(BIN)/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
+# make bench: extra flags for python -m bench, e.g. BENCH_ARGS='--scenario remote'
+BENCH_ARGS ?=
+# make run-local: how many sample messages, how big each sample ZIP, where the emails go, and
+# an S3 + SQS endpoint already running (e.g. LocalStack) instead of starting moto.
+MESSAGES ?= 8
+ZIP_SIZE ?= 262144
+OUTBOX ?= outbox
+AWS_ENDPOINT_URL ?=
+# LocalStack on the host, without Docker, in its own venv (make localstack).
+LOCALSTACK_VERSION ?= 4.13.1
+LOCALSTACK_DIR := .localstack
+LOCALSTACK_VENV := $(LOCALSTACK_DIR)/venv
+LOCALSTACK_STAMP := $(LOCALSTACK_VENV)/.installed-$(LOCALSTACK_VERSION)
+LOCALSTACK_PACKAGES := 'localstack-core[runtime]==$(LOCALSTACK_VERSION)' 'cbor2<6' \
+	'pyopenssl==25.1.0' 'cryptography>=45,<46' service-identity
 
 .DEFAULT_GOAL := help
-.PHONY: help venv test lint format run-local clean
+.PHONY: help venv test lint format run-local localstack localstack-stop test-localstack \
+	bench bench-quick clean
 
 help:
 	@echo "make test        create the venv, install, run the whole test suite"
 	@echo "make run-local   run the worker end to end on a local S3/SQS + mail catcher"
+	@echo "                 options: MESSAGES=8 ZIP_SIZE=262144 OUTBOX=outbox, and"
+	@echo "                 AWS_ENDPOINT_URL=http://127.0.0.1:4566 to use a running endpoint"
 	@echo "make lint        ruff (lint + format check) and mypy"
 	@echo "make format      apply ruff's formatting and safe fixes"
+	@echo "make localstack  start LocalStack on 127.0.0.1:4566 without Docker (own venv)"
+	@echo "make localstack-stop    stop it"
+	@echo "make test-localstack    the end-to-end tests against that LocalStack"
+	@echo "make bench       benchmark the project against the old design (all scenarios;"
+	@echo "                 flags via BENCH_ARGS=..., see bench/README.md)"
+	@echo "make bench-quick the same with small numbers, well under a minute"
 
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11) and "Python 3.11+ is required")'
@@ -29,16 +53,41 @@ test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: $(STAMP)
-	$(BIN)/ruff check async_notifier handler.py tests
-	$(BIN)/ruff format --check async_notifier handler.py tests
+	$(BIN)/ruff check async_notifier handler.py tests bench
+	$(BIN)/ruff format --check async_notifier handler.py tests bench
 	$(BIN)/mypy async_notifier handler.py
 
 format: $(STAMP)
-	$(BIN)/ruff check --fix async_notifier handler.py tests
-	$(BIN)/ruff format async_notifier handler.py tests
+	$(BIN)/ruff check --fix async_notifier handler.py tests bench
+	$(BIN)/ruff format async_notifier handler.py tests bench
 
 run-local: $(STAMP)
-	@echo "make run-local is not there yet (see issue 3); make test runs the worker end to end."
+	@$(PY) -m async_notifier.local --messages "$(MESSAGES)" --zip-size "$(ZIP_SIZE)" \
+		--outbox "$(OUTBOX)" --endpoint-url "$(AWS_ENDPOINT_URL)"
+
+$(LOCALSTACK_STAMP):
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11) and "Python 3.11+ is required")'
+	$(PYTHON) -m venv $(LOCALSTACK_VENV)
+	$(LOCALSTACK_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(LOCALSTACK_VENV)/bin/python -m pip install --quiet $(LOCALSTACK_PACKAGES)
+	@touch $@
+
+localstack: $(LOCALSTACK_STAMP)
+	@$(PYTHON) -m async_notifier.local.localstack start --venv $(LOCALSTACK_VENV) \
+		--root $(LOCALSTACK_DIR)
+
+localstack-stop:
+	@$(PYTHON) -m async_notifier.local.localstack stop --root $(LOCALSTACK_DIR)
+
+# Fails (does not skip) when LocalStack is not running: start it with make localstack.
+test-localstack: $(STAMP)
+	$(PY) -m pytest -m localstack tests/test_localstack.py $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(PY) -m bench $(BENCH_ARGS)
+
+bench-quick: $(STAMP)
+	$(PY) -m bench --quick $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache outbox

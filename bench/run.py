@@ -1,0 +1,528 @@
+"""`python -m bench`: start the servers, seed, run every target in a fresh process, report.
+
+Exit status: 0 when every run delivered every record, 1 when a run failed or lost
+records (the table still prints), 2 on bad arguments, 130 on Ctrl-C. Whether the project
+meets the performance targets never changes the exit status; they are reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import json
+import os
+import resource
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import boto3
+
+from . import control, payload, report
+from .procs import (
+    LOOPBACK,
+    ROOT,
+    Helper,
+    Moto,
+    cpu_seconds,
+    machine_busy_seconds,
+    python_module,
+)
+from .scenarios import TARGETS, MiB, Scenario, human_size, parse_names, parse_size, select
+from .sinks import Sink, make_sink
+
+EMAIL_FROM = "Bench <no-reply@bench.example.com>"
+# The only variables a target inherits from the caller's shell; every setting of the
+# project is set here (or with --env), so a stray SMTP_* or AWS_* cannot skew a run.
+_INHERITED = frozenset(
+    {"PATH", "HOME", "USER", "LOGNAME", "SHELL", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TERM",
+     "VIRTUAL_ENV", "PYTHONPATH", "PYTHONHASHSEED", "LD_LIBRARY_PATH", "SYSTEMROOT"}
+)  # fmt: skip
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench",
+        description="Benchmark handler.lambda_handler against the old sequential design.",
+    )
+    parser.add_argument(
+        "--scenario",
+        default="all",
+        help="small, large, remote, scale, all (default), or a comma-separated list",
+    )
+    parser.add_argument("--target", choices=("baseline", "project", "both"), default="both")
+    parser.add_argument("--quick", action="store_true", help="small numbers, well under a minute")
+    parser.add_argument("--records", type=int, help="records per batch (scale: 4x this)")
+    parser.add_argument("--size", type=parse_size, help="attachment bytes (32768, 32K, 20M)")
+    parser.add_argument("--smtp-delay", type=float, metavar="MS", help="delay in front of SMTP")
+    parser.add_argument("--s3-delay", type=float, metavar="MS", help="delay in front of S3")
+    parser.add_argument("--pool-size", type=int, default=8, help="SMTP_POOL_SIZE (default 8)")
+    parser.add_argument(
+        "--round-trips",
+        type=float,
+        default=1.0,
+        help="SMTP round trips per message in the protocol limit (default 1; see README)",
+    )
+    parser.add_argument("--out", type=Path, default=Path("bench/out/results.json"))
+    parser.add_argument("--sink", choices=("aiosmtpd", "smtp-sink"), default="aiosmtpd")
+    parser.add_argument(
+        "--import-samples", type=int, help="fresh interpreters per import measurement (5; quick 3)"
+    )
+    parser.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="extra environment for the project target (repeatable), e.g. MAX_CONCURRENCY=64",
+    )
+    parser.add_argument("--keep", action="store_true", help="keep the work dir (logs, events)")
+    args = parser.parse_args(argv)
+    try:
+        args.scenarios = parse_names(args.scenario)
+    except ValueError as exc:
+        parser.error(str(exc))
+    for name in ("records", "pool_size", "import_samples"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.round_trips <= 0:
+        parser.error("--round-trips must be positive")
+    for item in args.env:
+        if "=" not in item:
+            parser.error(f"--env wants NAME=VALUE, got {item!r}")
+    return args
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace, work: Path) -> None:
+        self.args = args
+        self.work = work
+        self.logs = work / "logs"
+        self.logs.mkdir()
+        self.targets = TARGETS if args.target == "both" else (args.target,)
+        self.moto = Moto(self.logs)
+        self.sink: Sink = make_sink(args.sink, self.logs, work)
+        self.proxy: Helper | None = None
+        self.proxy_control = 0
+        self.helper_pids: list[dict[str, Any]] = []
+
+    # -- lifecycle
+
+    def start(self) -> None:
+        self.moto.launch()
+        self._remember("moto", self.moto.pid, self.moto.command)
+        self.sink.launch()
+        self._remember("sink", self.sink.pid, getattr(self.sink, "command", []))
+
+    def stop(self) -> None:
+        for helper in (self.proxy, self.sink, self.moto):
+            if helper is not None:
+                with contextlib.suppress(Exception):
+                    helper.stop()
+        self.proxy = None
+
+    def _remember(self, name: str, pid: int | None, command: list[str]) -> None:
+        self.helper_pids.append({"name": name, "pid": pid, "command": command})
+
+    def _start_proxy(self, scenario: Scenario) -> dict[str, int]:
+        routes = []
+        if scenario.s3_delay_ms > 0:
+            routes += ["--route", f"s3={LOOPBACK}:{self.moto.port}:{scenario.s3_delay_ms}"]
+        if scenario.smtp_delay_ms > 0:
+            routes += ["--route", f"smtp={LOOPBACK}:{self.sink.port}:{scenario.smtp_delay_ms}"]
+        proxy = Helper(
+            f"proxy-{scenario.name}",
+            python_module("bench.proxy", *routes, "--run-dir", str(self.work)),
+            self.logs,
+        )
+        self.proxy = proxy
+        proxy.start(ready_line=True)
+        info = proxy.read_ready(timeout=30)
+        self._remember(proxy.name, proxy.pid, proxy.command)
+        self.proxy_control = int(info["control_port"])
+        return {str(k): int(v) for k, v in info["ports"].items()}
+
+    # -- measurements
+
+    def measure_imports(self) -> dict[str, Any]:
+        """`import handler` and `import aioboto3`, each in fresh interpreters, alternating."""
+        samples = self.args.import_samples or (3 if self.args.quick else 5)
+        modules = {"handler": "handler", "aioboto3": "aioboto3"}
+        times: dict[str, list[float]] = {name: [] for name in modules}
+        for round_ in range(samples + 1):
+            # Round 0 only warms the page cache and writes the repo's .pyc files (the
+            # venv's were compiled by pip), so every sample imports from bytecode.
+            warm = {"baseline": "bench.baseline"} if round_ == 0 else {}
+            for name, module in {**modules, **warm}.items():
+                result = self.work / f"import-{name}.json"
+                completed = subprocess.run(
+                    python_module("bench.target", "--import", module, "--result", str(result)),
+                    cwd=ROOT,
+                    env=self._target_env(self.work / "tmp", {}),
+                    stdin=subprocess.DEVNULL,
+                    capture_output=True,
+                    timeout=120,
+                    check=False,
+                )
+                if completed.returncode != 0:
+                    raise RuntimeError(
+                        f"import {module} failed:\n{completed.stderr.decode(errors='replace')}"
+                    )
+                if name in times and round_ > 0:
+                    times[name].append(json.loads(result.read_text())["import_ms"])
+        handler_ms = statistics.median(times["handler"])
+        aioboto3_ms = statistics.median(times["aioboto3"])
+        return {
+            "samples": samples,
+            "handler_ms": handler_ms,
+            "aioboto3_ms": aioboto3_ms,
+            "ratio": handler_ms / aioboto3_ms,
+            "handler_samples_ms": times["handler"],
+            "aioboto3_samples_ms": times["aioboto3"],
+        }
+
+    def run_scenario(self, scenario: Scenario) -> list[dict[str, Any]]:
+        targets = [t for t in self.targets if t in scenario.targets]
+        if not targets:
+            log(f"[{scenario.name}] skipped: runs only {', '.join(scenario.targets)}")
+            return []
+        log(
+            f"[{scenario.name}] {scenario.records} records x {human_size(scenario.size)}, "
+            f"SMTP delay {scenario.smtp_delay_ms:g} ms, S3 delay {scenario.s3_delay_ms:g} ms"
+        )
+        self.moto.reset()
+        batch = payload.items(scenario.name, scenario.records)
+        started = time.perf_counter()
+        s3 = boto3.client(
+            "s3",
+            endpoint_url=self.moto.endpoint_url,
+            region_name=payload.REGION,
+            aws_access_key_id="testing",
+            aws_secret_access_key="testing",  # noqa: S106 - moto's dummy credentials
+        )
+        total_bytes = payload.seed(s3, batch, scenario.size)
+        seed_s = time.perf_counter() - started
+        log(
+            f"[{scenario.name}] seeded {len(batch)} objects, "
+            f"{total_bytes / MiB:.1f} MiB in {seed_s:.1f} s"
+        )
+        event_path = self.work / f"event-{scenario.name}.json"
+        event_path.write_text(json.dumps(payload.build_event(batch)), encoding="utf-8")
+        rows = []
+        ports = self._start_proxy(scenario) if scenario.delayed else {}
+        try:
+            for target in targets:
+                row = self.run_target(scenario, target, event_path, batch, total_bytes, ports)
+                row["seed_s"] = seed_s
+                rows.append(row)
+        finally:
+            if self.proxy is not None:
+                self.proxy.stop()
+                self.proxy = None
+        self.moto.reset()
+        return rows
+
+    def run_target(
+        self,
+        scenario: Scenario,
+        target: str,
+        event_path: Path,
+        batch: list[payload.Item],
+        total_bytes: int,
+        ports: dict[str, int],
+    ) -> dict[str, Any]:
+        name = f"{scenario.name}-{target}"
+        tmp_dir = self.work / "tmp" / name
+        tmp_dir.mkdir(parents=True)
+        result_path = self.work / f"{name}.result.json"
+        extra: dict[str, str] = {}
+        if target == "project":
+            # Every ZIP must travel as an attachment (the issue's large scenario attaches
+            # 20 MiB); the project's default limit would turn bigger ones into links.
+            extra["MAX_ATTACHMENT_BYTES"] = str(-(-scenario.size // MiB) * MiB)
+            extra.update(item.split("=", 1) for item in self.args.env)
+        env = self._target_env(tmp_dir, extra, ports)
+        row: dict[str, Any] = {
+            "scenario": scenario.name,
+            "target": target,
+            "records": scenario.records,
+            "size_bytes": scenario.size,
+            "attachment_bytes": total_bytes,
+            "smtp_delay_ms": scenario.smtp_delay_ms,
+            "s3_delay_ms": scenario.s3_delay_ms,
+            "pool_size": self.args.pool_size if target == "project" else None,
+            "env": extra,
+            "errors": [],
+        }
+        self.sink.reset()
+        if self.proxy is not None:
+            control.query(self.proxy_control, "RESET")
+        helper = Helper(
+            name,
+            python_module(
+                "bench.target",
+                "--target",
+                target,
+                "--event",
+                str(event_path),
+                "--result",
+                str(result_path),
+            ),
+            self.logs,
+        )
+        timeout = 600 + 3 * scenario.records + 4 * total_bytes / MiB
+        cpu = _CpuAccount(self._helper_pids())
+        started = time.perf_counter()
+        helper.start(ready_line=False, env=env)
+        try:
+            assert helper.process is not None
+            code = helper.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            code = None
+            row["errors"].append(f"timed out after {timeout:.0f} s")
+        finally:
+            helper.stop()
+        row["process_wall_s"] = time.perf_counter() - started
+        row.update(cpu.finish(row["process_wall_s"]))
+        if code not in (0, None):
+            row["errors"].append(f"exited with {code}: {helper.output(2000).strip()}")
+        child: dict[str, Any] = {}
+        if result_path.exists():
+            child = json.loads(result_path.read_text())
+        elif code == 0:
+            row["errors"].append("wrote no result")
+        sink = self.sink.collect(expected=scenario.records)
+        if self.proxy is not None:
+            proxied = control.query(self.proxy_control, "STATS")
+            row["s3_connections"] = proxied.get("s3", {}).get("connections")
+            row["s3_round_trips"] = proxied.get("s3", {}).get("turns")
+            row["smtp_round_trips"] = proxied.get("smtp", {}).get("turns")
+            if row["smtp_round_trips"] is not None and sink.messages:
+                row["smtp_round_trips_per_message"] = row["smtp_round_trips"] / sink.messages
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        row.update(self._measurements(child, total_bytes))
+        row.update(
+            smtp_connections=sink.connections,
+            smtp_max_open=sink.max_open,
+            min_message_bytes=sink.min_size,
+            delivered=sink.messages,
+            delivered_bytes=sink.data_bytes,
+        )
+        failures = (child.get("response") or {}).get("batchItemFailures")
+        row["failures"] = len(failures) if isinstance(failures, list) else None
+        if child and not isinstance(failures, list):
+            row["errors"].append(
+                f"response is not a partial batch response: {child.get('response')!r}"
+            )
+        elif failures:
+            row["errors"].append(f"{len(failures)} record(s) in batchItemFailures")
+        if sink.messages != scenario.records:
+            row["errors"].append(f"sink received {sink.messages} of {scenario.records} messages")
+        # Base64 alone makes an attached ZIP 4/3 its size: a smaller message lacks it.
+        if sink.min_size is not None and sink.min_size < scenario.size * 4 / 3:
+            row["errors"].append(
+                f"a message of {sink.min_size} bytes cannot carry a {scenario.size}-byte ZIP: "
+                "attachment missing (sent as a link?)"
+            )
+        if sink.video_ids is not None:
+            row.update(self._check_ids(batch, sink.video_ids, row["errors"]))
+        row["ok"] = not row["errors"]
+        status = "ok" if row["ok"] else "ERROR: " + "; ".join(row["errors"])
+        log(
+            f"[{scenario.name}] {target}: {row.get('wall_s', float('nan')):.2f} s, "
+            f"{row.get('records_per_s', 0):.1f} records/s, "
+            f"peak RSS {row.get('peak_rss_mib', 0):.0f} MiB, "
+            f"{sink.connections} SMTP connection(s): {status}"
+        )
+        return row
+
+    def _helper_pids(self) -> dict[str, int | None]:
+        pids = {"sink": self.sink.pid, "moto": self.moto.pid}
+        if self.proxy is not None:
+            pids["proxy"] = self.proxy.pid
+        return pids
+
+    @staticmethod
+    def _measurements(child: dict[str, Any], total_bytes: int) -> dict[str, Any]:
+        if "wall_s" not in child:
+            return {}
+        wall = float(child["wall_s"])
+        records = int(child["records"])
+        return {
+            "wall_s": wall,
+            "records_per_s": records / wall,
+            "mib_per_s": total_bytes / MiB / wall,
+            "cpu_s": child["cpu_s"],
+            "cpu_ms_per_record": child["cpu_s"] * 1000 / max(records, 1),
+            "peak_rss_mib": child["peak_rss_kib"] / 1024,
+            "peak_rss_source": child["peak_rss_source"],
+            "rss_before_mib": (child["rss_before_kib"] or 0) / 1024,
+            "ru_maxrss_mib": child["ru_maxrss_kib"] / 1024,
+            "import_ms": child["import_ms"],
+        }
+
+    @staticmethod
+    def _check_ids(batch: list[payload.Item], seen: list[str], errors: list[str]) -> dict[str, int]:
+        expected = {item.video_id for item in batch}
+        counts = Counter(seen)
+        missing = len(expected - counts.keys())
+        duplicates = sum(n - 1 for n in counts.values() if n > 1)
+        unexpected = len(counts.keys() - expected)
+        if missing or duplicates or unexpected:
+            errors.append(
+                f"by X-Video-Id: {missing} missing, {duplicates} duplicate(s), "
+                f"{unexpected} unexpected"
+            )
+        return {"unique_delivered": len(counts.keys() & expected), "duplicates": duplicates}
+
+    def _target_env(
+        self, tmp_dir: Path, extra: dict[str, str], ports: dict[str, int] | None = None
+    ) -> dict[str, str]:
+        ports = ports or {}
+        env = {key: value for key, value in os.environ.items() if key in _INHERITED}
+        tmp_dir.mkdir(parents=True, exist_ok=True)
+        env.update(
+            SMTP_SERVER=LOOPBACK,
+            SMTP_PORT=str(ports.get("smtp", self.sink.port)),
+            SMTP_TLS="none",
+            EMAIL_FROM=EMAIL_FROM,
+            SMTP_POOL_SIZE=str(self.args.pool_size),
+            AWS_ENDPOINT_URL=f"http://{LOOPBACK}:{ports.get('s3', self.moto.port)}",
+            AWS_REGION=payload.REGION,
+            AWS_DEFAULT_REGION=payload.REGION,
+            AWS_ACCESS_KEY_ID="testing",
+            AWS_SECRET_ACCESS_KEY="testing",  # noqa: S106 - moto's dummy credentials
+            AWS_CONFIG_FILE=str(self.work / "no-aws-config"),
+            AWS_SHARED_CREDENTIALS_FILE=str(self.work / "no-aws-credentials"),
+            AWS_EC2_METADATA_DISABLED="true",
+            TMP_DIR=str(tmp_dir),
+        )
+        # Not inherited on purpose: PYTHONUNBUFFERED (the project's log lines go to a file,
+        # buffered) and PYTHONDONTWRITEBYTECODE (imports run from bytecode, as the venv's
+        # packages do, so Python may cache the repo's modules in git-ignored __pycache__).
+        env.update(extra)
+        return env
+
+
+class _CpuAccount:
+    """Who used the CPUs during one target run: the target, our helpers, everyone else.
+
+    "Other" is the machine's busy time minus ours; on a shared machine it says how much the
+    numbers of that run were disturbed (Linux only; None elsewhere).
+    """
+
+    def __init__(self, helpers: dict[str, int | None]) -> None:
+        self.helpers = helpers
+        self.helper_start = {name: cpu_seconds(pid) for name, pid in helpers.items()}
+        self.busy_start = machine_busy_seconds()
+        self.children_start = _cpu(resource.RUSAGE_CHILDREN)
+        self.self_start = _cpu(resource.RUSAGE_SELF)
+
+    def finish(self, wall: float) -> dict[str, Any]:
+        helpers: dict[str, float] = {}
+        for name, pid in self.helpers.items():
+            before, after = self.helper_start[name], cpu_seconds(pid)
+            if before is not None and after is not None:
+                helpers[name] = after - before
+        target = _cpu(resource.RUSAGE_CHILDREN) - self.children_start
+        ours = target + sum(helpers.values()) + _cpu(resource.RUSAGE_SELF) - self.self_start
+        busy_end = machine_busy_seconds()
+        other = None
+        if self.busy_start is not None and busy_end is not None:
+            other = max(0.0, busy_end - self.busy_start - ours)
+        return {
+            "target_process_cpu_s": target,
+            "helper_cpu_s": helpers,
+            "other_cpu_s": other,
+            "other_cpu_share": None if other is None else other / (wall * (os.cpu_count() or 1)),
+        }
+
+
+def _cpu(who: int) -> float:
+    usage = resource.getrusage(who)
+    return usage.ru_utime + usage.ru_stime
+
+
+def log(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def _on_sigterm(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(128 + signum)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    # Ctrl-C stops the run cleanly even when started with SIGINT ignored (a shell's `&`).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    chosen = select(
+        args.scenarios,
+        quick=args.quick,
+        records=args.records,
+        size=args.size,
+        smtp_delay_ms=args.smtp_delay,
+        s3_delay_ms=args.s3_delay,
+    )
+    work = Path(tempfile.mkdtemp(prefix="async-notifier-bench-"))
+    bench = Bench(args, work)
+    started = dt.datetime.now(dt.UTC)
+    load_average = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    clock = time.perf_counter()
+    rows: list[dict[str, Any]] = []
+    imports: dict[str, Any] | None = None
+    failed = False
+    try:
+        bench.start()
+        log(f"moto on :{bench.moto.port}, {args.sink} sink on :{bench.sink.port}, work dir {work}")
+        if "project" in bench.targets:
+            imports = bench.measure_imports()
+            log(
+                f"imports: handler {imports['handler_ms']:.0f} ms, "
+                f"aioboto3 {imports['aioboto3_ms']:.0f} ms (medians of {imports['samples']})"
+            )
+        for scenario in chosen:
+            rows.extend(bench.run_scenario(scenario))
+    except (KeyboardInterrupt, SystemExit) as exc:
+        log("interrupted; stopping the servers")
+        bench.stop()
+        shutil.rmtree(work, ignore_errors=True)
+        return 130 if isinstance(exc, KeyboardInterrupt) else int(exc.code or 1)
+    except Exception as exc:
+        failed = True
+        log(f"benchmark failed: {type(exc).__name__}: {exc}")
+    finally:
+        bench.stop()
+    results = report.build(
+        args=args,
+        scenarios=chosen,
+        rows=rows,
+        imports=imports,
+        started=started,
+        duration_s=time.perf_counter() - clock,
+        helpers=bench.helper_pids,
+        load_average=load_average,
+    )
+    failed = failed or not rows or any(not row["ok"] for row in rows)
+    results["ok"] = not failed
+    results["work_dir"] = str(work)
+    text = report.render(results)
+    print(text)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    args.out.with_suffix(".txt").write_text(text + "\n", encoding="utf-8")
+    log(f"results: {args.out} (and {args.out.with_suffix('.txt')})")
+    if failed or args.keep:
+        log(f"logs kept in {work}")
+    else:
+        shutil.rmtree(work, ignore_errors=True)
+    return 1 if failed else 0

@@ -1,0 +1,118 @@
+"""The scenarios, full and `--quick`, and how command-line flags override them."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass
+
+KiB = 1024
+MiB = 1024 * KiB
+
+NAMES = ("small", "large", "remote", "scale")
+TARGETS = ("baseline", "project")
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    records: int
+    size: int  # bytes per attachment
+    smtp_delay_ms: float = 0.0
+    s3_delay_ms: float = 0.0
+    targets: tuple[str, ...] = TARGETS
+    about: str = ""
+
+    @property
+    def delayed(self) -> bool:
+        return self.smtp_delay_ms > 0 or self.s3_delay_ms > 0
+
+
+def _table(
+    small: tuple[int, int], large: tuple[int, int], remote: tuple[int, int, float, float]
+) -> dict[str, Scenario]:
+    records, size = small
+    return {
+        "small": Scenario("small", records, size, about="many small attachments, no delay"),
+        "large": Scenario("large", *large, about="few large attachments, no delay"),
+        "remote": Scenario(
+            "remote",
+            remote[0],
+            remote[1],
+            smtp_delay_ms=remote[2],
+            s3_delay_ms=remote[3],
+            about="SMTP and S3 behind a delay proxy",
+        ),
+        # Memory flatness: 4x the records and 4x the size of `small`; compare peak RSS.
+        "scale": Scenario(
+            "scale",
+            records * 4,
+            size * 4,
+            targets=("project",),
+            about="small x4 records x4 size (peak RSS should match small's)",
+        ),
+    }
+
+
+FULL = _table(small=(2000, 32 * KiB), large=(32, 20 * MiB), remote=(500, 128 * KiB, 50, 25))
+QUICK = _table(small=(200, 16 * KiB), large=(4, 2 * MiB), remote=(40, 16 * KiB, 20, 10))
+
+
+def select(
+    names: list[str],
+    *,
+    quick: bool,
+    records: int | None = None,
+    size: int | None = None,
+    smtp_delay_ms: float | None = None,
+    s3_delay_ms: float | None = None,
+) -> list[Scenario]:
+    """The chosen scenarios with the flags applied to every one of them.
+
+    `--records` and `--size` set small, large and remote; scale stays at 4x small's values.
+    The delays, when given, apply to every chosen scenario.
+    """
+    base = QUICK if quick else FULL
+    chosen = []
+    for name in names:
+        scenario = base[name]
+        factor = 4 if name == "scale" else 1
+        changes: dict[str, object] = {}
+        if records is not None:
+            changes["records"] = records * factor
+        if size is not None:
+            changes["size"] = size * factor
+        if smtp_delay_ms is not None:
+            changes["smtp_delay_ms"] = smtp_delay_ms
+        if s3_delay_ms is not None:
+            changes["s3_delay_ms"] = s3_delay_ms
+        chosen.append(dataclasses.replace(scenario, **changes))  # type: ignore[arg-type]
+    return chosen
+
+
+def parse_names(text: str) -> list[str]:
+    """`all`, one name, or a comma-separated list, in the canonical order."""
+    wanted = {part.strip() for part in text.split(",") if part.strip()}
+    if "all" in wanted:
+        return list(NAMES)
+    unknown = wanted - set(NAMES)
+    if unknown or not wanted:
+        raise ValueError(f"unknown scenario(s) {sorted(unknown)}; choose from {', '.join(NAMES)}")
+    return [name for name in NAMES if name in wanted]
+
+
+def parse_size(text: str) -> int:
+    """Bytes, or with a unit: 32K, 32KiB, 20M, 20MiB."""
+    units = {"": 1, "k": KiB, "kib": KiB, "kb": KiB, "m": MiB, "mib": MiB, "mb": MiB}
+    match = re.fullmatch(r"\s*(\d+)\s*([a-z]*)\s*", text.lower())
+    if match is None or match.group(2) not in units:
+        raise ValueError(f"not a size: {text!r} (e.g. 32768, 32K, 20M)")
+    return int(match.group(1)) * units[match.group(2)]
+
+
+def human_size(size: int) -> str:
+    if size >= MiB and size % MiB == 0:
+        return f"{size // MiB} MiB"
+    if size >= KiB and size % KiB == 0:
+        return f"{size // KiB} KiB"
+    return f"{size} B"

@@ -1,0 +1,161 @@
+"""Run one measured target in this fresh interpreter, and report on it as JSON.
+
+    python -m bench.target --target project|baseline --event FILE --result FILE
+    python -m bench.target --import MODULE --result FILE
+
+The target's module is imported first, with nothing but `sys` and `time` loaded by this
+harness before it, and the import is timed. Then the event is loaded, the peak-RSS mark is
+reset (Linux `/proc/self/clear_refs`), and `lambda_handler(event, context)` runs once with a
+fake Lambda context. Reported: import time, wall time of the call, CPU time, the response,
+and memory: the peak RSS during the call (`VmHWM` after the reset; it includes everything
+resident, interpreter, libraries and event), the RSS just before the call, and
+`getrusage(RUSAGE_SELF).ru_maxrss` for reference (on Linux it also counts what the
+process inherited from its parent before exec).
+
+The settings come from the environment, which the benchmark sets for each run.
+"""
+
+import sys
+import time
+
+
+def _option(name: str) -> str | None:
+    argv = sys.argv[1:]
+    if name in argv:
+        index = argv.index(name)
+        if index + 1 < len(argv):
+            return argv[index + 1]
+        raise SystemExit(f"{name} needs a value")
+    return None
+
+
+def _timed_import(module: str) -> tuple[object, float]:
+    start = time.perf_counter()
+    __import__(module)
+    elapsed = time.perf_counter() - start
+    return sys.modules[module], elapsed
+
+
+def main() -> None:
+    result_file = _option("--result")
+    if result_file is None:
+        raise SystemExit(__doc__)
+    only_import = _option("--import")
+    if only_import is not None:
+        _, seconds = _timed_import(only_import)
+        _write(result_file, {"module": only_import, "import_ms": seconds * 1000})
+        return
+    target = _option("--target")
+    event_file = _option("--event")
+    modules = {"project": "handler", "baseline": "bench.baseline"}
+    if target not in modules or event_file is None:
+        raise SystemExit(__doc__)
+    module, import_s = _timed_import(modules[target])
+    run(target, module, import_s, event_file, result_file)
+
+
+def run(target: str, module: object, import_s: float, event_file: str, result_file: str) -> None:
+    import gc
+    import json
+    import os
+    import resource
+    import uuid
+
+    _exit_with_parent()
+    with open(event_file, encoding="utf-8") as stream:
+        event = json.load(stream)
+    gc.collect()
+    rss_before = _status_kib("VmRSS")
+    hwm_reset = _reset_peak()
+    context = FakeContext(str(uuid.uuid4()))
+    handler = module.lambda_handler  # type: ignore[attr-defined]
+    usage0 = resource.getrusage(resource.RUSAGE_SELF)
+    start = time.perf_counter()
+    response = handler(event, context)
+    wall = time.perf_counter() - start
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    peak = _status_kib("VmHWM")
+    _write(
+        result_file,
+        {
+            "target": target,
+            "import_ms": import_s * 1000,
+            "wall_s": wall,
+            "cpu_s": (usage.ru_utime - usage0.ru_utime) + (usage.ru_stime - usage0.ru_stime),
+            "records": len(event.get("Records", [])),
+            "response": response,
+            "peak_rss_kib": peak if peak is not None else usage.ru_maxrss,
+            "peak_rss_source": "VmHWM" if peak is not None else "ru_maxrss",
+            "peak_reset_before_call": hwm_reset,
+            "rss_before_kib": rss_before,
+            "ru_maxrss_kib": usage.ru_maxrss,
+        },
+    )
+    sys.stdout.flush()
+    # Skip interpreter teardown (and any warm connections' goodbyes): nothing is measured there.
+    os._exit(0)
+
+
+class FakeContext:
+    """The bits of the Lambda context object a handler may use."""
+
+    function_name = "async-notifier-bench"
+    function_version = "$LATEST"
+    invoked_function_arn = "arn:aws:lambda:us-east-1:123456789012:function:async-notifier-bench"
+    memory_limit_in_mb = "1024"
+    log_group_name = "/aws/lambda/async-notifier-bench"
+    log_stream_name = "2025/01/01/[$LATEST]bench"
+
+    def __init__(self, request_id: str, timeout_ms: int = 900_000) -> None:
+        self.aws_request_id = request_id
+        self._deadline = time.monotonic() + timeout_ms / 1000
+
+    def get_remaining_time_in_millis(self) -> int:
+        return max(0, int((self._deadline - time.monotonic()) * 1000))
+
+
+def _status_kib(field: str) -> int | None:
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak() -> bool:
+    """Reset VmHWM to the current RSS, so the peak read later is the call's own."""
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as clear:
+            clear.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _exit_with_parent() -> None:
+    """Do not outlive the benchmark if it is killed (the target may run for minutes)."""
+    import os
+    import threading
+
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(3)
+
+    threading.Thread(target=watch, daemon=True, name="bench-orphan-watch").start()
+
+
+def _write(path: str, data: dict[str, object]) -> None:
+    import json
+
+    with open(path, "w", encoding="utf-8") as out:
+        json.dump(data, out)
+
+
+if __name__ == "__main__":
+    main()

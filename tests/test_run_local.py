@@ -1,0 +1,91 @@
+"""`make run-local` itself, as a new user runs it: exit status, the report, the outbox files."""
+
+from __future__ import annotations
+
+import email
+import email.policy
+import io
+import os
+import re
+import subprocess
+import zipfile
+from email.message import EmailMessage
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    stat = Path(f"/proc/{pid}/stat")
+    return not (stat.exists() and stat.read_text().rsplit(")", 1)[-1].split()[0] == "Z")
+
+
+def test_make_run_local(tmp_path: Path) -> None:
+    outbox = tmp_path / "outbox"
+    # The embedded moto, not whatever endpoint the caller's environment points at; and a make
+    # of its own (no jobserver or flags inherited from a `make test` around this test).
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in {"AWS_ENDPOINT_URL", "MAKEFLAGS", "MFLAGS", "MAKELEVEL"}
+    }
+    done = subprocess.run(
+        ["make", "--no-print-directory", "run-local", "MESSAGES=3", f"OUTBOX={outbox}"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+    output = done.stdout
+    assert done.returncode == 0, output + done.stderr
+
+    # The table: one row per message with what happened to it.
+    rows = {
+        m["label"].strip(): m
+        for m in re.finditer(
+            r"^\s*(?P<n>\d+)  (?P<label>.+?)  +(?P<result>sent|moved to DLQ)  +"
+            r"(?P<tries>\d+)  (?P<detail>.*)$",
+            output,
+            re.MULTILINE,
+        )
+    }
+    assert set(rows) == {"COMPLETED pt-BR", "FAILED en", "bad: not JSON"}, output
+    assert rows["COMPLETED pt-BR"]["result"] == "sent"
+    assert rows["FAILED en"]["result"] == "sent"
+    assert rows["bad: not JSON"]["result"] == "moved to DLQ"
+    assert rows["bad: not JSON"]["tries"] == "5"  # maxReceiveCount receives, then the DLQ
+    assert "bad_message: body is not valid JSON" in rows["bad: not JSON"]["detail"]
+    assert "Every message ended where it should." in output
+
+    # The files: an .eml and an .html per email, named in the table.
+    emls = sorted(outbox.glob("*.eml"))
+    htmls = sorted(outbox.glob("*.html"))
+    assert len(emls) == len(htmls) == 2
+    for path in [*emls, *htmls]:
+        assert path.name in output
+    for path in htmls:
+        assert path.read_text(encoding="utf-8").lstrip().startswith("<!DOCTYPE html>")
+    [completed] = [p for p in emls if p.name.endswith("demo-0001.eml")]
+    message = email.message_from_bytes(
+        completed.read_bytes(), _class=EmailMessage, policy=email.policy.default
+    )
+    assert message["To"].addresses[0].addr_spec == "ana.souza@example.com"
+    assert message["Content-Language"] == "pt-BR"
+    [attachment] = list(message.iter_attachments())
+    assert attachment.get_content_type() == "application/zip"
+    assert attachment.get_filename() == "férias na praia.zip"
+    with zipfile.ZipFile(io.BytesIO(attachment.get_content())) as archive:
+        assert archive.testzip() is None
+        assert archive.namelist()[0] == "frame_0001.jpg"
+    assert (outbox / "worker.log").stat().st_size > 0
+
+    # Everything it started has stopped: moto (its pid is in the report) and the catcher.
+    moto_pid = re.search(r"pid (\d+)", output)
+    assert moto_pid is not None, output
+    assert not _alive(int(moto_pid[1]))
