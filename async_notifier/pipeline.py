@@ -144,7 +144,10 @@ class Pipeline:
         assert bucket is not None
         assert key is not None
         opened: S3Object | None = await retrying(
-            lambda: self._store.open(bucket, key), self._retry, deadline=self._deadline
+            lambda: self._store.open(bucket, key),
+            self._retry,
+            deadline=self._deadline,
+            on_retry=lambda _: _count_retry(result),
         )
         assert opened is not None
         size = opened.size

@@ -227,10 +227,17 @@ class SmtpChannel(asyncio.Protocol):
             chunks.close()
 
     async def _envelope(self, commands: list[str], pipelining: bool) -> list[Reply]:
+        replies: list[Reply] = []
         if pipelining:
             self.write("".join(f"{c}\r\n" for c in commands).encode("ascii"))
-            return [await self.reply() for _ in commands]
-        replies: list[Reply] = []
+            try:
+                for _ in commands:
+                    replies.append(await self.reply())
+            except (OSError, ProtocolError):
+                if replies and replies[-1].code >= 400:  # refused, then hung up (e.g. 421)
+                    return replies + [replies[-1]] * (len(commands) - len(replies))
+                raise
+            return replies
         for command in commands:
             reply = await self.command(command)
             replies.append(reply)

@@ -236,6 +236,9 @@ class SmtpPool:
             raise SmtpUnavailable(
                 f"cannot connect to {where}: {type(exc).__name__}: {exc}"
             ) from None
+        except BaseException:
+            smtp.close()  # cancelled mid-handshake: the warm loop would keep the socket open
+            raise
         self.connections_opened += 1
         if self.size_limit is None:
             size = smtp.esmtp_extensions.get("size", "")
