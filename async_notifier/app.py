@@ -24,6 +24,7 @@ from .logs import configure, get_logger
 from .pipeline import Pipeline
 from .render import Renderer
 from .smtp_pool import SmtpPool
+from .sqs_feedback import DeadLetterRouter, VisibilityBackoff
 from .storage import ByteBudget, ObjectStore, ScratchDir
 
 log = get_logger()
@@ -36,6 +37,7 @@ class _Clients:
     loop: asyncio.AbstractEventLoop
     stack: contextlib.AsyncExitStack
     s3: Any
+    sqs: Any
     pool: SmtpPool
     idempotency: DynamoIdempotencyStore | None
 
@@ -93,6 +95,7 @@ class Notifier:
         stack = contextlib.AsyncExitStack()
         try:
             s3 = await stack.enter_async_context(aws_client("s3", s))
+            sqs = await stack.enter_async_context(aws_client("sqs", s))
             idempotency = None
             if s.idempotency_table:
                 dynamodb = await stack.enter_async_context(aws_client("dynamodb", s))
@@ -103,7 +106,7 @@ class Notifier:
         except BaseException:
             await stack.aclose()
             raise
-        self._clients = _Clients(loop, stack, s3, pool, idempotency)
+        self._clients = _Clients(loop, stack, s3, sqs, pool, idempotency)
         return self._clients
 
     @contextlib.asynccontextmanager
@@ -133,20 +136,18 @@ class Notifier:
             s.retry_backoff and result.failures
         ):
             return
-        from .sqs_feedback import DeadLetterRouter, VisibilityBackoff
-
-        async with aws_client("sqs", s) as sqs:
-            if s.dead_letter_queue_url and permanent:
-                router = DeadLetterRouter(sqs, s.dead_letter_queue_url)
-                routed = await router.route(
-                    [(o.record, o.error) for o in permanent if o.record and o.error]
-                )
-                for outcome in permanent:
-                    outcome.dead_lettered = outcome.message_id in routed
-            if s.retry_backoff:
-                retry = [o.record for o in result.failures if o.record is not None]
-                if retry:
-                    await VisibilityBackoff(sqs, endpoint_url=s.aws_endpoint_url).apply(retry)
+        sqs = (await self._open_clients()).sqs
+        if s.dead_letter_queue_url and permanent:
+            router = DeadLetterRouter(sqs, s.dead_letter_queue_url)
+            routed = await router.route(
+                [(o.record, o.error) for o in permanent if o.record and o.error]
+            )
+            for outcome in permanent:
+                outcome.dead_lettered = outcome.message_id in routed
+        if s.retry_backoff:
+            retry = [o.record for o in result.failures if o.record is not None]
+            if retry:
+                await VisibilityBackoff(sqs, endpoint_url=s.aws_endpoint_url).apply(retry)
 
 
 def aws_client(service: str, settings: Settings) -> Any:
@@ -159,6 +160,8 @@ def aws_client(service: str, settings: Settings) -> Any:
         retries={"max_attempts": 3, "mode": "standard"},
         connect_timeout=min(10.0, settings.s3_timeout),
         read_timeout=settings.s3_timeout,
+        # Presigned links must be SigV4: S3 refuses SigV2 in newer regions and buckets.
+        signature_version="s3v4" if service == "s3" else None,
     )
     return aioboto3.Session().client(
         service,

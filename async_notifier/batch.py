@@ -64,8 +64,17 @@ class BatchResult:
         return [o for o in self.outcomes if not o.acknowledged]
 
     def response(self) -> dict[str, list[dict[str, str]]]:
-        """The partial batch response Lambda expects with ReportBatchItemFailures."""
-        return {"batchItemFailures": [{"itemIdentifier": o.message_id} for o in self.failures]}
+        """The partial batch response Lambda expects with ReportBatchItemFailures.
+
+        A record without a messageId (Lambda never sends one) is left out: an empty
+        identifier would make Lambda retry the whole batch and resend every email in it.
+        """
+        failures = self.failures
+        return {
+            "batchItemFailures": [
+                {"itemIdentifier": o.message_id} for o in failures if o.message_id
+            ]
+        }
 
 
 Processor = Callable[[SqsRecord, RecordResult], Awaitable[None]]

@@ -83,7 +83,13 @@ class Pipeline:
             await self._deliver(notification, result)
             return True
         key = idempotency_key(notification.identity)
-        state = await self._idempotency.begin(key, self._in_progress_until())
+        store = self._idempotency
+        state = await retrying(
+            lambda: store.begin(key, self._in_progress_until()),
+            self._retry,
+            deadline=self._deadline,
+            on_retry=lambda _: _count_retry(result),
+        )
         if state == "completed":
             result.action = "already_delivered"
             return True
@@ -151,7 +157,12 @@ class Pipeline:
         )
         assert opened is not None
         size = opened.size
-        if await self._too_big(size):
+        try:
+            too_big = await self._too_big(size)
+        except BaseException:
+            opened.close()  # or the S3 connection stays checked out of the client's pool
+            raise
+        if too_big:
             opened.close()
             return await self._link(bucket, key, size)
         if not self._budget.try_reserve(size):
