@@ -1,24 +1,26 @@
 """Command line: `async-notifier run --queue-url URL` (or `python -m async_notifier run ...`).
 
-Runs the SQS runner, so the worker can live in a container or on a VM with the same batch
-code as the Lambda function. Settings come from the same environment variables.
+`run` runs the SQS runner, so the worker can live in a container or on a VM with the same
+batch code as the Lambda function; settings come from the same environment variables.
+`preview` renders one email to files without sending it, for whoever edits the templates.
+Each command imports its modules when it runs, so neither pays for the other's (and
+`--help` stays instant).
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from . import __version__
-from .config import Settings
-from .errors import ConfigError
-from .logs import get_logger
-from .runner import MAX_WAIT_TIME, RunnerStats, run, run_until_signal
 
 EXIT_CONFIG = 2
 EXIT_INTERRUPTED = 130
+# SQS's limit for WaitTimeSeconds: runner.MAX_WAIT_TIME, repeated so that building the
+# parser does not import the runner (tests/test_preview.py checks they agree).
+MAX_WAIT_TIME = 20
 
 
 def _positive_int(text: str) -> int:
@@ -88,11 +90,103 @@ def build_parser() -> argparse.ArgumentParser:
     run_parser.add_argument(
         "--max-batches", type=_positive_int, metavar="N", help="exit after N batches"
     )
+    preview_parser = commands.add_parser(
+        "preview",
+        help="render an email to .html, .txt and .eml files without sending it",
+        description=(
+            "Render the email for one message body with the worker's own parser, templates "
+            "(CSS inlined) and MIME builder, write OUT/<status>-<locale>.{html,txt,eml} and "
+            "print the subject. Nothing is sent and no AWS or SMTP setting is needed. "
+            "COMPLETED emails get a small dummy ZIP attached, or a download link with --link."
+        ),
+    )
+    preview_parser.add_argument(
+        "--data",
+        type=Path,
+        metavar="FILE",
+        help="JSON file with the message body (the SQS body's fields); default: a built-in sample",
+    )
+    preview_parser.add_argument(
+        "--status",
+        type=str.upper,
+        choices=("COMPLETED", "FAILED"),
+        help="override the data's status",
+    )
+    preview_parser.add_argument("--locale", help="override the data's locale (pt-BR, en)")
+    preview_parser.add_argument(
+        "--link",
+        metavar="URL",
+        help="COMPLETED only: show the download-link variant (ZIP too large to attach)",
+    )
+    preview_parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("preview"),
+        metavar="DIR",
+        help="where to write the files (default: %(default)s)",
+    )
+    preview_parser.add_argument(
+        "--from",
+        dest="sender",
+        metavar="ADDRESS",
+        help='the From header (default: "Async Notifier <no-reply@example.com>")',
+    )
+    preview_parser.add_argument(
+        "--templates",
+        type=Path,
+        metavar="DIR",
+        help="templates directory to render from (default: the package's templates/)",
+    )
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "preview":
+        return _preview(args)
+    return _run(args)
+
+
+def _preview(args: argparse.Namespace) -> int:
+    from .config import DEFAULT_TEMPLATES_DIR
+    from .preview import (
+        DEFAULT_SENDER,
+        PreviewError,
+        load_notification,
+        parse_sender,
+        read_data,
+        render_preview,
+    )
+
+    try:
+        data = None if args.data is None else read_data(args.data)
+        notification = load_notification(
+            data, status=args.status, locale=args.locale, source=str(args.data or "sample")
+        )
+        preview = render_preview(
+            notification,
+            out_dir=args.out,
+            sender=parse_sender(args.sender or DEFAULT_SENDER),
+            templates_dir=args.templates or DEFAULT_TEMPLATES_DIR,
+            link=args.link,
+        )
+    except PreviewError as exc:
+        print(f"async-notifier preview: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    print(f"Subject: {preview.subject}")
+    for path in (preview.html, preview.text, preview.eml):
+        print(f"  {path}")
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from .config import Settings
+    from .errors import ConfigError
+    from .logs import get_logger
+    from .runner import RunnerStats, run, run_until_signal
+
     try:
         settings = Settings.from_env()
     except ConfigError as exc:

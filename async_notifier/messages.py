@@ -17,12 +17,17 @@ from typing import Any, Literal
 
 from email_validator import EmailNotValidError, validate_email
 
+from .config import SUPPORTED_LOCALES
 from .errors import BadMessage
 
 Status = Literal["COMPLETED", "FAILED"]
 
 _BUCKET_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{1,253}[A-Za-z0-9]$")
-_LOCALE_ALIASES = {"pt": "pt-BR", "pt-br": "pt-BR", "en": "en"}
+# "pt-BR", "pt_br", "pt" → pt-BR; "en-US" → en: every supported tag, and its language alone.
+_LOCALE_ALIASES = {
+    **{tag.split("-")[0].lower(): tag for tag in reversed(SUPPORTED_LOCALES)},
+    **{tag.lower(): tag for tag in SUPPORTED_LOCALES},
+}
 MAX_KEY_BYTES = 1024
 # Header-bound values (names, file names, ids): a file name's usual limit, and short enough
 # that an unfoldable value (no spaces) keeps its header line under RFC 5322's 998 octets.
