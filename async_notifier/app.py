@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -21,8 +23,11 @@ from .config import Settings
 from .deadline import Deadline
 from .idempotency import DynamoIdempotencyStore
 from .logs import configure, get_logger
+from .metrics import metrics_from_batch
 from .pipeline import Pipeline
+from .recipients import CognitoRecipients
 from .render import Renderer
+from .secrets import SecretSource
 from .smtp_pool import SmtpPool
 from .sqs_feedback import DeadLetterRouter, VisibilityBackoff
 from .storage import ByteBudget, ObjectStore, ScratchDir
@@ -40,6 +45,7 @@ class _Clients:
     sqs: Any
     pool: SmtpPool
     idempotency: DynamoIdempotencyStore | None
+    recipients: CognitoRecipients | None
 
 
 class Notifier:
@@ -47,6 +53,18 @@ class Notifier:
         self.settings = settings
         self.renderer = Renderer(settings.templates_dir, settings.default_locale)
         self._clients: _Clients | None = None
+        # Not a client: its cache outlives a change of event loop (see SecretSource).
+        self.secret = (
+            SecretSource(
+                lambda: aws_client("secretsmanager", settings),
+                settings.smtp_password_secret_id,
+                ttl=settings.smtp_secret_ttl,
+                default_username=settings.smtp_user,
+                username_required=True,
+            )
+            if settings.smtp_password_secret_id
+            else None
+        )
         configure(settings.log_level)
 
     async def aclose(self) -> None:
@@ -62,20 +80,38 @@ class Notifier:
     async def handle(self, event: Any, context: Any = None) -> dict[str, list[dict[str, str]]]:
         """Process one Lambda SQS event; return the partial batch response."""
         deadline = Deadline.from_context(context, self.settings.deadline_margin)
-        result = await self.process(_records(event), deadline=deadline)
+        function_name = getattr(context, "function_name", None)
+        result = await self.process(_records(event), deadline=deadline, function_name=function_name)
         return result.response()
 
-    async def process(self, records: list[Any], *, deadline: Deadline | None = None) -> BatchResult:
+    async def process(
+        self,
+        records: list[Any],
+        *,
+        deadline: Deadline | None = None,
+        function_name: str | None = None,
+    ) -> BatchResult:
+        """Run one batch; emit its metrics (CloudWatch EMF) and log its summary."""
         if not records:
             return BatchResult()
+        started = time.monotonic()
         async with self._pipeline(deadline) as pipeline:
+            opened_before = pipeline.pool.connections_opened
             result = await run_batch(
                 records,
                 pipeline.process,
                 concurrency=self.settings.max_concurrency,
                 deadline=deadline,
             )
+            opened = pipeline.pool.connections_opened - opened_before
         await self._feedback(result)
+        metrics_from_batch(
+            result,
+            duration_s=time.monotonic() - started,
+            connections_opened=opened,
+            namespace=self.settings.metrics_namespace,
+            function_name=function_name or os.environ.get("AWS_LAMBDA_FUNCTION_NAME"),
+        ).emit()
         log.info(
             "batch done",
             extra={
@@ -102,11 +138,15 @@ class Notifier:
                 idempotency = DynamoIdempotencyStore(
                     dynamodb, s.idempotency_table, ttl_seconds=s.idempotency_ttl
                 )
-            pool = await stack.enter_async_context(SmtpPool(s))
+            recipients = None
+            if s.cognito_user_pool_id:
+                cognito = await stack.enter_async_context(aws_client("cognito-idp", s))
+                recipients = CognitoRecipients(cognito, s.cognito_user_pool_id)
+            pool = await stack.enter_async_context(SmtpPool(s, secret=self.secret))
         except BaseException:
             await stack.aclose()
             raise
-        self._clients = _Clients(loop, stack, s3, sqs, pool, idempotency)
+        self._clients = _Clients(loop, stack, s3, sqs, pool, idempotency, recipients)
         return self._clients
 
     @contextlib.asynccontextmanager
@@ -126,6 +166,7 @@ class Notifier:
                 budget=ByteBudget(s.max_tmp_bytes),
                 deadline=deadline,
                 idempotency=clients.idempotency,
+                recipients=clients.recipients,
             )
 
     async def _feedback(self, result: BatchResult) -> None:

@@ -65,6 +65,11 @@ class Settings:
     max_attachment_bytes: int = 18 * MIB
     link_expiry_seconds: int = 7 * 24 * 3600
     max_tmp_bytes: int = 400 * MIB
+    # Operations (secrets, metrics, recipients from Cognito).
+    smtp_password_secret_id: str | None = None
+    smtp_secret_ttl: float = 300.0
+    metrics_namespace: str = "AsyncNotifier"
+    cognito_user_pool_id: str | None = None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -123,9 +128,32 @@ class Settings:
                 "LINK_EXPIRY_SECONDS", 7 * 24 * 3600, low=60, high=7 * 24 * 3600
             ),
             max_tmp_bytes=env.integer("MAX_TMP_BYTES", 400 * MIB, low=MIB),
+            smtp_password_secret_id=env.optional("SMTP_PASSWORD_SECRET_ID"),
+            smtp_secret_ttl=env.number("SMTP_SECRET_TTL_SECONDS", 300.0, low=0.0),
+            metrics_namespace=env.text("METRICS_NAMESPACE", "AsyncNotifier"),
+            cognito_user_pool_id=env.optional("COGNITO_USER_POOL_ID"),
         )
         if settings.smtp_password and not settings.smtp_user:
             env.problems.append("SMTP_PASSWORD is set but SMTP_USER is not")
+        # Imported here: both modules depend on this one.
+        from .metrics import validate_namespace
+        from .recipients import USER_POOL_ID_RE
+
+        if settings.smtp_password and settings.smtp_password_secret_id:
+            env.problems.append("set SMTP_PASSWORD or SMTP_PASSWORD_SECRET_ID, not both")
+        if settings.smtp_password_secret_id and settings.smtp_tls == "none":
+            env.problems.append(
+                "SMTP_PASSWORD_SECRET_ID is set with SMTP_TLS=none: the password would cross "
+                "the network in clear text"
+            )
+        try:
+            validate_namespace(settings.metrics_namespace)
+        except ValueError as exc:
+            env.problems.append(f"METRICS_NAMESPACE: {exc}")
+        if settings.cognito_user_pool_id and not USER_POOL_ID_RE.match(
+            settings.cognito_user_pool_id
+        ):
+            env.problems.append("COGNITO_USER_POOL_ID must look like us-east-1_AbCdEf123")
         if settings.smtp_user and settings.smtp_tls == "none":
             env.problems.append(
                 "SMTP_USER is set with SMTP_TLS=none: the password would cross the network "

@@ -20,6 +20,8 @@ _RESERVED = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
 
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
+        if getattr(record, "raw_json", False):
+            return record.getMessage()  # already a JSON document (EMF metrics)
         entry: dict[str, Any] = {
             "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
             "level": record.levelname,
@@ -49,6 +51,17 @@ class _StdoutHandler(logging.StreamHandler):  # type: ignore[type-arg]
     @stream.setter
     def stream(self, value: Any) -> None:
         pass
+
+
+def emit_raw(document: str) -> None:
+    """Write a ready JSON line (an EMF document) through the package's handlers.
+
+    A child logger pinned at INFO: metrics are written whatever LOG_LEVEL says, and
+    they go wherever the package's logs are sent.
+    """
+    logger = logging.getLogger(f"{LOGGER_NAME}.metrics")
+    logger.setLevel(logging.INFO)
+    logger.info(document, extra={"raw_json": True})
 
 
 def get_logger() -> logging.Logger:

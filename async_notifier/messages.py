@@ -80,7 +80,7 @@ class SqsRecord:
 class Notification:
     video_id: str
     status: Status
-    email: str
+    email: str | None  # None until looked up, when the record names a Cognito user instead
     name: str | None
     file_name: str | None
     message: str
@@ -88,11 +88,13 @@ class Notification:
     timestamp: datetime | None
     bucket: str | None
     key: str | None
+    cognito_user_id: str | None = None
 
     @property
     def identity(self) -> str:
         """Stable across redeliveries: what makes two records the same email."""
-        raw = "\x1f".join((self.video_id, self.status, self.email.lower()))
+        recipient = self.email.lower() if self.email else f"cognito:{self.cognito_user_id}"
+        raw = "\x1f".join((self.video_id, self.status, recipient))
         return hashlib.sha256(raw.encode()).hexdigest()
 
     @property
@@ -123,7 +125,9 @@ def _notification(data: dict[str, Any]) -> Notification:
     status = _status(data.get("status"))
     video_id = _header_text(data, "video_id", required=True)
     assert video_id is not None
-    email = _email(_first(data, "email", "recipient_email"))
+    cognito_user_id = _header_text(data, "cognito_user_id")
+    raw_email = _first(data, "email", "recipient_email")
+    email = None if raw_email is None and cognito_user_id else _email(raw_email)
     name = _header_text(_aliased(data, "name", "recipient_name"), "name")
     file_name = _header_text(data, "file_name")
     locale = _locale(data.get("locale"))
@@ -150,6 +154,7 @@ def _notification(data: dict[str, Any]) -> Notification:
         timestamp=timestamp,
         bucket=bucket,
         key=key,
+        cognito_user_id=cognito_user_id,
     )
 
 
@@ -200,17 +205,27 @@ def _header_text(data: Mapping[str, Any], field: str, *, required: bool = False)
 
 def _email(value: Any) -> str:
     if value is None:
-        raise BadMessage("field 'email' is required")
+        raise BadMessage("field 'email' is required (or 'cognito_user_id')")
     if not isinstance(value, str):
         raise BadMessage("field 'email' must be a string")
-    if any(ch in value for ch in "\r\n") or not value.isprintable():
-        raise BadMessage("field 'email' contains line breaks or control characters")
     try:
-        # A bare addr-spec only: no display names, no lists, no SMTPUTF8 local parts
-        # (not every relay supports them); IDN domains come back in ASCII form.
+        return validate_address(value)
+    except ValueError as exc:
+        raise BadMessage(f"field 'email' {exc}") from None
+
+
+def validate_address(value: str) -> str:
+    """One bare mailbox, in the form it is sent (ASCII domain); ValueError says why not.
+
+    No display names, no lists, no SMTPUTF8 local parts (not every relay supports
+    them), no line breaks or control characters.
+    """
+    if any(ch in value for ch in "\r\n") or not value.isprintable():
+        raise ValueError("contains line breaks or control characters")
+    try:
         result = validate_email(value.strip(), check_deliverability=False, allow_smtputf8=False)
     except EmailNotValidError as exc:
-        raise BadMessage(f"field 'email' is not a valid single address: {exc}") from None
+        raise ValueError(f"is not a valid single address: {exc}") from None
     return result.ascii_email or result.normalized
 
 

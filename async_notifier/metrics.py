@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import sys
 import time
 from collections.abc import Callable, Mapping
 from typing import IO, TYPE_CHECKING, Any, Literal, get_args
@@ -146,19 +145,27 @@ class InvocationMetrics:
                 documents.append(document)
         return documents
 
+    def lines(self) -> list[str]:
+        """The EMF documents, one JSON object per line; none when no metric was recorded."""
+        return [json.dumps(d, separators=(",", ":"), ensure_ascii=False) for d in self.documents()]
+
     def emit(self, stream: IO[str] | None = None) -> str:
-        """Write the EMF lines (one JSON object per line) to stdout; return what was written.
+        """Write the EMF lines; return what was written.
 
         Lambda sends stdout to CloudWatch Logs line by line, where each line that is an EMF
-        document becomes metrics. Nothing is written when no metric was recorded.
+        document becomes metrics. Without `stream` the lines go through the package's log
+        handlers (see `logs.emit_raw`), so whoever redirects the logs gets them too.
         """
-        lines = [json.dumps(d, separators=(",", ":"), ensure_ascii=False) for d in self.documents()]
-        if not lines:
-            return ""
-        text = "\n".join(lines) + "\n"
-        out = stream if stream is not None else sys.stdout
-        out.write(text)
-        out.flush()
+        lines = self.lines()
+        if stream is None:
+            from .logs import emit_raw
+
+            for line in lines:
+                emit_raw(line)
+            return "\n".join(lines) + "\n" if lines else ""
+        text = "\n".join(lines) + "\n" if lines else ""
+        stream.write(text)
+        stream.flush()
         return text
 
     def _group(

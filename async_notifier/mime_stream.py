@@ -180,6 +180,8 @@ def build_streamed_email(
     boundary. Base64 lines never start with "--", so the boundary the stdlib chose
     cannot collide with the attachment it did not see.
     """
+    if notification.email is None:
+        raise ValueError("the recipient's address has not been looked up")
     msg = EmailMessage(policy=SMTP_POLICY)
     msg["From"] = sender
     msg["To"] = Address(display_name=notification.name or "", addr_spec=notification.email)

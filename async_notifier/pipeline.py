@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -15,6 +17,7 @@ from .idempotency import DynamoIdempotencyStore, InBatchDeduplicator, idempotenc
 from .logs import get_logger
 from .messages import Notification, SqsRecord, parse_body
 from .mime_stream import attachment_filename, build_streamed_email
+from .recipients import CognitoRecipients, LookupFailed, Recipient
 from .render import Renderer
 from .retry import RetryPolicy, retrying
 from .smtp_pool import SmtpPool
@@ -54,15 +57,17 @@ class Pipeline:
         budget: ByteBudget,
         deadline: Deadline | None = None,
         idempotency: DynamoIdempotencyStore | None = None,
+        recipients: CognitoRecipients | None = None,
     ) -> None:
         self._settings = settings
         self._renderer = renderer
         self._store = store
-        self._pool = pool
+        self.pool = pool
         self._scratch = scratch
         self._budget = budget
         self._deadline = deadline
         self._idempotency = idempotency
+        self._recipients = recipients
         self._dedup = InBatchDeduplicator()
         self._retry = RetryPolicy(settings.retry_attempts, settings.retry_base_delay)
 
@@ -115,10 +120,16 @@ class Pipeline:
         return time.time() + max(remaining, 0.0) + 60.0
 
     async def _deliver(self, notification: Notification, result: RecordResult) -> None:
+        lookup = self._lookup(notification)  # runs while the ZIP downloads
         attachment = Attachment()
         try:
             if notification.status == "COMPLETED":
                 attachment = await self._fetch(notification, result)
+            if lookup is not None:
+                recipient = await lookup
+                notification = dataclasses.replace(
+                    notification, email=recipient.email, name=notification.name or recipient.name
+                )
             rendered = self._renderer.render(
                 notification,
                 attachment_name=attachment.name,
@@ -133,16 +144,33 @@ class Pipeline:
                 attachment_name=attachment.name,
             )
             await retrying(
-                lambda: self._pool.send(email),
+                lambda: self.pool.send(email),
                 self._retry,
                 deadline=self._deadline,
                 on_retry=lambda _: _count_retry(result),
             )
             result.action = "sent_link" if attachment.link else "sent"
         finally:
+            if lookup is not None and not lookup.done():
+                lookup.cancel()
             if attachment.path is not None:
                 attachment.path.unlink(missing_ok=True)
                 await self._budget.release(attachment.size)
+
+    def _lookup(self, notification: Notification) -> asyncio.Future[Recipient] | None:
+        """Start resolving a Cognito user id to an address, or None when there is one."""
+        if notification.email is not None:
+            return None
+        user_id = notification.cognito_user_id
+        assert user_id is not None
+        if self._recipients is None:
+            raise LookupFailed(
+                "the message names a Cognito user but COGNITO_USER_POOL_ID is not set"
+            )
+        lookup = asyncio.ensure_future(self._recipients.lookup(user_id))
+        # Retrieved even when the download fails first and nobody awaits it.
+        lookup.add_done_callback(lambda f: f.cancelled() or f.exception())
+        return lookup
 
     async def _fetch(self, notification: Notification, result: RecordResult) -> Attachment:
         """Download the ZIP within the temp-dir budget, or sign a link when it cannot go."""
@@ -197,7 +225,7 @@ class Pipeline:
         s = self._settings
         if size > s.max_attachment_bytes or size > self._budget.total:
             return True
-        limit = await self._pool.server_size_limit()
+        limit = await self.pool.server_size_limit()
         return bool(limit) and encoded_size(size) + MESSAGE_OVERHEAD > (limit or 0)
 
     async def _link(self, bucket: str, key: str, size: int) -> Attachment:

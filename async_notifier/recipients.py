@@ -19,11 +19,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from email_validator import EmailNotValidError, validate_email
-
 from .errors import NotifierError, PermanentError, TransientError
 from .logs import get_logger
-from .messages import MAX_TEXT
+from .messages import MAX_TEXT, validate_address
 
 log = get_logger()
 
@@ -173,14 +171,11 @@ def _attributes(raw: Any) -> dict[str, str]:
 
 
 def _valid_address(value: str) -> str | None:
-    """The same rules as a message's `email` (async_notifier.messages._email)."""
-    if any(ch in value for ch in "\r\n") or not value.isprintable():
-        return None
+    """The same rules as a message's `email`."""
     try:
-        result = validate_email(value.strip(), check_deliverability=False, allow_smtputf8=False)
-    except EmailNotValidError:
+        return validate_address(value)
+    except ValueError:
         return None
-    return result.ascii_email or result.normalized
 
 
 def _display_name(value: str | None) -> str | None:

@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import aiosmtplib
-from aiosmtplib.errors import SMTPException, SMTPResponseException
+from aiosmtplib.errors import SMTPAuthenticationError, SMTPException, SMTPResponseException
 
 from .config import Settings
 from .errors import (
@@ -31,6 +31,7 @@ from .errors import (
     SmtpUnavailable,
 )
 from .mime_stream import StreamedEmail
+from .secrets import SecretSource, SmtpCredentials
 from .smtp_channel import (
     LostAfterEnd,
     LostBeforeEnd,
@@ -69,8 +70,9 @@ class _StaleConnection(Exception):
 
 
 class SmtpPool:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, secret: SecretSource | None = None) -> None:
         self._settings = settings
+        self._secret = secret
         self._size = settings.smtp_pool_size
         self._max_messages = settings.smtp_max_messages_per_connection
         self._max_age = settings.smtp_max_connection_age
@@ -208,12 +210,32 @@ class SmtpPool:
                 conn.channel.close()
 
     async def _open(self) -> PooledConnection:
+        """Connect and authenticate; a refused login re-reads a rotated secret once."""
+        credentials = await self._secret.get() if self._secret else None
+        try:
+            return await self._connect(credentials)
+        except SMTPAuthenticationError as exc:
+            if credentials is not None and self._secret is not None:
+                self._secret.invalidate(credentials)
+                fresh = await self._secret.get()
+                if fresh != credentials:
+                    with contextlib.suppress(SMTPAuthenticationError):
+                        return await self._connect(fresh)
+            where = f"SMTP {self._settings.smtp_server}:{self._settings.smtp_port}"
+            raise SmtpUnavailable(
+                f"{where} refused the login: {exc.code} {exc.message} (check SMTP_USER and "
+                "the password)"
+            ) from None
+
+    async def _connect(self, credentials: SmtpCredentials | None) -> PooledConnection:
         s = self._settings
+        username = credentials.username if credentials else s.smtp_user
+        password = credentials.password if credentials else s.smtp_password
         smtp = aiosmtplib.SMTP(
             hostname=s.smtp_server,
             port=s.smtp_port,
-            username=s.smtp_user,
-            password=s.smtp_password if s.smtp_user else None,
+            username=username,
+            password=password if username else None,
             local_hostname=self._local_hostname,
             timeout=s.smtp_timeout,
             use_tls=s.smtp_tls == "tls",
@@ -226,6 +248,9 @@ class SmtpPool:
             if smtp.last_ehlo_response is None:  # aiosmtplib greets lazily without TLS or AUTH
                 await smtp.ehlo()
             channel = SmtpChannel.take_over(smtp)
+        except SMTPAuthenticationError:
+            smtp.close()
+            raise
         except SMTPResponseException as exc:
             smtp.close()
             raise SmtpUnavailable(

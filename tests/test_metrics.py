@@ -20,7 +20,7 @@ from async_notifier.errors import (
     NotifierError,
     SmtpUnavailable,
 )
-from async_notifier.logs import request_id
+from async_notifier.logs import configure, request_id
 from async_notifier.metrics import InvocationMetrics, metrics_from_batch, validate_namespace
 
 # From the CloudWatch MetricDatum / EMF specification.
@@ -171,12 +171,20 @@ def test_batch_metrics(batch: BatchResult) -> None:
     assert sum(failed.values()) == main["RecordsFailed"]
 
 
-def test_emit_writes_to_stdout(batch: BatchResult, capsys: pytest.CaptureFixture[str]) -> None:
-    metrics = metrics_from_batch(
-        batch, duration_s=0.5, connections_opened=0, namespace=NAMESPACE, function_name=None
-    )
-    text = metrics.emit()
-    assert capsys.readouterr().out == text
+def test_emit_writes_raw_lines_to_stdout_through_the_package_logs(
+    batch: BatchResult, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Raw EMF lines on stdout, whatever LOG_LEVEL, and not wrapped in the JSON log format."""
+    logger = configure("ERROR")
+    try:
+        metrics = metrics_from_batch(
+            batch, duration_s=0.5, connections_opened=0, namespace=NAMESPACE, function_name=None
+        )
+        text = metrics.emit()
+        assert capsys.readouterr().out == text
+    finally:
+        for log_handler in list(logger.handlers):
+            logger.removeHandler(log_handler)
     main, *by_class = parse_lines(text)
     assert directive_of(main)["Dimensions"] == [[]]  # no dimensions: the namespace-wide metric
     assert all(directive_of(d)["Dimensions"] == [["ErrorClass"]] for d in by_class)

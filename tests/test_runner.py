@@ -276,7 +276,7 @@ def test_cli_drains_the_queue(
 
     assert done.returncode == 0, done.stderr + done.stdout
     logs = _log_lines(done.stdout)
-    [stopped] = [line for line in logs if line["message"] == "runner stopped"]
+    [stopped] = [line for line in logs if line.get("message") == "runner stopped"]
     assert stopped["drained"] is True
     assert stopped["deleted"] == 2
     assert sorted(m.rcpt_tos[0] for m in smtp_sink.messages) == [
@@ -309,10 +309,10 @@ def test_cli_stops_cleanly_on_signal(
             process.communicate()
     assert process.returncode == 0, stderr.decode(errors="replace")
     logs = _log_lines((started + stdout).decode())
-    assert [line["message"] for line in logs if "signal" in line] == [
+    assert [line.get("message") for line in logs if "signal" in line] == [
         "signal received: stopping after the batch in flight"
     ]
-    [stopped] = [line for line in logs if line["message"] == "runner stopped"]
+    [stopped] = [line for line in logs if line.get("message") == "runner stopped"]
     assert stopped["batches"] == 0
     assert stopped["drained"] is False
 
