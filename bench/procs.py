@@ -13,6 +13,7 @@ import http.client
 import json
 import os
 import selectors
+import shutil
 import signal
 import socket
 import subprocess
@@ -44,9 +45,10 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child before e
 class Helper:
     """One helper process, its log file, and a stop that always reaps it."""
 
-    def __init__(self, name: str, command: list[str], log_dir: Path) -> None:
+    def __init__(self, name: str, command: list[str], log_dir: Path, cwd: Path = ROOT) -> None:
         self.name = name
         self.command = command
+        self.cwd = cwd
         self.log_path = log_dir / f"{name}.log"
         self.process: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
@@ -63,7 +65,7 @@ class Helper:
             stdout=subprocess.PIPE if ready_line else self._log,
             stderr=self._log,
             env=env,
-            cwd=ROOT,
+            cwd=self.cwd,
             start_new_session=True,
             preexec_fn=_die_with_parent,
         )
@@ -212,6 +214,23 @@ def machine_busy_seconds() -> float | None:
     # user nice system idle iowait irq softirq steal ...: busy is all but idle and iowait.
     busy = sum(values[:8]) - values[3] - values[4]
     return busy / os.sysconf("SC_CLK_TCK")
+
+
+def snapshot_code(dest: Path) -> Path:
+    """Copy what the targets run (handler, package, templates, bench) to `dest`.
+
+    Targets and helpers run from the copy (the current directory comes first on sys.path,
+    before the editable install), so a run measures one tree even while it is being edited.
+    """
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "out")
+    dest.mkdir(parents=True)
+    for name in ("handler.py", "async_notifier", "templates", "bench", "requirements.txt"):
+        source = ROOT / name
+        if source.is_dir():
+            shutil.copytree(source, dest / name, ignore=ignore)
+        elif source.exists():
+            shutil.copy2(source, dest / name)
+    return dest
 
 
 def python_module(module: str, *args: str) -> list[str]:

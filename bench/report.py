@@ -59,7 +59,7 @@ def machine() -> dict[str, Any]:
 def code_fingerprint(root: Path) -> dict[str, Any]:
     """Which code was measured: a hash of the handler, the package and the templates.
 
-    The benchmark runs on a working tree, not a commit, so this identifies the tree.
+    The benchmark runs a copy of the working tree, not a commit; this identifies it.
     """
     files = sorted(
         path
@@ -106,6 +106,7 @@ def build(
     started: dt.datetime,
     duration_s: float,
     helpers: list[dict[str, Any]],
+    code: dict[str, Any],
     load_average: list[float] | None = None,
 ) -> dict[str, Any]:
     ratios = []
@@ -161,7 +162,7 @@ def build(
         "quick": bool(args.quick),
         "machine": machine(),
         "load_average_at_start": load_average,
-        "code": code_fingerprint(Path(__file__).resolve().parent.parent),
+        "code": code,
         "settings": {
             "pool_size": args.pool_size,
             "round_trips": args.round_trips,
@@ -222,6 +223,22 @@ def checks(results: dict[str, Any]) -> list[dict[str, Any]]:
     return found
 
 
+def profile_summary(path: Path, records: int, top: int = 30) -> str:
+    """The costliest functions of a cProfile run, by own time and by cumulative time."""
+    import io
+    import pstats
+
+    out = io.StringIO()
+    out.write(f"cProfile of the project's lambda_handler call, {records} records ({path.name})\n")
+    out.write("Timings are inflated by the profiler; compare functions, not totals.\n")
+    stats = pstats.Stats(str(path), stream=out)
+    stats.strip_dirs()
+    for key in ("tottime", "cumulative"):
+        out.write(f"\n==== top {top} by {key}\n")
+        stats.sort_stats(key).print_stats(top)
+    return out.getvalue()
+
+
 # --------------------------------------------------------------------------- text
 
 
@@ -255,10 +272,17 @@ def render(results: dict[str, Any]) -> str:
         f"{m['nproc']} CPU(s) {m['cpu_model'] or ''}, {m['mem_total_gib']} GiB, "
         f"Python {m['python']}; SMTP pool {results['settings']['pool_size']}, "
         f"sink {results['settings']['sink']}; {results['duration_s']:.0f} s in all",
-        f"code {results['code']['sha256']} (newest file {results['code']['newest_change']}), "
-        f"load average at start {_fmt((results['load_average_at_start'] or [None])[0], '.2f')}",
+        f"code {results['code']['sha256']} (newest file {results['code']['newest_change']}, "
+        "run from a copy taken at start), load average at start "
+        + _fmt((results["load_average_at_start"] or [None])[0], ".2f"),
         "",
     ]
+    if results["code"].get("working_tree_changed"):
+        out[-1:] = [
+            "NOTE: the working tree changed during the run; the numbers are for the copy "
+            f"taken at start ({results['code']['sha256']}).",
+            "",
+        ]
     headers = [
         "scenario", "target", "records", "size", "delay ms", "wall s", "records/s",
         "MiB/s", "peak RSS MiB", "SMTP conns", "import ms", "CPU ms/rec", "status",
@@ -284,7 +308,7 @@ def render(results: dict[str, Any]) -> str:
                 _fmt(row.get("smtp_connections"), "d"),
                 _fmt(row.get("import_ms"), ".0f"),
                 _fmt(row.get("cpu_ms_per_record"), ".2f"),
-                "ok" if row["ok"] else "ERROR",
+                ("ok" if row["ok"] else "ERROR") + (" (profiled)" if row.get("profiled") else ""),
             ]
         )
     out += _table(headers, body, right=set(range(2, 12)))

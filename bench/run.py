@@ -36,6 +36,7 @@ from .procs import (
     cpu_seconds,
     machine_busy_seconds,
     python_module,
+    snapshot_code,
 )
 from .scenarios import TARGETS, MiB, Scenario, human_size, parse_names, parse_size, select
 from .sinks import Sink, make_sink
@@ -84,6 +85,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         metavar="NAME=VALUE",
         help="extra environment for the project target (repeatable), e.g. MAX_CONCURRENCY=64",
     )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="run the project under cProfile (slower!); writes profile-<scenario>.pstats/.txt "
+        "next to --out",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the work dir (logs, events)")
     args = parser.parse_args(argv)
     try:
@@ -108,9 +115,10 @@ class Bench:
         self.work = work
         self.logs = work / "logs"
         self.logs.mkdir()
+        self.code = snapshot_code(work / "code")
         self.targets = TARGETS if args.target == "both" else (args.target,)
         self.moto = Moto(self.logs)
-        self.sink: Sink = make_sink(args.sink, self.logs, work)
+        self.sink: Sink = make_sink(args.sink, self.logs, work, self.code)
         self.proxy: Helper | None = None
         self.proxy_control = 0
         self.helper_pids: list[dict[str, Any]] = []
@@ -143,6 +151,7 @@ class Bench:
             f"proxy-{scenario.name}",
             python_module("bench.proxy", *routes, "--run-dir", str(self.work)),
             self.logs,
+            cwd=self.code,
         )
         self.proxy = proxy
         proxy.start(ready_line=True)
@@ -159,14 +168,14 @@ class Bench:
         modules = {"handler": "handler", "aioboto3": "aioboto3"}
         times: dict[str, list[float]] = {name: [] for name in modules}
         for round_ in range(samples + 1):
-            # Round 0 only warms the page cache and writes the repo's .pyc files (the
-            # venv's were compiled by pip), so every sample imports from bytecode.
+            # Round 0 only warms the page cache and writes the .pyc files of the copied
+            # code (the venv's were compiled by pip), so every sample imports bytecode.
             warm = {"baseline": "bench.baseline"} if round_ == 0 else {}
             for name, module in {**modules, **warm}.items():
                 result = self.work / f"import-{name}.json"
                 completed = subprocess.run(
                     python_module("bench.target", "--import", module, "--result", str(result)),
-                    cwd=ROOT,
+                    cwd=self.code,
                     env=self._target_env(self.work / "tmp", {}),
                     stdin=subprocess.DEVNULL,
                     capture_output=True,
@@ -266,19 +275,17 @@ class Bench:
         self.sink.reset()
         if self.proxy is not None:
             control.query(self.proxy_control, "RESET")
-        helper = Helper(
-            name,
-            python_module(
-                "bench.target",
-                "--target",
-                target,
-                "--event",
-                str(event_path),
-                "--result",
-                str(result_path),
-            ),
-            self.logs,
-        )
+        command = python_module(
+            "bench.target", "--target", target, "--event", str(event_path),
+            "--result", str(result_path),
+        )  # fmt: skip
+        profile = None
+        if self.args.profile and target == "project":
+            profile = self.args.out.parent / f"profile-{scenario.name}.pstats"
+            profile.parent.mkdir(parents=True, exist_ok=True)
+            command += ["--profile", str(profile)]
+            row["profiled"] = True
+        helper = Helper(name, command, self.logs, cwd=self.code)
         timeout = 600 + 3 * scenario.records + 4 * total_bytes / MiB
         cpu = _CpuAccount(self._helper_pids())
         started = time.perf_counter()
@@ -309,6 +316,11 @@ class Bench:
             if row["smtp_round_trips"] is not None and sink.messages:
                 row["smtp_round_trips_per_message"] = row["smtp_round_trips"] / sink.messages
         shutil.rmtree(tmp_dir, ignore_errors=True)
+        if profile is not None and profile.exists():
+            row["profile"] = str(profile)
+            profile.with_suffix(".txt").write_text(
+                report.profile_summary(profile, scenario.records)
+            )
         row.update(self._measurements(child, total_bytes))
         row.update(
             smtp_connections=sink.connections,
@@ -368,6 +380,7 @@ class Bench:
             "rss_before_mib": (child["rss_before_kib"] or 0) / 1024,
             "ru_maxrss_mib": child["ru_maxrss_kib"] / 1024,
             "import_ms": child["import_ms"],
+            "module_file": child.get("module_file"),
         }
 
     @staticmethod
@@ -408,7 +421,7 @@ class Bench:
         )
         # Not inherited on purpose: PYTHONUNBUFFERED (the project's log lines go to a file,
         # buffered) and PYTHONDONTWRITEBYTECODE (imports run from bytecode, as the venv's
-        # packages do, so Python may cache the repo's modules in git-ignored __pycache__).
+        # packages do, so Python may cache the copied code's modules in the work dir).
         env.update(extra)
         return env
 
@@ -474,7 +487,12 @@ def main(argv: list[str] | None = None) -> int:
         s3_delay_ms=args.s3_delay,
     )
     work = Path(tempfile.mkdtemp(prefix="async-notifier-bench-"))
-    bench = Bench(args, work)
+    try:
+        bench = Bench(args, work)
+    except Exception as exc:
+        shutil.rmtree(work, ignore_errors=True)
+        log(f"benchmark failed: {type(exc).__name__}: {exc}")
+        return 1
     started = dt.datetime.now(dt.UTC)
     load_average = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     clock = time.perf_counter()
@@ -502,6 +520,8 @@ def main(argv: list[str] | None = None) -> int:
         log(f"benchmark failed: {type(exc).__name__}: {exc}")
     finally:
         bench.stop()
+    code = report.code_fingerprint(bench.code)
+    code["working_tree_changed"] = report.code_fingerprint(ROOT)["sha256"] != code["sha256"]
     results = report.build(
         args=args,
         scenarios=chosen,
@@ -511,6 +531,7 @@ def main(argv: list[str] | None = None) -> int:
         duration_s=time.perf_counter() - clock,
         helpers=bench.helper_pids,
         load_average=load_average,
+        code=code,
     )
     failed = failed or not rows or any(not row["ok"] for row in rows)
     results["ok"] = not failed

@@ -46,8 +46,9 @@ class Sink(Protocol):
 
 
 class AiosmtpdSink(Helper):
-    def __init__(self, log_dir: Path, run_dir: Path) -> None:
-        super().__init__("sink", python_module("bench.sink", "--run-dir", str(run_dir)), log_dir)
+    def __init__(self, log_dir: Path, run_dir: Path, code_dir: Path) -> None:
+        command = python_module("bench.sink", "--run-dir", str(run_dir))
+        super().__init__("sink", command, log_dir, cwd=code_dir)
         self.port = 0
         self.control_port = 0
 
@@ -160,9 +161,9 @@ class PostfixSink(Helper):
         return SinkStats(messages=messages - base_m, connections=sessions - base_s)
 
 
-def make_sink(kind: str, log_dir: Path, run_dir: Path) -> Sink:
+def make_sink(kind: str, log_dir: Path, run_dir: Path, code_dir: Path) -> Sink:
     if kind == "aiosmtpd":
-        return AiosmtpdSink(log_dir, run_dir)
+        return AiosmtpdSink(log_dir, run_dir, code_dir)
     binary = find_smtp_sink()
     if binary is None:
         raise RuntimeError(

@@ -1,6 +1,6 @@
 """Run one measured target in this fresh interpreter, and report on it as JSON.
 
-    python -m bench.target --target project|baseline --event FILE --result FILE
+    python -m bench.target --target project|baseline --event FILE --result FILE [--profile F]
     python -m bench.target --import MODULE --result FILE
 
 The target's module is imported first, with nothing but `sys` and `time` loaded by this
@@ -51,10 +51,17 @@ def main() -> None:
     if target not in modules or event_file is None:
         raise SystemExit(__doc__)
     module, import_s = _timed_import(modules[target])
-    run(target, module, import_s, event_file, result_file)
+    run(target, module, import_s, event_file, result_file, _option("--profile"))
 
 
-def run(target: str, module: object, import_s: float, event_file: str, result_file: str) -> None:
+def run(
+    target: str,
+    module: object,
+    import_s: float,
+    event_file: str,
+    result_file: str,
+    profile_file: str | None = None,
+) -> None:
     import gc
     import json
     import os
@@ -69,16 +76,28 @@ def run(target: str, module: object, import_s: float, event_file: str, result_fi
     hwm_reset = _reset_peak()
     context = FakeContext(str(uuid.uuid4()))
     handler = module.lambda_handler  # type: ignore[attr-defined]
+    profiler = None
+    if profile_file is not None:
+        import cProfile
+
+        profiler = cProfile.Profile()
     usage0 = resource.getrusage(resource.RUSAGE_SELF)
     start = time.perf_counter()
+    if profiler is not None:
+        profiler.enable()
     response = handler(event, context)
+    if profiler is not None:
+        profiler.disable()
     wall = time.perf_counter() - start
+    if profiler is not None and profile_file is not None:
+        profiler.dump_stats(profile_file)
     usage = resource.getrusage(resource.RUSAGE_SELF)
     peak = _status_kib("VmHWM")
     _write(
         result_file,
         {
             "target": target,
+            "module_file": getattr(module, "__file__", None),
             "import_ms": import_s * 1000,
             "wall_s": wall,
             "cpu_s": (usage.ru_utime - usage0.ru_utime) + (usage.ru_stime - usage0.ru_stime),
