@@ -20,10 +20,13 @@ LOCALSTACK_VENV := $(LOCALSTACK_DIR)/venv
 LOCALSTACK_STAMP := $(LOCALSTACK_VENV)/.installed-$(LOCALSTACK_VERSION)
 LOCALSTACK_PACKAGES := 'localstack-core[runtime]==$(LOCALSTACK_VERSION)' 'cbor2<6' \
 	'pyopenssl==25.1.0' 'cryptography>=45,<46' service-identity
+# make package: the Lambda architecture to build for (arm64 = Graviton, or x86_64); it must
+# match the stack's Architecture parameter.
+ARCH ?= arm64
 
 .DEFAULT_GOAL := help
 .PHONY: help venv test lint format run-local localstack localstack-stop test-localstack \
-	bench bench-quick clean
+	bench bench-quick clean package cfn-lint
 
 help:
 	@echo "make test        create the venv, install, run the whole test suite"
@@ -38,6 +41,9 @@ help:
 	@echo "make bench       benchmark the project against the old design (all scenarios;"
 	@echo "                 flags via BENCH_ARGS=..., see bench/README.md)"
 	@echo "make bench-quick the same with small numbers, well under a minute"
+	@echo "make package     build dist/deployment-package.zip for Lambda (python3.12, ARCH=arm64"
+	@echo "                 or ARCH=x86_64); reproducible, prints its sizes and sha256"
+	@echo "make cfn-lint    lint template.yaml (the SAM template) with cfn-lint"
 
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11) and "Python 3.11+ is required")'
@@ -53,13 +59,13 @@ test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: $(STAMP)
-	$(BIN)/ruff check async_notifier handler.py tests bench
-	$(BIN)/ruff format --check async_notifier handler.py tests bench
+	$(BIN)/ruff check async_notifier handler.py tests bench scripts
+	$(BIN)/ruff format --check async_notifier handler.py tests bench scripts
 	$(BIN)/mypy async_notifier handler.py
 
 format: $(STAMP)
-	$(BIN)/ruff check --fix async_notifier handler.py tests bench
-	$(BIN)/ruff format async_notifier handler.py tests bench
+	$(BIN)/ruff check --fix async_notifier handler.py tests bench scripts
+	$(BIN)/ruff format async_notifier handler.py tests bench scripts
 
 run-local: $(STAMP)
 	@$(PY) -m async_notifier.local --messages "$(MESSAGES)" --zip-size "$(ZIP_SIZE)" \
@@ -88,6 +94,12 @@ bench: $(STAMP)
 
 bench-quick: $(STAMP)
 	$(PY) -m bench --quick $(BENCH_ARGS)
+
+package: $(STAMP)
+	$(PY) scripts/package.py --arch "$(ARCH)"
+
+cfn-lint: $(STAMP)
+	$(BIN)/cfn-lint template.yaml
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache outbox

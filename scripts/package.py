@@ -1,0 +1,359 @@
+#!/usr/bin/env python3
+"""Build the Lambda deployment package: `dist/deployment-package.zip` (`make package`).
+
+The zip holds, at its root, the runtime dependencies of requirements.txt built for the Lambda
+runtime (binary wheels for CPython 3.12 on arm64 or x86_64, fetched with
+`pip install --platform ... --only-binary=:all: --target`), the `async_notifier` package
+(without `async_notifier/local/`, the dev demo, which needs moto and aiosmtpd), `handler.py`
+and `templates/`.
+
+It is reproducible: entries sorted, every timestamp 1980-01-01 (or SOURCE_DATE_EPOCH), modes
+0644 for files and 0755 for directories, so two builds from the same inputs have the same
+sha256. Tests, caches, type stubs, Cython sources, console scripts and the dist-info files
+nothing reads at run time are left out; each dist-info keeps METADATA (dnspython and others
+call importlib.metadata.version at import), entry_points.txt and its licence files.
+
+The dependency install is cached under build/package/, keyed by requirements.txt, the
+platform and the Python version, so a second build only zips. The build fails when the zip is
+over 50 MiB or its contents over 250 MiB (Lambda's limits for a direct upload and for the
+unzipped function).
+
+Usage: python scripts/package.py [--arch arm64|x86_64] [--python-version 3.12]
+                                 [--output dist/deployment-package.zip] [--refresh]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import re
+import shutil
+import stat
+import subprocess
+import sys
+import time
+import zipfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path, PurePosixPath
+
+ROOT = Path(__file__).resolve().parent.parent
+MIB = 1024 * 1024
+# Lambda: 50 MB for a zip uploaded directly, 250 MB for the unzipped function (and layers).
+# AWS counts these in binary megabytes: the API refuses more than 262,144,000 bytes unzipped.
+MAX_ZIPPED_BYTES = 50 * MIB
+MAX_UNZIPPED_BYTES = 250 * MIB
+ARCHES = {"arm64": "aarch64", "x86_64": "x86_64"}
+# The python3.12 runtime runs on Amazon Linux 2023, glibc 2.34: any manylinux wheel up to
+# manylinux_2_34 runs there. pip does not widen a --platform to older manylinux versions (bar
+# manylinux2014's own aliases), so every one is listed; css-inline ships aarch64 only as
+# manylinux_2_24, for instance.
+LAMBDA_GLIBC_MINOR = 34
+DEFAULT_ARCH = "arm64"
+DEFAULT_PYTHON = "3.12"
+FILE_MODE = 0o644
+DIR_MODE = 0o755
+ZIP_EPOCH = 315532800  # 1980-01-01T00:00:00Z, the earliest time a ZIP entry can hold
+# Bump when the shape of the cached dependency install changes.
+CACHE_FORMAT = "1"
+
+# Never imported or read at run time.
+_SKIP_DIRS = frozenset({"__pycache__", "tests", "test"})
+_SKIP_SUFFIXES = frozenset({".pyc", ".pyo", ".pyi", ".pyx", ".pxd", ".pxi", ".c", ".h"})
+# Of a dependency's dist-info: METADATA (importlib.metadata.version), entry points and licences.
+_KEEP_DIST_INFO = frozenset({"METADATA", "entry_points.txt"})
+_LICENCE_PREFIXES = ("LICENSE", "LICENCE", "COPYING", "NOTICE", "AUTHORS")
+
+
+class PackageError(Exception):
+    """The package cannot be built, or breaks Lambda's limits."""
+
+
+def platform_tags(arch: str) -> list[str]:
+    """The wheel platforms Lambda can load, newest first (pip prefers earlier ones)."""
+    machine = ARCHES[arch]
+    newer = [f"manylinux_2_{minor}_{machine}" for minor in range(LAMBDA_GLIBC_MINOR, 16, -1)]
+    return [*newer, f"manylinux2014_{machine}"]
+
+
+def install_dependencies(
+    requirements: Path,
+    *,
+    arch: str,
+    python_version: str,
+    cache_root: Path,
+    refresh: bool = False,
+) -> Path:
+    """Install requirements for the target platform into a cached directory and return it."""
+    tags = platform_tags(arch)
+    key_source = "\n".join([CACHE_FORMAT, *tags, python_version, requirements.read_text()])
+    key = hashlib.sha256(key_source.encode()).hexdigest()[:16]
+    prefix = f"deps-py{python_version}-{arch}-"
+    target = cache_root / f"{prefix}{key}"
+    marker = target / ".complete"
+    if marker.is_file() and not refresh:
+        print(f"dependencies: cached in {_show(target)}")
+        return target
+    cache_root.mkdir(parents=True, exist_ok=True)
+    staging = cache_root / f".staging-{target.name}-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    command = [
+        sys.executable,
+        "-m",
+        "pip",
+        "install",
+        "--quiet",
+        "--disable-pip-version-check",
+        "--no-input",
+        "--no-compile",
+        "--target",
+        str(staging),
+        *(option for tag in tags for option in ("--platform", tag)),
+        "--implementation",
+        "cp",
+        "--python-version",
+        python_version,
+        "--only-binary=:all:",
+        "-r",
+        str(requirements),
+    ]
+    print(
+        f"dependencies: pip install for CPython {python_version} on {arch} "
+        f"({tags[-1]} to {tags[0]})"
+    )
+    started = time.monotonic()
+    try:
+        subprocess.run(command, check=True)
+    except subprocess.CalledProcessError as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise PackageError(
+            f"pip install failed (exit {exc.returncode}); a dependency without a binary wheel "
+            f"for CPython {python_version} on {arch} (manylinux up to glibc "
+            f"2.{LAMBDA_GLIBC_MINOR}) cannot be packaged: pin a version that has one"
+        ) from exc
+    marker_tmp = staging / ".complete"
+    marker_tmp.write_text(key_source)
+    shutil.rmtree(target, ignore_errors=True)
+    staging.rename(target)
+    # Older installs for the same interpreter and arch are stale: requirements changed.
+    for old in cache_root.glob(f"{prefix}*"):
+        if old != target:
+            shutil.rmtree(old, ignore_errors=True)
+    print(f"dependencies: installed in {time.monotonic() - started:.1f} s")
+    return target
+
+
+def _is_licence(name: str) -> bool:
+    return name.upper().startswith(_LICENCE_PREFIXES)
+
+
+def _skipped(relative: PurePosixPath) -> bool:
+    """Files of the dependency tree that are not needed at run time."""
+    parts = relative.parts
+    if parts[0] == "bin" or relative.suffix in _SKIP_SUFFIXES:
+        return True
+    if any(part in _SKIP_DIRS for part in parts[:-1]):
+        return True
+    if parts[0].endswith(".dist-info"):
+        inner = parts[1:]
+        if inner and inner[0] == "licenses":
+            return False
+        return not (len(inner) == 1 and (inner[0] in _KEEP_DIST_INFO or _is_licence(inner[0])))
+    return False
+
+
+def _walk(base: Path) -> Iterator[tuple[PurePosixPath, Path]]:
+    for directory, dirnames, filenames in os.walk(base):
+        dirnames.sort()
+        for name in sorted(filenames):
+            path = Path(directory, name)
+            yield PurePosixPath(path.relative_to(base).as_posix()), path
+
+
+def dependency_files(deps: Path) -> dict[str, Path]:
+    return {
+        str(relative): path
+        for relative, path in _walk(deps)
+        if relative.name != ".complete" and not _skipped(relative)
+    }
+
+
+def project_files(root: Path) -> dict[str, Path]:
+    """handler.py, the async_notifier package without local/, and templates/."""
+    files = {"handler.py": root / "handler.py"}
+    for top in ("async_notifier", "templates"):
+        for relative, path in _walk(root / top):
+            parts = relative.parts
+            if top == "async_notifier" and parts[0] == "local":
+                continue
+            if any(part == "__pycache__" or part.startswith(".") for part in parts):
+                continue
+            if relative.suffix in (".pyc", ".pyo"):
+                continue
+            files[f"{top}/{relative}"] = path
+    for name, path in files.items():
+        if not path.is_file():
+            raise PackageError(f"missing project file: {name}")
+    return files
+
+
+def write_zip(files: dict[str, Path], output: Path, *, epoch: int) -> int:
+    """Write a reproducible zip of `files` (arcname -> path); return the unzipped size."""
+    date_time = time.gmtime(max(epoch, ZIP_EPOCH))[:6]
+    directories = {
+        f"{parent}/"
+        for name in files
+        for parent in PurePosixPath(name).parents
+        if str(parent) != "."
+    }
+    unzipped = 0
+    output.parent.mkdir(parents=True, exist_ok=True)
+    partial = output.with_name(output.name + ".partial")
+    with zipfile.ZipFile(partial, "w") as archive:
+        for name in sorted(directories | set(files)):
+            info = zipfile.ZipInfo(name, date_time=date_time)
+            info.create_system = 3  # Unix, so the modes below are honoured when unpacked
+            if name in directories:
+                info.external_attr = ((stat.S_IFDIR | DIR_MODE) << 16) | 0x10  # MS-DOS dir bit
+                archive.writestr(info, b"")
+                continue
+            data = files[name].read_bytes()
+            unzipped += len(data)
+            info.external_attr = (stat.S_IFREG | FILE_MODE) << 16
+            info.compress_type = zipfile.ZIP_DEFLATED
+            archive.writestr(info, data, compresslevel=6)
+    partial.replace(output)
+    return unzipped
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as stream:
+        for chunk in iter(lambda: stream.read(MIB), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _show(path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def _mib(size: int) -> str:
+    return f"{size / MIB:.1f} MiB ({size:,} bytes)"
+
+
+def _distributions(deps: Path) -> list[str]:
+    names = []
+    for info in sorted(deps.glob("*.dist-info")):
+        name, _, version = info.name.removesuffix(".dist-info").partition("-")
+        names.append(f"{name} {version}")
+    return names
+
+
+def build(
+    *,
+    arch: str,
+    python_version: str,
+    output: Path,
+    cache_root: Path,
+    refresh: bool = False,
+    epoch: int = ZIP_EPOCH,
+) -> str:
+    """Build the package and return its sha256; raise PackageError when it cannot be used."""
+    started = time.monotonic()
+    deps = install_dependencies(
+        ROOT / "requirements.txt",
+        arch=arch,
+        python_version=python_version,
+        cache_root=cache_root,
+        refresh=refresh,
+    )
+    print("vendored: " + ", ".join(_distributions(deps)))
+    files = dependency_files(deps)
+    own = project_files(ROOT)
+    clash = sorted(set(files) & set(own))
+    if clash:
+        raise PackageError(f"a dependency ships files of this project: {', '.join(clash)}")
+    files.update(own)
+    unzipped = write_zip(files, output, epoch=epoch)
+    zipped = output.stat().st_size
+    sha256 = _sha256(output)
+    print(f"package:  {_show(output)} ({len(files)} files, CPython {python_version}, {arch})")
+    print(f"zipped:   {_mib(zipped)}, limit {_mib(MAX_ZIPPED_BYTES)}")
+    print(f"unzipped: {_mib(unzipped)}, limit {_mib(MAX_UNZIPPED_BYTES)}")
+    print(f"sha256:   {sha256}")
+    print(f"built in {time.monotonic() - started:.1f} s")
+    problems = []
+    if zipped > MAX_ZIPPED_BYTES:
+        problems.append(f"the zip is {_mib(zipped)}, over Lambda's {_mib(MAX_ZIPPED_BYTES)}")
+    if unzipped > MAX_UNZIPPED_BYTES:
+        problems.append(
+            f"the unzipped package is {_mib(unzipped)}, over Lambda's {_mib(MAX_UNZIPPED_BYTES)}"
+        )
+    if problems:
+        output.unlink()
+        raise PackageError("; ".join(problems))
+    return sha256
+
+
+def _source_date_epoch() -> int:
+    raw = os.environ.get("SOURCE_DATE_EPOCH", "").strip()
+    if not raw:
+        return ZIP_EPOCH
+    try:
+        return int(raw)
+    except ValueError:
+        raise PackageError(f"SOURCE_DATE_EPOCH must be an integer, got {raw!r}") from None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--arch",
+        choices=sorted(ARCHES),
+        default=DEFAULT_ARCH,
+        help=f"Lambda architecture (default {DEFAULT_ARCH})",
+    )
+    parser.add_argument(
+        "--python-version",
+        default=DEFAULT_PYTHON,
+        help=f"CPython version the wheels are for (default {DEFAULT_PYTHON}, Lambda's python3.12)",
+    )
+    parser.add_argument(
+        "--output",
+        type=Path,
+        default=ROOT / "dist" / "deployment-package.zip",
+        help="where to write the zip (default dist/deployment-package.zip)",
+    )
+    parser.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=ROOT / "build" / "package",
+        help="where dependency installs are cached (default build/package)",
+    )
+    parser.add_argument(
+        "--refresh", action="store_true", help="reinstall the dependencies, ignoring the cache"
+    )
+    args = parser.parse_args(argv)
+    if not re.fullmatch(r"3\.\d{1,2}", args.python_version):
+        parser.error(f"--python-version must look like 3.12, got {args.python_version!r}")
+    try:
+        build(
+            arch=args.arch,
+            python_version=args.python_version,
+            output=args.output,
+            cache_root=args.cache_dir,
+            refresh=args.refresh,
+            epoch=_source_date_epoch(),
+        )
+    except PackageError as exc:
+        print(f"package: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
