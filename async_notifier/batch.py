@@ -33,6 +33,7 @@ class RecordResult:
     bytes: int = 0
     retries: int = 0
     action: str = "sent"  # sent | sent_link | duplicate | already_delivered
+    maybe_delivered: bool = False  # cancelled after its message data went out
 
 
 @dataclass
@@ -205,6 +206,8 @@ def _log_outcome(outcome: Outcome) -> None:
     if outcome.error is None:
         log.info("record done", extra=fields)
         return
+    if outcome.result.maybe_delivered:
+        fields["maybe_delivered"] = True  # ambiguous: the server may have accepted it
     fields.update(
         error_class=outcome.error.kind,
         transient=outcome.error.transient,

@@ -105,7 +105,8 @@ class Pipeline:
         except DeliveryUnknown:
             raise  # may have been delivered: keep the mark until it expires
         except BaseException:
-            await self._idempotency.release(key)
+            if not result.maybe_delivered:
+                await self._idempotency.release(key)
             raise
         try:
             await self._idempotency.complete(key)
@@ -144,7 +145,9 @@ class Pipeline:
                 attachment_name=attachment.name,
             )
             await retrying(
-                lambda: self.pool.send(email),
+                lambda: self.pool.send(
+                    email, on_cancelled_after_data=lambda: _maybe_delivered(result)
+                ),
                 self._retry,
                 deadline=self._deadline,
                 on_retry=lambda _: _count_retry(result),
@@ -234,6 +237,10 @@ class Pipeline:
         return Attachment(
             size=size, link=url, link_expires_at=datetime.now(UTC) + timedelta(seconds=expiry)
         )
+
+
+def _maybe_delivered(result: RecordResult) -> None:
+    result.maybe_delivered = True
 
 
 def _count_retry(result: RecordResult) -> None:

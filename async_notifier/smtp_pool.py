@@ -16,7 +16,7 @@ import contextlib
 import socket
 import ssl
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 import aiosmtplib
@@ -30,6 +30,7 @@ from .errors import (
     SmtpThrottled,
     SmtpUnavailable,
 )
+from .logs import get_logger
 from .mime_stream import StreamedEmail
 from .secrets import SecretSource, SmtpCredentials
 from .smtp_channel import (
@@ -42,6 +43,7 @@ from .smtp_channel import (
 )
 from .throttle import PoolBackoff, TokenBucket, is_throttling
 
+log = get_logger()
 _QUIT_TIMEOUT = 2.0
 # Authentication problems are the sender's configuration, not the message's: retry after a fix.
 _AUTH_CODES = frozenset({530, 534, 535, 538})
@@ -94,8 +96,14 @@ class SmtpPool:
     async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
 
-    async def send(self, email: StreamedEmail) -> None:
-        """Deliver one email; a connection that failed before the message ended is replaced once."""
+    async def send(
+        self, email: StreamedEmail, *, on_cancelled_after_data: Callable[[], None] | None = None
+    ) -> None:
+        """Deliver one email; a connection that failed before the message ended is replaced once.
+
+        `on_cancelled_after_data` is called when the send is cancelled (the deadline) after
+        the end of the message went out: like DeliveryUnknown, the email may be delivered.
+        """
         for attempt in (1, 2):
             await self.backoff.wait()
             if self._rate is not None:
@@ -104,6 +112,15 @@ class SmtpPool:
                 reused = conn.messages_sent > 0
                 try:
                     await self._deliver(conn, email)
+                except asyncio.CancelledError:
+                    if conn.channel.end_sent:
+                        log.warning(
+                            "cancelled after the message was sent: delivery unknown",
+                            extra={"message_id": email.message_id},
+                        )
+                        if on_cancelled_after_data is not None:
+                            on_cancelled_after_data()
+                    raise
                 except _StaleConnection as exc:
                     if reused and attempt == 1:
                         continue
