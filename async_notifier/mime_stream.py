@@ -2,10 +2,13 @@
 
 Holding the whole message in memory (and letting aiosmtplib copy it several
 times) would make 32 emails with 20 MiB attachments in flight cost gigabytes.
-Here only the small parts are built in memory, by the stdlib email package and
-its SMTP policy (so headers, folding, RFC 2047/2231 encoding and part layout
-are the stdlib's, not ours: it also refuses CR/LF in header values, a second
-line of defence behind `messages`); the attachment is
+Here only the small parts are built in memory. `build_streamed_email` writes the
+stdlib email package's layout (SMTP policy) with string formatting and asks the
+stdlib to fold and encode every header that is not plain ASCII fitting a line
+(RFC 2047/2231 encoding stays the stdlib's, which also refuses CR/LF in header
+values, a second line of defence behind `messages`) and to quoted-printable-encode
+the bodies; `build_streamed_email_stdlib`, the whole build by the stdlib, is the
+reference the tests hold it to, byte for byte. The attachment is
 base64-encoded from the file block by block while the message is sent, and
 the total size is known up front for SMTP's SIZE parameter.
 """
@@ -15,22 +18,27 @@ from __future__ import annotations
 import asyncio
 import binascii
 import contextlib
+import functools
+import random
 import re
+import struct
+import sys
 import unicodedata
 from collections.abc import AsyncGenerator, Generator, Iterator
 from dataclasses import dataclass
-from email import policy
+from email import policy, quoprimime
 from email.header import Header
 from email.headerregistry import Address
 from email.message import EmailMessage
 from email.policy import Policy
-from email.utils import formatdate
+from email.utils import formatdate, quote
 from pathlib import Path, PurePosixPath
 
 from .messages import Notification
 from .render import RenderedEmail
 
-SMTP_POLICY = policy.SMTP.clone(max_line_length=78)
+_MAX_LINE = 78
+SMTP_POLICY = policy.SMTP.clone(max_line_length=_MAX_LINE)
 _UNSAFE_FILENAME = re.compile(r'[\\/:*?"<>|\x00-\x1f\x7f]+')
 
 
@@ -83,13 +91,33 @@ def encoded_length(raw_size: int) -> int:
     return full * ENCODED_LINE + (4 * -(-rest // 3) + len(_LINESEP) if rest else 0)
 
 
-def encode_lines(raw: bytes) -> bytes:
+class Base64Lines(bytes):
+    """Base64 in 76-character CRLF lines: no line starts with "." and no CR or LF is bare.
+
+    The marker lets `smtp_stream.DataEncoder` pass such a chunk through without scanning
+    it for dot-stuffing and line endings (it can never need either).
+    """
+
+    __slots__ = ()
+
+
+@functools.lru_cache(maxsize=8)
+def _line_splitter(lines: int) -> struct.Struct:
+    # One C call cuts the encoded block into its 76-character lines (a list comprehension
+    # of slices cost more than the base64 encoding itself).
+    return struct.Struct(f"{B64_LINE}s" * lines)
+
+
+def encode_lines(raw: bytes) -> Base64Lines:
     """Base64 in 76-character lines, each ending in CRLF, as the stdlib lays an attachment out."""
     encoded = binascii.b2a_base64(raw, newline=False)
     if not encoded:
-        return b""
-    lines = [encoded[i : i + B64_LINE] for i in range(0, len(encoded), B64_LINE)]
-    return _LINESEP.join(lines) + _LINESEP
+        return Base64Lines()
+    full, rest = divmod(len(encoded), B64_LINE)
+    lines = _line_splitter(full).unpack_from(encoded) if full else ()
+    if rest:
+        lines += (encoded[full * B64_LINE :],)
+    return Base64Lines(_LINESEP.join((*lines, b"")))
 
 
 @dataclass(frozen=True)
@@ -164,7 +192,7 @@ class StreamedEmail:
         yield from _pieces(self.tail, chunk_size)
 
 
-def build_streamed_email(
+def build_streamed_email_stdlib(
     notification: Notification,
     rendered: RenderedEmail,
     *,
@@ -172,12 +200,13 @@ def build_streamed_email(
     attachment: Path | None = None,
     attachment_name: str | None = None,
 ) -> StreamedEmail:
-    """What `mailer.build_email` builds for the same inputs, with the ZIP left on disk.
+    """The reference build, entirely by the stdlib email package (slow: ~1.5 ms a message).
 
-    The stdlib builds the message with an empty attachment part: that yields the
-    part's headers (filename encoded per RFC 2231 when non-ASCII) and an empty body
-    followed by the closing boundary, and the base64 body slots in just before that
-    boundary. Base64 lines never start with "--", so the boundary the stdlib chose
+    `build_streamed_email` must produce the same bytes (Date and boundaries aside);
+    the tests hold it to that. The stdlib builds the message with an empty attachment
+    part: that yields the part's headers (filename encoded per RFC 2231 when non-ASCII)
+    and an empty body followed by the closing boundary, and the base64 body slots in
+    just before that boundary. Base64 lines never start with "--", so the boundary the stdlib chose
     cannot collide with the attachment it did not see.
     """
     if notification.email is None:
@@ -219,6 +248,184 @@ def build_streamed_email(
         attachment_size=size,
         tail=tail,
     )
+
+
+# --------------------------------------------------------------------------- fast build
+# The layout below is what the stdlib's EmailMessage (set_content, add_alternative,
+# add_attachment, SMTP policy) produces, written out with string formatting. The stdlib
+# still folds and encodes every header whose value is not plain ASCII that fits a line
+# (To with a non-ASCII or quoted display name, Subject, a non-ASCII or long filename,
+# and anything unusual), and still quoted-printable-encodes the bodies; the tests hold
+# the result byte for byte to `build_streamed_email_stdlib`'s.
+
+_CRLF = "\r\n"
+# Values the stdlib would emit unchanged: no encoded words, quoting or folding needed.
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9]+(?: [A-Za-z0-9]+)*")
+_PLAIN_ADDR = re.compile(r"[A-Za-z0-9_+-]+(?:\.[A-Za-z0-9_+-]+)*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*")
+_PLAIN_TOKEN = re.compile(r"[A-Za-z0-9._-]+")
+_PLAIN_SUBJECT = re.compile(r"[\x21-\x3c\x3e-\x7e]+(?: [\x21-\x3c\x3e-\x7e]+)*")  # no "="
+
+
+def _stdlib_header(name: str, value: object) -> str:
+    """One header line (folded, CRLF-terminated) exactly as EmailMessage would emit it."""
+    folded: bytes = SMTP_POLICY.fold_binary(*SMTP_POLICY.header_store_parse(name, value))
+    return folded.decode("ascii")
+
+
+def _header(name: str, value: str, plain: re.Pattern[str]) -> str:
+    line = f"{name}: {value}{_CRLF}"
+    if len(line) - 2 <= _MAX_LINE and plain.fullmatch(value):
+        return line
+    return _stdlib_header(name, value)
+
+
+@functools.lru_cache(maxsize=64)
+def _from_header(display_name: str, username: str, domain: str) -> str:
+    return _stdlib_header("From", Address(display_name, username, domain))
+
+
+@functools.lru_cache(maxsize=1024)
+def _to_template(display_name: str, local_len: int, domain_len: int) -> str | None:
+    """The To line for a plain address of these lengths, with "{}" where the address goes.
+
+    How the stdlib encodes a display name does not depend on a plain address, only on
+    its length (which decides folding): a line that did not fold is cached as a template.
+    """
+    placeholder = f"{'x' * local_len}@{'y' * domain_len}"
+    line = _stdlib_header("To", Address(display_name=display_name, addr_spec=placeholder))
+    if line.count(_CRLF) != 1 or line.count(placeholder) != 1 or "{" in line or "}" in line:
+        return None
+    return line.replace(placeholder, "{}")
+
+
+def _to_header(display_name: str, addr: str) -> str:
+    if not _PLAIN_ADDR.fullmatch(addr):
+        return _stdlib_header("To", Address(display_name=display_name, addr_spec=addr))
+    if not display_name:
+        return _header("To", addr, _PLAIN_ADDR)
+    if _PLAIN_NAME.fullmatch(display_name):
+        return _header("To", f"{display_name} <{addr}>", _ANY)
+    local, _, domain = addr.rpartition("@")
+    template = _to_template(display_name, len(local), len(domain))
+    if template is None:
+        return _stdlib_header("To", Address(display_name=display_name, addr_spec=addr))
+    return template.format(addr)
+
+
+def _subject_header(subject: str) -> str:
+    line = f"Subject: {subject}{_CRLF}"
+    if len(line) - 2 <= _MAX_LINE and _PLAIN_SUBJECT.fullmatch(subject):
+        return line
+    return _Subject(subject).fold(policy=SMTP_POLICY)
+
+
+def _date_header() -> str:
+    # formatdate's GMT form, as the Date header renders the parsed value ("+0000").
+    return f"Date: {formatdate(usegmt=True)[:-3]}+0000{_CRLF}"
+
+
+def _boundary() -> str:
+    """The stdlib's boundary format ("=" * 15 + 19 random digits + "=="), unique per part.
+
+    Quoted-printable writes "=" as "=3D" and base64 has no "-", so neither body can
+    contain a line "--" + boundary: the stdlib's check of the text is not needed.
+    """
+    return f"==============={random.randrange(sys.maxsize):019d}=="
+
+
+def _qp_body(text: str) -> str:
+    # What contentmanager's set_text_content(cte="quoted-printable") stores, with the
+    # generator's CRLF line endings.
+    lines = text.encode("utf-8").splitlines()
+    body = quoprimime.body_encode((b"\n".join(lines) + b"\n").decode("latin-1"), _MAX_LINE)
+    return body.replace("\n", _CRLF)
+
+
+_MIME = f"MIME-Version: 1.0{_CRLF}"
+_TEXT_PART = (
+    f'Content-Type: text/plain; charset="utf-8"{_CRLF}'
+    f"Content-Transfer-Encoding: quoted-printable{_CRLF}{_CRLF}"
+)
+_HTML_PART = (
+    f'Content-Type: text/html; charset="utf-8"{_CRLF}'
+    f"Content-Transfer-Encoding: quoted-printable{_CRLF}{_MIME}{_CRLF}"
+)
+
+
+def _alternative_type(boundary: str) -> str:
+    return f'Content-Type: multipart/alternative;{_CRLF} boundary="{boundary}"{_CRLF}'
+
+
+def build_streamed_email(
+    notification: Notification,
+    rendered: RenderedEmail,
+    *,
+    sender: Address,
+    attachment: Path | None = None,
+    attachment_name: str | None = None,
+) -> StreamedEmail:
+    """What `build_streamed_email_stdlib` builds for the same inputs, about 10x faster.
+
+    The ZIP stays on disk: the head ends with the attachment part's headers and the
+    tail is the closing boundary, so the base64 body slots in between.
+    """
+    if notification.email is None:
+        raise ValueError("the recipient's address has not been looked up")
+    domain = sender.domain or "localhost"
+    mid = message_id(notification, domain)
+    inner = _boundary()
+    outer = _boundary() if attachment is not None else inner
+    while outer == inner and attachment is not None:
+        outer = _boundary()
+    parts = [
+        _from_header(sender.display_name, sender.username, sender.domain),
+        _to_header(notification.name or "", notification.email),
+        _subject_header(rendered.subject),
+        _date_header(),
+        _header("Message-ID", mid, _MESSAGE_ID),
+        _header("X-Video-Id", notification.video_id, _PLAIN_TOKEN),
+        _MIME,
+    ]
+    language = _header("Content-Language", rendered.locale, _PLAIN_TOKEN)
+    if attachment is not None:
+        parts += [f'Content-Type: multipart/mixed; boundary="{outer}"{_CRLF}', language]
+        parts += [_CRLF, f"--{outer}{_CRLF}", _alternative_type(inner), _CRLF]
+    else:
+        parts += [_alternative_type(inner), language, _CRLF]
+    parts += [f"--{inner}{_CRLF}", _TEXT_PART, _qp_body(rendered.text)]
+    parts += [f"{_CRLF}--{inner}{_CRLF}", _HTML_PART, _qp_body(rendered.html)]
+    parts.append(f"{_CRLF}--{inner}--{_CRLF}")
+    size = 0
+    tail = b""
+    if attachment is not None:
+        size = attachment.stat().st_size
+        filename = attachment_name or attachment_filename(notification)
+        parts += [
+            f"{_CRLF}--{outer}{_CRLF}",
+            f"Content-Type: application/zip{_CRLF}",
+            f"Content-Transfer-Encoding: base64{_CRLF}",
+            _header(
+                "Content-Disposition", f'attachment; filename="{quote(filename)}"', _DISPOSITION
+            ),
+            _MIME,
+            _CRLF,
+        ]
+        tail = f"{_CRLF}--{outer}--{_CRLF}".encode("ascii")
+    head = "".join(parts).encode("ascii")
+    return StreamedEmail(
+        sender=sender.addr_spec,
+        recipient=notification.email,
+        message_id=mid,
+        head=head,
+        attachment=attachment,
+        attachment_size=size,
+        tail=tail,
+    )
+
+
+_MESSAGE_ID = re.compile(r"<[A-Za-z0-9]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*>")
+_DISPOSITION = re.compile(r'attachment; filename="[A-Za-z0-9._-]+(?: [A-Za-z0-9._-]+)*"')
+_ANY = re.compile(r".*")
 
 
 def _pieces(data: bytes, size: int) -> Iterator[bytes]:

@@ -19,7 +19,7 @@ from aiosmtplib import SMTPResponse
 from aiosmtplib.errors import SMTPDataError, SMTPServerDisconnected, SMTPTimeoutError
 from aiosmtplib.protocol import SMTPProtocol
 
-from .mime_stream import DEFAULT_CHUNK_SIZE, StreamedEmail
+from .mime_stream import DEFAULT_CHUNK_SIZE, Base64Lines, StreamedEmail
 
 # The same rule as aiosmtplib.protocol.LINE_ENDINGS_REGEX: CRLF, bare LF, bare CR.
 _LINE_ENDINGS = re.compile(rb"\r\n|\n|\r(?!\n)")
@@ -48,6 +48,12 @@ class DataEncoder:
         """Encode `chunk`; may hold back one trailing CR until the next byte is known."""
         if self._finished:
             raise RuntimeError("DataEncoder.feed() after finish()")
+        if type(chunk) is Base64Lines and self._line_start and not self._held_cr:
+            # Whole base64 lines ending in CRLF: nothing to stuff or fix (no line starts
+            # with "." and there is no bare CR or LF), so skip the four scans below.
+            if chunk:
+                self._ends_crlf = True
+            return chunk
         data = b"\r" + chunk if self._held_cr else chunk
         self._held_cr = data.endswith(b"\r")
         if self._held_cr:

@@ -1,6 +1,7 @@
-"""The streamed message equals `mailer.build_email`'s, and streams through real SMTP unchanged.
+"""The streamed message equals the stdlib's build, and streams through real SMTP unchanged.
 
-References are the real thing, never a re-implementation: the stdlib build in `mailer`, a
+References are the real thing, never a re-implementation: the build entirely by the stdlib
+email package (`build_streamed_email_stdlib`, which the fast builder must match), a
 mail client's parse, aiosmtplib's own DATA encoding, and a real aiosmtpd server.
 """
 
@@ -34,8 +35,11 @@ from async_notifier.mailer import attachment_filename, build_email
 from async_notifier.messages import Notification, parse_body
 from async_notifier.mime_stream import (
     AttachmentChanged,
+    Base64Lines,
     StreamedEmail,
     build_streamed_email,
+    build_streamed_email_stdlib,
+    encode_lines,
     encoded_length,
 )
 from async_notifier.render import RenderedEmail, Renderer
@@ -79,12 +83,15 @@ def both(
     name: str | None = None,
     rendered: RenderedEmail | None = None,
 ) -> tuple[bytes, StreamedEmail]:
-    """The same inputs through `mailer.build_email` and `build_streamed_email`."""
+    """The same inputs through the stdlib reference build and `build_streamed_email`."""
     if attachment is not None and name is None:
         name = attachment_filename(n)
     rendered = rendered or renderer.render(n, attachment_name=name)
     kwargs: dict[str, Any] = {"sender": SENDER, "attachment": attachment, "attachment_name": name}
-    return build_email(n, rendered, **kwargs).data, build_streamed_email(n, rendered, **kwargs)
+    reference = b"".join(build_streamed_email_stdlib(n, rendered, **kwargs).iter_chunks())
+    streamed = build_streamed_email(n, rendered, **kwargs)
+    assert normalised(build_email(n, rendered, **kwargs).data) == normalised(joined(streamed))
+    return reference, streamed
 
 
 def joined(streamed: StreamedEmail, chunk_size: int = 256 * 1024) -> bytes:
@@ -158,6 +165,75 @@ def test_stream_equals_the_stdlib_build(renderer: Renderer, tmp_path: Path, size
     assert streamed.sender == "no-reply@example.com"
     assert streamed.recipient == "maria@example.com"
     assert streamed.message_id == parsed["Message-ID"]
+
+
+_NAMES = [
+    "Maria",
+    "João",
+    "Ana Luísa",
+    "",
+    None,
+    "O'Brien",
+    "Dr. Who",
+    "a" * 70,
+    "Ana  Maria",
+    "José da Silva Conceição Pereira dos Santos Albuquerque",
+    '"quoted"',
+    "x,y",
+    "日本語 名前",
+]
+_EMAILS = ["maria@example.com", "a.b+c@sub.example.com", "x" * 50 + "@" + "y" * 40 + ".com"]
+_FILES = ["férias.mp4", "video 00001.mp4", "a" * 120 + ".mp4", "my;file.mp4", "x'y.mp4", None]
+_SENDERS = [SENDER, Address("Notificações", "n", "ex.com.br"), Address("", "x", "d" * 60 + ".com")]
+
+
+def test_fast_build_matches_the_stdlib_for_odd_headers(renderer: Renderer, tmp_path: Path) -> None:
+    """Plain values take the string-formatting path, the rest the stdlib's: same bytes."""
+    path = write_file(tmp_path / "a.zip", 200)
+    rnd = random.Random(5)
+    for _ in range(150):
+        n = notification(
+            name=rnd.choice(_NAMES),
+            email=rnd.choice(_EMAILS),
+            file_name=rnd.choice(_FILES),
+            locale=rnd.choice(["pt-BR", "en"]),
+            video_id=rnd.choice(["298ce197-3627-4845-83d7-cd6c98a9df8c", "v 1", "x" * 80]),
+            status=rnd.choice(["COMPLETED", "FAILED"]),
+            message="falhou",
+        )
+        attachment = rnd.choice([path, None])
+        name = attachment_filename(n) if attachment else None
+        rendered = renderer.render(n, attachment_name=name)
+        kwargs: dict[str, Any] = {
+            "sender": rnd.choice(_SENDERS),
+            "attachment": attachment,
+            "attachment_name": name,
+        }
+        reference = build_streamed_email_stdlib(n, rendered, **kwargs)
+        streamed = build_streamed_email(n, rendered, **kwargs)
+        data = joined(streamed)
+        assert normalised(data) == normalised(joined(reference)), (n, kwargs)
+        assert streamed.size == len(data)
+        assert (streamed.sender, streamed.recipient, streamed.message_id) == (
+            reference.sender,
+            reference.recipient,
+            reference.message_id,
+        )
+
+
+def test_boundaries_are_fresh_and_distinct(renderer: Renderer, tmp_path: Path) -> None:
+    path = write_file(tmp_path / "a.zip", 10)
+    seen: set[bytes] = set()
+    for _ in range(50):
+        data = joined(
+            build_streamed_email(
+                notification(), renderer.render(notification()), sender=SENDER, attachment=path
+            )
+        )
+        outer, inner = re.findall(rb'boundary="([^"]+)"', data)
+        assert outer != inner
+        assert not {outer, inner} & seen
+        seen |= {outer, inner}
 
 
 @pytest.mark.parametrize("chunk_size", [78, 79, 155, 156, 4096, 65_536])
@@ -384,6 +460,16 @@ async def test_data_encoder_on_a_streamed_message_equals_aiosmtplib(
     wire = await aiosmtplib_data(message)
     for chunk_size in (78, 1000, 4096, 256 * 1024):
         assert encode(streamed.iter_chunks(chunk_size)) == wire
+
+
+async def test_base64_chunks_pass_through_only_at_a_line_start() -> None:
+    lines = encode_lines(random.Random(3).randbytes(57 * 40 + 7))
+    assert isinstance(lines, Base64Lines)
+    assert lines.endswith(b"\r\n")
+    assert not lines.startswith(b".")
+    for before in (b"", b"head\r\n", b"head\r", b"head", b"\r\n."):
+        wire = await aiosmtplib_data(before + bytes(lines))
+        assert encode([before, lines]) == wire, before
 
 
 def test_data_encoder_is_single_use() -> None:
