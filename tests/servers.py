@@ -21,9 +21,6 @@ import json
 import random
 import socket
 import ssl
-import subprocess
-import sys
-import tempfile
 import threading
 import time
 import uuid
@@ -43,6 +40,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from async_notifier.local.moto import MotoProcess
+
 LOOPBACK = "127.0.0.1"
 REGION = "us-east-1"
 
@@ -58,121 +57,30 @@ def free_port() -> int:
 # --------------------------------------------------------------------------- moto (AWS)
 
 
-def _moto_command() -> list[str]:
-    """The venv's `moto_server` script, or the module when the script is not installed."""
-    script = Path(sys.executable).with_name("moto_server")
-    if script.exists():
-        return [str(script)]
-    return [sys.executable, "-m", "moto.server"]
+class MotoServer(MotoProcess):
+    """moto in server mode as a subprocess, so S3 traffic does not compete for the test's GIL.
 
-
-class MotoServer:
-    """moto in server mode as a subprocess, so S3 traffic does not compete for the test's GIL."""
+    The same process `make run-local` starts, plus what tests need: reset and a liveness check.
+    """
 
     def __init__(self, *, start_timeout: float = 15.0) -> None:
-        self.host = LOOPBACK
-        self.port = 0
-        self.start_timeout = start_timeout
-        self._process: subprocess.Popen[bytes] | None = None
-        # werkzeug logs every request; a pipe nobody reads would fill up and stall the server.
-        self._log: Any = None
-
-    @property
-    def endpoint_url(self) -> str:
-        return f"http://{self.host}:{self.port}"
-
-    def start(self, attempts: int = 3) -> None:
-        """Start and wait until it answers; retry on another port if one was taken meanwhile."""
-        if self._process is not None:
-            raise RuntimeError("moto server already running")
-        error: RuntimeError | None = None
-        for _ in range(attempts):
-            try:
-                self._start_once()
-                return
-            except RuntimeError as exc:
-                error = exc
-                self.stop()
-        assert error is not None
-        raise error
-
-    def _start_once(self) -> None:
-        self.port = free_port()
-        self._log = tempfile.TemporaryFile()  # noqa: SIM115 - lives until stop()
-        self._process = subprocess.Popen(
-            [*_moto_command(), "-H", self.host, "-p", str(self.port)],
-            stdin=subprocess.DEVNULL,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-        )
-        deadline = time.monotonic() + self.start_timeout
-        while time.monotonic() < deadline:
-            if self._process.poll() is not None:
-                raise RuntimeError(
-                    f"moto_server exited with {self._process.returncode}:\n{self.output()}"
-                )
-            try:
-                self._request("GET", "/moto-api/", timeout=1)
-                return
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError(
-            f"moto_server did not answer within {self.start_timeout}s:\n{self.output()}"
-        )
-
-    def output(self) -> str:
-        """What the server printed so far (for failure messages)."""
-        if self._log is None:
-            return ""
-        self._log.flush()
-        self._log.seek(0)
-        text: str = self._log.read().decode(errors="replace")
-        self._log.seek(0, io.SEEK_END)
-        return text
+        super().__init__(start_timeout=start_timeout)
 
     def reset(self) -> None:
         """Drop all state (buckets, queues...) so tests sharing the session server stay isolated."""
-        self._request("POST", "/moto-api/reset", timeout=10)
-
-    def _request(self, method: str, path: str, timeout: float) -> None:
-        connection = http.client.HTTPConnection(self.host, self.port, timeout=timeout)
+        connection = http.client.HTTPConnection(self.host, self.port, timeout=10)
         try:
-            connection.request(method, path)
+            connection.request("POST", "/moto-api/reset")
             response = connection.getresponse()
             response.read()
             if response.status >= 400:
-                raise RuntimeError(f"moto {method} {path}: HTTP {response.status}")
+                raise RuntimeError(f"moto reset: HTTP {response.status}")
         finally:
             connection.close()
-
-    def stop(self) -> None:
-        process, self._process = self._process, None
-        if process is not None and process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout=10)
-        if self._log is not None:
-            self._log.close()
-            self._log = None
 
     @property
     def running(self) -> bool:
         return self._process is not None and self._process.poll() is None
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
 
 def s3_client(endpoint_url: str) -> Any:
