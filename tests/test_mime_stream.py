@@ -26,7 +26,7 @@ from typing import Any
 
 import aiosmtplib
 import pytest
-from aiosmtplib.errors import SMTPDataError, SMTPServerDisconnected, SMTPTimeoutError
+from aiosmtplib.errors import SMTPServerDisconnected
 from aiosmtplib.protocol import SMTPProtocol
 from servers import LOOPBACK, SmtpSink
 
@@ -43,7 +43,8 @@ from async_notifier.mime_stream import (
     encoded_length,
 )
 from async_notifier.render import RenderedEmail, Renderer
-from async_notifier.smtp_stream import DataEncoder, send_streamed_data
+from async_notifier.smtp_channel import RefusedError, Reply, SmtpChannel
+from async_notifier.smtp_stream import DataEncoder
 
 SENDER = Address(display_name="Async Notifier", username="no-reply", domain="example.com")
 MiB = 1024 * 1024
@@ -484,16 +485,20 @@ def test_data_encoder_is_single_use() -> None:
 # --------------------------------------------------------------------------- real SMTP
 
 
-async def connect(sink: SmtpSink | tuple[str, int]) -> aiosmtplib.SMTP:
+async def connect(sink: SmtpSink | tuple[str, int]) -> SmtpChannel:
+    """A session set up by aiosmtplib and handed to SmtpChannel, as the pool does it."""
     host, port = (sink.host, sink.port) if isinstance(sink, SmtpSink) else sink
     smtp = aiosmtplib.SMTP(hostname=host, port=port, start_tls=False, timeout=TIMEOUT)
     await smtp.connect()
-    return smtp
+    await smtp.ehlo()
+    return SmtpChannel.take_over(smtp)
 
 
-async def envelope(smtp: aiosmtplib.SMTP, streamed: StreamedEmail) -> None:
-    await smtp.mail(streamed.sender, options=[f"SIZE={streamed.size}"])
-    await smtp.rcpt(streamed.recipient)
+async def send(
+    channel: SmtpChannel, streamed: StreamedEmail, *, chunk_size: int = 4096, size: bool = True
+) -> Reply:
+    async with asyncio.timeout(TIMEOUT):
+        return await channel.send(streamed, pipelining=True, size=size, chunk_size=chunk_size)
 
 
 async def test_end_to_end_through_aiosmtpd(
@@ -511,13 +516,12 @@ async def test_end_to_end_through_aiosmtpd(
         attachment=write_file(tmp_path / "other.zip", 57 * 3, seed=2),
     )
 
-    smtp = await connect(smtp_sink)
+    channel = await connect(smtp_sink)
     for message in (streamed, second):  # the connection stays in sync for the next one
-        await envelope(smtp, message)
-        reply = await send_streamed_data(smtp, message, chunk_size=4096, timeout=TIMEOUT)
+        reply = await send(channel, message)
         assert reply.code == 250
-    assert (await smtp.noop()).code == 250
-    await smtp.quit()
+    assert await channel.noop()
+    await channel.quit()
 
     received = await asyncio.to_thread(smtp_sink.wait_for, 2)
     assert smtp_sink.connections_opened == 1
@@ -538,13 +542,12 @@ async def test_missing_file_fails_before_data(
 ) -> None:
     _, streamed = both(renderer, notification(), write_file(tmp_path / "a.zip", 100))
     (tmp_path / "a.zip").unlink()
-    smtp = await connect(smtp_sink)
-    await envelope(smtp, streamed)
+    channel = await connect(smtp_sink)
     with pytest.raises(FileNotFoundError):
-        await send_streamed_data(smtp, streamed, timeout=TIMEOUT)
-    assert smtp.is_connected
-    assert (await smtp.rset()).code == 250  # still in sync
-    await smtp.quit()
+        await send(channel, streamed)
+    assert channel.is_connected
+    assert (await channel.command("RSET")).code == 250  # still in sync
+    await channel.quit()
 
 
 async def test_failure_inside_data_closes_the_connection(
@@ -553,11 +556,10 @@ async def test_failure_inside_data_closes_the_connection(
     path = write_file(tmp_path / "a.zip", 200_000)
     _, streamed = both(renderer, notification(), path)
     write_file(path, 100_000)  # shrinks after the size was taken
-    smtp = await connect(smtp_sink)
-    await envelope(smtp, streamed)
+    channel = await connect(smtp_sink)
     with pytest.raises(AttachmentChanged):
-        await send_streamed_data(smtp, streamed, chunk_size=4096, timeout=TIMEOUT)
-    assert not smtp.is_connected
+        await send(channel, streamed)
+    assert not channel.is_connected
     await asyncio.to_thread(smtp_sink.wait_idle)
     assert smtp_sink.messages == []  # the partial message died with the connection
 
@@ -567,15 +569,13 @@ async def test_a_refused_message_leaves_the_connection_usable(
 ) -> None:
     _, streamed = both(renderer, notification(), write_file(tmp_path / "a.zip", 300_000))
     with SmtpSink(data_size_limit=100_000) as sink:
-        smtp = await connect(sink)
-        await smtp.mail(streamed.sender)  # no SIZE: the limit is hit inside DATA
-        await smtp.rcpt(streamed.recipient)
-        with pytest.raises(SMTPDataError) as caught:
-            await send_streamed_data(smtp, streamed, chunk_size=8192, timeout=TIMEOUT)
-        assert caught.value.code == 552
-        assert smtp.is_connected
-        assert (await smtp.rset()).code == 250
-        await smtp.quit()
+        channel = await connect(sink)
+        with pytest.raises(RefusedError) as caught:  # no SIZE: the limit is hit inside DATA
+            await send(channel, streamed, chunk_size=8192, size=False)
+        assert (caught.value.phase, caught.value.reply.code) == ("MESSAGE", 552)
+        assert channel.is_connected
+        assert (await channel.command("RSET")).code == 250
+        await channel.quit()
         assert sink.messages == []
 
 
@@ -603,20 +603,19 @@ async def test_a_server_that_stops_reading_times_out(renderer: Renderer, tmp_pat
     server = await asyncio.start_server(serve, LOOPBACK, 0)
     try:
         port = server.sockets[0].getsockname()[1]
-        smtp = await connect((LOOPBACK, port))
-        await envelope(smtp, streamed)
-        with pytest.raises(SMTPTimeoutError, match="sending message data"):
-            await send_streamed_data(smtp, streamed, timeout=0.5)
+        channel = await connect((LOOPBACK, port))
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.5):
+                await channel.send(streamed, pipelining=False, size=True, chunk_size=65536)
         assert stalled.is_set()
-        assert not smtp.is_connected
+        assert not channel.is_connected
+        assert not channel.end_sent  # the end of the message never went out
     finally:
         release.set()
         server.close()
         await server.wait_closed()
 
 
-async def test_not_connected_is_refused(renderer: Renderer) -> None:
-    n = notification(status="FAILED", bucket=None, key=None)
-    _, streamed = both(renderer, n, None)
+async def test_not_connected_is_refused() -> None:
     with pytest.raises(SMTPServerDisconnected):
-        await send_streamed_data(aiosmtplib.SMTP(), streamed, timeout=TIMEOUT)
+        SmtpChannel.take_over(aiosmtplib.SMTP())
