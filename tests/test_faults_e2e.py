@@ -474,8 +474,10 @@ def test_drop_in_the_middle_of_data_is_resent_and_delivered_once(
     env: dict[str, str], aws: MotoServer, faulty_smtp: FaultySmtp, pipelining: bool
 ) -> None:
     # Big enough that the worker is still writing the body when the server hangs up, so it
-    # knows the end-of-data mark never went out: nothing can have been delivered.
-    objects = {"big/a.zip": make_zip(3 * 1024 * 1024, seed=5)}
+    # knows the end-of-data mark never went out: nothing can have been delivered. (Loopback
+    # socket buffers can hold a few MiB: with 3 MiB the whole message sometimes fit, and the
+    # hang-up then looked like the ambiguous case.)
+    objects = {"big/a.zip": make_zip(12 * 1024 * 1024, seed=5)}
     objects["big/b.zip"] = objects["big/a.zip"][::-1]  # not a ZIP, but bytes are bytes
     seed(aws, objects)
     faulty_smtp.faults = SmtpFaults(drop_in_data_every=2)
