@@ -24,7 +24,7 @@ from .messages import SqsRecord
 log = get_logger()
 
 
-@dataclass
+@dataclass(slots=True)
 class RecordResult:
     """What processing one record produced, beyond success: for logs and metrics."""
 
@@ -36,7 +36,7 @@ class RecordResult:
     maybe_delivered: bool = False  # cancelled after its message data went out
 
 
-@dataclass
+@dataclass(slots=True)
 class Outcome:
     message_id: str
     error: NotifierError | None

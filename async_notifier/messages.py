@@ -35,7 +35,7 @@ MAX_TEXT = 255
 MAX_ERROR_TEXT = 10_000
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class SqsRecord:
     """The parts of an SQS record the worker needs, typed."""
 
@@ -76,7 +76,7 @@ class SqsRecord:
         return cls(message_id, body, receive_count, attributes, record)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Notification:
     video_id: str
     status: Status
