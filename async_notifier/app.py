@@ -212,10 +212,6 @@ def aws_client(service: str, settings: Settings) -> Any:
     )
 
 
-def s3_client(settings: Settings) -> Any:
-    return aws_client("s3", settings)
-
-
 def _records(event: Any) -> list[Any]:
     records = event.get("Records") if isinstance(event, dict) else None
     if not isinstance(records, list):

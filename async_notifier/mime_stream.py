@@ -7,8 +7,8 @@ stdlib email package's layout (SMTP policy) with string formatting and asks the
 stdlib to fold and encode every header that is not plain ASCII fitting a line
 (RFC 2047/2231 encoding stays the stdlib's, which also refuses CR/LF in header
 values, a second line of defence behind `messages`) and to quoted-printable-encode
-the bodies; `build_streamed_email_stdlib`, the whole build by the stdlib, is the
-reference the tests hold it to, byte for byte. The attachment is
+the bodies; the tests hold it, byte for byte, to a build done entirely by the
+stdlib (`tests/test_mime_stream.py`). The attachment is
 base64-encoded from the file block by block while the message is sent, and
 the total size is known up front for SMTP's SIZE parameter.
 """
@@ -29,7 +29,6 @@ from dataclasses import dataclass
 from email import policy, quoprimime
 from email.header import Header
 from email.headerregistry import Address
-from email.message import EmailMessage
 from email.policy import Policy
 from email.utils import formatdate, quote
 from pathlib import Path, PurePosixPath
@@ -192,71 +191,14 @@ class StreamedEmail:
         yield from _pieces(self.tail, chunk_size)
 
 
-def build_streamed_email_stdlib(
-    notification: Notification,
-    rendered: RenderedEmail,
-    *,
-    sender: Address,
-    attachment: Path | None = None,
-    attachment_name: str | None = None,
-) -> StreamedEmail:
-    """The reference build, entirely by the stdlib email package (slow: ~1.5 ms a message).
-
-    `build_streamed_email` must produce the same bytes (Date and boundaries aside);
-    the tests hold it to that. The stdlib builds the message with an empty attachment
-    part: that yields the part's headers (filename encoded per RFC 2231 when non-ASCII)
-    and an empty body followed by the closing boundary, and the base64 body slots in
-    just before that boundary. Base64 lines never start with "--", so the boundary the stdlib chose
-    cannot collide with the attachment it did not see.
-    """
-    if notification.email is None:
-        raise ValueError("the recipient's address has not been looked up")
-    msg = EmailMessage(policy=SMTP_POLICY)
-    msg["From"] = sender
-    msg["To"] = Address(display_name=notification.name or "", addr_spec=notification.email)
-    msg["Subject"] = _Subject(rendered.subject)
-    msg["Date"] = formatdate(localtime=False, usegmt=True)
-    msg["Message-ID"] = mid = message_id(notification, sender.domain or "localhost")
-    msg["X-Video-Id"] = notification.video_id
-    msg.set_content(rendered.text, subtype="plain", charset="utf-8", cte="quoted-printable")
-    msg.add_alternative(rendered.html, subtype="html", charset="utf-8", cte="quoted-printable")
-    size = 0
-    if attachment is not None:
-        size = attachment.stat().st_size
-        msg.add_attachment(
-            b"",
-            maintype="application",
-            subtype="zip",
-            filename=attachment_name or attachment_filename(notification),
-        )
-    # Set last, as mailer does: turning the message multipart moves Content-* headers down.
-    msg["Content-Language"] = rendered.locale
-    data = msg.as_bytes(policy=SMTP_POLICY)
-    head, tail = data, b""
-    if attachment is not None:
-        boundary = msg.get_boundary()  # set by the generator while flattening
-        tail = _LINESEP + f"--{boundary}--".encode("ascii") + _LINESEP
-        if boundary is None or not data.endswith(tail):
-            raise RuntimeError("unexpected MIME layout from the email package: cannot stream")
-        head = data[: -len(tail)]
-    return StreamedEmail(
-        sender=sender.addr_spec,
-        recipient=notification.email,
-        message_id=mid,
-        head=head,
-        attachment=attachment,
-        attachment_size=size,
-        tail=tail,
-    )
-
-
 # --------------------------------------------------------------------------- fast build
 # The layout below is what the stdlib's EmailMessage (set_content, add_alternative,
 # add_attachment, SMTP policy) produces, written out with string formatting. The stdlib
 # still folds and encodes every header whose value is not plain ASCII that fits a line
 # (To with a non-ASCII or quoted display name, Subject, a non-ASCII or long filename,
 # and anything unusual), and still quoted-printable-encodes the bodies; the tests hold
-# the result byte for byte to `build_streamed_email_stdlib`'s.
+# the result byte for byte to a build done entirely by the stdlib (the reference in
+# tests/test_mime_stream.py).
 
 _CRLF = "\r\n"
 # Values the stdlib would emit unchanged: no encoded words, quoting or folding needed.
@@ -364,7 +306,7 @@ def build_streamed_email(
     attachment: Path | None = None,
     attachment_name: str | None = None,
 ) -> StreamedEmail:
-    """What `build_streamed_email_stdlib` builds for the same inputs, about 10x faster.
+    """What the stdlib email package builds for the same inputs, about 10x faster.
 
     The ZIP stays on disk: the head ends with the attachment part's headers and the
     tail is the closing boundary, so the base64 body slots in between.

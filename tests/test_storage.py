@@ -41,7 +41,7 @@ def settings(endpoint_url: str, **extra: str) -> Settings:
 async def object_store(
     endpoint_url: str, allowed: frozenset[str] = frozenset()
 ) -> AsyncIterator[ObjectStore]:
-    async with app.s3_client(settings(endpoint_url)) as client:
+    async with app.aws_client("s3", settings(endpoint_url)) as client:
         yield ObjectStore(client, chunk_size=CHUNK, allowed_buckets=allowed)
 
 
