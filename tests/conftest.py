@@ -6,6 +6,7 @@ which these fixtures set per test with monkeypatch.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -135,3 +136,25 @@ def faulty_worker_env(
     for name in ("SMTP_SERVER", "SMTP_PORT", "AWS_ENDPOINT_URL"):
         monkeypatch.setenv(name, values[name])
     return values
+
+
+@pytest.fixture
+def fresh_handler() -> Iterator[None]:
+    """`handler` caches settings, warm clients and its event loop for the process: forget them
+    (closing the clients) around a test that changes the environment, and the package's log
+    handlers with them, so the next Notifier configures its own."""
+    _forget_handler()
+    try:
+        yield
+    finally:
+        _forget_handler()
+
+
+def _forget_handler() -> None:
+    import handler
+    from async_notifier.logs import LOGGER_NAME
+
+    handler.reset()
+    logger = logging.getLogger(LOGGER_NAME)
+    for log_handler in list(logger.handlers):
+        logger.removeHandler(log_handler)

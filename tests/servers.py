@@ -587,3 +587,22 @@ class FakeLambdaContext:
 
     def get_remaining_time_in_millis(self) -> int:
         return max(0, int((self._deadline - time.monotonic()) * 1000))
+
+
+def failed_ids(result: dict[str, Any]) -> list[str]:
+    """The batchItemFailures ids, after checking the response is well formed."""
+    assert list(result) == ["batchItemFailures"]
+    items = result["batchItemFailures"]
+    assert isinstance(items, list)
+    for item in items:
+        assert isinstance(item, dict)
+        assert list(item) == ["itemIdentifier"]
+        assert isinstance(item["itemIdentifier"], str)
+    ids = [item["itemIdentifier"] for item in items]
+    assert len(ids) == len(set(ids))
+    return sorted(ids)
+
+
+def log_lines(out: str) -> list[dict[str, Any]]:
+    """The JSON lines (logs and metrics) in captured stdout."""
+    return [json.loads(line) for line in out.splitlines() if line.startswith("{")]

@@ -18,10 +18,9 @@ import asyncio
 import email
 import email.policy
 import json
-import logging
 import math
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from email.message import EmailMessage
 from pathlib import Path
@@ -53,7 +52,6 @@ from servers import (
 
 import handler
 from async_notifier.errors import BadMessage
-from async_notifier.logs import LOGGER_NAME
 from async_notifier.messages import parse_body
 from async_notifier.mime_stream import message_id
 from async_notifier.throttle import PoolBackoff
@@ -70,18 +68,13 @@ Record = dict[str, Any]
 # --------------------------------------------------------------------------- fixtures
 
 
-def _drop_log_handlers() -> None:
-    """The package logger keeps the stdout of the test that configured it; start clean."""
-    logger = logging.getLogger(LOGGER_NAME)
-    for log_handler in list(logger.handlers):
-        if getattr(log_handler, "_async_notifier", False):
-            logger.removeHandler(log_handler)
-
-
 @pytest.fixture
 def env(
-    faulty_worker_env: dict[str, str], bucket: str, monkeypatch: pytest.MonkeyPatch
-) -> Iterator[dict[str, str]]:
+    faulty_worker_env: dict[str, str],
+    bucket: str,
+    monkeypatch: pytest.MonkeyPatch,
+    fresh_handler: None,
+) -> dict[str, str]:
     """The worker on `faulty_smtp` and `s3_proxy`, short back-offs, caches reset around it.
 
     RETRY_BACKOFF is off: the records are synthetic (no real source queue to change the
@@ -110,13 +103,7 @@ def env(
         "LOG_LEVEL",
     ):
         monkeypatch.delenv(name, raising=False)
-    _drop_log_handlers()
-    handler.reset()
-    try:
-        yield faulty_worker_env
-    finally:
-        handler.reset()
-        _drop_log_handlers()
+    return faulty_worker_env
 
 
 @pytest.fixture(params=[False, True], ids=["lockstep", "pipelining"])

@@ -5,8 +5,6 @@ from __future__ import annotations
 import email
 import email.policy
 import json
-import logging
-from collections.abc import Iterator
 from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
@@ -18,7 +16,9 @@ from servers import (
     MotoServer,
     SmtpSink,
     TlsFiles,
+    failed_ids,
     free_port,
+    log_lines,
     make_zip,
     s3_client,
     seed_objects,
@@ -28,45 +28,20 @@ from servers import (
 
 import handler
 from async_notifier.errors import ConfigError
-from async_notifier.logs import LOGGER_NAME
 
 Body = dict[str, Any]
 
 
-def _drop_log_handlers() -> None:
-    """The package's JSON handler holds the sys.stdout of the test that configured it (a
-    capsys buffer, closed afterwards); drop it so the next Notifier configures a fresh one."""
-    logger = logging.getLogger(LOGGER_NAME)
-    for log_handler in list(logger.handlers):
-        logger.removeHandler(log_handler)
-
-
 @pytest.fixture
-def lambda_env(worker_env: dict[str, str]) -> Iterator[dict[str, str]]:
+def lambda_env(worker_env: dict[str, str], fresh_handler: None) -> dict[str, str]:
     """`worker_env`, with the handler's cached settings and loop forgotten before and after."""
-    _drop_log_handlers()
-    handler.reset()
-    try:
-        yield worker_env
-    finally:
-        handler.reset()
-        _drop_log_handlers()
+    return worker_env
 
 
 def invoke(records: list[dict[str, Any]]) -> dict[str, Any]:
     result = handler.lambda_handler(sqs_event(records), FakeLambdaContext())
     assert isinstance(result, dict)
     return result
-
-
-def failed_ids(result: dict[str, Any]) -> list[str]:
-    assert list(result) == ["batchItemFailures"]
-    items = result["batchItemFailures"]
-    for item in items:
-        assert list(item) == ["itemIdentifier"]
-    ids = [item["itemIdentifier"] for item in items]
-    assert len(ids) == len(set(ids))
-    return sorted(ids)
 
 
 def completed(video_id: str, key: str, recipient: str, **extra: Any) -> Body:
@@ -105,10 +80,6 @@ def zip_attachment(message: EmailMessage) -> tuple[str | None, bytes]:
     payload = attachment.get_content()
     assert isinstance(payload, bytes)
     return attachment.get_filename(), payload
-
-
-def log_lines(out: str) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
 
 
 # --------------------------------------------------------------------------- the mixed batch

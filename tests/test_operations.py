@@ -4,8 +4,6 @@ Manager (with rotation), CloudWatch EMF metrics per invocation, recipients from 
 from __future__ import annotations
 
 import json
-import logging
-from collections.abc import Iterator
 from typing import Any
 
 import boto3
@@ -17,6 +15,7 @@ from servers import (
     MotoServer,
     SmtpSink,
     TlsFiles,
+    log_lines,
     make_zip,
     s3_client,
     seed_objects,
@@ -25,22 +24,14 @@ from servers import (
 )
 
 import handler
-from async_notifier.logs import LOGGER_NAME
 
 OLD_PASSWORD = "pw-OLD-7f3a91"
 NEW_PASSWORD = "pw-NEW-91c2e4"
 
 
 @pytest.fixture
-def lambda_env(worker_env: dict[str, str]) -> Iterator[dict[str, str]]:
-    handler.reset()
-    try:
-        yield worker_env
-    finally:
-        handler.reset()
-        logger = logging.getLogger(LOGGER_NAME)
-        for log_handler in list(logger.handlers):
-            logger.removeHandler(log_handler)
+def lambda_env(worker_env: dict[str, str], fresh_handler: None) -> dict[str, str]:
+    return worker_env
 
 
 def invoke(records: list[dict[str, Any]], **context: Any) -> list[str]:
@@ -51,10 +42,6 @@ def invoke(records: list[dict[str, Any]], **context: Any) -> list[str]:
 
 def body(video_id: str, **fields: Any) -> dict[str, Any]:
     return {"video_id": video_id, "status": "FAILED", "message": "codec error", **fields}
-
-
-def log_lines(text: str) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
 
 
 # --------------------------------------------------------------------------- secrets

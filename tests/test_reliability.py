@@ -11,12 +11,10 @@ from __future__ import annotations
 import asyncio
 import html
 import json
-import logging
 import re
 import time
 import urllib.request
 import uuid
-from collections.abc import Iterator
 from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
@@ -32,7 +30,9 @@ from servers import (
     FakeLambdaContext,
     MotoServer,
     SmtpSink,
+    failed_ids,
     free_port,
+    log_lines,
     make_zip,
     s3_client,
     seed_objects,
@@ -44,7 +44,6 @@ from async_notifier import app
 from async_notifier.config import Settings
 from async_notifier.errors import BadMessage, ConfigError
 from async_notifier.idempotency import create_table, idempotency_key
-from async_notifier.logs import LOGGER_NAME
 from async_notifier.messages import parse_body
 from async_notifier.storage import ByteBudget
 
@@ -60,18 +59,10 @@ MIB = 1024 * 1024
 # --------------------------------------------------------------------------- helpers
 
 
-def _drop_log_handlers() -> None:
-    """The package logger keeps the stdout of the test that configured it; start clean."""
-    logger = logging.getLogger(LOGGER_NAME)
-    for log_handler in list(logger.handlers):
-        if getattr(log_handler, "_async_notifier", False):
-            logger.removeHandler(log_handler)
-
-
 @pytest.fixture
 def lambda_env(
-    worker_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
-) -> Iterator[dict[str, str]]:
+    worker_env: dict[str, str], monkeypatch: pytest.MonkeyPatch, fresh_handler: None
+) -> dict[str, str]:
     """`worker_env` with short in-invocation retries; the handler's caches reset around it."""
     monkeypatch.setenv("RETRY_BASE_DELAY", "0.01")
     for name in (
@@ -88,13 +79,7 @@ def lambda_env(
         "LOG_LEVEL",  # the assertions read INFO lines
     ):
         monkeypatch.delenv(name, raising=False)
-    _drop_log_handlers()
-    handler.reset()
-    try:
-        yield worker_env
-    finally:
-        handler.reset()
-        _drop_log_handlers()
+    return worker_env
 
 
 def invoke(records: list[Any], context: Any = None) -> dict[str, Any]:
@@ -102,20 +87,6 @@ def invoke(records: list[Any], context: Any = None) -> dict[str, Any]:
     result = handler.lambda_handler({"Records": list(records)}, context or FakeLambdaContext())
     assert isinstance(result, dict)
     return result
-
-
-def failed_ids(result: dict[str, Any]) -> list[str]:
-    """The batchItemFailures ids, after checking the response is well formed."""
-    assert list(result) == ["batchItemFailures"]
-    items = result["batchItemFailures"]
-    assert isinstance(items, list)
-    for item in items:
-        assert isinstance(item, dict)
-        assert list(item) == ["itemIdentifier"]
-        assert isinstance(item["itemIdentifier"], str)
-    ids = [item["itemIdentifier"] for item in items]
-    assert len(ids) == len(set(ids))
-    return sorted(ids)
 
 
 def completed(video_id: str, key: str, email: str, **extra: Any) -> Body:
@@ -164,10 +135,6 @@ def attachments(message: EmailMessage) -> list[bytes]:
         assert isinstance(payload, bytes)
         found.append(payload)
     return found
-
-
-def log_lines(out: str) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
 
 
 def error_classes(out: str) -> dict[str, str]:
