@@ -3,8 +3,11 @@
 aiosmtplib does the fiddly part of a session (connect, EHLO, STARTTLS with
 certificate checks, AUTH) and then hands its transport to this protocol.
 aiosmtplib reads exactly one reply per command and drops replies nobody waits
-for, which rules out PIPELINING (RFC 2920); here every reply is queued, so
-MAIL, RCPT and DATA go out in one write and cost one round trip, and the
+for, which rules out PIPELINING (RFC 2920). Here every command written reserves
+a slot for its reply, and replies fill the slots in order. So MAIL, RCPT and
+DATA go out in one write; the next message's envelope can follow the previous
+message's end-of-data before its verdict is back (one round trip per message);
+and a caller that stops waiting (cancelled) leaves the connection in sync. The
 message body is written in chunks with flow control instead of as one buffer.
 """
 
@@ -30,6 +33,10 @@ class Reply:
 
     def __str__(self) -> str:
         return f"{self.code} {self.text}"
+
+
+# The reply to one command, once it arrives; None when the connection was lost first.
+Slot = asyncio.Future[Reply | None]
 
 
 class ProtocolError(Exception):
@@ -62,12 +69,10 @@ class SmtpChannel(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._buffer = bytearray()
         self._lines: list[str] = []
-        self._replies: collections.deque[Reply] = collections.deque()
-        self._waiter: asyncio.Future[None] | None = None
+        self._slots: collections.deque[Slot] = collections.deque()
         self._writable = asyncio.Event()
         self._writable.set()
         self._lost: Exception | None = None
-        self.end_sent = False  # the end-of-data mark of the current message went out
 
     @classmethod
     def take_over(cls, smtp: aiosmtplib.SMTP) -> SmtpChannel:
@@ -98,15 +103,21 @@ class SmtpChannel(asyncio.Protocol):
                 return
             self._lines.append(line[4:].decode("utf-8", "replace"))
             if line[3:4] != b"-":  # the last line of a (possibly multi-line) reply
-                self._replies.append(Reply(int(line[:3]), "\n".join(self._lines)))
+                reply = Reply(int(line[:3]), "\n".join(self._lines))
                 self._lines = []
-        self._wake()
+                if not self._slots:  # e.g. "421 idle timeout" just before the server hangs up
+                    self._fail(ProtocolError(f"reply to no command: {reply}"))
+                    return
+                slot = self._slots.popleft()
+                if not slot.done():  # a cancelled caller still consumes its reply
+                    slot.set_result(reply)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._lost = exc or SMTPServerDisconnected("connection closed by the server")
+        if self._lost is None:
+            self._lost = exc or SMTPServerDisconnected("connection closed by the server")
         self._transport = None
         self._writable.set()
-        self._wake()
+        self._release_slots()
 
     def eof_received(self) -> bool:
         return False  # close our side too
@@ -127,6 +138,7 @@ class SmtpChannel(asyncio.Protocol):
         if self._transport is not None:
             self._transport.close()
             self._transport = None
+        self._release_slots()
 
     def write(self, data: bytes) -> None:
         if self._transport is None or self._transport.is_closing():
@@ -138,26 +150,29 @@ class SmtpChannel(asyncio.Protocol):
         if self._lost is not None:
             raise SMTPServerDisconnected(f"connection lost: {self._lost}")
 
-    async def reply(self) -> Reply:
-        while not self._replies:
-            if self._lost is not None:
-                raise SMTPServerDisconnected(f"connection lost: {self._lost}")
-            self._waiter = asyncio.get_running_loop().create_future()
-            try:
-                await self._waiter
-            finally:
-                self._waiter = None
-        return self._replies.popleft()
+    def send_commands(self, data: bytes, replies: int) -> list[Slot]:
+        """Write one or more commands at once and reserve the slots of their replies."""
+        self.write(data)
+        loop = asyncio.get_running_loop()
+        slots = [loop.create_future() for _ in range(replies)]
+        self._slots.extend(slots)
+        return slots
+
+    async def reply(self, slot: Slot) -> Reply:
+        reply = await slot
+        if reply is None:
+            raise SMTPServerDisconnected(f"connection lost: {self._lost}")
+        return reply
 
     async def command(self, line: str) -> Reply:
-        self.write(line.encode("ascii") + b"\r\n")
-        return await self.reply()
+        (slot,) = self.send_commands(line.encode("ascii") + b"\r\n", 1)
+        return await self.reply(slot)
 
     async def noop(self) -> bool:
         """True when the server still answers: checked before reusing an idle connection."""
         try:
             return (await self.command("NOOP")).code == 250
-        except (OSError, ProtocolError):
+        except OSError:
             return False
 
     async def quit(self) -> None:
@@ -169,27 +184,35 @@ class SmtpChannel(asyncio.Protocol):
     async def send(
         self, email: StreamedEmail, *, pipelining: bool, size: bool, chunk_size: int
     ) -> Reply:
-        """One transaction: envelope, then the message streamed from disk.
+        """One whole transaction: `transmit`, then wait for its `verdict`."""
+        return await self.verdict(
+            await self.transmit(email, pipelining=pipelining, size=size, chunk_size=chunk_size)
+        )
 
-        Raises RefusedError (server said no; nothing delivered), LostBeforeEnd
-        (nothing delivered), LostAfterEnd (delivery unknown), or OSError when the
-        attachment cannot be read (before anything was sent).
+    async def transmit(
+        self, email: StreamedEmail, *, pipelining: bool, size: bool, chunk_size: int
+    ) -> Slot:
+        """Envelope, then the message streamed from disk, up to its end-of-data mark.
+
+        Returns the slot of the server's verdict without waiting for it, so that on a
+        PIPELINING connection the next envelope can go out right behind the end of
+        this message (RFC 2920 allows commands after the end of data).
+        Raises RefusedError (server said no before the message; nothing delivered),
+        LostBeforeEnd (nothing delivered), or OSError when the attachment cannot be
+        read (before anything was sent).
         """
-        self.end_sent = False
         chunks = email.iter_chunks(chunk_size)
         first = next(chunks)  # opens the attachment: fail before the envelope, not inside DATA
         try:
             mail = f"MAIL FROM:<{email.sender}>" + (f" SIZE={email.size}" if size else "")
             envelope = [mail, f"RCPT TO:<{email.recipient}>", "DATA"]
             try:
-                replies = await self._envelope(envelope, pipelining)
-            except (OSError, ProtocolError) as exc:
+                mail_reply, rcpt_reply, data_reply = await self._envelope(envelope, pipelining)
+                if data_reply.code == 354 and (mail_reply.code != 250 or rcpt_reply.code >= 300):
+                    # Pipelined DATA accepted without a valid envelope: end it with an empty body.
+                    await self.reply(self.send_commands(b".\r\n", 1)[0])
+            except OSError as exc:
                 raise LostBeforeEnd(str(exc)) from exc
-            mail_reply, rcpt_reply, data_reply = replies
-            if data_reply.code == 354 and (mail_reply.code != 250 or rcpt_reply.code >= 300):
-                # Pipelined DATA accepted without a valid envelope: end it with an empty body.
-                self.write(b".\r\n")
-                await self.reply()
             for phase, reply, ok in (
                 ("MAIL", mail_reply, mail_reply.code == 250),
                 ("RCPT", rcpt_reply, rcpt_reply.code in (250, 251)),
@@ -204,36 +227,41 @@ class SmtpChannel(asyncio.Protocol):
                     await self.drain()
                     self.write(encoder.feed(chunk))
                 await self.drain()
-                self.write(encoder.finish())
-                self.end_sent = True
-            except (OSError, ProtocolError) as exc:
+                return self.send_commands(encoder.finish(), 1)[0]
+            except OSError as exc:
                 self.close()  # the server holds a partial message it will discard
                 raise LostBeforeEnd(str(exc)) from exc
             except BaseException:
                 self.close()
                 raise
-            try:
-                final = await self.reply()
-            except (OSError, ProtocolError) as exc:
-                self.close()
-                raise LostAfterEnd(str(exc)) from exc
-            except BaseException:
-                self.close()  # cancelled while the server decides: never reuse this connection
-                raise
-            if final.code != 250:
-                raise RefusedError("MESSAGE", final)
-            return final
         finally:
             chunks.close()
+
+    async def verdict(self, slot: Slot) -> Reply:
+        """The server's answer to a transmitted message.
+
+        Raises RefusedError("MESSAGE") when it was not accepted, LostAfterEnd when the
+        connection failed first (delivery unknown). A caller cancelled here leaves the
+        connection in sync: the reply is still consumed when it arrives.
+        """
+        try:
+            final = await self.reply(slot)
+        except OSError as exc:
+            raise LostAfterEnd(str(exc)) from exc
+        if final.code != 250:
+            raise RefusedError("MESSAGE", final)
+        return final
 
     async def _envelope(self, commands: list[str], pipelining: bool) -> list[Reply]:
         replies: list[Reply] = []
         if pipelining:
-            self.write("".join(f"{c}\r\n" for c in commands).encode("ascii"))
+            slots = self.send_commands(
+                "".join(f"{c}\r\n" for c in commands).encode("ascii"), len(commands)
+            )
             try:
-                for _ in commands:
-                    replies.append(await self.reply())
-            except (OSError, ProtocolError):
+                for slot in slots:
+                    replies.append(await self.reply(slot))
+            except OSError:
                 if replies and replies[-1].code >= 400:  # refused, then hung up (e.g. 421)
                     return replies + [replies[-1]] * (len(commands) - len(replies))
                 raise
@@ -246,11 +274,12 @@ class SmtpChannel(asyncio.Protocol):
                 break
         return replies
 
-    def _wake(self) -> None:
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(None)
+    def _release_slots(self) -> None:
+        while self._slots:
+            slot = self._slots.popleft()
+            if not slot.done():
+                slot.set_result(None)
 
     def _fail(self, exc: Exception) -> None:
         self._lost = exc
         self.close()
-        self._wake()

@@ -36,9 +36,9 @@ from .secrets import SecretSource, SmtpCredentials
 from .smtp_channel import (
     LostAfterEnd,
     LostBeforeEnd,
-    ProtocolError,
     RefusedError,
     Reply,
+    Slot,
     SmtpChannel,
 )
 from .throttle import PoolBackoff, TokenBucket, is_throttling
@@ -89,6 +89,7 @@ class SmtpPool:
         self.backoff = PoolBackoff()
         self.size_limit: int | None = None  # the server's SIZE, learned at the first EHLO
         self.connections_opened = 0
+        self._warming: set[asyncio.Task[None]] = set()
 
     async def __aenter__(self) -> SmtpPool:
         return self
@@ -101,6 +102,9 @@ class SmtpPool:
     ) -> None:
         """Deliver one email; a connection that failed before the message ended is replaced once.
 
+        On a PIPELINING connection the connection goes back to the pool as soon as the end
+        of the message is written, and the server's verdict is awaited after: the next
+        email's envelope goes out behind this one, so a message costs one round trip.
         `on_cancelled_after_data` is called when the send is cancelled (the deadline) after
         the end of the message went out: like DeliveryUnknown, the email may be delivered.
         """
@@ -111,16 +115,7 @@ class SmtpPool:
             async with self._connection() as conn:
                 reused = conn.messages_sent > 0
                 try:
-                    await self._deliver(conn, email)
-                except asyncio.CancelledError:
-                    if conn.channel.end_sent:
-                        log.warning(
-                            "cancelled after the message was sent: delivery unknown",
-                            extra={"message_id": email.message_id},
-                        )
-                        if on_cancelled_after_data is not None:
-                            on_cancelled_after_data()
-                    raise
+                    verdict = await self._transmit(conn, email)
                 except _StaleConnection as exc:
                     if reused and attempt == 1:
                         continue
@@ -128,8 +123,48 @@ class SmtpPool:
                 except SmtpThrottled:
                     self.backoff.throttled()
                     raise
-                self.backoff.succeeded()
+                if not conn.pipelining:  # the server takes one command at a time
+                    await self._confirm(conn, email, verdict, on_cancelled_after_data)
+                    return
+            await self._confirm(conn, email, verdict, on_cancelled_after_data)
+            return
+
+    def prewarm(self, count: int) -> None:
+        """Start opening connections, up to `count`, in the background.
+
+        On a cold start the handshakes (TCP, TLS, AUTH: several round trips to a remote
+        server) then overlap what the batch does first, such as loading aioboto3. Open and
+        opening connections count towards `count`. A failure is left for the sends, which
+        meet it again on the same path and report it per record.
+        """
+        for _ in range(min(count, self._size) - self._total):
+            task = asyncio.create_task(self._warm_one())
+            self._warming.add(task)
+            task.add_done_callback(self._warming.discard)
+
+    async def stop_prewarm(self) -> None:
+        """Cancel the handshakes still running: the batch that wanted them is over (or past
+        its deadline), and a half-open connection must not outlive the invocation."""
+        tasks = list(self._warming)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _warm_one(self) -> None:
+        """Open one more connection into the idle list, if the pool has room for it."""
+        async with self._cond:
+            if self._closed or self._total >= self._size:
                 return
+            self._total += 1
+        try:
+            conn = await self._open()
+        except Exception:
+            await self._free_slot()
+            return
+        except BaseException:
+            await self._free_slot()
+            raise
+        await self._release(conn)
 
     async def server_size_limit(self) -> int | None:
         """The server's advertised SIZE (0: no limit); connects if no connection has yet."""
@@ -140,6 +175,7 @@ class SmtpPool:
 
     async def aclose(self, quit_timeout: float = _QUIT_TIMEOUT) -> None:
         """QUIT every idle connection; the pool refuses further sends."""
+        await self.stop_prewarm()
         async with self._cond:
             self._closed = True
             idle, self._idle = self._idle, []
@@ -153,7 +189,7 @@ class SmtpPool:
         try:
             yield conn
         except NotifierError:
-            raise  # `_deliver` has already judged the connection
+            raise  # `_transmit` or `_confirm` has already judged the connection
         except BaseException:
             conn.broken = True  # cancelled or crashed mid-transaction: state unknown
             raise
@@ -169,16 +205,18 @@ class SmtpPool:
             if await self._still_alive(conn):
                 return conn
             conn.channel.close()
-            async with self._cond:
-                self._total -= 1
-                self._cond.notify()
+            await self._free_slot()
         try:
             return await self._open()
         except BaseException:
-            async with self._cond:
-                self._total -= 1
-                self._cond.notify()
+            await self._free_slot()
             raise
+
+    async def _free_slot(self) -> None:
+        """Give back the slot of a connection that failed to open or was found dead."""
+        async with self._cond:
+            self._total -= 1
+            self._cond.notify()
 
     async def _take_idle_or_slot(
         self,
@@ -291,21 +329,55 @@ class SmtpPool:
             size_extension=smtp.supports_extension("size"),
         )
 
-    async def _deliver(self, conn: PooledConnection, email: StreamedEmail) -> None:
+    async def _transmit(self, conn: PooledConnection, email: StreamedEmail) -> Slot:
+        """Envelope and message, up to the end-of-data mark; the verdict is still due."""
         try:
             async with asyncio.timeout(self._transaction_timeout(email)):
-                await conn.channel.send(
+                verdict = await conn.channel.transmit(
                     email,
                     pipelining=conn.pipelining,
                     size=conn.size_extension,
                     chunk_size=self._settings.smtp_chunk_bytes,
                 )
         except RefusedError as exc:
-            if exc.phase != "MESSAGE":
-                await _reset(conn, exc.reply.code)
-            elif exc.reply.code == 421:
-                conn.broken = True
+            await _reset(conn, exc.reply.code)
             raise _classify(exc.reply) from None
+        except TimeoutError:
+            conn.broken = True
+            conn.channel.close()
+            raise _StaleConnection("timed out") from None
+        except (LostBeforeEnd, OSError) as exc:
+            conn.broken = True
+            raise _StaleConnection(f"{type(exc).__name__}: {exc}") from None
+        conn.messages_sent += 1
+        return verdict
+
+    async def _confirm(
+        self,
+        conn: PooledConnection,
+        email: StreamedEmail,
+        verdict: Slot,
+        on_cancelled_after_data: Callable[[], None] | None,
+    ) -> None:
+        """Wait for the server's answer to a transmitted message and judge it."""
+        try:
+            async with asyncio.timeout(self._settings.smtp_timeout):
+                await conn.channel.verdict(verdict)
+        except asyncio.CancelledError:
+            log.warning(
+                "cancelled after the message was sent: delivery unknown",
+                extra={"message_id": email.message_id},
+            )
+            if on_cancelled_after_data is not None:
+                on_cancelled_after_data()
+            raise
+        except RefusedError as exc:
+            if exc.reply.code == 421:
+                conn.broken = True
+            error = _classify(exc.reply)
+            if isinstance(error, SmtpThrottled):
+                self.backoff.throttled()
+            raise error from None
         except LostAfterEnd:
             conn.broken = True
             raise DeliveryUnknown(
@@ -315,16 +387,10 @@ class SmtpPool:
         except TimeoutError:
             conn.broken = True
             conn.channel.close()
-            if conn.channel.end_sent:
-                raise DeliveryUnknown(
-                    f"timed out waiting for the reply to {email.message_id}; it may have "
-                    "been accepted"
-                ) from None
-            raise _StaleConnection("timed out") from None
-        except (LostBeforeEnd, OSError, ProtocolError) as exc:
-            conn.broken = True
-            raise _StaleConnection(f"{type(exc).__name__}: {exc}") from None
-        conn.messages_sent += 1
+            raise DeliveryUnknown(
+                f"timed out waiting for the reply to {email.message_id}; it may have been accepted"
+            ) from None
+        self.backoff.succeeded()
 
     def _transaction_timeout(self, email: StreamedEmail) -> float:
         """SMTP_TIMEOUT for the exchange, plus time for the body at a modest 1 MB/s floor."""
@@ -350,7 +416,7 @@ async def _reset(conn: PooledConnection, code: int) -> None:
     try:
         reply = await conn.channel.command("RSET")
         conn.broken = reply.code != 250
-    except (OSError, ProtocolError):
+    except OSError:
         conn.broken = True
 
 
@@ -360,7 +426,7 @@ async def _quit(conn: PooledConnection, quit_timeout: float = _QUIT_TIMEOUT) -> 
     try:
         async with asyncio.timeout(quit_timeout):
             await conn.channel.quit()
-    except (OSError, ProtocolError):
+    except OSError:
         pass
     finally:
         conn.channel.close()

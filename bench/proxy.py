@@ -188,25 +188,31 @@ async def _handle(
             writer.close()
 
 
+async def start_route(route: Route) -> asyncio.Server:
+    """Listen for `route` on a free loopback port (also used in-process by the tests)."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        route.tasks.add(task)
+        try:
+            await _handle(route, reader, writer)
+        finally:
+            route.tasks.discard(task)
+
+    return await asyncio.start_server(handler, LOOPBACK, 0, backlog=1024)
+
+
+async def stop_route(route: Route, server: asyncio.Server) -> None:
+    server.close()
+    for task in list(route.tasks):
+        task.cancel()
+    await asyncio.gather(*route.tasks, return_exceptions=True)
+
+
 async def serve(routes: list[Route]) -> None:
-    servers: list[asyncio.Server] = []
-    ports: dict[str, int] = {}
-    for route in routes:
-
-        async def handler(
-            reader: asyncio.StreamReader, writer: asyncio.StreamWriter, route: Route = route
-        ) -> None:
-            task = asyncio.current_task()
-            assert task is not None
-            route.tasks.add(task)
-            try:
-                await _handle(route, reader, writer)
-            finally:
-                route.tasks.discard(task)
-
-        server = await asyncio.start_server(handler, LOOPBACK, 0, backlog=1024)
-        servers.append(server)
-        ports[route.name] = bound_port(server)
+    servers = [await start_route(route) for route in routes]
+    ports = {route.name: bound_port(server) for route, server in zip(routes, servers, strict=True)}
 
     def stats(reset: bool) -> dict[str, Any]:
         return {route.name: route.snapshot(reset) for route in routes}
@@ -217,11 +223,8 @@ async def serve(routes: list[Route]) -> None:
         await wait_for_stop()
     finally:
         control.close()
-        for server in servers:
-            server.close()
-        for route in routes:
-            for task in list(route.tasks):
-                task.cancel()
+        for route, server in zip(routes, servers, strict=True):
+            await stop_route(route, server)
 
 
 def main() -> None:

@@ -170,6 +170,19 @@ class _Handler:
     def __init__(self, sink: SmtpSink) -> None:
         self.sink = sink
 
+    async def handle_EHLO(
+        self,
+        server: _SinkSMTP,
+        session: Session,
+        envelope: Envelope,
+        hostname: str,
+        responses: list[str],
+    ) -> list[str]:
+        session.host_name = hostname
+        if self.sink.pipelining:  # among the "250-" lines: the last line stays last
+            return [*responses[:-1], "250-PIPELINING", responses[-1]]
+        return responses
+
     async def handle_RCPT(
         self,
         server: _SinkSMTP,
@@ -195,6 +208,8 @@ class _Handler:
                 data=data,
             )
         )
+        if self.sink.verdict_delay:
+            await asyncio.sleep(self.sink.verdict_delay)
         return "250 OK"
 
 
@@ -228,7 +243,12 @@ class SmtpSink:
         drop_after: int | None = None,
         reject: Iterable[str] = (),
         data_size_limit: int = 64 * 1024 * 1024,
+        pipelining: bool = False,
+        verdict_delay: float = 0.0,
     ) -> None:
+        """`pipelining` advertises PIPELINING (aiosmtpd answers pipelined commands in order
+        but does not say so); `verdict_delay` holds each message's 250 that long, like a
+        server scanning the message before it answers."""
         if drop_after is not None and drop_after < 1:
             raise ValueError("drop_after must be >= 1")
         self.host = LOOPBACK
@@ -238,6 +258,8 @@ class SmtpSink:
         self.drop_after = drop_after
         self.reject = frozenset(address.casefold() for address in reject)
         self.data_size_limit = data_size_limit
+        self.pipelining = pipelining
+        self.verdict_delay = verdict_delay
         self._cond = threading.Condition()
         self._messages: list[Received] = []
         self._opened = 0

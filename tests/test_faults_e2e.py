@@ -815,6 +815,7 @@ def test_every_record_is_accounted_for_exactly_once_under_random_faults(
     aws: MotoServer,
     faulty_smtp: FaultySmtp,
     s3_proxy: S3FaultProxy,
+    pipelining: bool,
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:

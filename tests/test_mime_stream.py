@@ -673,7 +673,6 @@ async def test_a_server_that_stops_reading_times_out(renderer: Renderer, tmp_pat
                 await channel.send(streamed, pipelining=False, size=True, chunk_size=65536)
         assert stalled.is_set()
         assert not channel.is_connected
-        assert not channel.end_sent  # the end of the message never went out
     finally:
         release.set()
         server.close()

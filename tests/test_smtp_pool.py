@@ -6,10 +6,14 @@ import asyncio
 import email
 import email.policy
 import json
+import math
+import time
+from collections.abc import Callable
 from email.message import EmailMessage
 from pathlib import Path
 
 import pytest
+from faults import FaultySmtp, SmtpFaults
 from servers import LOOPBACK, SmtpSink, TlsFiles, free_port, make_zip
 
 from async_notifier.config import DEFAULT_TEMPLATES_DIR, Settings
@@ -18,6 +22,7 @@ from async_notifier.messages import parse_body
 from async_notifier.mime_stream import StreamedEmail, build_streamed_email
 from async_notifier.render import Renderer
 from async_notifier.smtp_pool import SmtpPool
+from bench.proxy import Route, start_route, stop_route
 
 SENDER = "no-reply@example.com"
 PASSWORD = "s3cret-pool-password"
@@ -75,10 +80,47 @@ def expected_subjects(count: int) -> list[str]:
     return sorted(f"message {i}" for i in range(count))
 
 
+def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Poll a server-side count from a thread (the client's loop must keep running)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError("condition not reached")
+        time.sleep(0.01)
+
+
 async def test_connections_open_lazily(smtp_sink: SmtpSink) -> None:
     async with SmtpPool(sink_settings(smtp_sink, SMTP_POOL_SIZE="4")) as pool:
         assert pool.connections_opened == 0
     assert smtp_sink.connections_opened == 0
+
+
+async def test_prewarm_opens_connections_before_any_send(smtp_sink: SmtpSink) -> None:
+    async with SmtpPool(sink_settings(smtp_sink, SMTP_POOL_SIZE="4")) as pool:
+        pool.prewarm(3)
+        await asyncio.to_thread(wait_until, lambda: smtp_sink.connections_open == 3)
+        pool.prewarm(100)  # never beyond the pool size; open ones count
+        await asyncio.to_thread(wait_until, lambda: smtp_sink.connections_open == 4)
+        await asyncio.gather(*(pool.send(outgoing(i)) for i in range(8)))
+        assert pool.connections_opened == 4  # the sends used the warm connections
+    await idle(smtp_sink)
+    assert smtp_sink.connections_opened == 4
+    assert subjects(smtp_sink) == expected_subjects(8)
+
+
+async def test_stop_prewarm_closes_handshakes_still_running(faulty_smtp: FaultySmtp) -> None:
+    """A server stalling its greeting: the batch ends, and no half-open connection stays."""
+    faulty_smtp.faults = SmtpFaults(stall_seconds=math.inf, stall_on="greeting")
+    s = settings(faulty_smtp.host, faulty_smtp.port, SMTP_POOL_SIZE="2")
+    async with SmtpPool(s) as pool:
+        pool.prewarm(2)
+        await asyncio.to_thread(wait_until, lambda: faulty_smtp.connections_open == 2)
+        await pool.stop_prewarm()
+        await asyncio.to_thread(faulty_smtp.wait_idle, 5.0)
+        assert pool.connections_opened == 0
+        faulty_smtp.faults = SmtpFaults()
+        await pool.send(outgoing(0))  # the slots the warm-up held are free again
+    assert subjects(faulty_smtp) == expected_subjects(1)
 
 
 async def test_sequential_sends_share_one_connection(smtp_sink: SmtpSink) -> None:
@@ -314,3 +356,54 @@ def test_authentication_refusals_are_transient_configuration_problems() -> None:
     assert isinstance(_classify(Reply(454, "4.7.0 Throttling")), SmtpThrottled)
     assert isinstance(_classify(Reply(421, "4.7.0 rate limit exceeded")), SmtpThrottled)
     assert not isinstance(_classify(Reply(421, "4.3.2 shutting down")), SmtpThrottled)
+
+
+# --------------------------------------------------------------------------- round trips
+
+
+@pytest.mark.parametrize(("pipelining", "most_turns"), [(True, 12), (False, 41)])
+async def test_with_pipelining_a_message_costs_one_round_trip(
+    pipelining: bool, most_turns: int
+) -> None:
+    """The next envelope leaves right behind the previous end-of-data, before its 250.
+
+    Counted by the benchmark's delay relay as client turns (each burst the client sends
+    after hearing from the server): EHLO, the first envelope, then one turn per message
+    when the server offers PIPELINING; without it, each of MAIL, RCPT, DATA and the
+    message waits for the reply before it.
+    """
+    with SmtpSink(pipelining=pipelining) as sink:
+        route = Route(name="smtp", host=sink.host, port=sink.port, delay=0.1)
+        relay = await start_route(route)
+        try:
+            port = relay.sockets[0].getsockname()[1]
+            async with SmtpPool(settings(LOOPBACK, port, SMTP_POOL_SIZE="1")) as pool:
+                await asyncio.gather(*(pool.send(outgoing(i)) for i in range(10)))
+                turns = route.turns
+                assert pool.connections_opened == 1
+        finally:
+            await stop_route(route, relay)
+        assert subjects(sink) == expected_subjects(10)
+    assert turns <= most_turns
+    if pipelining:
+        assert turns < 2 * 10  # well under the lockstep count
+
+
+async def test_cancelled_while_awaiting_the_verdict_keeps_the_connection() -> None:
+    """Replies are matched to commands by order, so a caller that stops waiting for its 250
+    neither closes the connection nor lets the next email take that 250 as its own."""
+    with SmtpSink(pipelining=True, verdict_delay=0.5) as sink:
+        async with SmtpPool(sink_settings(sink, SMTP_POOL_SIZE="1")) as pool:
+            maybe_delivered: list[int] = []
+            first = asyncio.create_task(
+                pool.send(outgoing(0), on_cancelled_after_data=lambda: maybe_delivered.append(0))
+            )
+            await asyncio.to_thread(sink.wait_for, 1)  # received; its 250 is held back
+            first.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await first
+            assert maybe_delivered == [0]
+            await pool.send(outgoing(1))  # its MAIL/RCPT/DATA replies queue after that 250
+            await pool.send(outgoing(2))
+            assert pool.connections_opened == 1
+        assert subjects(sink) == expected_subjects(3)
