@@ -42,10 +42,10 @@ class _Clients:
     loop: asyncio.AbstractEventLoop
     stack: contextlib.AsyncExitStack
     s3: Any
-    sqs: Any
     pool: SmtpPool
     idempotency: DynamoIdempotencyStore | None
     recipients: CognitoRecipients | None
+    sqs: Any = None  # opened when a batch first has failures to report
 
 
 class Notifier:
@@ -53,6 +53,7 @@ class Notifier:
         self.settings = settings
         self.renderer = Renderer(settings.templates_dir, settings.default_locale)
         self._clients: _Clients | None = None
+        self._aws_session: Any = None  # one aioboto3 Session: its clients share loaded models
         # Not a client: its cache outlives a change of event loop (see SecretSource).
         self.secret = (
             SecretSource(
@@ -95,7 +96,7 @@ class Notifier:
         if not records:
             return BatchResult()
         started = time.monotonic()
-        async with self._pipeline(deadline) as pipeline:
+        async with self._pipeline(deadline, connections=len(records)) as pipeline:
             opened_before = pipeline.pool.connections_opened
             result = await run_batch(
                 records,
@@ -122,52 +123,72 @@ class Notifier:
         )
         return result
 
-    async def _open_clients(self) -> _Clients:
+    async def _open_clients(self, connections: int = 0) -> _Clients:
+        """The process's clients, opened on first use; `connections` SMTP ones warmed up."""
         loop = asyncio.get_running_loop()
         if self._clients is not None and self._clients.loop is loop:
+            self._clients.pool.prewarm(connections)
             return self._clients
         self._clients = None  # made by a loop that is gone: aiobotocore clients can't move
         s = self.settings
         stack = contextlib.AsyncExitStack()
         try:
-            s3 = await stack.enter_async_context(aws_client("s3", s))
-            sqs = await stack.enter_async_context(aws_client("sqs", s))
+            pool = await stack.enter_async_context(SmtpPool(s, secret=self.secret))
+            pool.prewarm(connections)  # the SMTP handshakes run while aioboto3 loads
+            session = await self._session()
+            s3 = await stack.enter_async_context(aws_client("s3", s, session))
             idempotency = None
             if s.idempotency_table:
-                dynamodb = await stack.enter_async_context(aws_client("dynamodb", s))
+                dynamodb = await stack.enter_async_context(aws_client("dynamodb", s, session))
                 idempotency = DynamoIdempotencyStore(
                     dynamodb, s.idempotency_table, ttl_seconds=s.idempotency_ttl
                 )
             recipients = None
             if s.cognito_user_pool_id:
-                cognito = await stack.enter_async_context(aws_client("cognito-idp", s))
+                cognito = await stack.enter_async_context(aws_client("cognito-idp", s, session))
                 recipients = CognitoRecipients(cognito, s.cognito_user_pool_id)
-            pool = await stack.enter_async_context(SmtpPool(s, secret=self.secret))
         except BaseException:
             await stack.aclose()
             raise
-        self._clients = _Clients(loop, stack, s3, sqs, pool, idempotency, recipients)
+        self._clients = _Clients(loop, stack, s3, pool, idempotency, recipients)
         return self._clients
 
-    @contextlib.asynccontextmanager
-    async def _pipeline(self, deadline: Deadline | None) -> AsyncIterator[Pipeline]:
-        s = self.settings
+    async def _session(self) -> Any:
+        if self._aws_session is None:
+            self._aws_session = await asyncio.to_thread(_new_aws_session)
+        return self._aws_session
+
+    async def _sqs(self) -> Any:
         clients = await self._open_clients()
-        with ScratchDir(s.tmp_dir) as scratch:
-            store = ObjectStore(
-                clients.s3, chunk_size=s.download_chunk_bytes, allowed_buckets=s.allowed_buckets
-            )
-            yield Pipeline(
-                s,
-                self.renderer,
-                store,
-                clients.pool,
-                scratch,
-                budget=ByteBudget(s.max_tmp_bytes),
-                deadline=deadline,
-                idempotency=clients.idempotency,
-                recipients=clients.recipients,
-            )
+        if clients.sqs is None:
+            client = aws_client("sqs", self.settings, await self._session())
+            clients.sqs = await clients.stack.enter_async_context(client)
+        return clients.sqs
+
+    @contextlib.asynccontextmanager
+    async def _pipeline(
+        self, deadline: Deadline | None, connections: int
+    ) -> AsyncIterator[Pipeline]:
+        s = self.settings
+        clients = await self._open_clients(connections)
+        try:
+            with ScratchDir(s.tmp_dir) as scratch:
+                store = ObjectStore(
+                    clients.s3, chunk_size=s.download_chunk_bytes, allowed_buckets=s.allowed_buckets
+                )
+                yield Pipeline(
+                    s,
+                    self.renderer,
+                    store,
+                    clients.pool,
+                    scratch,
+                    budget=ByteBudget(s.max_tmp_bytes),
+                    deadline=deadline,
+                    idempotency=clients.idempotency,
+                    recipients=clients.recipients,
+                )
+        finally:
+            await clients.pool.stop_prewarm()
 
     async def _feedback(self, result: BatchResult) -> None:
         """Dead-letter the permanent failures, then slow down the retries of the rest."""
@@ -177,7 +198,7 @@ class Notifier:
             s.retry_backoff and result.failures
         ):
             return
-        sqs = (await self._open_clients()).sqs
+        sqs = await self._sqs()
         if s.dead_letter_queue_url and permanent:
             router = DeadLetterRouter(sqs, s.dead_letter_queue_url)
             routed = await router.route(
@@ -191,9 +212,18 @@ class Notifier:
                 await VisibilityBackoff(sqs, endpoint_url=s.aws_endpoint_url).apply(retry)
 
 
-def aws_client(service: str, settings: Settings) -> Any:
-    """An aiobotocore client with a connection pool sized for the record concurrency."""
-    import aioboto3
+def _new_aws_session() -> Any:
+    import aioboto3  # about 180 ms on a cold start: run in a thread, off the event loop
+
+    return aioboto3.Session()
+
+
+def aws_client(service: str, settings: Settings, session: Any = None) -> Any:
+    """An aiobotocore client with a connection pool sized for the record concurrency.
+
+    Clients made from one `session` share its loaded data (endpoints, partitions): a second
+    client costs a few ms instead of tens.
+    """
     from aiobotocore.config import AioConfig
 
     config = AioConfig(
@@ -204,7 +234,7 @@ def aws_client(service: str, settings: Settings) -> Any:
         # Presigned links must be SigV4: S3 refuses SigV2 in newer regions and buckets.
         signature_version="s3v4" if service == "s3" else None,
     )
-    return aioboto3.Session().client(
+    return (session or _new_aws_session()).client(
         service,
         region_name=settings.aws_region,
         endpoint_url=settings.aws_endpoint_url,
