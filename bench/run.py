@@ -21,6 +21,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -58,7 +59,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--scenario",
         default="all",
-        help="small, large, remote, scale, all (default), or a comma-separated list",
+        help="small, large, remote, remote-warm, scale, all (default), or a comma-separated list",
     )
     parser.add_argument("--target", choices=("baseline", "project", "both"), default="both")
     parser.add_argument("--quick", action="store_true", help="small numbers, well under a minute")
@@ -226,11 +227,26 @@ class Bench:
         )
         event_path = self.work / f"event-{scenario.name}.json"
         event_path.write_text(json.dumps(payload.build_event(batch)), encoding="utf-8")
+        warmup: Warmup | None = None
+        if scenario.warmup > 0:
+            # A first invocation in the same process, before the measured one: its own
+            # records (distinct video ids) in the same bucket, the same ZIP size.
+            warm_batch = payload.items(f"{scenario.name}-warmup", scenario.warmup)
+            warm_bytes = payload.seed(s3, warm_batch, scenario.size)
+            warm_path = self.work / f"event-{scenario.name}-warmup.json"
+            warm_path.write_text(json.dumps(payload.build_event(warm_batch)), encoding="utf-8")
+            warmup = Warmup(warm_path, warm_batch, warm_bytes)
+            log(
+                f"[{scenario.name}] seeded {len(warm_batch)} more objects for the warm-up "
+                "invocation"
+            )
         rows = []
         ports = self._start_proxy(scenario) if scenario.delayed else {}
         try:
             for target in targets:
-                row = self.run_target(scenario, target, event_path, batch, total_bytes, ports)
+                row = self.run_target(
+                    scenario, target, event_path, batch, total_bytes, ports, warmup
+                )
                 row["seed_s"] = seed_s
                 rows.append(row)
         finally:
@@ -248,8 +264,12 @@ class Bench:
         batch: list[payload.Item],
         total_bytes: int,
         ports: dict[str, int],
+        warmup: Warmup | None = None,
     ) -> dict[str, Any]:
         name = f"{scenario.name}-{target}"
+        warm_batch = warmup.batch if warmup is not None else []
+        # What the sink must receive: the measured batch and the warm-up batch, each once.
+        expected_messages = scenario.records + len(warm_batch)
         tmp_dir = self.work / "tmp" / name
         tmp_dir.mkdir(parents=True)
         result_path = self.work / f"{name}.result.json"
@@ -272,6 +292,9 @@ class Bench:
             "env": extra,
             "errors": [],
         }
+        if warmup is not None:
+            row["warmup_records"] = len(warm_batch)
+            row["warmup_attachment_bytes"] = warmup.total_bytes
         self.sink.reset()
         if self.proxy is not None:
             control.query(self.proxy_control, "RESET")
@@ -279,6 +302,8 @@ class Bench:
             "bench.target", "--target", target, "--event", str(event_path),
             "--result", str(result_path),
         )  # fmt: skip
+        if warmup is not None:
+            command += ["--warmup-event", str(warmup.event_path)]
         profile = None
         if self.args.profile and target == "project":
             profile = self.args.out.parent / f"profile-{scenario.name}.pstats"
@@ -286,7 +311,8 @@ class Bench:
             command += ["--profile", str(profile)]
             row["profiled"] = True
         helper = Helper(name, command, self.logs, cwd=self.code)
-        timeout = 600 + 3 * scenario.records + 4 * total_bytes / MiB
+        all_bytes = total_bytes + (warmup.total_bytes if warmup is not None else 0)
+        timeout = 600 + 3 * expected_messages + 4 * all_bytes / MiB
         cpu = _CpuAccount(self._helper_pids())
         started = time.perf_counter()
         helper.start(ready_line=False, env=env)
@@ -307,7 +333,7 @@ class Bench:
             child = json.loads(result_path.read_text())
         elif code == 0:
             row["errors"].append("wrote no result")
-        sink = self.sink.collect(expected=scenario.records)
+        sink = self.sink.collect(expected=expected_messages)
         if self.proxy is not None:
             proxied = control.query(self.proxy_control, "STATS")
             row["s3_connections"] = proxied.get("s3", {}).get("connections")
@@ -322,6 +348,18 @@ class Bench:
                 report.profile_summary(profile, scenario.records)
             )
         row.update(self._measurements(child, total_bytes))
+        if warmup is not None and "warmup_wall_s" in child:
+            row["warmup_wall_s"] = child["warmup_wall_s"]
+            warm_failures = (child.get("warmup_response") or {}).get("batchItemFailures")
+            if not isinstance(warm_failures, list):
+                row["errors"].append(
+                    "warm-up response is not a partial batch response: "
+                    f"{child.get('warmup_response')!r}"
+                )
+            elif warm_failures:
+                row["errors"].append(f"{len(warm_failures)} warm-up record(s) in batchItemFailures")
+        elif warmup is not None and child:
+            row["errors"].append("the target reported no warm-up invocation")
         row.update(
             smtp_connections=sink.connections,
             smtp_max_open=sink.max_open,
@@ -337,8 +375,11 @@ class Bench:
             )
         elif failures:
             row["errors"].append(f"{len(failures)} record(s) in batchItemFailures")
-        if sink.messages != scenario.records:
-            row["errors"].append(f"sink received {sink.messages} of {scenario.records} messages")
+        if sink.messages != expected_messages:
+            row["errors"].append(
+                f"sink received {sink.messages} of {expected_messages} messages"
+                + (f" ({scenario.records} + {len(warm_batch)} warm-up)" if warm_batch else "")
+            )
         # Base64 alone makes an attached ZIP 4/3 its size: a smaller message lacks it.
         if sink.min_size is not None and sink.min_size < scenario.size * 4 / 3:
             row["errors"].append(
@@ -346,11 +387,18 @@ class Bench:
                 "attachment missing (sent as a link?)"
             )
         if sink.video_ids is not None:
-            row.update(self._check_ids(batch, sink.video_ids, row["errors"]))
+            row.update(self._check_ids([*batch, *warm_batch], sink.video_ids, row["errors"]))
         row["ok"] = not row["errors"]
         status = "ok" if row["ok"] else "ERROR: " + "; ".join(row["errors"])
+        warm_text = ""
+        if warmup is not None:
+            warm_text = (
+                f" (after a warm-up of {len(warm_batch)} records in "
+                f"{row.get('warmup_wall_s', float('nan')):.2f} s; SMTP connections and "
+                "round trips include the warm-up)"
+            )
         log(
-            f"[{scenario.name}] {target}: {row.get('wall_s', float('nan')):.2f} s, "
+            f"[{scenario.name}] {target}{warm_text}: {row.get('wall_s', float('nan')):.2f} s, "
             f"{row.get('records_per_s', 0):.1f} records/s, "
             f"peak RSS {row.get('peak_rss_mib', 0):.0f} MiB, "
             f"{sink.connections} SMTP connection(s): {status}"
@@ -424,6 +472,15 @@ class Bench:
         # packages do, so Python may cache the copied code's modules in the work dir).
         env.update(extra)
         return env
+
+
+@dataclass(frozen=True)
+class Warmup:
+    """The warm-up invocation of a scenario: its event file, records and bytes seeded."""
+
+    event_path: Path
+    batch: list[payload.Item]
+    total_bytes: int
 
 
 class _CpuAccount:
