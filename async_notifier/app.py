@@ -118,7 +118,7 @@ class Notifier:
             extra={
                 "records": len(records),
                 "failed": len(result.failures),
-                "dead_lettered": sum(o.dead_lettered for o in result.outcomes),
+                "dead_lettered": sum(o.dead_lettered for o in result.errors),
             },
         )
         return result

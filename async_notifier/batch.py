@@ -12,7 +12,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,13 +57,54 @@ class Outcome:
 
 
 @dataclass
+class Delivered:
+    """What the successful records add up to: all that metrics and logs need of them.
+
+    Successes are counted, not kept: a batch of 10,000 records holds outcomes only for the
+    ones that failed, so memory does not grow with the batch size.
+    """
+
+    count: int = 0
+    actions: Counter[str] = field(default_factory=Counter)
+    bytes_attached: int = 0  # ZIPs sent as attachments (not as links)
+    retried: int = 0  # records that needed at least one retry
+    retries: int = 0
+
+    def add(self, outcome: Outcome) -> None:
+        result = outcome.result
+        self.count += 1
+        self.actions[result.action] += 1
+        if result.action == "sent":
+            self.bytes_attached += result.bytes
+        self.retried += result.retries > 0
+        self.retries += result.retries
+
+
+@dataclass
 class BatchResult:
-    outcomes: list[Outcome] = field(default_factory=list)
+    """The outcome of every record that failed, in batch order, and the tally of the rest."""
+
+    errors: list[Outcome] = field(default_factory=list)
+    delivered: Delivered = field(default_factory=Delivered)
+
+    @classmethod
+    def of(cls, outcomes: Iterable[Outcome]) -> BatchResult:
+        result = cls()
+        for outcome in outcomes:
+            if outcome.ok:
+                result.delivered.add(outcome)
+            else:
+                result.errors.append(outcome)
+        return result
+
+    @property
+    def records(self) -> int:
+        return self.delivered.count + len(self.errors)
 
     @property
     def failures(self) -> list[Outcome]:
         """Records SQS must deliver again."""
-        return [o for o in self.outcomes if not o.acknowledged]
+        return [o for o in self.errors if not o.acknowledged]
 
     def response(self) -> dict[str, list[dict[str, str]]]:
         """The partial batch response Lambda expects with ReportBatchItemFailures.
@@ -101,8 +143,15 @@ async def run_batch(
     concurrency: int,
     deadline: Deadline | None = None,
 ) -> BatchResult:
-    outcomes: list[Outcome | None] = [None] * len(raw_records)
+    result = BatchResult()
+    errors: list[tuple[int, Outcome]] = []
     units = _work_units(raw_records)
+
+    def record(index: int, outcome: Outcome) -> None:
+        if outcome.ok:
+            result.delivered.add(outcome)
+        else:
+            errors.append((index, outcome))
 
     async def worker() -> None:
         for unit in units:  # a shared iterator: each unit is taken once
@@ -112,10 +161,10 @@ async def run_batch(
                     error = GroupBlocked(
                         f"earlier message {blocked.message_id} of its group failed"
                     )
-                    outcomes[index] = _finish(raw, None, error, RecordResult(), 0.0)
+                    record(index, _finish(raw, None, error, RecordResult(), 0.0))
                     continue
                 outcome = await _run_one(raw, process, deadline)
-                outcomes[index] = outcome
+                record(index, outcome)
                 if not outcome.ok:
                     blocked = outcome
 
@@ -123,7 +172,9 @@ async def run_batch(
     async with asyncio.TaskGroup() as group:
         for _ in range(workers):
             group.create_task(worker())
-    return BatchResult([o for o in outcomes if o is not None])
+    errors.sort(key=lambda item: item[0])
+    result.errors = [outcome for _, outcome in errors]
+    return result
 
 
 def is_fifo(raw_records: Sequence[Any]) -> bool:
@@ -188,7 +239,8 @@ def _finish(
     if record is None and isinstance(raw, dict):
         with contextlib.suppress(NotifierError):
             record = SqsRecord.from_event(raw)
-    outcome = Outcome(_message_id(raw), error, result, duration, record)
+    # Only a failure needs its record later (dead-letter queue, retry back-off).
+    outcome = Outcome(_message_id(raw), error, result, duration, record if error else None)
     _log_outcome(outcome)
     return outcome
 

@@ -213,27 +213,23 @@ def metrics_from_batch(
     metrics = InvocationMetrics(
         namespace, dimensions={"FunctionName": function_name} if function_name else None
     )
-    delivered = [o for o in result.outcomes if o.ok]
-    actions = [o.result.action for o in delivered]
-    failed = [o for o in result.outcomes if o.error is not None]
-    metrics.set("RecordsReceived", len(result.outcomes), "Count")
-    metrics.set("RecordsSent", sum(a in ("sent", "sent_link") for a in actions), "Count")
-    metrics.set("RecordsFailed", len(failed), "Count")
+    delivered, errors = result.delivered, result.errors
+    actions = delivered.actions
+    metrics.set("RecordsReceived", result.records, "Count")
+    metrics.set("RecordsSent", actions["sent"] + actions["sent_link"], "Count")
+    metrics.set("RecordsFailed", len(errors), "Count")
     metrics.set("BatchItemFailures", len(result.failures), "Count")
-    metrics.set("RecordsDeadLettered", sum(o.dead_lettered for o in result.outcomes), "Count")
-    metrics.set("RecordsRetried", sum(o.result.retries > 0 for o in result.outcomes), "Count")
-    metrics.set("Retries", sum(o.result.retries for o in result.outcomes), "Count")
-    metrics.set(
-        "BytesAttached",
-        sum(o.result.bytes for o in delivered if o.result.action == "sent"),
-        "Bytes",
-    )
-    metrics.set("LinksSent", actions.count("sent_link"), "Count")
-    metrics.set("Duplicates", actions.count("duplicate"), "Count")
-    metrics.set("AlreadyDelivered", actions.count("already_delivered"), "Count")
+    metrics.set("RecordsDeadLettered", sum(o.dead_lettered for o in errors), "Count")
+    retried = delivered.retried + sum(o.result.retries > 0 for o in errors)
+    metrics.set("RecordsRetried", retried, "Count")
+    metrics.set("Retries", delivered.retries + sum(o.result.retries for o in errors), "Count")
+    metrics.set("BytesAttached", delivered.bytes_attached, "Bytes")
+    metrics.set("LinksSent", actions["sent_link"], "Count")
+    metrics.set("Duplicates", actions["duplicate"], "Count")
+    metrics.set("AlreadyDelivered", actions["already_delivered"], "Count")
     metrics.set("SmtpConnectionsOpened", connections_opened, "Count")
     metrics.set("InvocationDuration", duration_s * 1000.0, "Milliseconds")
-    for outcome in failed:
+    for outcome in errors:
         assert outcome.error is not None
         metrics.add("RecordsFailed", dimensions={"ErrorClass": outcome.error.kind})
     rid = request_id.get()

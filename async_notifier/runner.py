@@ -459,7 +459,7 @@ class _Consumer:
 
 def _failed_batch(records: Sequence[Mapping[str, Any]], reason: str) -> BatchResult:
     error = TransientError(f"batch failed: {reason}")
-    return BatchResult([Outcome(str(r["messageId"]), error, RecordResult(), 0.0) for r in records])
+    return BatchResult.of(Outcome(str(r["messageId"]), error, RecordResult(), 0.0) for r in records)
 
 
 def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:

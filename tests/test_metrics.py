@@ -106,7 +106,7 @@ def outcome(
 
 @pytest.fixture
 def batch() -> BatchResult:
-    return BatchResult(
+    return BatchResult.of(
         [
             outcome("1", size=1_000),
             outcome("2", size=500, retries=2),
@@ -191,7 +191,7 @@ def test_emit_writes_raw_lines_to_stdout_through_the_package_logs(
 
 
 def test_all_good_batch_has_no_error_class_lines() -> None:
-    result = BatchResult([outcome("1", size=10), outcome("2", size=20)])
+    result = BatchResult.of([outcome("1", size=10), outcome("2", size=20)])
     text = metrics_from_batch(
         result, duration_s=0.1, connections_opened=1, namespace=NAMESPACE, function_name="f"
     ).emit(io.StringIO())

@@ -396,14 +396,14 @@ async def run_local(
             by_id = {sample.message_id: sample for sample in samples}
 
             def on_batch(records: list[dict[str, Any]], result: BatchResult) -> None:
-                outcomes = {outcome.message_id: outcome for outcome in result.outcomes}
+                errors = {outcome.message_id: outcome for outcome in result.errors}
                 for record in records:
                     sample = by_id.get(record["messageId"])
-                    outcome = outcomes.get(record["messageId"])
-                    if sample is None or outcome is None:
+                    if sample is None:
                         continue
                     sample.tries += 1
-                    if outcome.error is not None:
+                    outcome = errors.get(record["messageId"])
+                    if outcome is not None and outcome.error is not None:
                         sample.error = f"{outcome.error.kind}: {outcome.error.reason}"
                 failed = len(result.failures)
                 _print(
