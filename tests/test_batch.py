@@ -1,0 +1,79 @@
+"""run_batch on its own: per-record outcomes, order, and what a big batch keeps in memory.
+
+The processor here is the test's own function (the pipeline's real peers are covered by the
+end-to-end tests); what is under test is the batch runner's bookkeeping.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import json
+import tracemalloc
+from typing import Any
+
+from async_notifier.batch import BatchResult, Outcome, RecordResult, run_batch
+from async_notifier.errors import BadMessage, DownloadFailed
+from async_notifier.messages import SqsRecord
+
+
+def record(n: int) -> dict[str, Any]:
+    return {"messageId": f"m{n}", "body": json.dumps({"n": n}), "attributes": {}}
+
+
+async def process(rec: SqsRecord, result: RecordResult) -> None:
+    n = json.loads(rec.body)["n"]
+    await asyncio.sleep(0.001 * (n % 3))  # finish out of order
+    result.bytes = 100
+    if n % 10 == 3:
+        raise BadMessage(f"bad {n}")
+    if n % 10 == 7:
+        result.retries = 2
+        raise DownloadFailed(f"reset {n}")
+    if n % 10 == 5:
+        result.retries = 1
+        result.action = "sent_link"
+
+
+async def test_failures_in_batch_order_and_a_tally_of_the_rest() -> None:
+    result = await run_batch([record(n) for n in range(1000)], process, concurrency=32)
+    failed = [n for n in range(1000) if n % 10 in (3, 7)]
+    assert [o.message_id for o in result.errors] == [f"m{n}" for n in failed]
+    assert result.response() == {"batchItemFailures": [{"itemIdentifier": f"m{n}"} for n in failed]}
+    assert result.records == 1000
+    delivered = result.delivered
+    assert delivered.count == 800
+    assert delivered.actions == {"sent": 700, "sent_link": 100}
+    assert delivered.bytes_attached == 700 * 100  # links are not attachments
+    assert (delivered.retried, delivered.retries) == (100, 100)
+    # A failure keeps its record (dead-letter queue, retry back-off need it); nothing else does.
+    assert all(o.record is not None and o.record.message_id == o.message_id for o in result.errors)
+
+
+async def test_successes_keep_no_per_record_state() -> None:
+    """10,000 good records: what the batch still holds when it returns is counts, not
+    10,000 outcomes (they took about 400 bytes a record before)."""
+    records = [record(n * 10) for n in range(10_000)]
+    tracemalloc.start()
+    try:
+        before = tracemalloc.take_snapshot()
+        result = await run_batch(records, process, concurrency=64)
+        gc.collect()
+        after = tracemalloc.take_snapshot()
+    finally:
+        tracemalloc.stop()
+    held = sum(stat.size_diff for stat in after.compare_to(before, "filename"))
+    assert result.errors == []
+    assert result.delivered.count == 10_000
+    assert held < 10_000 * 20, f"{held} bytes held after the batch"
+
+
+def test_of_sorts_outcomes_into_failures_and_tally() -> None:
+    ok = Outcome("a", None, RecordResult(bytes=5), 0.0)
+    bad = Outcome("b", BadMessage("x"), RecordResult(), 0.0, dead_lettered=True)
+    worse = Outcome("c", DownloadFailed("y"), RecordResult(), 0.0)
+    result = BatchResult.of([ok, bad, worse])
+    assert result.records == 3
+    assert result.errors == [bad, worse]
+    assert result.failures == [worse]  # dead-lettered counts as acknowledged
+    assert result.delivered.bytes_attached == 5
