@@ -26,7 +26,7 @@ ARCH ?= arm64
 
 .DEFAULT_GOAL := help
 .PHONY: help venv test lint format run-local localstack localstack-stop test-localstack \
-	bench bench-quick clean package cfn-lint
+	bench bench-quick clean distclean package cfn-lint
 
 help:
 	@echo "make test        create the venv, install, run the whole test suite"
@@ -44,6 +44,8 @@ help:
 	@echo "make package     build dist/deployment-package.zip for Lambda (python3.12, ARCH=arm64"
 	@echo "                 or ARCH=x86_64); reproducible, prints its sizes and sha256"
 	@echo "make cfn-lint    lint template.yaml (the SAM template) with cfn-lint"
+	@echo "make clean       remove the venv, caches, outbox/, build/, dist/ and bench/out/"
+	@echo "make distclean   also LocalStack's venv and state (.localstack/)"
 
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11) and "Python 3.11+ is required")'
@@ -102,4 +104,8 @@ cfn-lint: $(STAMP)
 	$(BIN)/cfn-lint template.yaml
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache outbox
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache outbox build dist bench/out
+
+# Also LocalStack's venv and state (a few minutes to reinstall); stop it first.
+distclean: clean
+	rm -rf $(LOCALSTACK_DIR)

@@ -43,6 +43,8 @@ def environment(root: Path, host: str = HOST, port: int = PORT) -> dict[str, str
         "LOCALSTACK_HOST": f"{host}:{port}",
         "SQS_ENDPOINT_STRATEGY": "path",  # queue URLs on the gateway, no *.localhost DNS
         "FILESYSTEM_ROOT": str(root.resolve() / "fs"),
+        # Its plugin system (plux) caches entry points under ~/.cache otherwise.
+        "XDG_CACHE_HOME": str(root.resolve() / "cache"),
     }
 
 
