@@ -38,25 +38,23 @@ def _table(
     warmup: int,
 ) -> dict[str, Scenario]:
     records, size = small
+    remote_row = Scenario(
+        "remote",
+        remote[0],
+        remote[1],
+        smtp_delay_ms=remote[2],
+        s3_delay_ms=remote[3],
+        about="SMTP and S3 behind a delay proxy",
+    )
     return {
         "small": Scenario("small", records, size, about="many small attachments, no delay"),
         "large": Scenario("large", *large, about="few large attachments, no delay"),
-        "remote": Scenario(
-            "remote",
-            remote[0],
-            remote[1],
-            smtp_delay_ms=remote[2],
-            s3_delay_ms=remote[3],
-            about="SMTP and S3 behind a delay proxy",
-        ),
+        "remote": remote_row,
         # What a Lambda under load mostly runs: a warm invocation, in a process that already
         # imported aioboto3, built its clients and opened its SMTP connections.
-        "remote-warm": Scenario(
-            "remote-warm",
-            remote[0],
-            remote[1],
-            smtp_delay_ms=remote[2],
-            s3_delay_ms=remote[3],
+        "remote-warm": dataclasses.replace(
+            remote_row,
+            name="remote-warm",
             targets=("project",),
             about="remote, measured as the process's second invocation (after a warm-up batch)",
             warmup=warmup,

@@ -32,7 +32,7 @@ from urllib.parse import unquote, urlsplit
 
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import Envelope, Session, syntax
-from servers import LOOPBACK, Received, SmtpSink, _SinkSMTP, free_port
+from servers import LOOPBACK, Received, SmtpSink, _Handler, _SinkSMTP, free_port
 
 # --------------------------------------------------------------------------- SMTP
 
@@ -281,11 +281,11 @@ async def _stall(seconds: float) -> None:
         await asyncio.sleep(seconds)
 
 
-class _FaultyHandler:
-    """aiosmtpd hooks: throttling at MAIL, rejection at RCPT, the DATA outcomes."""
+class _FaultyHandler(_Handler):
+    """aiosmtpd hooks: throttling at MAIL, rejection at RCPT, the DATA outcomes (EHLO, with
+    PIPELINING when `pipelining` is set, is the sink's)."""
 
-    def __init__(self, sink: FaultySmtp) -> None:
-        self.sink = sink
+    sink: FaultySmtp
 
     async def handle_MAIL(
         self,

@@ -38,7 +38,6 @@ from faults import (
     SmtpFault,
     SmtpFaultEvent,
     SmtpFaults,
-    _FaultyHandler,
 )
 from servers import (
     REGION,
@@ -107,21 +106,14 @@ def env(
 
 
 @pytest.fixture(params=[False, True], ids=["lockstep", "pipelining"])
-def pipelining(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> bool:
+def pipelining(request: pytest.FixtureRequest, faulty_smtp: FaultySmtp) -> bool:
     """Run an SMTP scenario twice: as aiosmtpd is (no PIPELINING: one command, one reply),
     and advertising PIPELINING (as SES and most providers do), where the worker sends
-    MAIL, RCPT and DATA in one write. aiosmtpd reads commands one at a time either way, so
-    pipelined commands are simply answered in order, and a hang-up drops the rest."""
-    if request.param:
-
-        async def handle_EHLO(
-            self: Any, server: Any, session: Any, envelope: Any, hostname: str, responses: list[str]
-        ) -> list[str]:
-            session.host_name = hostname
-            return [*responses[:-1], "250-PIPELINING", responses[-1]]
-
-        monkeypatch.setattr(_FaultyHandler, "handle_EHLO", handle_EHLO, raising=False)
-    return bool(request.param)
+    MAIL, RCPT and DATA in one write and the next envelope right behind the end of data.
+    aiosmtpd reads commands one at a time either way, so pipelined commands are simply
+    answered in order, and a hang-up drops the rest."""
+    faulty_smtp.pipelining = bool(request.param)
+    return faulty_smtp.pipelining
 
 
 @pytest.fixture
