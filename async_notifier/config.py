@@ -44,6 +44,7 @@ class Settings:
     smtp_max_messages_per_connection: int = 100
     smtp_max_connection_age: float = 300.0
     smtp_idle_check: float = 10.0
+    smtp_pipelining: bool = True
     smtp_chunk_bytes: int = 64 * 1024
     max_concurrency: int = 32
     allowed_buckets: frozenset[str] = frozenset()
@@ -99,6 +100,7 @@ class Settings:
             ),
             smtp_max_connection_age=env.number("SMTP_MAX_CONNECTION_AGE", 300.0, low=1.0),
             smtp_idle_check=env.number("SMTP_IDLE_CHECK_SECONDS", 10.0, low=0.0),
+            smtp_pipelining=env.boolean("SMTP_PIPELINING", True),
             smtp_chunk_bytes=env.integer(
                 "SMTP_CHUNK_BYTES", 64 * 1024, low=1024, high=16 * 1024 * 1024
             ),

@@ -325,7 +325,7 @@ class SmtpPool:
             self.size_limit = int(size) if size.isdigit() else 0
         return PooledConnection(
             channel,
-            pipelining=smtp.supports_extension("pipelining"),
+            pipelining=s.smtp_pipelining and smtp.supports_extension("pipelining"),
             size_extension=smtp.supports_extension("size"),
         )
 
