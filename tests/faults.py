@@ -26,13 +26,14 @@ from collections.abc import Awaitable, Callable, Iterable
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, replace
 from email.utils import formatdate
-from types import TracebackType
-from typing import Any, Literal, Self
+from typing import Any, Literal
 from urllib.parse import unquote, urlsplit
 
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import Envelope, Session, syntax
 from servers import LOOPBACK, Received, SmtpSink, _Handler, _SinkSMTP, free_port
+
+from async_notifier.local.service import Service
 
 # --------------------------------------------------------------------------- SMTP
 
@@ -676,7 +677,7 @@ def s3_error_body(code: str, message: str, resource: str, request_id: str) -> by
     ).encode()
 
 
-class S3FaultProxy:
+class S3FaultProxy(Service):
     """An HTTP/1.1 proxy on 127.0.0.1 in front of `upstream` (moto) that injects S3 faults.
 
     One request per connection: `Connection: close` is forced on every request it forwards and
@@ -835,18 +836,6 @@ class S3FaultProxy:
             asyncio.run_coroutine_threadsafe(self._shutdown(), loop).result(10.0)
         loop.call_soon_threadsafe(loop.stop)
         thread.join(10.0)
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     # -- one connection (proxy thread)
 

@@ -29,8 +29,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from email.message import EmailMessage
 from pathlib import Path
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
 import boto3
 from aiosmtpd.controller import Controller
@@ -41,6 +40,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from async_notifier.local.moto import MotoProcess
+from async_notifier.local.service import Service
 
 LOOPBACK = "127.0.0.1"
 REGION = "us-east-1"
@@ -228,7 +228,7 @@ class _SinkController(Controller):
         )
 
 
-class SmtpSink:
+class SmtpSink(Service):
     """A real SMTP server on 127.0.0.1 that records messages and counts connections.
 
     aiosmtpd serves from its own event loop in a thread, so all shared state sits behind one
@@ -396,18 +396,6 @@ class SmtpSink:
         controller, self._controller = self._controller, None
         if controller is not None:
             controller.stop()
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
 
 # --------------------------------------------------------------------------- TLS

@@ -17,10 +17,11 @@ import threading
 from dataclasses import dataclass
 from email.message import EmailMessage
 from pathlib import Path
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
 from aiosmtpd.controller import Controller
+
+from .service import Service
 
 LOOPBACK = "127.0.0.1"
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
@@ -76,7 +77,7 @@ class _Handler:
         return "250 OK"
 
 
-class MailCatcher:
+class MailCatcher(Service):
     """Accepts any message from anyone on 127.0.0.1 and writes it to `outbox`."""
 
     def __init__(self, outbox: Path, *, host: str = LOOPBACK) -> None:
@@ -123,18 +124,6 @@ class MailCatcher:
         controller, self._controller = self._controller, None
         if controller is not None:
             controller.stop()
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     def _store(self, mail_from: str, rcpt_tos: tuple[str, ...], data: bytes) -> None:
         """Runs on the server thread: parse once, write the .eml and .html atomically."""

@@ -13,10 +13,10 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from types import TracebackType
-from typing import IO, Self
+from typing import IO
 
 from .mailcatcher import LOOPBACK, free_port
+from .service import Service
 
 
 def _moto_command() -> list[str]:
@@ -37,7 +37,7 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child before e
         libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
-class MotoProcess:
+class MotoProcess(Service):
     def __init__(self, *, start_timeout: float = 20.0) -> None:
         self.host = LOOPBACK
         self.port = 0
@@ -117,15 +117,3 @@ class MotoProcess:
         if self._log is not None:
             self._log.close()
             self._log = None
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
