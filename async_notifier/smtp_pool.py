@@ -100,7 +100,12 @@ class SmtpPool:
     async def send(
         self, email: StreamedEmail, *, on_cancelled_after_data: Callable[[], None] | None = None
     ) -> None:
-        """Deliver one email; a connection that failed before the message ended is replaced once.
+        """Deliver one email; a pooled connection that turns out dead is replaced.
+
+        A reused connection the server closed (it may hang up right after its last 250,
+        before we see the close) fails before the message ends, so the email goes out on
+        another: at most once per connection the pool can hold, then on a fresh one. A
+        fresh connection that fails says the server is unwell: that is the record's error.
 
         On a PIPELINING connection the connection goes back to the pool as soon as the end
         of the message is written, and the server's verdict is awaited after: the next
@@ -108,7 +113,7 @@ class SmtpPool:
         `on_cancelled_after_data` is called when the send is cancelled (the deadline) after
         the end of the message went out: like DeliveryUnknown, the email may be delivered.
         """
-        for attempt in (1, 2):
+        for attempt in range(1, self._size + 2):
             await self.backoff.wait()
             if self._rate is not None:
                 await self._rate.acquire()
@@ -117,7 +122,7 @@ class SmtpPool:
                 try:
                     verdict = await self._transmit(conn, email)
                 except _StaleConnection as exc:
-                    if reused and attempt == 1:
+                    if reused and attempt <= self._size:
                         continue
                     raise SmtpUnavailable(f"SMTP connection lost: {exc}") from None
                 except SmtpThrottled:
