@@ -1,9 +1,11 @@
 """A bounded pool of long-lived SMTP connections, and delivery over it.
 
-Connections open lazily up to `size`, do EHLO/STARTTLS/AUTH once (through
-aiosmtplib), then carry up to `max_messages` emails each over a pipelined
-`SmtpChannel`. A connection idle for a while is checked with NOOP before reuse
-and replaced when the server dropped it; one older than `max_age` is retired.
+Connections open on demand, or ahead of it with `prewarm`, up to `size`; each does
+EHLO/STARTTLS/AUTH once (through aiosmtplib), then carries up to `max_messages`
+emails over a pipelined `SmtpChannel`, handed to the next email as soon as the
+previous one's end of data is written. A connection idle for a while is checked
+with NOOP before reuse and replaced when the server dropped it; one older than
+`max_age` is retired.
 The lifecycle is explicit (`aclose` sends QUIT to every idle connection) and the
 pool holds no global state: a process keeps one across warm invocations, tests
 own one each.
