@@ -148,6 +148,15 @@ class _SinkSMTP(SMTP):
         self.sink._quit_received()
         await super().smtp_QUIT(arg)
 
+    @syntax("MAIL FROM: <address>", extended=" [SP <mail-parameters>]")
+    async def smtp_MAIL(self, arg: str) -> None:
+        if self.sink.hang_up_on_reuse and self.accepted_here and self.transport is not None:
+            # Like a server that dropped an idle connection before the client noticed: the
+            # next command finds the socket closed, nothing answered.
+            self.transport.close()
+            return
+        await super().smtp_MAIL(arg)
+
     @syntax("DATA")
     async def smtp_DATA(self, arg: str) -> None:
         before = self.accepted_here
@@ -260,6 +269,8 @@ class SmtpSink(Service):
         self.data_size_limit = data_size_limit
         self.pipelining = pipelining
         self.verdict_delay = verdict_delay
+        # Settable while running: a connection that carried a message hangs up at its next MAIL.
+        self.hang_up_on_reuse = False
         self._cond = threading.Condition()
         self._messages: list[Received] = []
         self._opened = 0

@@ -184,6 +184,19 @@ async def test_server_dropping_connections_mid_batch() -> None:
         assert sink.connections_open == 0
 
 
+async def test_a_send_tries_each_pooled_connection_the_server_dropped() -> None:
+    """Every idle connection is dead though none looks it: the email still goes out, on a
+    fresh connection after trying each pooled one (not after one retry)."""
+    with SmtpSink() as sink:
+        async with SmtpPool(sink_settings(sink, SMTP_POOL_SIZE="3")) as pool:
+            await asyncio.gather(*(pool.send(outgoing(i)) for i in range(3)))
+            assert pool.connections_opened == 3
+            sink.hang_up_on_reuse = True
+            await pool.send(outgoing(3))
+            assert pool.connections_opened == 4
+        assert subjects(sink) == expected_subjects(4)
+
+
 async def test_rejected_recipient_keeps_the_connection_usable() -> None:
     with SmtpSink(reject={"gone@example.com"}) as sink:
         async with SmtpPool(sink_settings(sink, SMTP_POOL_SIZE="1")) as pool:
