@@ -127,9 +127,6 @@ class SmtpPool:
                     if reused and attempt <= self._size:
                         continue
                     raise SmtpUnavailable(f"SMTP connection lost: {exc}") from None
-                except SmtpThrottled:
-                    self.backoff.throttled()
-                    raise
                 if not conn.pipelining:  # the server takes one command at a time
                     await self._confirm(conn, email, verdict, on_cancelled_after_data)
                     return
@@ -348,7 +345,7 @@ class SmtpPool:
                 )
         except RefusedError as exc:
             await _reset(conn, exc.reply.code)
-            raise _classify(exc.reply) from None
+            raise self._refused(exc.reply) from None
         except TimeoutError:
             conn.broken = True
             conn.channel.close()
@@ -381,10 +378,7 @@ class SmtpPool:
         except RefusedError as exc:
             if exc.reply.code == 421:
                 conn.broken = True
-            error = _classify(exc.reply)
-            if isinstance(error, SmtpThrottled):
-                self.backoff.throttled()
-            raise error from None
+            raise self._refused(exc.reply) from None
         except LostAfterEnd:
             conn.broken = True
             raise DeliveryUnknown(
@@ -398,6 +392,13 @@ class SmtpPool:
                 f"timed out waiting for the reply to {email.message_id}; it may have been accepted"
             ) from None
         self.backoff.succeeded()
+
+    def _refused(self, reply: Reply) -> NotifierError:
+        """The record's error for a refusal; throttling also pauses the whole pool."""
+        error = _classify(reply)
+        if isinstance(error, SmtpThrottled):
+            self.backoff.throttled()
+        return error
 
     def _transaction_timeout(self, email: StreamedEmail) -> float:
         """SMTP_TIMEOUT for the exchange, plus time for the body at a modest 1 MB/s floor."""
