@@ -181,14 +181,6 @@ class SmtpChannel(asyncio.Protocol):
         finally:
             self.close()
 
-    async def send(
-        self, email: StreamedEmail, *, pipelining: bool, size: bool, chunk_size: int
-    ) -> Reply:
-        """One whole transaction: `transmit`, then wait for its `verdict`."""
-        return await self.verdict(
-            await self.transmit(email, pipelining=pipelining, size=size, chunk_size=chunk_size)
-        )
-
     async def transmit(
         self, email: StreamedEmail, *, pipelining: bool, size: bool, chunk_size: int
     ) -> Slot:

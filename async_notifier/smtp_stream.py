@@ -2,7 +2,7 @@
 
 aiosmtplib's `data()` takes the message as one `bytes` and copies it while fixing
 line endings and dot-stuffing. `DataEncoder` does the same transformation
-incrementally (byte for byte what aiosmtplib sends); `SmtpChannel.send` writes
+incrementally (byte for byte what aiosmtplib sends); `SmtpChannel.transmit` writes
 each encoded chunk once the transport has drained, so a connection holds about
 one chunk plus the transport buffer, whatever the attachment's size.
 """

@@ -558,11 +558,21 @@ async def connect(sink: SmtpSink | tuple[str, int]) -> SmtpChannel:
     return SmtpChannel.take_over(smtp)
 
 
+async def transaction(
+    channel: SmtpChannel, streamed: StreamedEmail, *, pipelining: bool, size: bool, chunk_size: int
+) -> Reply:
+    """One whole transaction, as the pool does it: transmit, then wait for the verdict."""
+    slot = await channel.transmit(streamed, pipelining=pipelining, size=size, chunk_size=chunk_size)
+    return await channel.verdict(slot)
+
+
 async def send(
     channel: SmtpChannel, streamed: StreamedEmail, *, chunk_size: int = 4096, size: bool = True
 ) -> Reply:
     async with asyncio.timeout(TIMEOUT):
-        return await channel.send(streamed, pipelining=True, size=size, chunk_size=chunk_size)
+        return await transaction(
+            channel, streamed, pipelining=True, size=size, chunk_size=chunk_size
+        )
 
 
 async def test_end_to_end_through_aiosmtpd(
@@ -670,7 +680,7 @@ async def test_a_server_that_stops_reading_times_out(renderer: Renderer, tmp_pat
         channel = await connect((LOOPBACK, port))
         with pytest.raises(TimeoutError):
             async with asyncio.timeout(0.5):
-                await channel.send(streamed, pipelining=False, size=True, chunk_size=65536)
+                await transaction(channel, streamed, pipelining=False, size=True, chunk_size=65536)
         assert stalled.is_set()
         assert not channel.is_connected
     finally:
