@@ -29,9 +29,8 @@ from email.utils import formatdate
 from typing import Any, Literal
 from urllib.parse import unquote, urlsplit
 
-from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import Envelope, Session, syntax
-from servers import LOOPBACK, Received, SmtpSink, _Handler, _SinkSMTP, free_port
+from servers import LOOPBACK, Received, SmtpSink, _Handler, _SinkController, _SinkSMTP
 
 from async_notifier.local.service import Service
 
@@ -350,19 +349,9 @@ class _FaultyHandler(_Handler):
         return "250 OK"
 
 
-class _FaultyController(Controller):
-    def __init__(self, sink: FaultySmtp, allow_plain_auth: bool, **kwargs: Any) -> None:
-        super().__init__(_FaultyHandler(sink), **kwargs)
-        self.sink = sink
-        self.allow_plain_auth = allow_plain_auth
-
-    def factory(self) -> _FaultySMTP:
-        return _FaultySMTP(
-            self.handler,
-            sink=self.sink,
-            allow_plain_auth=self.allow_plain_auth,
-            **self.SMTP_kwargs,
-        )
+class _FaultyController(_SinkController):
+    handler_class = _FaultyHandler
+    protocol_class = _FaultySMTP
 
 
 class FaultySmtp(SmtpSink):
@@ -513,36 +502,14 @@ class FaultySmtp(SmtpSink):
 
     # -- lifecycle
 
+    _controller_class = _FaultyController
+    _server_hostname = "faulty.test"
+
     def start(self) -> None:
-        if self._controller is not None:
-            raise RuntimeError("SMTP server already running")
-        kwargs: dict[str, Any] = {
-            "hostname": self.host,
-            "port": free_port(),
-            "server_hostname": "faulty.test",
-            "data_size_limit": self.data_size_limit,
-            "ready_timeout": 10.0,
-        }
-        if self.tls is not None:
-            kwargs.update(tls_context=self.tls, require_starttls=True)
-        if self.auth is not None:
-            kwargs.update(authenticator=self._authenticate, auth_required=True)
         # The controller's readiness probe must meet a healthy server (no stall, no 421).
         wanted, self.faults = self.faults, SmtpFaults()
-        controller = _FaultyController(
-            self, allow_plain_auth=self.auth is not None and self.tls is None, **kwargs
-        )
-        controller.start()
-        self._controller = controller  # type: ignore[assignment]
-        self.port = controller.port
-        try:
-            self.wait_idle(timeout=10.0)
-        except TimeoutError:
-            self.stop()
-            raise
+        super().start()
         self.clear()
-        with self._cond:
-            self._opened = 0
         self.faults = wanted
 
 

@@ -223,13 +223,18 @@ class _Handler:
 
 
 class _SinkController(Controller):
+    """aiosmtpd's controller, building our handler and protocol (subclasses swap both)."""
+
+    handler_class: type[_Handler] = _Handler
+    protocol_class: type[_SinkSMTP] = _SinkSMTP
+
     def __init__(self, sink: SmtpSink, allow_plain_auth: bool, **kwargs: Any) -> None:
-        super().__init__(_Handler(sink), **kwargs)
+        super().__init__(self.handler_class(sink), **kwargs)
         self.sink = sink
         self.allow_plain_auth = allow_plain_auth
 
     def factory(self) -> _SinkSMTP:
-        return _SinkSMTP(
+        return self.protocol_class(
             self.handler,
             sink=self.sink,
             allow_plain_auth=self.allow_plain_auth,
@@ -372,13 +377,16 @@ class SmtpSink(Service):
 
     # -- lifecycle
 
+    _controller_class: type[_SinkController] = _SinkController
+    _server_hostname = "sink.test"
+
     def start(self) -> None:
         if self._controller is not None:
             raise RuntimeError("SMTP sink already running")
         kwargs: dict[str, Any] = {
             "hostname": self.host,
             "port": free_port(),
-            "server_hostname": "sink.test",
+            "server_hostname": self._server_hostname,
             "data_size_limit": self.data_size_limit,
             "ready_timeout": 10.0,
         }
@@ -386,7 +394,7 @@ class SmtpSink(Service):
             kwargs.update(tls_context=self.tls, require_starttls=True)
         if self.auth is not None:
             kwargs.update(authenticator=self._authenticate, auth_required=True)
-        controller = _SinkController(
+        controller = self._controller_class(
             self, allow_plain_auth=self.auth is not None and self.tls is None, **kwargs
         )
         controller.start()
