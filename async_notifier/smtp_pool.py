@@ -92,6 +92,8 @@ class SmtpPool:
         self.size_limit: int | None = None  # the server's SIZE, learned at the first EHLO
         self.connections_opened = 0
         self._warming: set[asyncio.Task[None]] = set()
+        self._opening = 0  # connections the warm-up is still opening
+        self._awaiting_warm = 0  # sends waiting for one of those rather than opening their own
 
     async def __aenter__(self) -> SmtpPool:
         return self
@@ -141,7 +143,13 @@ class SmtpPool:
         opening connections count towards `count`. A failure is left for the sends, which
         meet it again on the same path and report it per record.
         """
+        if self._closed:
+            return
         for _ in range(min(count, self._size) - self._total):
+            # The slot is taken now, so a send that comes meanwhile waits for this
+            # connection instead of opening one more.
+            self._total += 1
+            self._opening += 1
             task = asyncio.create_task(self._warm_one())
             self._warming.add(task)
             task.add_done_callback(self._warming.discard)
@@ -153,22 +161,23 @@ class SmtpPool:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        # A task cancelled before its first step never ran: give back the slot it held.
+        self._total -= self._opening
+        self._opening = 0
 
     async def _warm_one(self) -> None:
-        """Open one more connection into the idle list, if the pool has room for it."""
-        async with self._cond:
-            if self._closed or self._total >= self._size:
-                return
-            self._total += 1
+        """Open one connection into the idle list, in the slot `prewarm` took for it."""
         try:
             conn = await self._open()
-        except Exception:
-            await self._free_slot()
-            return
-        except BaseException:
-            await self._free_slot()
+        except BaseException as exc:
+            self._opening -= 1
+            self._total -= 1
+            async with self._cond:
+                self._cond.notify_all()  # the sends waiting for it open their own
+            if isinstance(exc, Exception):
+                return  # left for the sends, which meet it again and report it
             raise
-        await self._release(conn)
+        await self._release(conn, warmed=True)
 
     async def server_size_limit(self) -> int | None:
         """The server's advertised SIZE (0: no limit); connects if no connection has yet."""
@@ -238,6 +247,14 @@ class SmtpPool:
                         return conn, expired
                     self._total -= 1
                     expired.append(conn)
+                if self._awaiting_warm < self._opening:
+                    # A connection the warm-up is opening will come free: wait for it.
+                    self._awaiting_warm += 1
+                    try:
+                        await self._cond.wait()
+                    finally:
+                        self._awaiting_warm -= 1
+                    continue
                 if self._total < self._size:
                     self._total += 1
                     return None, expired
@@ -253,15 +270,22 @@ class SmtpPool:
         except TimeoutError:
             return False
 
-    async def _release(self, conn: PooledConnection) -> None:
+    async def _release(self, conn: PooledConnection, *, warmed: bool = False) -> None:
         conn.last_used = time.monotonic()
         retire = not conn.usable(self._max_age) or conn.messages_sent >= self._max_messages
+        # Book it before taking the lock (no await in between): even if cancelled while
+        # waiting for the lock, the connection is in the idle list or counted out.
+        if retire or self._closed:
+            self._total -= 1
+        else:
+            self._idle.append(conn)
+        if warmed:
+            self._opening -= 1
         async with self._cond:
-            if retire or self._closed:
-                self._total -= 1
+            if warmed:
+                self._cond.notify_all()  # sends waiting for a warm-up connection look again
             else:
-                self._idle.append(conn)
-            self._cond.notify()
+                self._cond.notify()
         if retire or self._closed:
             if conn.usable(float("inf")):
                 await _quit(conn)

@@ -108,6 +108,33 @@ async def test_prewarm_opens_connections_before_any_send(smtp_sink: SmtpSink) ->
     assert subjects(smtp_sink) == expected_subjects(8)
 
 
+async def test_a_send_during_the_warm_up_waits_for_that_connection(smtp_sink: SmtpSink) -> None:
+    """A one-record batch warms one connection; its send, arriving while the handshake is
+    still running, takes that connection instead of opening a second one."""
+    async with SmtpPool(sink_settings(smtp_sink, SMTP_POOL_SIZE="4")) as pool:
+        pool.prewarm(1)
+        await pool.send(outgoing(0))
+        assert pool.connections_opened == 1
+        # More sends than connections warming: the others open their own, within the pool.
+        pool.prewarm(2)
+        await asyncio.gather(*(pool.send(outgoing(i)) for i in range(1, 5)))
+        assert 2 <= pool.connections_opened <= 4
+    await idle(smtp_sink)
+    assert smtp_sink.connections_opened == pool.connections_opened
+    assert subjects(smtp_sink) == expected_subjects(5)
+
+
+async def test_stop_prewarm_before_the_warm_up_ran_gives_its_slots_back(
+    smtp_sink: SmtpSink,
+) -> None:
+    async with SmtpPool(sink_settings(smtp_sink, SMTP_POOL_SIZE="2")) as pool:
+        pool.prewarm(2)
+        await pool.stop_prewarm()  # cancelled before their first step
+        await asyncio.gather(*(pool.send(outgoing(i)) for i in range(4)))
+        assert 1 <= pool.connections_opened <= 2
+    assert subjects(smtp_sink) == expected_subjects(4)
+
+
 async def test_stop_prewarm_closes_handshakes_still_running(faulty_smtp: FaultySmtp) -> None:
     """A server stalling its greeting: the batch ends, and no half-open connection stays."""
     faulty_smtp.faults = SmtpFaults(stall_seconds=math.inf, stall_on="greeting")
