@@ -20,10 +20,12 @@ from dataclasses import dataclass
 import aiosmtplib
 from aiosmtplib.errors import SMTPServerDisconnected
 
-from .mime_stream import StreamedEmail
+from .mime_stream import AttachmentChanged, StreamedEmail
 from .smtp_stream import DataEncoder
 
 MAX_REPLY_BYTES = 64 * 1024
+# Replies are a line or a few (EHLO lists its extensions); more is a broken or hostile server.
+MAX_REPLY_LINES = 100
 
 
 @dataclass(frozen=True)
@@ -64,6 +66,18 @@ class LostAfterEnd(ConnectionError):
     """The connection failed after the end-of-data mark was sent: delivery is unknown."""
 
 
+class AttachmentReadError(Exception):
+    """The message's file could not be read: a local problem, not the connection's.
+
+    `spoiled`: part of the message had already been written, so the connection is in
+    the middle of DATA and can carry nothing more; otherwise nothing was sent at all.
+    """
+
+    def __init__(self, reason: str, *, spoiled: bool) -> None:
+        super().__init__(reason)
+        self.spoiled = spoiled
+
+
 class SmtpChannel(asyncio.Protocol):
     def __init__(self) -> None:
         self._transport: asyncio.Transport | None = None
@@ -102,6 +116,9 @@ class SmtpChannel(asyncio.Protocol):
                 self._fail(ProtocolError(f"malformed reply line {line[:60]!r}"))
                 return
             self._lines.append(line[4:].decode("utf-8", "replace"))
+            if len(self._lines) > MAX_REPLY_LINES:
+                self._fail(ProtocolError(f"reply of more than {MAX_REPLY_LINES} lines"))
+                return
             if line[3:4] != b"-":  # the last line of a (possibly multi-line) reply
                 reply = Reply(int(line[:3]), "\n".join(self._lines))
                 self._lines = []
@@ -133,6 +150,11 @@ class SmtpChannel(asyncio.Protocol):
     @property
     def is_connected(self) -> bool:
         return self._transport is not None and not self._transport.is_closing()
+
+    @property
+    def outstanding(self) -> int:
+        """Commands written whose reply has not arrived (awaited or not)."""
+        return len(self._slots)
 
     def close(self) -> None:
         if self._transport is not None:
@@ -190,11 +212,17 @@ class SmtpChannel(asyncio.Protocol):
         PIPELINING connection the next envelope can go out right behind the end of
         this message (RFC 2920 allows commands after the end of data).
         Raises RefusedError (server said no before the message; nothing delivered),
-        LostBeforeEnd (nothing delivered), or OSError when the attachment cannot be
-        read (before anything was sent).
+        LostBeforeEnd (nothing delivered) or AttachmentReadError (the file failed).
+        The connection is never closed here: a caller that stops half-way (an error,
+        a cancellation) leaves it mid-DATA, and the pool decides what to do with it
+        (the verdicts of earlier messages on it are still to be read).
         """
         chunks = email.iter_chunks(chunk_size)
-        first = next(chunks)  # opens the attachment: fail before the envelope, not inside DATA
+        try:
+            # Opens the attachment: fail before the envelope, not inside DATA.
+            first = next(chunks)
+        except (OSError, AttachmentChanged) as exc:
+            raise AttachmentReadError(f"{type(exc).__name__}: {exc}", spoiled=False) from None
         try:
             mail = f"MAIL FROM:<{email.sender}>" + (f" SIZE={email.size}" if size else "")
             envelope = [mail, f"RCPT TO:<{email.recipient}>", "DATA"]
@@ -213,19 +241,22 @@ class SmtpChannel(asyncio.Protocol):
                 if not ok:
                     raise RefusedError(phase, reply)
             encoder = DataEncoder()
-            try:
-                self.write(encoder.feed(first))
-                for chunk in chunks:
-                    await self.drain()
+            chunk: bytes | None = first
+            while chunk is not None:
+                try:
                     self.write(encoder.feed(chunk))
-                await self.drain()
+                    await self.drain()
+                except OSError as exc:
+                    raise LostBeforeEnd(str(exc)) from exc
+                try:
+                    chunk = next(chunks, None)
+                except (OSError, AttachmentChanged) as exc:
+                    reason = f"{type(exc).__name__}: {exc}"
+                    raise AttachmentReadError(reason, spoiled=True) from None
+            try:
                 return self.send_commands(encoder.finish(), 1)[0]
             except OSError as exc:
-                self.close()  # the server holds a partial message it will discard
                 raise LostBeforeEnd(str(exc)) from exc
-            except BaseException:
-                self.close()
-                raise
         finally:
             chunks.close()
 
