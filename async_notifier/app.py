@@ -96,20 +96,22 @@ class Notifier:
         if not records:
             return BatchResult()
         started = time.monotonic()
-        async with self._pipeline(deadline, connections=len(records)) as pipeline:
-            opened_before = pipeline.pool.connections_opened
-            result = await run_batch(
-                records,
-                pipeline.process,
-                concurrency=self.settings.max_concurrency,
-                deadline=deadline,
-            )
-            opened = pipeline.pool.connections_opened - opened_before
+        clients = await self._open_clients(connections=len(records))
+        try:
+            async with self._pipeline(clients, deadline) as pipeline:
+                result = await run_batch(
+                    records,
+                    pipeline.process,
+                    concurrency=self.settings.max_concurrency,
+                    deadline=deadline,
+                )
+        finally:
+            pool_stats = await clients.pool.finish_batch(until=deadline.end if deadline else None)
         await self._feedback(result)
         metrics_from_batch(
             result,
             duration_s=time.monotonic() - started,
-            connections_opened=opened,
+            connections_opened=pool_stats.connections_opened,
             namespace=self.settings.metrics_namespace,
             function_name=function_name or os.environ.get("AWS_LAMBDA_FUNCTION_NAME"),
         ).emit()
@@ -124,17 +126,20 @@ class Notifier:
         return result
 
     async def _open_clients(self, connections: int = 0) -> _Clients:
-        """The process's clients, opened on first use; `connections` SMTP ones warmed up."""
+        """The process's clients, opened on first use, with a batch started on the pool
+        (`connections` SMTP connections warmed up) when `connections` is set."""
         loop = asyncio.get_running_loop()
         if self._clients is not None and self._clients.loop is loop:
-            self._clients.pool.prewarm(connections)
+            if connections:
+                self._clients.pool.start_batch(connections)
             return self._clients
         self._clients = None  # made by a loop that is gone: aiobotocore clients can't move
         s = self.settings
         stack = contextlib.AsyncExitStack()
         try:
             pool = await stack.enter_async_context(SmtpPool(s, secret=self.secret))
-            pool.prewarm(connections)  # the SMTP handshakes run while aioboto3 loads
+            if connections:  # the SMTP handshakes run while aioboto3 loads
+                pool.start_batch(connections)
             session = await self._session()
             s3 = await stack.enter_async_context(aws_client("s3", s, session))
             idempotency = None
@@ -167,28 +172,24 @@ class Notifier:
 
     @contextlib.asynccontextmanager
     async def _pipeline(
-        self, deadline: Deadline | None, connections: int
+        self, clients: _Clients, deadline: Deadline | None
     ) -> AsyncIterator[Pipeline]:
         s = self.settings
-        clients = await self._open_clients(connections)
-        try:
-            with ScratchDir(s.tmp_dir) as scratch:
-                store = ObjectStore(
-                    clients.s3, chunk_size=s.download_chunk_bytes, allowed_buckets=s.allowed_buckets
-                )
-                yield Pipeline(
-                    s,
-                    self.renderer,
-                    store,
-                    clients.pool,
-                    scratch,
-                    budget=ByteBudget(s.max_tmp_bytes),
-                    deadline=deadline,
-                    idempotency=clients.idempotency,
-                    recipients=clients.recipients,
-                )
-        finally:
-            await clients.pool.stop_prewarm()
+        with ScratchDir(s.tmp_dir) as scratch:
+            store = ObjectStore(
+                clients.s3, chunk_size=s.download_chunk_bytes, allowed_buckets=s.allowed_buckets
+            )
+            yield Pipeline(
+                s,
+                self.renderer,
+                store,
+                clients.pool,
+                scratch,
+                budget=ByteBudget(s.max_tmp_bytes),
+                deadline=deadline,
+                idempotency=clients.idempotency,
+                recipients=clients.recipients,
+            )
 
     async def _feedback(self, result: BatchResult) -> None:
         """Dead-letter the permanent failures, then slow down the retries of the rest."""

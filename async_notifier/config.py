@@ -39,6 +39,7 @@ class Settings:
     smtp_tls: TlsMode = "starttls"
     smtp_ca_file: Path | None = None
     smtp_timeout: float = 30.0
+    smtp_data_timeout: float = 600.0
     smtp_local_hostname: str | None = None
     smtp_pool_size: int = 8
     smtp_max_messages_per_connection: int = 100
@@ -93,6 +94,8 @@ class Settings:
             smtp_tls=env.choice("SMTP_TLS", "starttls", TLS_MODES),
             smtp_ca_file=env.existing_file("SMTP_CA_FILE"),
             smtp_timeout=env.number("SMTP_TIMEOUT", 30.0, low=0.1),
+            # RFC 5321 section 4.5.3.2.6: wait up to 10 minutes for the reply to the end of data.
+            smtp_data_timeout=env.number("SMTP_DATA_TIMEOUT", 600.0, low=0.1),
             smtp_local_hostname=env.optional("SMTP_LOCAL_HOSTNAME"),
             smtp_pool_size=env.integer("SMTP_POOL_SIZE", 8, low=1, high=1000),
             smtp_max_messages_per_connection=env.integer(

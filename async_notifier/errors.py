@@ -79,6 +79,16 @@ class SmtpThrottled(SmtpUnavailable):
     kind = "smtp_throttled"
 
 
+class AttachmentUnreadable(TransientError):
+    """The downloaded ZIP could not be read back from the temp dir (a local failure).
+
+    Not the SMTP server's fault: no connection is blamed or retried for it; a later
+    delivery downloads the file again.
+    """
+
+    kind = "attachment_unreadable"
+
+
 class DeadlineExceeded(TransientError):
     """The invocation ran out of time before this record finished (or started)."""
 

@@ -1,31 +1,37 @@
 """A bounded pool of long-lived SMTP connections, and delivery over it.
 
-Connections open on demand, or ahead of it with `prewarm`, up to `size`; each does
-EHLO/STARTTLS/AUTH once (through aiosmtplib), then carries up to `max_messages`
-emails over a pipelined `SmtpChannel`, handed to the next email as soon as the
-previous one's end of data is written. A connection idle for a while is checked
-with NOOP before reuse and replaced when the server dropped it; one older than
-`max_age` is retired.
-The lifecycle is explicit (`aclose` sends QUIT to every idle connection) and the
-pool holds no global state: a process keeps one across warm invocations, tests
-own one each.
+The pool's state is its list of connections (`smtp_connection.PooledConnection`),
+those still connecting and closing included, and the queue of sends waiting for one.
+One synchronous step, `_assign`, hands waiting sends to available connections,
+starts the connections they need and picks the ones to retire; nothing else decides.
+Connecting and closing run as tasks of their own whose completion callbacks do the
+bookkeeping, so a cancelled send, warm-up or close (at any await, even before its
+first step) can never leave a place counted that no connection holds.
+
+Delivery on a PIPELINING connection hands the connection to the next email as soon
+as the end of data is written, then waits for the server's verdict (one round trip
+per message). A connection is retired (after `SMTP_MAX_MESSAGES_PER_CONNECTION`
+messages or `SMTP_MAX_CONNECTION_AGE` seconds) only once no verdict is awaited on it,
+and QUIT goes out only when no reply is outstanding, so retiring never costs a verdict.
+Every command has a time limit; the end-of-data verdict waits up to `SMTP_DATA_TIMEOUT`
+(RFC 5321 recommends 10 minutes), within the invocation's deadline.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
-import socket
-import ssl
+import functools
 import time
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 
-import aiosmtplib
-from aiosmtplib.errors import SMTPAuthenticationError, SMTPException, SMTPResponseException
+from aiosmtplib.errors import SMTPAuthenticationError
 
 from .config import Settings
 from .errors import (
+    AttachmentUnreadable,
     DeliveryUnknown,
     NotifierError,
     RecipientRejected,
@@ -34,39 +40,56 @@ from .errors import (
 )
 from .logs import get_logger
 from .mime_stream import StreamedEmail
-from .secrets import SecretSource, SmtpCredentials
+from .secrets import SecretSource
 from .smtp_channel import (
+    AttachmentReadError,
     LostAfterEnd,
     LostBeforeEnd,
+    ProtocolError,
     RefusedError,
     Reply,
     Slot,
-    SmtpChannel,
+)
+from .smtp_connection import (
+    PooledConnection,
+    Session,
+    State,
+    handshake,
+    local_hostname,
+    tls_context,
 )
 from .throttle import PoolBackoff, TokenBucket, is_throttling
 
 log = get_logger()
-_QUIT_TIMEOUT = 2.0
+# QUIT is a courtesy: a server slow to say goodbye does not hold a place for long.
+QUIT_TIMEOUT = 5.0
 # Authentication problems are the sender's configuration, not the message's: retry after a fix.
 _AUTH_CODES = frozenset({530, 534, 535, 538})
 
 
-@dataclass(eq=False)
-class PooledConnection:
-    channel: SmtpChannel
-    pipelining: bool
-    size_extension: bool
-    created_at: float = field(default_factory=time.monotonic)
-    last_used: float = field(default_factory=time.monotonic)
-    messages_sent: int = 0
-    broken: bool = False
+@dataclass
+class PoolStats:
+    """What the pool did for one batch (from `start_batch` to `finish_batch`)."""
 
-    def usable(self, max_age: float) -> bool:
-        return (
-            not self.broken
-            and self.channel.is_connected
-            and time.monotonic() - self.created_at < max_age
-        )
+    connections_opened: int = 0
+    connections_failed: int = 0
+    connections_closed: int = 0
+
+
+@dataclass(frozen=True)
+class PoolState:
+    """A snapshot of the pool, as `check` verified it."""
+
+    places: int
+    connecting: int
+    idle: int
+    busy: int
+    closing: int
+    waiting: int
+
+
+class PoolInvariantError(AssertionError):
+    """The pool's books do not match its connections: a bug."""
 
 
 class _StaleConnection(Exception):
@@ -78,28 +101,24 @@ class SmtpPool:
         self._settings = settings
         self._secret = secret
         self._size = settings.smtp_pool_size
-        self._max_messages = settings.smtp_max_messages_per_connection
-        self._max_age = settings.smtp_max_connection_age
-        self._idle_check = settings.smtp_idle_check
-        self._tls_context = _tls_context(settings) if settings.smtp_tls != "none" else None
-        self._local_hostname = settings.smtp_local_hostname or socket.gethostname() or "localhost"
-        self._idle: list[PooledConnection] = []
-        self._total = 0
-        self._cond = asyncio.Condition()
+        self._tls_context = tls_context(settings)
+        self._local_hostname = local_hostname(settings)
+        self._connections: list[PooledConnection] = []
+        self._waiting: collections.deque[asyncio.Future[PooledConnection]] = collections.deque()
         self._closed = False
         self._rate = TokenBucket(settings.smtp_rate_limit) if settings.smtp_rate_limit else None
         self.backoff = PoolBackoff()
         self.size_limit: int | None = None  # the server's SIZE, learned at the first EHLO
-        self.connections_opened = 0
-        self._warming: set[asyncio.Task[None]] = set()
-        self._opening = 0  # connections the warm-up is still opening
-        self._awaiting_warm = 0  # sends waiting for one of those rather than opening their own
+        self.connections_opened = 0  # over the pool's life
+        self._stats = PoolStats()
 
     async def __aenter__(self) -> SmtpPool:
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
+
+    # ------------------------------------------------------------------ delivering
 
     async def send(
         self, email: StreamedEmail, *, on_cancelled_after_data: Callable[[], None] | None = None
@@ -110,10 +129,6 @@ class SmtpPool:
         before we see the close) fails before the message ends, so the email goes out on
         another: at most once per connection the pool can hold, then on a fresh one. A
         fresh connection that fails says the server is unwell: that is the record's error.
-
-        On a PIPELINING connection the connection goes back to the pool as soon as the end
-        of the message is written, and the server's verdict is awaited after: the next
-        email's envelope goes out behind this one, so a message costs one round trip.
         `on_cancelled_after_data` is called when the send is cancelled (the deadline) after
         the end of the message went out: like DeliveryUnknown, the email may be delivered.
         """
@@ -121,244 +136,83 @@ class SmtpPool:
             await self.backoff.wait()
             if self._rate is not None:
                 await self._rate.acquire()
-            async with self._connection() as conn:
-                reused = conn.messages_sent > 0
-                try:
-                    verdict = await self._transmit(conn, email)
-                except _StaleConnection as exc:
-                    if reused and attempt <= self._size:
-                        continue
-                    raise SmtpUnavailable(f"SMTP connection lost: {exc}") from None
-                if not conn.pipelining:  # the server takes one command at a time
-                    await self._confirm(conn, email, verdict, on_cancelled_after_data)
-                    return
+            # A resend goes to the head of the queue: this email has waited its turn.
+            conn = await self._acquire(first=attempt > 1)
+            reused = conn.messages > 0
+            try:
+                verdict = await self._transmit(conn, email)
+            except _StaleConnection as exc:
+                if reused and attempt <= self._size:
+                    continue
+                raise SmtpUnavailable(f"SMTP connection lost: {exc}") from None
             await self._confirm(conn, email, verdict, on_cancelled_after_data)
             return
-
-    def prewarm(self, count: int) -> None:
-        """Start opening connections, up to `count`, in the background.
-
-        On a cold start the handshakes (TCP, TLS, AUTH: several round trips to a remote
-        server) then overlap what the batch does first, such as loading aioboto3. Open and
-        opening connections count towards `count`. A failure is left for the sends, which
-        meet it again on the same path and report it per record.
-        """
-        if self._closed:
-            return
-        for _ in range(min(count, self._size) - self._total):
-            # The slot is taken now, so a send that comes meanwhile waits for this
-            # connection instead of opening one more.
-            self._total += 1
-            self._opening += 1
-            task = asyncio.create_task(self._warm_one())
-            self._warming.add(task)
-            task.add_done_callback(self._warming.discard)
-
-    async def stop_prewarm(self) -> None:
-        """Cancel the handshakes still running: the batch that wanted them is over (or past
-        its deadline), and a half-open connection must not outlive the invocation."""
-        tasks = list(self._warming)
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        # A task cancelled before its first step never ran: give back the slot it held.
-        self._total -= self._opening
-        self._opening = 0
-
-    async def _warm_one(self) -> None:
-        """Open one connection into the idle list, in the slot `prewarm` took for it."""
-        try:
-            conn = await self._open()
-        except BaseException as exc:
-            self._opening -= 1
-            self._total -= 1
-            async with self._cond:
-                self._cond.notify_all()  # the sends waiting for it open their own
-            if isinstance(exc, Exception):
-                return  # left for the sends, which meet it again and report it
-            raise
-        await self._release(conn, warmed=True)
 
     async def server_size_limit(self) -> int | None:
         """The server's advertised SIZE (0: no limit); connects if no connection has yet."""
         if self.size_limit is None:
-            async with self._connection():
-                pass
+            conn = await self._acquire()
+            self._release(conn)
         return self.size_limit
 
-    async def aclose(self, quit_timeout: float = _QUIT_TIMEOUT) -> None:
-        """QUIT every idle connection; the pool refuses further sends."""
-        await self.stop_prewarm()
-        async with self._cond:
-            self._closed = True
-            idle, self._idle = self._idle, []
-            self._total -= len(idle)
-            self._cond.notify_all()
-        await asyncio.gather(*(_quit(conn, quit_timeout) for conn in idle))
-
-    @contextlib.asynccontextmanager
-    async def _connection(self) -> AsyncIterator[PooledConnection]:
-        conn = await self._acquire()
-        try:
-            yield conn
-        except NotifierError:
-            raise  # `_transmit` or `_confirm` has already judged the connection
-        except BaseException:
-            conn.broken = True  # cancelled or crashed mid-transaction: state unknown
-            raise
-        finally:
-            await self._release(conn)
-
-    async def _acquire(self) -> PooledConnection:
+    async def _acquire(self, *, first: bool = False) -> PooledConnection:
+        """A ready connection with the write turn, checked with NOOP if it sat idle."""
         while True:
-            conn, expired = await self._take_idle_or_slot()
-            await asyncio.gather(*(_quit(old) for old in expired))
-            if conn is None:
-                break
+            conn = await self._wait_for_connection(first=first)
             if await self._still_alive(conn):
                 return conn
-            conn.channel.close()
-            await self._free_slot()
+            first = True
+
+    async def _wait_for_connection(self, *, first: bool = False) -> PooledConnection:
+        if self._closed:
+            raise SmtpUnavailable("SMTP pool is closed")
+        waiter: asyncio.Future[PooledConnection] = asyncio.get_running_loop().create_future()
+        if first:
+            self._waiting.appendleft(waiter)
+        else:
+            self._waiting.append(waiter)
+        self._update()
         try:
-            return await self._open()
-        except BaseException:
-            await self._free_slot()
+            return await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+                self._release(waiter.result())  # handed over just as we were cancelled
             raise
-
-    async def _free_slot(self) -> None:
-        """Give back the slot of a connection that failed to open or was found dead."""
-        async with self._cond:
-            self._total -= 1
-            self._cond.notify()
-
-    async def _take_idle_or_slot(
-        self,
-    ) -> tuple[PooledConnection | None, list[PooledConnection]]:
-        """An idle connection, or None after reserving a slot for a new one; plus the
-        idle connections found too old or dead, for the caller to close outside the lock."""
-        expired: list[PooledConnection] = []
-        async with self._cond:
-            while True:
-                if self._closed:
-                    raise SmtpUnavailable("SMTP pool is closed")
-                while self._idle:
-                    conn = self._idle.pop()  # most recently used first: least likely stale
-                    if conn.usable(self._max_age):
-                        return conn, expired
-                    self._total -= 1
-                    expired.append(conn)
-                if self._awaiting_warm < self._opening:
-                    # A connection the warm-up is opening will come free: wait for it.
-                    self._awaiting_warm += 1
-                    try:
-                        await self._cond.wait()
-                    finally:
-                        self._awaiting_warm -= 1
-                    continue
-                if self._total < self._size:
-                    self._total += 1
-                    return None, expired
-                await self._cond.wait()
+        finally:
+            with contextlib.suppress(ValueError):
+                self._waiting.remove(waiter)
 
     async def _still_alive(self, conn: PooledConnection) -> bool:
-        """NOOP a connection that sat idle: servers drop idle clients without telling."""
-        if time.monotonic() - conn.last_used < self._idle_check:
+        """NOOP a connection that sat idle: servers drop idle clients without telling.
+
+        One handed over a moment ago is only checked for a close seen meanwhile (a server
+        that hangs up right after its 250 is noticed here, not by the next envelope).
+        """
+        if not conn.connected:
+            self._release(conn, spoiled=True)
+            return False
+        if time.monotonic() - conn.last_used < self._settings.smtp_idle_check:
             return True
+        assert conn.channel is not None
+        alive = False
         try:
             async with asyncio.timeout(self._settings.smtp_timeout):
-                return await conn.channel.noop()
+                alive = await conn.channel.noop()
         except TimeoutError:
-            return False
-
-    async def _release(self, conn: PooledConnection, *, warmed: bool = False) -> None:
-        conn.last_used = time.monotonic()
-        retire = not conn.usable(self._max_age) or conn.messages_sent >= self._max_messages
-        # Book it before taking the lock (no await in between): even if cancelled while
-        # waiting for the lock, the connection is in the idle list or counted out.
-        if retire or self._closed:
-            self._total -= 1
-        else:
-            self._idle.append(conn)
-        if warmed:
-            self._opening -= 1
-        async with self._cond:
-            if warmed:
-                self._cond.notify_all()  # sends waiting for a warm-up connection look again
-            else:
-                self._cond.notify()
-        if retire or self._closed:
-            if conn.usable(float("inf")):
-                await _quit(conn)
-            else:
-                conn.channel.close()
-
-    async def _open(self) -> PooledConnection:
-        """Connect and authenticate; a refused login re-reads a rotated secret once."""
-        credentials = await self._secret.get() if self._secret else None
-        try:
-            return await self._connect(credentials)
-        except SMTPAuthenticationError as exc:
-            if credentials is not None and self._secret is not None:
-                self._secret.invalidate(credentials)
-                fresh = await self._secret.get()
-                if fresh != credentials:
-                    with contextlib.suppress(SMTPAuthenticationError):
-                        return await self._connect(fresh)
-            where = f"SMTP {self._settings.smtp_server}:{self._settings.smtp_port}"
-            raise SmtpUnavailable(
-                f"{where} refused the login: {exc.code} {exc.message} (check SMTP_USER and "
-                "the password)"
-            ) from None
-
-    async def _connect(self, credentials: SmtpCredentials | None) -> PooledConnection:
-        s = self._settings
-        username = credentials.username if credentials else s.smtp_user
-        password = credentials.password if credentials else s.smtp_password
-        smtp = aiosmtplib.SMTP(
-            hostname=s.smtp_server,
-            port=s.smtp_port,
-            username=username,
-            password=password if username else None,
-            local_hostname=self._local_hostname,
-            timeout=s.smtp_timeout,
-            use_tls=s.smtp_tls == "tls",
-            start_tls=s.smtp_tls == "starttls",
-            tls_context=self._tls_context,
-        )
-        where = f"SMTP {s.smtp_server}:{s.smtp_port}"
-        try:
-            await smtp.connect()
-            if smtp.last_ehlo_response is None:  # aiosmtplib greets lazily without TLS or AUTH
-                await smtp.ehlo()
-            channel = SmtpChannel.take_over(smtp)
-        except SMTPAuthenticationError:
-            smtp.close()
-            raise
-        except SMTPResponseException as exc:
-            smtp.close()
-            raise SmtpUnavailable(
-                f"{where} refused the session: {exc.code} {exc.message}"
-            ) from None
-        except (SMTPException, OSError, ssl.SSLError) as exc:
-            smtp.close()
-            raise SmtpUnavailable(
-                f"cannot connect to {where}: {type(exc).__name__}: {exc}"
-            ) from None
-        except BaseException:
-            smtp.close()  # cancelled mid-handshake: the warm loop would keep the socket open
-            raise
-        self.connections_opened += 1
-        if self.size_limit is None:
-            size = smtp.esmtp_extensions.get("size", "")
-            self.size_limit = int(size) if size.isdigit() else 0
-        return PooledConnection(
-            channel,
-            pipelining=s.smtp_pipelining and smtp.supports_extension("pipelining"),
-            size_extension=smtp.supports_extension("size"),
-        )
+            pass
+        finally:  # cancelled, timed out or refused: the connection is not worth keeping
+            conn.last_used = time.monotonic()
+            self._release(conn, spoiled=not alive, keep_turn=alive)
+        return alive
 
     async def _transmit(self, conn: PooledConnection, email: StreamedEmail) -> Slot:
-        """Envelope and message, up to the end-of-data mark; the verdict is still due."""
+        """Envelope and message, up to the end-of-data mark; the verdict is still due.
+
+        Gives the write turn back in every case: after the end of data (the verdict now
+        awaited), or with the connection spoiled when the stream was cut mid-way.
+        """
+        assert conn.channel is not None
+        spoiled = True
         try:
             async with asyncio.timeout(self._transaction_timeout(email)):
                 verdict = await conn.channel.transmit(
@@ -367,18 +221,34 @@ class SmtpPool:
                     size=conn.size_extension,
                     chunk_size=self._settings.smtp_chunk_bytes,
                 )
+            spoiled = False
+            conn.messages += 1
+            conn.awaited += 1
+            return verdict
         except RefusedError as exc:
-            await _reset(conn, exc.reply.code)
+            spoiled = not await self._reset(conn, exc.reply.code)
             raise self._refused(exc.reply) from None
+        except AttachmentReadError as exc:
+            spoiled = exc.spoiled
+            raise AttachmentUnreadable(f"the attachment could not be read: {exc}") from None
         except TimeoutError:
-            conn.broken = True
-            conn.channel.close()
             raise _StaleConnection("timed out") from None
-        except (LostBeforeEnd, OSError) as exc:
-            conn.broken = True
+        except (LostBeforeEnd, ProtocolError, OSError) as exc:
             raise _StaleConnection(f"{type(exc).__name__}: {exc}") from None
-        conn.messages_sent += 1
-        return verdict
+        finally:  # also when cancelled: a message cut short spoils the connection
+            self._release(conn, spoiled=spoiled)
+
+    async def _reset(self, conn: PooledConnection, code: int) -> bool:
+        """Clear the envelope after a refusal; True when the connection can go on."""
+        assert conn.channel is not None
+        if code == 421:  # the server is closing this connection
+            return False
+        try:
+            async with asyncio.timeout(self._settings.smtp_timeout):
+                reply = await conn.channel.command("RSET")
+        except (TimeoutError, OSError):
+            return False
+        return reply.code == 250
 
     async def _confirm(
         self,
@@ -387,9 +257,15 @@ class SmtpPool:
         verdict: Slot,
         on_cancelled_after_data: Callable[[], None] | None,
     ) -> None:
-        """Wait for the server's answer to a transmitted message and judge it."""
+        """Wait for the server's answer to a transmitted message and judge it.
+
+        A timeout here fails only this message: the connection takes nothing new and is
+        closed once the other verdicts in flight on it have been read.
+        """
+        assert conn.channel is not None
+        spoiled = False
         try:
-            async with asyncio.timeout(self._settings.smtp_timeout):
+            async with asyncio.timeout(self._settings.smtp_data_timeout):
                 await conn.channel.verdict(verdict)
         except asyncio.CancelledError:
             log.warning(
@@ -400,21 +276,25 @@ class SmtpPool:
                 on_cancelled_after_data()
             raise
         except RefusedError as exc:
-            if exc.reply.code == 421:
-                conn.broken = True
+            spoiled = exc.reply.code == 421
             raise self._refused(exc.reply) from None
         except LostAfterEnd:
-            conn.broken = True
+            spoiled = True
             raise DeliveryUnknown(
                 "connection lost after the message was sent, before the server's reply; "
                 f"it may have accepted {email.message_id}"
             ) from None
         except TimeoutError:
-            conn.broken = True
-            conn.channel.close()
+            spoiled = True
             raise DeliveryUnknown(
                 f"timed out waiting for the reply to {email.message_id}; it may have been accepted"
             ) from None
+        finally:
+            conn.awaited -= 1
+            conn.last_used = time.monotonic()
+            if spoiled:
+                conn.spoiled = conn.retiring = True
+            self._update()
         self.backoff.succeeded()
 
     def _refused(self, reply: Reply) -> NotifierError:
@@ -428,6 +308,269 @@ class SmtpPool:
         """SMTP_TIMEOUT for the exchange, plus time for the body at a modest 1 MB/s floor."""
         return self._settings.smtp_timeout + email.size / 1_000_000
 
+    # ------------------------------------------------------------------ the one step
+
+    def _release(
+        self, conn: PooledConnection, *, spoiled: bool = False, keep_turn: bool = False
+    ) -> None:
+        """Give back the write turn (unless `keep_turn`); a spoiled connection takes no more."""
+        if spoiled:
+            conn.spoiled = conn.retiring = True
+        if not keep_turn or spoiled:
+            conn.writer = False
+        conn.last_used = time.monotonic()
+        self._update()
+
+    def _update(self) -> None:
+        """Assign, open, retire: the only place the pool's state changes shape."""
+        now = time.monotonic()
+        s = self._settings
+        for conn in list(self._connections):
+            if conn.state is not State.READY:
+                continue
+            if conn.has_expired(now, s.smtp_max_connection_age, s.smtp_max_messages_per_connection):
+                conn.retiring = True
+            if (conn.retiring or self._closed) and conn.can_close():
+                if self._quit_first(conn):
+                    self._start(conn, State.CLOSING, self._quit(conn), self._closed_cb)
+                else:  # nothing to say to it: close now, not in a task that might not run
+                    self._forget(conn)
+        while self._waiting:
+            waiter = self._waiting[0]
+            if waiter.done():  # cancelled, or failed by a connection attempt
+                self._waiting.popleft()
+                continue
+            available = self._pick()
+            if available is None:
+                break
+            self._waiting.popleft()
+            available.writer = True
+            waiter.set_result(available)
+        connecting = sum(c.state is State.CONNECTING for c in self._connections)
+        wanted = sum(not w.done() for w in self._waiting)
+        while not self._closed and connecting < wanted and len(self._connections) < self._size:
+            self._open_one()
+            connecting += 1
+
+    def _pick(self) -> PooledConnection | None:
+        """An available connection: an idle one first (most recently used: least likely
+        stale), else a PIPELINING one with verdicts in flight."""
+        best: PooledConnection | None = None
+        for conn in self._connections:
+            if not conn.is_available():
+                continue
+            if best is None or (conn.awaited, -conn.last_used) < (best.awaited, -best.last_used):
+                best = conn
+        return best
+
+    def _open_one(self) -> PooledConnection:
+        conn = PooledConnection()
+        self._connections.append(conn)
+        self._start(conn, State.CONNECTING, self._connect(conn), self._connected_cb)
+        return conn
+
+    def _start(
+        self,
+        conn: PooledConnection,
+        state: State,
+        work: collections.abc.Coroutine[None, None, None],
+        done: Callable[[PooledConnection, asyncio.Task[None]], None],
+    ) -> None:
+        conn.state = state
+        conn.task = asyncio.ensure_future(work)
+        conn.task.add_done_callback(functools.partial(done, conn))
+
+    # ------------------------------------------------------------------ connecting
+
+    async def _connect(self, conn: PooledConnection) -> None:
+        session = await self._open()
+        if self.size_limit is None:
+            self.size_limit = session.size_limit
+        conn.mark_ready(
+            session.channel, pipelining=session.pipelining, size_extension=session.size_extension
+        )
+
+    async def _open(self) -> Session:
+        """Connect and authenticate; a refused login re-reads a rotated secret once."""
+        credentials = await self._secret.get() if self._secret else None
+        try:
+            return await handshake(
+                self._settings, credentials, self._tls_context, self._local_hostname
+            )
+        except SMTPAuthenticationError as exc:
+            if credentials is not None and self._secret is not None:
+                self._secret.invalidate(credentials)
+                fresh = await self._secret.get()
+                if fresh != credentials:
+                    with contextlib.suppress(SMTPAuthenticationError):
+                        return await handshake(
+                            self._settings, fresh, self._tls_context, self._local_hostname
+                        )
+            where = f"SMTP {self._settings.smtp_server}:{self._settings.smtp_port}"
+            raise SmtpUnavailable(
+                f"{where} refused the login: {exc.code} {exc.message} (check SMTP_USER and "
+                "the password)"
+            ) from None
+
+    def _connected_cb(self, conn: PooledConnection, task: asyncio.Task[None]) -> None:
+        """Book the end of a connection attempt, whatever it was (even cancelled unstarted)."""
+        error = None if task.cancelled() else task.exception()
+        if task.cancelled() or error is not None or conn.state is not State.READY:
+            conn.close_socket()
+            self._connections.remove(conn)
+            if error is not None:
+                self._stats.connections_failed += 1
+                # One failed attempt fails one waiting send, the one that waited longest;
+                # with nobody waiting (a warm-up), the sends meet the failure themselves.
+                waiter = next((w for w in self._waiting if not w.done()), None)
+                if waiter is not None:
+                    waiter.set_exception(error)
+                elif not isinstance(error, NotifierError):
+                    log.error("unexpected error opening an SMTP connection", exc_info=error)
+        else:
+            self.connections_opened += 1
+            self._stats.connections_opened += 1
+        self._update()
+
+    # ------------------------------------------------------------------ closing
+
+    @staticmethod
+    def _quit_first(conn: PooledConnection) -> bool:
+        """QUIT only on a clean stream with no reply outstanding (one still due would be lost)."""
+        channel = conn.channel
+        return (
+            channel is not None
+            and not conn.spoiled
+            and channel.is_connected
+            and not channel.outstanding
+        )
+
+    async def _quit(self, conn: PooledConnection) -> None:
+        assert conn.channel is not None
+        with contextlib.suppress(TimeoutError, OSError):
+            async with asyncio.timeout(min(QUIT_TIMEOUT, self._settings.smtp_timeout)):
+                await conn.channel.quit()
+
+    def _closed_cb(self, conn: PooledConnection, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.error("unexpected error closing an SMTP connection", exc_info=task.exception())
+        self._forget(conn)
+        self._update()
+
+    def _forget(self, conn: PooledConnection) -> None:
+        """Close the socket and free the place: the connection leaves the pool."""
+        conn.close_socket()
+        self._connections.remove(conn)
+        self._stats.connections_closed += 1
+
+    # ------------------------------------------------------------------ batches and life
+
+    def prewarm(self, count: int) -> None:
+        """Start opening connections, up to `count`, in the background.
+
+        On a cold start the handshakes (TCP, TLS, AUTH: several round trips to a remote
+        server) then overlap what the batch does first, such as loading aioboto3. Open and
+        opening connections count towards `count`. A failure goes to a send waiting at that
+        moment, if any (one attempt, one failed send), else it is left for the sends, which
+        meet it again on the same path and report it per record.
+        """
+        if self._closed:
+            return
+        live = sum(c.state in (State.CONNECTING, State.READY) for c in self._connections)
+        for _ in range(min(count, self._size) - live):
+            if len(self._connections) >= self._size:
+                break
+            self._open_one()
+
+    async def stop_prewarm(self) -> None:
+        """Cancel the connection attempts still running: the batch that wanted them is over
+        (or past its deadline), and a half-open connection must not outlive the invocation."""
+        tasks = [c.task for c in self._connections if c.state is State.CONNECTING and c.task]
+        for task in tasks:
+            task.cancel()
+        # The completion callbacks (registered first) have booked them when this returns.
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    def start_batch(self, connections: int) -> None:
+        """Begin counting a batch's statistics and warm up its connections."""
+        self._stats = PoolStats()
+        self.prewarm(connections)
+
+    async def finish_batch(self, *, until: float | None = None) -> PoolStats:
+        """Stop the warm-ups still running, let retiring connections say QUIT (until the
+        loop time `until`, if given), and return what the batch cost.
+
+        A connection still owed a reply nobody waits for any more (its send was cancelled
+        at the deadline) is closed: nothing ambiguous is carried into the next invocation,
+        and a server that stopped answering does not keep its places. Nothing the batch
+        started is left running when this returns (Lambda freezes the process).
+        """
+        await self.stop_prewarm()
+        for conn in self._connections:
+            if conn.is_idle() and conn.channel is not None and conn.channel.outstanding:
+                conn.spoiled = conn.retiring = True
+        self._update()
+        await self._wait_closing(until)
+        return self._stats
+
+    async def _wait_closing(self, until: float | None) -> None:
+        tasks = [c.task for c in self._connections if c.state is State.CLOSING and c.task]
+        if not tasks:
+            return
+        timeout = None if until is None else max(0.0, until - asyncio.get_running_loop().time())
+        _, late = await asyncio.wait(tasks, timeout=timeout)
+        for task in late:  # their completion callbacks close the sockets
+            task.cancel()
+        if late:
+            await asyncio.wait(late)
+
+    async def aclose(self) -> None:
+        """QUIT every connection once its verdicts are in; the pool refuses further sends."""
+        self._closed = True
+        for waiter in self._waiting:
+            if not waiter.done():
+                waiter.set_exception(SmtpUnavailable("SMTP pool is closed"))
+        await self.stop_prewarm()
+        self._update()
+        await self._wait_closing(None)
+
+    def check(self) -> PoolState:
+        """Verify the pool's invariant and return its state.
+
+        Every place is one listed connection, and each is connecting, idle, busy (a
+        writer or verdicts in flight) or closing; never more places than the pool's size,
+        never a closed connection still listed, never a ready one without a channel.
+        """
+        counts = collections.Counter[str]()
+        for conn in self._connections:
+            if conn.state is State.CLOSED:
+                raise PoolInvariantError("a closed connection is still listed")
+            if conn.awaited < 0:
+                raise PoolInvariantError("a connection awaits a negative number of verdicts")
+            if conn.state is State.READY:
+                if conn.channel is None:
+                    raise PoolInvariantError("a ready connection has no channel")
+                if (conn.retiring or self._closed) and conn.can_close():
+                    raise PoolInvariantError("a connection to retire is not closing")
+                counts["idle" if conn.is_idle() else "busy"] += 1
+            else:
+                if conn.writer or conn.awaited:
+                    raise PoolInvariantError(f"a {conn.state.value} connection is in use")
+                counts[conn.state.value] += 1
+        state = PoolState(
+            places=len(self._connections),
+            connecting=counts["connecting"],
+            idle=counts["idle"],
+            busy=counts["busy"],
+            closing=counts["closing"],
+            waiting=sum(not w.done() for w in self._waiting),
+        )
+        if state.places > self._size:
+            raise PoolInvariantError(f"{state.places} connections in a pool of {self._size}")
+        if state.places != state.connecting + state.idle + state.busy + state.closing:
+            raise PoolInvariantError(f"places do not add up: {state}")
+        return state
+
 
 def _classify(reply: Reply) -> NotifierError:
     text = f"SMTP {reply.code} {reply.text}"
@@ -438,35 +581,3 @@ def _classify(reply: Reply) -> NotifierError:
     if 500 <= reply.code < 600:
         return RecipientRejected(text)
     return SmtpUnavailable(text)
-
-
-async def _reset(conn: PooledConnection, code: int) -> None:
-    """Clear the envelope after a refusal so the connection can carry the next email."""
-    if code == 421:
-        conn.broken = True
-        return
-    try:
-        reply = await conn.channel.command("RSET")
-        conn.broken = reply.code != 250
-    except OSError:
-        conn.broken = True
-
-
-async def _quit(conn: PooledConnection, quit_timeout: float = _QUIT_TIMEOUT) -> None:
-    if not conn.channel.is_connected:
-        return
-    try:
-        async with asyncio.timeout(quit_timeout):
-            await conn.channel.quit()
-    except OSError:
-        pass
-    finally:
-        conn.channel.close()
-
-
-def _tls_context(settings: Settings) -> ssl.SSLContext:
-    """Always verifying; SMTP_CA_FILE adds a private CA, it never turns checks off."""
-    cafile = str(settings.smtp_ca_file) if settings.smtp_ca_file else None
-    context = ssl.create_default_context(cafile=cafile)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    return context

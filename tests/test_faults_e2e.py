@@ -519,6 +519,7 @@ def test_a_stalled_server_fails_records_transiently_and_the_handler_returns(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     monkeypatch.setenv("SMTP_TIMEOUT", "0.5")
+    monkeypatch.setenv("SMTP_DATA_TIMEOUT", "0.5")  # the wait for the end-of-data verdict
     monkeypatch.setenv("RETRY_ATTEMPTS", "2")
     seed(aws, SMALL)
     faulty_smtp.faults = SmtpFaults(stall_seconds=math.inf, stall_on=stall_on)  # type: ignore[arg-type]
