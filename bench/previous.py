@@ -48,12 +48,16 @@ def _git(*args: str) -> str:
 
 
 def resolve(ref: str) -> Ref:
-    """The commit REF names now (checked before anything starts)."""
+    """The commit REF names now, checked before anything starts: it must have a handler."""
     try:
         sha = _git("rev-parse", "--verify", "--quiet", "--end-of-options", f"{ref}^{{commit}}")
     except RefError as exc:
         raise RefError(f"--vs {ref!r} is not a commit of {ROOT}") from exc
     sha = sha.strip()
+    try:
+        _git("cat-file", "-e", f"{sha}:handler.py")
+    except RefError as exc:
+        raise RefError(f"--vs {ref!r}: that commit has no handler.py at its root") from exc
     short, _, subject = _git("log", "-1", "--format=%h%x00%s", sha).rstrip("\n").partition("\0")
     return Ref(ref=ref, sha=sha, short=short, subject=subject)
 
@@ -61,8 +65,6 @@ def resolve(ref: str) -> Ref:
 def extract(ref: Ref, dest: Path, harness: Path) -> Path:
     """Write REF's handler, package, templates and requirements to `dest`, with `harness`."""
     present = _git("ls-tree", "--name-only", ref.sha, "--", *CODE).split()
-    if "handler.py" not in present:
-        raise RefError(f"{ref.ref} ({ref.short}) has no handler.py at the repository root")
     archive = subprocess.run(
         ["git", "archive", "--format=tar", ref.sha, "--", *present],
         cwd=ROOT,

@@ -488,13 +488,14 @@ def _comparison(results: dict[str, Any]) -> list[str]:
         return [*out, "  no scenario where both have numbers"]
     headers, body = compare.comparison_table(found, repeat)
     out += _table(headers, body, right={1, 2, 3, 4, 5})
-    out.append(
+    out += [
         "(project / previous: records/s and MiB/s above 1x = project faster, peak RSS above "
-        "1x = project uses more; spread = (max - min) / median of records/s and share of "
-        "limit = of the protocol limit, each as project / previous"
+        "1x = project uses more;",
+        " spread = (max - min) / median of records/s, share of limit = of the protocol limit, "
+        "each as project / previous"
         + ("" if repeat > 1 else "; --repeat 2 or more shows the spread")
-        + ")"
-    )
+        + ")",
+    ]
     if (imports := found["import_handler"]) is not None:
         out.append(
             f"import handler: project {imports['project_ms']:.0f} ms, previous "
