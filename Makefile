@@ -7,6 +7,10 @@ STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 # make bench: extra flags for python -m bench, e.g. BENCH_ARGS='--scenario remote'
 BENCH_ARGS ?=
+# make bench BENCH_VS=REF: also run the code of git REF (a commit, HEAD, main~3) as target
+# previous, interleaved with the working tree, and compare them (python -m bench --vs REF)
+BENCH_VS ?=
+BENCH_VS_FLAG := $(if $(BENCH_VS),--vs '$(BENCH_VS)')
 # make run-local: how many sample messages, how big each sample ZIP, where the emails go, and
 # an S3 + SQS endpoint already running (e.g. LocalStack) instead of starting moto.
 MESSAGES ?= 8
@@ -39,7 +43,8 @@ help:
 	@echo "make localstack-stop    stop it"
 	@echo "make test-localstack    the end-to-end tests against that LocalStack"
 	@echo "make bench       benchmark the project against the old design (all scenarios;"
-	@echo "                 flags via BENCH_ARGS=..., see bench/README.md)"
+	@echo "                 flags via BENCH_ARGS=..., see bench/README.md); BENCH_VS=REF"
+	@echo "                 compares the working tree with git REF instead (no regression?)"
 	@echo "make bench-quick the same with small numbers, well under a minute"
 	@echo "make package     build dist/deployment-package.zip for Lambda (python3.12, ARCH=arm64"
 	@echo "                 or ARCH=x86_64); reproducible, prints its sizes and sha256"
@@ -92,10 +97,10 @@ test-localstack: $(STAMP)
 	$(PY) -m pytest -m localstack tests/test_localstack.py $(PYTEST_ARGS)
 
 bench: $(STAMP)
-	$(PY) -m bench $(BENCH_ARGS)
+	$(PY) -m bench $(BENCH_VS_FLAG) $(BENCH_ARGS)
 
 bench-quick: $(STAMP)
-	$(PY) -m bench --quick $(BENCH_ARGS)
+	$(PY) -m bench --quick $(BENCH_VS_FLAG) $(BENCH_ARGS)
 
 package: $(STAMP)
 	$(PY) scripts/package.py --arch "$(ARCH)"

@@ -1,11 +1,14 @@
 """Turn the measured rows into the JSON document and the text table.
 
-Derived numbers:
+Derived numbers, all from the median of a target's runs in a scenario (`--repeat`; with one
+run, that run's numbers):
 - ratio project/baseline per scenario: records/s, MiB/s and peak RSS;
+- with `--vs REF`, ratio project/previous per scenario, the same three, with each
+  target's spread and share of the protocol limit (`compare.py`);
 - protocol limit of a delayed SMTP server: `pool_size / (round_trips x smtp_delay)` messages
   per second (see README.md for why one round trip per message is the default), and the
   project's fraction of it, also shown against two round trips per message; for every
-  project row with an SMTP delay (`remote`, cold, and `remote-warm`, warm);
+  project (and previous) row with an SMTP delay (`remote`, cold, and `remote-warm`, warm);
 - memory flatness: the project's peak RSS in `scale` against `small`, and its growth during
   the call (peak minus the RSS just before it);
 - the targets of issue 5, each marked met or not (informational: never the exit status).
@@ -23,9 +26,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .scenarios import Scenario, human_size
+from . import compare
+from .scenarios import HANDLERS, Scenario, human_size
 
-SCHEMA = 1
+# 2: `--repeat` and `--vs`: rows have `run`; `summaries`, `previous` and `comparison`;
+# `protocol_limits` have `target`; ratios, limits, scale and checks use the medians.
+SCHEMA = 2
 
 
 def machine() -> dict[str, Any]:
@@ -86,19 +92,6 @@ def code_fingerprint(root: Path) -> dict[str, Any]:
     }
 
 
-def _row(rows: list[dict[str, Any]], scenario: str, target: str) -> dict[str, Any] | None:
-    for row in rows:
-        if row["scenario"] == scenario and row["target"] == target and "wall_s" in row:
-            return row
-    return None
-
-
-def _ratio(a: float | None, b: float | None) -> float | None:
-    if a is None or b is None or b == 0:
-        return None
-    return a / b
-
-
 def build(
     *,
     args: argparse.Namespace,
@@ -110,53 +103,10 @@ def build(
     helpers: list[dict[str, Any]],
     code: dict[str, Any],
     load_average: list[float] | None = None,
+    previous: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    ratios = []
-    for scenario in scenarios:
-        project, baseline = (
-            _row(rows, scenario.name, "project"),
-            _row(rows, scenario.name, "baseline"),
-        )
-        if project and baseline:
-            ratios.append(
-                {
-                    "scenario": scenario.name,
-                    "records_per_s": _ratio(project["records_per_s"], baseline["records_per_s"]),
-                    "mib_per_s": _ratio(project["mib_per_s"], baseline["mib_per_s"]),
-                    "peak_rss": _ratio(project["peak_rss_mib"], baseline["peak_rss_mib"]),
-                }
-            )
-    limits = []
-    for row in rows:
-        if row["target"] == "project" and row["smtp_delay_ms"] > 0 and "wall_s" in row:
-            delay = row["smtp_delay_ms"] / 1000
-            limit = row["pool_size"] / (args.round_trips * delay)
-            limits.append(
-                {
-                    "scenario": row["scenario"],
-                    "pool_size": row["pool_size"],
-                    "smtp_delay_ms": row["smtp_delay_ms"],
-                    "round_trips": args.round_trips,
-                    "limit_records_per_s": limit,
-                    "project_records_per_s": row["records_per_s"],
-                    "fraction": row["records_per_s"] / limit,
-                    "limit_2rt_records_per_s": row["pool_size"] / (2 * delay),
-                    "fraction_2rt": row["records_per_s"] / (row["pool_size"] / (2 * delay)),
-                    "warm": bool(row.get("warmup_records")),
-                }
-            )
-    scale = None
-    small_row, scale_row = _row(rows, "small", "project"), _row(rows, "scale", "project")
-    if small_row and scale_row:
-        scale = {
-            "small_peak_rss_mib": small_row["peak_rss_mib"],
-            "scale_peak_rss_mib": scale_row["peak_rss_mib"],
-            "change": scale_row["peak_rss_mib"] / small_row["peak_rss_mib"] - 1,
-            "small_rss_before_mib": small_row["rss_before_mib"],
-            "scale_rss_before_mib": scale_row["rss_before_mib"],
-            "small_growth_in_call_mib": small_row["peak_rss_mib"] - small_row["rss_before_mib"],
-            "scale_growth_in_call_mib": scale_row["peak_rss_mib"] - scale_row["rss_before_mib"],
-        }
+    summaries = compare.summarize(rows)
+    limits = protocol_limits(summaries, args.round_trips)
     results: dict[str, Any] = {
         "schema": SCHEMA,
         "started": started.isoformat(timespec="seconds"),
@@ -166,28 +116,99 @@ def build(
         "machine": machine(),
         "load_average_at_start": load_average,
         "code": code,
+        "previous": previous,
         "settings": {
             "pool_size": args.pool_size,
             "round_trips": args.round_trips,
             "sink": args.sink,
-            "target": args.target,
+            "target": ",".join(args.targets),
+            "vs": args.vs,
+            "repeat": args.repeat,
             "env": args.env,
         },
         "scenarios": [dataclasses.asdict(s) for s in scenarios],
         "imports": imports,
         "results": rows,
-        "ratios": ratios,
+        "summaries": summaries,
+        "ratios": baseline_ratios(scenarios, summaries),
+        "comparison": (
+            compare.comparison(summaries, limits, imports, previous) if previous else None
+        ),
         "protocol_limits": limits,
-        "scale": scale,
+        "scale": memory_flatness(summaries),
         "helpers": helpers,
     }
     results["checks"] = checks(results)
     return results
 
 
+def baseline_ratios(
+    scenarios: list[Scenario], summaries: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """project / baseline per scenario where both have numbers."""
+    ratios = []
+    for scenario in scenarios:
+        project = compare.find(summaries, scenario.name, "project")
+        baseline = compare.find(summaries, scenario.name, "baseline")
+        if project and baseline:
+            ratios.append(
+                {
+                    "scenario": scenario.name,
+                    "records_per_s": compare.ratio(
+                        project["records_per_s"], baseline["records_per_s"]
+                    ),
+                    "mib_per_s": compare.ratio(project["mib_per_s"], baseline["mib_per_s"]),
+                    "peak_rss": compare.ratio(project["peak_rss_mib"], baseline["peak_rss_mib"]),
+                }
+            )
+    return ratios
+
+
+def protocol_limits(summaries: list[dict[str, Any]], round_trips: float) -> list[dict[str, Any]]:
+    """The SMTP protocol limit of each delayed handler run, and its share of it."""
+    limits = []
+    for row in summaries:
+        if row["target"] in HANDLERS and row["smtp_delay_ms"] > 0 and "wall_s" in row:
+            delay = row["smtp_delay_ms"] / 1000
+            limit = row["pool_size"] / (round_trips * delay)
+            limits.append(
+                {
+                    "scenario": row["scenario"],
+                    "target": row["target"],
+                    "pool_size": row["pool_size"],
+                    "smtp_delay_ms": row["smtp_delay_ms"],
+                    "round_trips": round_trips,
+                    "limit_records_per_s": limit,
+                    "records_per_s": row["records_per_s"],
+                    "fraction": row["records_per_s"] / limit,
+                    "limit_2rt_records_per_s": row["pool_size"] / (2 * delay),
+                    "fraction_2rt": row["records_per_s"] / (row["pool_size"] / (2 * delay)),
+                    "warm": bool(row.get("warmup_records")),
+                }
+            )
+    return limits
+
+
+def memory_flatness(summaries: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The project's peak RSS in scale against small, and the growth during each call."""
+    small_row = compare.find(summaries, "small", "project")
+    scale_row = compare.find(summaries, "scale", "project")
+    if not (small_row and scale_row):
+        return None
+    return {
+        "small_peak_rss_mib": small_row["peak_rss_mib"],
+        "scale_peak_rss_mib": scale_row["peak_rss_mib"],
+        "change": scale_row["peak_rss_mib"] / small_row["peak_rss_mib"] - 1,
+        "small_rss_before_mib": small_row["rss_before_mib"],
+        "scale_rss_before_mib": scale_row["rss_before_mib"],
+        "small_growth_in_call_mib": small_row["peak_rss_mib"] - small_row["rss_before_mib"],
+        "scale_growth_in_call_mib": scale_row["peak_rss_mib"] - scale_row["rss_before_mib"],
+    }
+
+
 def checks(results: dict[str, Any]) -> list[dict[str, Any]]:
     """The measurable targets of issue 5, where this run has the rows to judge them."""
-    rows = results["results"]
+    summaries = results["summaries"]
     ratios = {r["scenario"]: r for r in results["ratios"]}
     found: list[dict[str, Any]] = []
 
@@ -198,7 +219,7 @@ def checks(results: dict[str, Any]) -> list[dict[str, Any]]:
     if (r := ratios.get("small")) and r["records_per_s"] is not None:
         v = r["records_per_s"]
         add("small: records/s vs baseline", v, ">= 3x", v >= 3, f"{v:.1f}x")
-    if (row := _row(rows, "large", "project")) is not None:
+    if (row := compare.find(summaries, "large", "project")) is not None:
         v = row["peak_rss_mib"]
         add("large: project peak RSS", v, "<= 128 MiB", v <= 128, f"{v:.0f} MiB")
     if (r := ratios.get("large")) and r["mib_per_s"] is not None:
@@ -209,7 +230,7 @@ def checks(results: dict[str, Any]) -> list[dict[str, Any]]:
         add("remote: records/s vs baseline", v, ">= 25x", v >= 25, f"{v:.1f}x")
     for name in ("remote", "remote-warm"):
         for limit in results["protocol_limits"]:
-            if limit["scenario"] == name:
+            if limit["scenario"] == name and limit["target"] == "project":
                 v = limit["fraction"]
                 add(
                     f"{name}: share of protocol limit",
@@ -224,7 +245,7 @@ def checks(results: dict[str, Any]) -> list[dict[str, Any]]:
         if scale["small_growth_in_call_mib"] > 0:
             v = scale["scale_growth_in_call_mib"] / scale["small_growth_in_call_mib"] - 1
             add("scale: growth in call vs small", v, "within 15%", abs(v) <= 0.15, f"{v:+.0%}")
-    if results["imports"] is not None:
+    if results["imports"] is not None and "ratio" in results["imports"]:
         v = results["imports"]["ratio"]
         add("import handler vs import aioboto3", v, "<= 1.2x", v <= 1.2, f"{v:.2f}x")
     return found
@@ -272,7 +293,39 @@ def _table(headers: list[str], body: list[list[str]], right: set[int]) -> list[s
     return [line(headers), line(["-" * w for w in widths]), *(line(r) for r in body)]
 
 
+def label(row: dict[str, Any], results: dict[str, Any], *, run: bool = True) -> str:
+    """A row's target as the tables show it: `previous@<sha>` for the tree at --vs, and the
+    run's number when there are several."""
+    text = row["target"]
+    if text == "previous" and results.get("previous"):
+        text += "@" + results["previous"]["short_sha"]
+    if run and results["settings"]["repeat"] > 1 and "run" in row:
+        text += f" #{row['run']}"
+    return str(text)
+
+
 def render(results: dict[str, Any]) -> str:
+    sections = (
+        _header,
+        _runs,
+        _medians,
+        _cpu,
+        _baseline_ratios,
+        _comparison,
+        _round_trips,
+        _limits,
+        _flatness,
+        _imports,
+        _checks,
+        _errors,
+    )
+    out: list[str] = []
+    for section in sections:
+        out += section(results)
+    return "\n".join(out)
+
+
+def _header(results: dict[str, Any]) -> list[str]:
     m = results["machine"]
     out = [
         f"async_notifier benchmark{' (quick)' if results['quick'] else ''}: "
@@ -282,32 +335,54 @@ def render(results: dict[str, Any]) -> str:
         f"code {results['code']['sha256']} (newest file {results['code']['newest_change']}, "
         "run from a copy taken at start), load average at start "
         + _fmt((results["load_average_at_start"] or [None])[0], ".2f"),
-        "",
     ]
+    if (previous := results.get("previous")) is not None:
+        subject = previous["subject"]
+        if len(subject) > 60:
+            subject = subject[:57] + "..."
+        out.append(
+            f"previous = {previous['ref']} = {previous['short_sha']} ({subject}), code "
+            f"{previous['code']['sha256']}: git archive of that commit, run with this harness "
+            "and venv"
+        )
+        if not previous["same_requirements"]:
+            out.append(
+                "NOTE: requirements.txt differs between the two trees; both ran with this venv's "
+                "packages."
+            )
+    if (repeat := results["settings"]["repeat"]) > 1:
+        out.append(
+            f"{repeat} runs per target and scenario, interleaved (each round reverses the "
+            "order of the last); the comparisons use medians"
+        )
     if results["code"].get("working_tree_changed"):
-        out[-1:] = [
+        out.append(
             "NOTE: the working tree changed during the run; the numbers are for the copy "
-            f"taken at start ({results['code']['sha256']}).",
-            "",
-        ]
+            f"taken at start ({results['code']['sha256']})."
+        )
+    return [*out, ""]
+
+
+def _delay(row: dict[str, Any]) -> str:
+    if row["smtp_delay_ms"] or row["s3_delay_ms"]:
+        return f"{row['smtp_delay_ms']:g}/{row['s3_delay_ms']:g}"
+    return "-"
+
+
+def _runs(results: dict[str, Any]) -> list[str]:
     headers = [
         "scenario", "target", "records", "size", "delay ms", "wall s", "records/s",
         "MiB/s", "peak RSS MiB", "SMTP conns", "import ms", "CPU ms/rec", "status",
     ]  # fmt: skip
     body = []
     for row in results["results"]:
-        delay = (
-            f"{row['smtp_delay_ms']:g}/{row['s3_delay_ms']:g}"
-            if row["smtp_delay_ms"] or row["s3_delay_ms"]
-            else "-"
-        )
         body.append(
             [
                 row["scenario"],
-                row["target"],
+                label(row, results),
                 str(row["records"]),
                 human_size(row["size_bytes"]),
-                delay,
+                _delay(row),
                 _fmt(row.get("wall_s"), ".2f"),
                 _fmt(row.get("records_per_s"), ".1f"),
                 _fmt(row.get("mib_per_s"), ".1f"),
@@ -318,16 +393,38 @@ def render(results: dict[str, Any]) -> str:
                 ("ok" if row["ok"] else "ERROR") + (" (profiled)" if row.get("profiled") else ""),
             ]
         )
-    out += _table(headers, body, right=set(range(2, 12)))
+    out = _table(headers, body, right=set(range(2, 12)))
     out.append("(delay ms = SMTP/S3; peak RSS = VmHWM of the target during the call)")
+    if (previous := results.get("previous")) is not None:
+        out.append(
+            f"(previous@{previous['short_sha']} = handler.lambda_handler of {previous['ref']}; "
+            "project = the working tree)"
+        )
     for row in results["results"]:
         if row.get("warmup_records"):
             out.append(
-                f"({row['scenario']}/{row['target']}: the process's second invocation, after a "
-                f"warm-up of {row['warmup_records']} records that took "
+                f"({row['scenario']}/{label(row, results)}: the process's second invocation, "
+                f"after a warm-up of {row['warmup_records']} records that took "
                 f"{_fmt(row.get('warmup_wall_s'), '.2f')} s; the row is the second call's)"
             )
-    out += ["", "CPU seconds during each run (whole target process incl. start-up; helpers):"]
+    return out
+
+
+def _medians(results: dict[str, Any]) -> list[str]:
+    if results["settings"]["repeat"] < 2:
+        return []
+    headers, body = compare.median_table(
+        results["summaries"], lambda row: label(row, results, run=False)
+    )
+    return [
+        "",
+        "medians per scenario and target (min-max):",
+        *_table(headers, body, {2, 3, 4, 5, 6}),
+    ]
+
+
+def _cpu(results: dict[str, Any]) -> list[str]:
+    out = ["", "CPU seconds during each run (whole target process incl. start-up; helpers):"]
     body = []
     noisy = []
     for row in results["results"]:
@@ -335,7 +432,7 @@ def render(results: dict[str, Any]) -> str:
         body.append(
             [
                 row["scenario"],
-                row["target"],
+                label(row, results),
                 _fmt(row.get("process_wall_s"), ".2f"),
                 _fmt(row.get("target_process_cpu_s"), ".2f"),
                 _fmt(helpers.get("moto"), ".2f"),
@@ -346,7 +443,7 @@ def render(results: dict[str, Any]) -> str:
         )
         share = row.get("other_cpu_share")
         if share is not None and share > 0.10:
-            noisy.append(f"{row['scenario']}/{row['target']} ({share:.0%})")
+            noisy.append(f"{row['scenario']}/{label(row, results)} ({share:.0%})")
     out += _table(
         ["scenario", "target", "process s", "target", "moto", "sink", "proxy", "others"],
         body,
@@ -358,79 +455,149 @@ def render(results: dict[str, Any]) -> str:
             + ", ".join(noisy)
             + "; those numbers are disturbed."
         )
-    if results["ratios"]:
-        out += ["", "project / baseline:"]
-        body = [
-            [
-                r["scenario"],
-                _fmt(r["records_per_s"], ".1f") + "x",
-                _fmt(r["mib_per_s"], ".1f") + "x",
-                _fmt(r["peak_rss"], ".2f") + "x",
-            ]
-            for r in results["ratios"]
+    return out
+
+
+def _baseline_ratios(results: dict[str, Any]) -> list[str]:
+    if not results["ratios"]:
+        return []
+    body = [
+        [
+            r["scenario"],
+            _fmt(r["records_per_s"], ".1f") + "x",
+            _fmt(r["mib_per_s"], ".1f") + "x",
+            _fmt(r["peak_rss"], ".2f") + "x",
         ]
-        out += _table(["scenario", "records/s", "MiB/s", "peak RSS"], body, right={1, 2, 3})
+        for r in results["ratios"]
+    ]
+    return [
+        "",
+        "project / baseline:",
+        *_table(["scenario", "records/s", "MiB/s", "peak RSS"], body, right={1, 2, 3}),
+    ]
+
+
+def _comparison(results: dict[str, Any]) -> list[str]:
+    found = results.get("comparison")
+    if found is None:
+        return []
+    repeat = results["settings"]["repeat"]
+    runs = f"medians of {repeat} interleaved runs each" if repeat > 1 else "one run each"
+    out = ["", f"project vs previous ({found['ref']}, {found['short_sha']}), {runs}:"]
+    if not found["scenarios"]:
+        return [*out, "  no scenario where both have numbers"]
+    headers, body = compare.comparison_table(found, repeat)
+    out += _table(headers, body, right={1, 2, 3, 4, 5})
+    out += [
+        "(project / previous: records/s and MiB/s above 1x = project faster, peak RSS above "
+        "1x = project uses more;",
+        " spread = (max - min) / median of records/s, share of limit = of the protocol limit, "
+        "each as project / previous"
+        + ("" if repeat > 1 else "; --repeat 2 or more shows the spread")
+        + ")",
+    ]
+    if (imports := found["import_handler"]) is not None:
+        out.append(
+            f"import handler: project {imports['project_ms']:.0f} ms, previous "
+            f"{imports['previous_ms']:.0f} ms ({_fmt(imports['ratio'], '.2f')}x)"
+        )
+    return out
+
+
+def _round_trips(results: dict[str, Any]) -> list[str]:
     trips = []
     for row in results["results"]:
         if row.get("smtp_round_trips_per_message") is not None:
             s3 = row.get("s3_round_trips")
             warm = row.get("warmup_records") or 0
             trips.append(
-                f"  {row['scenario']}/{row['target']}: "
+                f"  {row['scenario']}/{label(row, results)}: "
                 f"{row['smtp_round_trips_per_message']:.2f} per message"
                 + (f"; S3: {s3 / (row['records'] + warm):.2f} per record" if s3 else "")
                 + (f" (over both calls: {row['records']} + {warm} warm-up records)" if warm else "")
             )
-    if trips:
-        out += [
-            "",
-            "SMTP round trips (client turns seen by the proxy, set-up and QUIT included; "
-            "over every message of the run, a warm-up's too):",
-        ]
-        out += trips
+    if not trips:
+        return []
+    return [
+        "",
+        "SMTP round trips (client turns seen by the proxy, set-up and QUIT included; "
+        "over every message of the run, a warm-up's too):",
+        *trips,
+    ]
+
+
+def _limits(results: dict[str, Any]) -> list[str]:
+    out = []
     for limit in results["protocol_limits"]:
+        who = label(limit, results, run=False)
+        name = limit["scenario"] + ("" if limit["target"] == "project" else f" ({who})")
         out += [
             "",
-            f"{limit['scenario']}: protocol limit = pool / (round trips x SMTP delay) = "
+            f"{name}: protocol limit = pool / (round trips x SMTP delay) = "
             f"{limit['pool_size']} / ({limit['round_trips']:g} x "
             f"{limit['smtp_delay_ms'] / 1000:g} s) = {limit['limit_records_per_s']:.0f} "
-            f"records/s; project "
-            f"{limit['project_records_per_s']:.1f} records/s = {limit['fraction']:.0%} of it",
+            f"records/s; {who} "
+            f"{limit['records_per_s']:.1f} records/s = {limit['fraction']:.0%} of it",
             f"  (with 2 round trips per message, i.e. waiting for the final 250 before the next "
-            f"MAIL: {limit['limit_2rt_records_per_s']:.0f} records/s, project at "
+            f"MAIL: {limit['limit_2rt_records_per_s']:.0f} records/s, {who} at "
             f"{limit['fraction_2rt']:.0%})",
         ]
-    if (scale := results["scale"]) is not None:
-        out += [
-            "",
-            f"memory flatness: project peak RSS {scale['scale_peak_rss_mib']:.0f} MiB in scale vs "
-            f"{scale['small_peak_rss_mib']:.0f} MiB in small ({scale['change']:+.0%}); "
-            f"before the call {scale['scale_rss_before_mib']:.0f} vs "
-            f"{scale['small_rss_before_mib']:.0f} MiB (event and libraries), growth during the "
-            f"call {scale['scale_growth_in_call_mib']:.0f} vs "
-            f"{scale['small_growth_in_call_mib']:.0f} MiB",
-        ]
-    if (imports := results["imports"]) is not None:
-        out += [
-            "",
-            f"import time (median of {imports['samples']} fresh interpreters): import handler "
-            f"{imports['handler_ms']:.0f} ms, import aioboto3 {imports['aioboto3_ms']:.0f} ms, "
-            f"ratio {imports['ratio']:.2f}",
-        ]
-    if results["checks"]:
-        out += [
-            "",
-            "targets of issue 5"
-            + (" (quick mode: indicative only)" if results["quick"] else "")
-            + ":",
-        ]
-        body = [
-            [c["check"], c["goal"], c["shown"], "met" if c["met"] else "NOT met"]
-            for c in results["checks"]
-        ]
-        out += _table(["check", "goal", "measured", ""], body, right=set())
-    errors = [(r["scenario"], r["target"], e) for r in results["results"] for e in r["errors"]]
-    if errors or not results["ok"]:
-        out += ["", "ERRORS:"]
-        out += [f"  {s}/{t}: {e}" for s, t, e in errors] or ["  the run did not complete"]
-    return "\n".join(out)
+    return out
+
+
+def _flatness(results: dict[str, Any]) -> list[str]:
+    if (scale := results["scale"]) is None:
+        return []
+    return [
+        "",
+        f"memory flatness: project peak RSS {scale['scale_peak_rss_mib']:.0f} MiB in scale vs "
+        f"{scale['small_peak_rss_mib']:.0f} MiB in small ({scale['change']:+.0%}); "
+        f"before the call {scale['scale_rss_before_mib']:.0f} vs "
+        f"{scale['small_rss_before_mib']:.0f} MiB (event and libraries), growth during the "
+        f"call {scale['scale_growth_in_call_mib']:.0f} vs "
+        f"{scale['small_growth_in_call_mib']:.0f} MiB",
+    ]
+
+
+def _imports(results: dict[str, Any]) -> list[str]:
+    if (imports := results["imports"]) is None:
+        return []
+    parts = []
+    if "handler_ms" in imports:
+        parts.append(f"import handler {imports['handler_ms']:.0f} ms")
+    if "previous_handler_ms" in imports:
+        parts.append(f"previous's import handler {imports['previous_handler_ms']:.0f} ms")
+    parts.append(f"import aioboto3 {imports['aioboto3_ms']:.0f} ms")
+    if "ratio" in imports:
+        parts.append(f"ratio {imports['ratio']:.2f}")
+    return [
+        "",
+        f"import time (median of {imports['samples']} fresh interpreters): " + ", ".join(parts),
+    ]
+
+
+def _checks(results: dict[str, Any]) -> list[str]:
+    if not results["checks"]:
+        return []
+    body = [
+        [c["check"], c["goal"], c["shown"], "met" if c["met"] else "NOT met"]
+        for c in results["checks"]
+    ]
+    return [
+        "",
+        "targets of issue 5" + (" (quick mode: indicative only)" if results["quick"] else "") + ":",
+        *_table(["check", "goal", "measured", ""], body, right=set()),
+    ]
+
+
+def _errors(results: dict[str, Any]) -> list[str]:
+    errors = [
+        (r["scenario"], label(r, results), e) for r in results["results"] for e in r["errors"]
+    ]
+    if not errors and results["ok"]:
+        return []
+    return [
+        "",
+        "ERRORS:",
+        *([f"  {s}/{t}: {e}" for s, t, e in errors] or ["  the run did not complete"]),
+    ]

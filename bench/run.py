@@ -1,5 +1,9 @@
 """`python -m bench`: start the servers, seed, run every target in a fresh process, report.
 
+With `--vs REF` the target `previous` runs `handler.lambda_handler` from the tree at REF,
+interleaved with `project` (the working tree), so a change is measured against the code
+before it in the same run, on the same machine.
+
 Exit status: 0 when every run delivered every record, 1 when a run failed or lost
 records (the table still prints), 2 on bad arguments, 130 on Ctrl-C. Whether the project
 meets the performance targets never changes the exit status; they are reported.
@@ -28,7 +32,7 @@ from typing import Any
 
 import boto3
 
-from . import control, payload, report
+from . import control, payload, previous, report
 from .procs import (
     LOOPBACK,
     ROOT,
@@ -39,8 +43,18 @@ from .procs import (
     python_module,
     snapshot_code,
 )
-from .scenarios import TARGETS, MiB, Scenario, human_size, parse_names, parse_size, select
-from .sinks import Sink, make_sink
+from .scenarios import (
+    HANDLERS,
+    MiB,
+    Scenario,
+    human_size,
+    interleaved,
+    parse_names,
+    parse_size,
+    parse_targets,
+    select,
+)
+from .sinks import Sink, SinkStats, make_sink
 
 EMAIL_FROM = "Bench <no-reply@bench.example.com>"
 # The only variables a target inherits from the caller's shell; every setting of the
@@ -54,14 +68,32 @@ _INHERITED = frozenset(
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m bench",
-        description="Benchmark handler.lambda_handler against the old sequential design.",
+        description="Benchmark handler.lambda_handler against the old sequential design, "
+        "or (--vs REF) against the code of a git ref.",
     )
     parser.add_argument(
         "--scenario",
         default="all",
         help="small, large, remote, remote-warm, scale, all (default), or a comma-separated list",
     )
-    parser.add_argument("--target", choices=("baseline", "project", "both"), default="both")
+    parser.add_argument(
+        "--target",
+        help="comma-separated subset of baseline,project,previous (default baseline,project; "
+        "with --vs: project,previous); both = baseline,project",
+    )
+    parser.add_argument(
+        "--vs",
+        metavar="REF",
+        help="add the target previous: handler.lambda_handler from git REF (a commit, HEAD, "
+        "main~3), run interleaved with project",
+    )
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="runs per target and scenario, interleaved, alternating which target goes first; "
+        "medians are compared (default 1)",
+    )
     parser.add_argument("--quick", action="store_true", help="small numbers, well under a minute")
     parser.add_argument("--records", type=int, help="records per batch (scale: 4x this)")
     parser.add_argument("--size", type=parse_size, help="attachment bytes (32768, 32K, 20M)")
@@ -98,7 +130,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.scenarios = parse_names(args.scenario)
     except ValueError as exc:
         parser.error(str(exc))
-    for name in ("records", "pool_size", "import_samples"):
+    try:
+        args.targets = parse_targets(args.target, vs=args.vs)
+    except ValueError as exc:
+        parser.error(str(exc))
+    args.previous = None
+    if args.vs is not None:
+        try:
+            args.previous = previous.resolve(args.vs)
+        except previous.RefError as exc:
+            parser.error(str(exc))
+    for name in ("records", "pool_size", "import_samples", "repeat"):
         value = getattr(args, name)
         if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
@@ -117,7 +159,18 @@ class Bench:
         self.logs = work / "logs"
         self.logs.mkdir()
         self.code = snapshot_code(work / "code")
-        self.targets = TARGETS if args.target == "both" else (args.target,)
+        self.targets: tuple[str, ...] = args.targets
+        # The tree each target runs from (its working directory, first on sys.path).
+        self.trees = {"baseline": self.code, "project": self.code}
+        if args.previous is not None:
+            self.trees["previous"] = previous.extract(
+                args.previous, work / "previous", harness=self.code / "bench"
+            )
+            if not previous.same_requirements(self.code, self.trees["previous"]):
+                log(
+                    f"NOTE: requirements.txt differs at {args.previous.ref}; it runs with this "
+                    "venv's packages"
+                )
         self.moto = Moto(self.logs)
         self.sink: Sink = make_sink(args.sink, self.logs, work, self.code)
         self.proxy: Helper | None = None
@@ -164,44 +217,54 @@ class Bench:
     # -- measurements
 
     def measure_imports(self) -> dict[str, Any]:
-        """`import handler` and `import aioboto3`, each in fresh interpreters, alternating."""
+        """`import handler` (of each tree measured) and `import aioboto3`, each in fresh
+        interpreters, alternating."""
         samples = self.args.import_samples or (3 if self.args.quick else 5)
-        modules = {"handler": "handler", "aioboto3": "aioboto3"}
+        modules: dict[str, tuple[Path, str]] = {}
+        if "project" in self.targets:
+            modules["handler"] = (self.code, "handler")
+        if "previous" in self.targets:
+            modules["previous_handler"] = (self.trees["previous"], "handler")
+        modules["aioboto3"] = (self.code, "aioboto3")
         times: dict[str, list[float]] = {name: [] for name in modules}
         for round_ in range(samples + 1):
             # Round 0 only warms the page cache and writes the .pyc files of the copied
             # code (the venv's were compiled by pip), so every sample imports bytecode.
-            warm = {"baseline": "bench.baseline"} if round_ == 0 else {}
-            for name, module in {**modules, **warm}.items():
-                result = self.work / f"import-{name}.json"
-                completed = subprocess.run(
-                    python_module("bench.target", "--import", module, "--result", str(result)),
-                    cwd=self.code,
-                    env=self._target_env(self.work / "tmp", {}),
-                    stdin=subprocess.DEVNULL,
-                    capture_output=True,
-                    timeout=120,
-                    check=False,
-                )
-                if completed.returncode != 0:
-                    raise RuntimeError(
-                        f"import {module} failed:\n{completed.stderr.decode(errors='replace')}"
-                    )
+            warm = {"baseline": (self.code, "bench.baseline")} if round_ == 0 else {}
+            for name, (tree, module) in {**modules, **warm}.items():
+                milliseconds = self._import_ms(tree, module)
                 if name in times and round_ > 0:
-                    times[name].append(json.loads(result.read_text())["import_ms"])
-        handler_ms = statistics.median(times["handler"])
-        aioboto3_ms = statistics.median(times["aioboto3"])
-        return {
-            "samples": samples,
-            "handler_ms": handler_ms,
-            "aioboto3_ms": aioboto3_ms,
-            "ratio": handler_ms / aioboto3_ms,
-            "handler_samples_ms": times["handler"],
-            "aioboto3_samples_ms": times["aioboto3"],
-        }
+                    times[name].append(milliseconds)
+        found: dict[str, Any] = {"samples": samples}
+        for name, values in times.items():
+            found[f"{name}_ms"] = statistics.median(values)
+            found[f"{name}_samples_ms"] = values
+        if "handler_ms" in found:
+            found["ratio"] = found["handler_ms"] / found["aioboto3_ms"]
+        return found
+
+    def _import_ms(self, tree: Path, module: str) -> float:
+        """Milliseconds `import module` took in a fresh interpreter run from `tree`."""
+        result = self.work / "import.json"
+        completed = subprocess.run(
+            python_module("bench.target", "--import", module, "--result", str(result)),
+            cwd=tree,
+            env=self._target_env(self.work / "tmp", {}),
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            timeout=120,
+            check=False,
+        )
+        if completed.returncode != 0:
+            raise RuntimeError(
+                f"import {module} in {tree.name} failed:\n"
+                f"{completed.stderr.decode(errors='replace')}"
+            )
+        milliseconds: float = json.loads(result.read_text())["import_ms"]
+        return milliseconds
 
     def run_scenario(self, scenario: Scenario) -> list[dict[str, Any]]:
-        targets = [t for t in self.targets if t in scenario.targets]
+        targets = tuple(t for t in self.targets if t in scenario.targets)
         if not targets:
             log(f"[{scenario.name}] skipped: runs only {', '.join(scenario.targets)}")
             return []
@@ -210,7 +273,26 @@ class Bench:
             f"SMTP delay {scenario.smtp_delay_ms:g} ms, S3 delay {scenario.s3_delay_ms:g} ms"
         )
         self.moto.reset()
-        batch = payload.items(scenario.name, scenario.records)
+        batch = self._seed(scenario)
+        rows = []
+        ports = self._start_proxy(scenario) if scenario.delayed else {}
+        try:
+            # Every round runs each target once, and the next round in the reverse order.
+            for repetition in range(self.args.repeat):
+                for target in interleaved(targets, repetition):
+                    row = self.run_target(scenario, batch, target, repetition + 1, ports)
+                    row["seed_s"] = batch.seed_s
+                    rows.append(row)
+        finally:
+            if self.proxy is not None:
+                self.proxy.stop()
+                self.proxy = None
+        self.moto.reset()
+        return rows
+
+    def _seed(self, scenario: Scenario) -> Batch:
+        """Upload the scenario's ZIPs (and its warm-up's) and write the events."""
+        items = payload.items(scenario.name, scenario.records)
         started = time.perf_counter()
         s3 = boto3.client(
             "s3",
@@ -219,62 +301,48 @@ class Bench:
             aws_access_key_id="testing",
             aws_secret_access_key="testing",  # noqa: S106 - moto's dummy credentials
         )
-        total_bytes = payload.seed(s3, batch, scenario.size)
+        total_bytes = payload.seed(s3, items, scenario.size)
         seed_s = time.perf_counter() - started
         log(
-            f"[{scenario.name}] seeded {len(batch)} objects, "
+            f"[{scenario.name}] seeded {len(items)} objects, "
             f"{total_bytes / MiB:.1f} MiB in {seed_s:.1f} s"
         )
         event_path = self.work / f"event-{scenario.name}.json"
-        event_path.write_text(json.dumps(payload.build_event(batch)), encoding="utf-8")
+        event_path.write_text(json.dumps(payload.build_event(items)), encoding="utf-8")
         warmup: Warmup | None = None
         if scenario.warmup > 0:
             # A first invocation in the same process, before the measured one: its own
             # records (distinct video ids) in the same bucket, the same ZIP size.
-            warm_batch = payload.items(f"{scenario.name}-warmup", scenario.warmup)
-            warm_bytes = payload.seed(s3, warm_batch, scenario.size)
+            warm_items = payload.items(f"{scenario.name}-warmup", scenario.warmup)
+            warm_bytes = payload.seed(s3, warm_items, scenario.size)
             warm_path = self.work / f"event-{scenario.name}-warmup.json"
-            warm_path.write_text(json.dumps(payload.build_event(warm_batch)), encoding="utf-8")
-            warmup = Warmup(warm_path, warm_batch, warm_bytes)
+            warm_path.write_text(json.dumps(payload.build_event(warm_items)), encoding="utf-8")
+            warmup = Warmup(warm_path, warm_items, warm_bytes)
             log(
-                f"[{scenario.name}] seeded {len(warm_batch)} more objects for the warm-up "
+                f"[{scenario.name}] seeded {len(warm_items)} more objects for the warm-up "
                 "invocation"
             )
-        rows = []
-        ports = self._start_proxy(scenario) if scenario.delayed else {}
-        try:
-            for target in targets:
-                row = self.run_target(
-                    scenario, target, event_path, batch, total_bytes, ports, warmup
-                )
-                row["seed_s"] = seed_s
-                rows.append(row)
-        finally:
-            if self.proxy is not None:
-                self.proxy.stop()
-                self.proxy = None
-        self.moto.reset()
-        return rows
+        return Batch(event_path, items, total_bytes, seed_s, warmup)
 
     def run_target(
         self,
         scenario: Scenario,
+        batch: Batch,
         target: str,
-        event_path: Path,
-        batch: list[payload.Item],
-        total_bytes: int,
+        run: int,
         ports: dict[str, int],
-        warmup: Warmup | None = None,
     ) -> dict[str, Any]:
-        name = f"{scenario.name}-{target}"
-        warm_batch = warmup.batch if warmup is not None else []
+        """One run of `target` on the scenario's batch (the `run`-th of `--repeat`)."""
+        name = f"{scenario.name}-{target}" + (f"-{run}" if self.args.repeat > 1 else "")
+        warmup = batch.warmup
+        warm_items = warmup.items if warmup is not None else []
         # What the sink must receive: the measured batch and the warm-up batch, each once.
-        expected_messages = scenario.records + len(warm_batch)
+        expected_messages = scenario.records + len(warm_items)
         tmp_dir = self.work / "tmp" / name
         tmp_dir.mkdir(parents=True)
         result_path = self.work / f"{name}.result.json"
         extra: dict[str, str] = {}
-        if target == "project":
+        if target in HANDLERS:
             # Every ZIP must travel as an attachment (the issue's large scenario attaches
             # 20 MiB); the project's default limit would turn bigger ones into links.
             extra["MAX_ATTACHMENT_BYTES"] = str(-(-scenario.size // MiB) * MiB)
@@ -283,36 +351,80 @@ class Bench:
         row: dict[str, Any] = {
             "scenario": scenario.name,
             "target": target,
+            "run": run,
             "records": scenario.records,
             "size_bytes": scenario.size,
-            "attachment_bytes": total_bytes,
+            "attachment_bytes": batch.total_bytes,
             "smtp_delay_ms": scenario.smtp_delay_ms,
             "s3_delay_ms": scenario.s3_delay_ms,
-            "pool_size": self.args.pool_size if target == "project" else None,
+            "pool_size": self.args.pool_size if target in HANDLERS else None,
             "env": extra,
             "errors": [],
         }
         if warmup is not None:
-            row["warmup_records"] = len(warm_batch)
+            row["warmup_records"] = len(warm_items)
             row["warmup_attachment_bytes"] = warmup.total_bytes
         self.sink.reset()
         if self.proxy is not None:
             control.query(self.proxy_control, "RESET")
         command = python_module(
-            "bench.target", "--target", target, "--event", str(event_path),
+            "bench.target", "--target", target, "--event", str(batch.event_path),
             "--result", str(result_path),
         )  # fmt: skip
         if warmup is not None:
             command += ["--warmup-event", str(warmup.event_path)]
-        profile = None
-        if self.args.profile and target == "project":
-            profile = self.args.out.parent / f"profile-{scenario.name}.pstats"
-            profile.parent.mkdir(parents=True, exist_ok=True)
+        profile = self._profile_path(scenario, target, run)
+        if profile is not None:
             command += ["--profile", str(profile)]
             row["profiled"] = True
-        helper = Helper(name, command, self.logs, cwd=self.code)
-        all_bytes = total_bytes + (warmup.total_bytes if warmup is not None else 0)
+        all_bytes = batch.total_bytes + (warmup.total_bytes if warmup is not None else 0)
         timeout = 600 + 3 * expected_messages + 4 * all_bytes / MiB
+        helper = Helper(name, command, self.logs, cwd=self.trees[target])
+        child = self._execute(helper, env, timeout, result_path, row)
+        sink = self.sink.collect(expected=expected_messages)
+        if self.proxy is not None:
+            proxied = control.query(self.proxy_control, "STATS")
+            row["s3_connections"] = proxied.get("s3", {}).get("connections")
+            row["s3_round_trips"] = proxied.get("s3", {}).get("turns")
+            row["smtp_round_trips"] = proxied.get("smtp", {}).get("turns")
+            if row["smtp_round_trips"] is not None and sink.messages:
+                row["smtp_round_trips_per_message"] = row["smtp_round_trips"] / sink.messages
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        if profile is not None and profile.exists():
+            row["profile"] = str(profile)
+            profile.with_suffix(".txt").write_text(
+                report.profile_summary(profile, scenario.records)
+            )
+        row.update(self._measurements(child, batch.total_bytes))
+        self._check(row, child, sink, scenario, batch)
+        self._log_run(row, sink.connections)
+        return row
+
+    def _profile_path(self, scenario: Scenario, target: str, run: int) -> Path | None:
+        """Where `--profile` puts this run's profile: handler targets only, one file per run."""
+        if not self.args.profile or target not in HANDLERS:
+            return None
+        name = f"profile-{scenario.name}"
+        if target != "project":
+            name += f"-{target}"
+        if self.args.repeat > 1:
+            name += f"-{run}"
+        profile: Path = self.args.out.parent / f"{name}.pstats"
+        profile.parent.mkdir(parents=True, exist_ok=True)
+        return profile
+
+    def _execute(
+        self,
+        helper: Helper,
+        env: dict[str, str],
+        timeout: float,
+        result_path: Path,
+        row: dict[str, Any],
+    ) -> dict[str, Any]:
+        """Run the target process to its end; its CPU account goes into `row`.
+
+        Returns what the child reported (empty if it wrote nothing).
+        """
         cpu = _CpuAccount(self._helper_pids())
         started = time.perf_counter()
         helper.start(ready_line=False, env=env)
@@ -333,21 +445,20 @@ class Bench:
             child = json.loads(result_path.read_text())
         elif code == 0:
             row["errors"].append("wrote no result")
-        sink = self.sink.collect(expected=expected_messages)
-        if self.proxy is not None:
-            proxied = control.query(self.proxy_control, "STATS")
-            row["s3_connections"] = proxied.get("s3", {}).get("connections")
-            row["s3_round_trips"] = proxied.get("s3", {}).get("turns")
-            row["smtp_round_trips"] = proxied.get("smtp", {}).get("turns")
-            if row["smtp_round_trips"] is not None and sink.messages:
-                row["smtp_round_trips_per_message"] = row["smtp_round_trips"] / sink.messages
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        if profile is not None and profile.exists():
-            row["profile"] = str(profile)
-            profile.with_suffix(".txt").write_text(
-                report.profile_summary(profile, scenario.records)
-            )
-        row.update(self._measurements(child, total_bytes))
+        return child
+
+    def _check(
+        self,
+        row: dict[str, Any],
+        child: dict[str, Any],
+        sink: SinkStats,
+        scenario: Scenario,
+        batch: Batch,
+    ) -> None:
+        """Whether the run delivered every record, once, with its attachment: sets `ok`."""
+        warmup = batch.warmup
+        warm_items = warmup.items if warmup is not None else []
+        expected_messages = scenario.records + len(warm_items)
         if warmup is not None and "warmup_wall_s" in child:
             row["warmup_wall_s"] = child["warmup_wall_s"]
             warm_failures = (child.get("warmup_response") or {}).get("batchItemFailures")
@@ -378,7 +489,7 @@ class Bench:
         if sink.messages != expected_messages:
             row["errors"].append(
                 f"sink received {sink.messages} of {expected_messages} messages"
-                + (f" ({scenario.records} + {len(warm_batch)} warm-up)" if warm_batch else "")
+                + (f" ({scenario.records} + {len(warm_items)} warm-up)" if warm_items else "")
             )
         # Base64 alone makes an attached ZIP 4/3 its size: a smaller message lacks it.
         if sink.min_size is not None and sink.min_size < scenario.size * 4 / 3:
@@ -387,23 +498,47 @@ class Bench:
                 "attachment missing (sent as a link?)"
             )
         if sink.video_ids is not None:
-            row.update(self._check_ids([*batch, *warm_batch], sink.video_ids, row["errors"]))
+            row.update(self._check_ids([*batch.items, *warm_items], sink.video_ids, row["errors"]))
+        if strays := child.get("stray_modules"):
+            # Its own tree comes first on sys.path: anything else means other code was measured.
+            row["errors"].append(f"loaded modules from outside its tree: {', '.join(strays[:5])}")
         row["ok"] = not row["errors"]
+
+    def _log_run(self, row: dict[str, Any], connections: int) -> None:
         status = "ok" if row["ok"] else "ERROR: " + "; ".join(row["errors"])
         warm_text = ""
-        if warmup is not None:
+        if row.get("warmup_records"):
             warm_text = (
-                f" (after a warm-up of {len(warm_batch)} records in "
+                f" (after a warm-up of {row['warmup_records']} records in "
                 f"{row.get('warmup_wall_s', float('nan')):.2f} s; SMTP connections and "
                 "round trips include the warm-up)"
             )
+        target = row["target"]
+        if target == "previous" and self.args.previous is not None:
+            target += f" ({self.args.previous.short})"
+        if self.args.repeat > 1:
+            target += f" #{row['run']}"
         log(
-            f"[{scenario.name}] {target}{warm_text}: {row.get('wall_s', float('nan')):.2f} s, "
+            f"[{row['scenario']}] {target}{warm_text}: {row.get('wall_s', float('nan')):.2f} s, "
             f"{row.get('records_per_s', 0):.1f} records/s, "
             f"peak RSS {row.get('peak_rss_mib', 0):.0f} MiB, "
-            f"{sink.connections} SMTP connection(s): {status}"
+            f"{connections} SMTP connection(s): {status}"
         )
-        return row
+
+    def previous_info(self) -> dict[str, Any] | None:
+        """What `previous` ran, for the report: the ref, its commit and a hash of its code."""
+        ref = self.args.previous
+        if ref is None:
+            return None
+        tree = self.trees["previous"]
+        return {
+            "ref": ref.ref,
+            "sha": ref.sha,
+            "short_sha": ref.short,
+            "subject": ref.subject,
+            "code": report.code_fingerprint(tree),
+            "same_requirements": previous.same_requirements(self.code, tree),
+        }
 
     def _helper_pids(self) -> dict[str, int | None]:
         pids = {"sink": self.sink.pid, "moto": self.moto.pid}
@@ -479,8 +614,20 @@ class Warmup:
     """The warm-up invocation of a scenario: its event file, records and bytes seeded."""
 
     event_path: Path
-    batch: list[payload.Item]
+    items: list[payload.Item]
     total_bytes: int
+
+
+@dataclass(frozen=True)
+class Batch:
+    """What every run of a scenario is given: the event, its records, the bytes seeded
+    (and how long seeding took), and the warm-up invocation, if any."""
+
+    event_path: Path
+    items: list[payload.Item]
+    total_bytes: int
+    seed_s: float
+    warmup: Warmup | None
 
 
 class _CpuAccount:
@@ -559,12 +706,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         bench.start()
         log(f"moto on :{bench.moto.port}, {args.sink} sink on :{bench.sink.port}, work dir {work}")
-        if "project" in bench.targets:
+        if any(target in HANDLERS for target in bench.targets):
             imports = bench.measure_imports()
-            log(
-                f"imports: handler {imports['handler_ms']:.0f} ms, "
-                f"aioboto3 {imports['aioboto3_ms']:.0f} ms (medians of {imports['samples']})"
+            medians = ", ".join(
+                f"{name.removesuffix('_ms').replace('_', ' ')} {value:.0f} ms"
+                for name, value in imports.items()
+                if name.endswith("_ms") and not name.endswith("_samples_ms")
             )
+            log(f"imports: {medians} (medians of {imports['samples']})")
         for scenario in chosen:
             rows.extend(bench.run_scenario(scenario))
     except (KeyboardInterrupt, SystemExit) as exc:
@@ -589,6 +738,7 @@ def main(argv: list[str] | None = None) -> int:
         helpers=bench.helper_pids,
         load_average=load_average,
         code=code,
+        previous=bench.previous_info(),
     )
     failed = failed or not rows or any(not row["ok"] for row in rows)
     results["ok"] = not failed

@@ -10,7 +10,9 @@ KiB = 1024
 MiB = 1024 * KiB
 
 NAMES = ("small", "large", "remote", "remote-warm", "scale")
-TARGETS = ("baseline", "project")
+# Every target, in the order of one round of runs; `previous` runs wherever `project` does.
+TARGETS = ("baseline", "previous", "project")
+HANDLERS = ("previous", "project")  # the targets that call handler.lambda_handler
 
 
 @dataclass(frozen=True)
@@ -55,7 +57,7 @@ def _table(
         "remote-warm": dataclasses.replace(
             remote_row,
             name="remote-warm",
-            targets=("project",),
+            targets=HANDLERS,
             about="remote, measured as the process's second invocation (after a warm-up batch)",
             warmup=warmup,
         ),
@@ -64,7 +66,7 @@ def _table(
             "scale",
             records * 4,
             size * 4,
-            targets=("project",),
+            targets=HANDLERS,
             about="small x4 records x4 size (peak RSS should match small's)",
         ),
     }
@@ -118,6 +120,37 @@ def parse_names(text: str) -> list[str]:
     if unknown or not wanted:
         raise ValueError(f"unknown scenario(s) {sorted(unknown)}; choose from {', '.join(NAMES)}")
     return [name for name in NAMES if name in wanted]
+
+
+def parse_targets(text: str | None, *, vs: str | None) -> tuple[str, ...]:
+    """`--target`: a comma-separated subset of TARGETS (`both`: baseline,project), in that order.
+
+    The default is baseline,project, or project,previous with `--vs`; `previous` exists only
+    with `--vs`, and `--vs` is pointless without it.
+    """
+    if text is None:
+        wanted = {"previous", "project"} if vs is not None else {"baseline", "project"}
+    elif text.strip() == "both":
+        wanted = {"baseline", "project"}
+    else:
+        wanted = {part.strip() for part in text.split(",") if part.strip()}
+    unknown = wanted - set(TARGETS)
+    if unknown or not wanted:
+        raise ValueError(f"unknown target(s) {sorted(unknown)}; choose from {', '.join(TARGETS)}")
+    if "previous" in wanted and vs is None:
+        raise ValueError("target previous runs the code of --vs REF: give --vs")
+    if vs is not None and "previous" not in wanted:
+        raise ValueError("--vs REF adds target previous: include it in --target")
+    return tuple(target for target in TARGETS if target in wanted)
+
+
+def interleaved(targets: tuple[str, ...], repetition: int) -> tuple[str, ...]:
+    """One round of runs: the targets in order, reversed every other round (0-based).
+
+    Alternating who goes first cancels what running first or second does to a target
+    (a just-seeded moto, the page cache, the machine warming up) over an even count.
+    """
+    return targets if repetition % 2 == 0 else targets[::-1]
 
 
 def parse_size(text: str) -> int:

@@ -1,6 +1,6 @@
 """Run one measured target in this fresh interpreter, and report on it as JSON.
 
-    python -m bench.target --target project|baseline --event FILE --result FILE
+    python -m bench.target --target project|previous|baseline --event FILE --result FILE
                            [--warmup-event FILE] [--profile F]
     python -m bench.target --import MODULE --result FILE
 
@@ -14,7 +14,11 @@ time, wall time of the call, CPU time, the response, and memory: the peak RSS du
 call (`VmHWM` after the reset; it includes everything resident, interpreter, libraries and
 event), the RSS just before the call, and `getrusage(RUSAGE_SELF).ru_maxrss` for reference
 (on Linux it also counts what the process inherited from its parent before exec); with a
-warm-up, also its wall time, record count and response.
+warm-up, also its wall time, record count and response. Last, the modules of this tree's
+top-level names (handler, the package, bench) that were loaded from anywhere else, e.g. an
+editable install of another tree: there must be none, or the run measured other code.
+
+`project` and `previous` run the same way (`handler.lambda_handler`), each from its own tree.
 
 The settings come from the environment, which the benchmark sets for each run.
 """
@@ -51,7 +55,7 @@ def main() -> None:
         return
     target = _option("--target")
     event_file = _option("--event")
-    modules = {"project": "handler", "baseline": "bench.baseline"}
+    modules = {"project": "handler", "previous": "handler", "baseline": "bench.baseline"}
     if target not in modules or event_file is None:
         raise SystemExit(__doc__)
     module, import_s = _timed_import(modules[target])
@@ -134,6 +138,7 @@ def run(
             "peak_reset_before_call": hwm_reset,
             "rss_before_kib": rss_before,
             "ru_maxrss_kib": usage.ru_maxrss,
+            "stray_modules": _stray_modules(os.getcwd()),
             **warmup,
         },
     )
@@ -158,6 +163,30 @@ class FakeContext:
 
     def get_remaining_time_in_millis(self) -> int:
         return max(0, int((self._deadline - time.monotonic()) * 1000))
+
+
+def _stray_modules(tree: str) -> list[str]:
+    """Loaded modules named like one of the tree's own but whose file lies outside it.
+
+    The tree (the current directory) comes first on sys.path, so none are expected; the
+    check is what makes sure `previous` and `project` each measured their own code.
+    """
+    import os
+
+    root = os.path.realpath(tree)
+    own = {
+        entry.removesuffix(".py")
+        for entry in os.listdir(root)
+        if entry.endswith(".py") or os.path.isfile(os.path.join(root, entry, "__init__.py"))
+    }
+    strays = []
+    for name, module in list(sys.modules.items()):
+        path = getattr(module, "__file__", None)
+        if name.partition(".")[0] not in own or path is None:
+            continue
+        if os.path.commonpath((root, os.path.realpath(path))) != root:
+            strays.append(f"{name} ({path})")
+    return sorted(strays)
 
 
 def _status_kib(field: str) -> int | None:

@@ -3,7 +3,8 @@
 Only completeness and delivery are asserted: every scenario ran every target it should,
 every record of every run reached the SMTP sink exactly once, and nothing the benchmark
 started is left running. Never speed: that is what the benchmark reports, and a shared
-machine cannot promise it.
+machine cannot promise it. The same holds for the A/B mode (`--vs HEAD`, one scenario,
+two interleaved rounds): both trees ran, each its own code, and the comparison is reported.
 """
 
 from __future__ import annotations
@@ -17,6 +18,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from bench import compare
+from bench.run import parse_args
+from bench.scenarios import interleaved, parse_targets
+from bench.target import _stray_modules
 
 ROOT = Path(__file__).resolve().parent.parent
 EXPECTED_RUNS = {
@@ -45,6 +51,45 @@ def quick(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, dict[str, Any]
     )
     assert completed.returncode == 0, completed.stdout + completed.stderr
     return completed.stdout, json.loads(out.read_text())
+
+
+@pytest.fixture(scope="module")
+def versus_head(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, dict[str, Any]]:
+    out = tmp_path_factory.mktemp("bench-vs") / "r.json"
+    completed = subprocess.run(
+        [
+            sys.executable, "-m", "bench", "--quick", "--vs", "HEAD", "--scenario", "remote",
+            "--repeat", "2", "--import-samples", "1", "--out", str(out),
+        ],
+        cwd=ROOT,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )  # fmt: skip
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+    return completed.stdout, json.loads(out.read_text())
+
+
+def _head() -> str:
+    return subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.strip()
+
+
+def _assert_delivered(row: dict[str, Any]) -> None:
+    where = f"{row['scenario']}/{row['target']}/{row.get('run')}"
+    assert row["errors"] == [], where
+    assert row["ok"] is True, where
+    assert row["records"] > 0, where
+    # A warm-up invocation (remote-warm) delivers its own records through the same sink.
+    expected = row["records"] + row.get("warmup_records", 0)
+    assert row["delivered"] == expected, where
+    assert row["unique_delivered"] == expected, where
+    assert row["duplicates"] == 0, where
+    assert row["failures"] == 0, where
+    assert row["delivered_bytes"] > row["attachment_bytes"], where  # base64 inflates
 
 
 def _running(pattern: str) -> list[str]:
@@ -77,17 +122,7 @@ def test_quick_run_covers_every_scenario_and_target(quick: tuple[str, dict[str, 
 def test_every_record_of_every_run_was_delivered_once(quick: tuple[str, dict[str, Any]]) -> None:
     _, results = quick
     for row in results["results"]:
-        where = f"{row['scenario']}/{row['target']}"
-        assert row["errors"] == [], where
-        assert row["ok"] is True, where
-        assert row["records"] > 0, where
-        # A warm-up invocation (remote-warm) delivers its own records through the same sink.
-        expected = row["records"] + row.get("warmup_records", 0)
-        assert row["delivered"] == expected, where
-        assert row["unique_delivered"] == expected, where
-        assert row["duplicates"] == 0, where
-        assert row["failures"] == 0, where
-        assert row["delivered_bytes"] > row["attachment_bytes"], where  # base64 inflates
+        _assert_delivered(row)
 
 
 def test_measurements_are_complete_and_positive(quick: tuple[str, dict[str, Any]]) -> None:
@@ -126,10 +161,11 @@ def test_the_table_and_ratios_are_printed(quick: tuple[str, dict[str, Any]]) -> 
     assert "ERROR" not in stdout
 
 
+@pytest.mark.parametrize("run", ["quick", "versus_head"])
 def test_nothing_the_benchmark_started_is_left_running(
-    quick: tuple[str, dict[str, Any]],
+    run: str, request: pytest.FixtureRequest
 ) -> None:
-    _, results = quick
+    _, results = request.getfixturevalue(run)
     assert results["helpers"], "the benchmark should list the processes it started"
     # Our helpers and targets carry the run's work dir on their command line; moto its port.
     leftovers = _running(re.escape(results["work_dir"]))
@@ -138,3 +174,114 @@ def test_nothing_the_benchmark_started_is_left_running(
             port = helper["command"][-1]
             leftovers += _running(rf"moto_server -H 127\.0\.0\.1 -p {port}( |$)")
     assert leftovers == []
+
+
+def test_versus_head_interleaves_both_trees_and_delivers_every_record(
+    versus_head: tuple[str, dict[str, Any]],
+) -> None:
+    _, results = versus_head
+    assert results["ok"] is True
+    order = [(row["scenario"], row["target"], row["run"]) for row in results["results"]]
+    # Round 1: previous then project; round 2 the other way round.
+    assert order == [
+        ("remote", "previous", 1),
+        ("remote", "project", 1),
+        ("remote", "project", 2),
+        ("remote", "previous", 2),
+    ]
+    work = Path(results["work_dir"])
+    trees = {"previous": work / "previous", "project": work / "code"}
+    for row in results["results"]:
+        _assert_delivered(row)
+        # Each target ran the handler of its own tree (and, checked by the child, nothing
+        # of another tree's package: that would be an error in the row).
+        assert Path(row["module_file"]).parent == trees[row["target"]], row["target"]
+        assert row["pool_size"] == 8
+
+
+def test_versus_head_reports_the_comparison_with_the_resolved_commit(
+    versus_head: tuple[str, dict[str, Any]],
+) -> None:
+    stdout, results = versus_head
+    sha = _head()
+    previous = results["previous"]
+    assert (previous["ref"], previous["sha"]) == ("HEAD", sha)
+    assert sha.startswith(previous["short_sha"])
+    assert previous["code"]["files"] > 1  # a fingerprint of the tree taken from HEAD
+    comparison = results["comparison"]
+    assert (comparison["ref"], comparison["sha"]) == ("HEAD", sha)
+    [remote] = comparison["scenarios"]
+    assert remote["scenario"] == "remote"
+    assert remote["runs"] == {"project": 2, "previous": 2}
+    for key in ("records_per_s", "mib_per_s", "peak_rss"):
+        assert remote[key] > 0, key
+    assert remote["limit_share"]["project"] > 0
+    assert remote["limit_share"]["previous"] > 0
+    assert comparison["import_handler"]["ratio"] > 0
+    medians = {(s["scenario"], s["target"]): s for s in results["summaries"]}
+    assert set(medians) == {("remote", "previous"), ("remote", "project")}
+    assert all(summary["measured"] == 2 for summary in medians.values())
+    assert results["ratios"] == []  # no baseline in this run
+    assert f"project vs previous (HEAD, {previous['short_sha']})" in stdout
+    assert f"previous@{previous['short_sha']} #2" in stdout
+    assert "ERROR" not in stdout
+
+
+def test_targets_default_to_baseline_and_project_or_to_the_comparison() -> None:
+    assert parse_targets(None, vs=None) == ("baseline", "project")
+    assert parse_targets("both", vs=None) == ("baseline", "project")
+    assert parse_targets(None, vs="HEAD") == ("previous", "project")
+    assert parse_targets("project, previous,baseline", vs="HEAD") == (
+        "baseline",
+        "previous",
+        "project",
+    )
+    for text, vs in (("previous", None), ("baseline,project", "HEAD"), ("proj", None)):
+        with pytest.raises(ValueError, match=r"target|--vs"):
+            parse_targets(text, vs=vs)
+
+
+def test_rounds_alternate_which_target_goes_first() -> None:
+    targets = ("previous", "project")
+    assert [interleaved(targets, n) for n in range(3)] == [
+        ("previous", "project"),
+        ("project", "previous"),
+        ("previous", "project"),
+    ]
+
+
+def test_a_ref_that_is_not_a_commit_is_refused_before_anything_starts(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        parse_args(["--vs", "no-such-ref-anywhere"])
+    assert exited.value.code == 2
+    assert "not a commit" in capsys.readouterr().err
+    args = parse_args(["--vs", "HEAD"])
+    assert args.previous.sha == _head()
+    assert args.targets == ("previous", "project")
+
+
+def test_medians_and_spread_of_repeated_runs() -> None:
+    rows = [
+        {"scenario": "small", "target": "project", "ok": True, "wall_s": wall,
+         "records_per_s": 100 / wall, "mib_per_s": 1 / wall, "peak_rss_mib": rss}
+        for wall, rss in ((2.0, 70.0), (1.0, 80.0), (4.0, 60.0))
+    ]  # fmt: skip
+    rows.append({"scenario": "small", "target": "project", "ok": False, "errors": ["x"]})
+    [summary] = compare.summarize(rows)
+    assert (summary["runs"], summary["measured"], summary["ok"]) == (4, 3, False)
+    assert summary["wall_s"] == 2.0
+    assert summary["records_per_s"] == 50.0
+    assert summary["peak_rss_mib"] == 70.0
+    assert summary["spread"]["records_per_s"] == {"min": 25.0, "max": 100.0, "relative": 1.5}
+
+
+def test_only_modules_of_the_tree_count_as_its_own(tmp_path: Path) -> None:
+    # This interpreter imported `bench` from the repository: for a tree that has its own
+    # `bench` package, that is code from elsewhere; for the repository itself it is not.
+    (tmp_path / "bench").mkdir()
+    (tmp_path / "bench" / "__init__.py").write_text("")
+    strays = _stray_modules(str(tmp_path))
+    assert any(stray.startswith("bench.target ") for stray in strays)
+    assert _stray_modules(str(ROOT)) == []
