@@ -156,10 +156,15 @@ class SmtpPool:
         return self.size_limit
 
     async def _acquire(self, *, first: bool = False) -> PooledConnection:
-        """A ready connection with the write turn, checked with NOOP if it sat idle."""
+        """A ready connection with the write turn, checked with NOOP if it sat idle.
+
+        Each failed check closes a connection that was ready before this send asked, and
+        one opened since is used unchecked, so this ends.
+        """
+        asked = time.monotonic()
         while True:
             conn = await self._wait_for_connection(first=first)
-            if await self._still_alive(conn):
+            if await self._still_alive(conn, asked):
                 return conn
             first = True
 
@@ -182,16 +187,18 @@ class SmtpPool:
             with contextlib.suppress(ValueError):
                 self._waiting.remove(waiter)
 
-    async def _still_alive(self, conn: PooledConnection) -> bool:
+    async def _still_alive(self, conn: PooledConnection, asked: float) -> bool:
         """NOOP a connection that sat idle: servers drop idle clients without telling.
 
-        One handed over a moment ago is only checked for a close seen meanwhile (a server
-        that hangs up right after its 250 is noticed here, not by the next envelope).
+        One handed over a moment ago, or opened after the send asked, is only checked for
+        a close seen meanwhile (a server that hangs up right after its 250 is noticed here,
+        not by the next envelope).
         """
         if not conn.connected:
             self._release(conn, spoiled=True)
             return False
-        if time.monotonic() - conn.last_used < self._settings.smtp_idle_check:
+        idle = time.monotonic() - conn.last_used
+        if conn.ready_at >= asked or idle < self._settings.smtp_idle_check:
             return True
         assert conn.channel is not None
         alive = False
