@@ -56,6 +56,7 @@ class SmtpFault(enum.StrEnum):
     DROP_AFTER_DATA = "drop_after_data"  # message recorded, connection closed, no reply
     REJECT_5XX = "reject_5xx"  # 554 after DATA (random mode only), message not recorded
     STALL = "stall"  # a stall before the greeting or the DATA reply
+    SILENT = "silent"  # a command (or a message's verdict) never answered (never_answer)
 
 
 @dataclass(frozen=True)
@@ -97,6 +98,16 @@ class SmtpFaults:
     #: at most one of these faults (cumulative probabilities, their sum must be <= 1).
     #: p_reject_5xx answers `554 5.6.0 message rejected` after DATA (not recorded).
     rng_seed: int = 0
+    #: A slow server: wait this long before answering each command named in `delay_on`
+    #: ("*": all of them; "MESSAGE": the verdict on a message's end of data), plus a random
+    #: 0..`reply_jitter` seconds drawn from `random.Random(rng_seed)`.
+    reply_delay: float = 0.0
+    reply_jitter: float = 0.0
+    delay_on: AbstractSet[str] = frozenset({"*"})
+    #: Commands (or "MESSAGE") the server never answers: it goes quiet, the socket stays open.
+    never_answer: AbstractSet[str] = frozenset()
+    #: The k-th message's verdict (by DATA ordinal, from 1) comes `verdict_delays[k-1]` late.
+    verdict_delays: tuple[float, ...] = ()
     p_tempfail: float = 0.0
     p_drop_in_data: float = 0.0
     p_drop_after_data: float = 0.0
@@ -105,6 +116,10 @@ class SmtpFaults:
     def __post_init__(self) -> None:
         # Accept any iterable of addresses (a set, a list...), compare case-insensitively.
         object.__setattr__(self, "reject", frozenset(a.casefold() for a in self.reject))
+        object.__setattr__(self, "delay_on", frozenset(c.upper() for c in self.delay_on))
+        object.__setattr__(self, "never_answer", frozenset(c.upper() for c in self.never_answer))
+        if self.reply_delay < 0 or self.reply_jitter < 0:
+            raise ValueError("reply_delay and reply_jitter must be >= 0")
         if self.close_after is not None and self.close_after < 0:
             raise ValueError("close_after must be >= 0")
         for name in ("tempfail_every", "drop_in_data_every", "drop_after_data_every"):
@@ -165,6 +180,7 @@ class _FaultySMTP(_SinkSMTP):
         super().__init__(handler, sink=sink, **kwargs)
         # The fault chosen at DATA start for the message in flight, read by handle_DATA.
         self.pending: tuple[SmtpFault | None, bool] = (None, False)
+        self.ordinal = 0  # that message's DATA ordinal, server-wide
         # Guard every command: close_after must answer "the next command", whatever it is.
         self._smtp_methods = {
             name: self._guarded(name, method) for name, method in self._smtp_methods.items()
@@ -174,6 +190,7 @@ class _FaultySMTP(_SinkSMTP):
         self, command: str, method: Callable[[str | None], Awaitable[None]]
     ) -> Callable[[str | None], Awaitable[None]]:
         async def guarded(arg: str | None) -> None:
+            await self.sink._before_reply(self, command)
             limit = self.sink.faults.close_after
             if limit is not None and command != "QUIT" and self.accepted_here >= limit:
                 self.sink._injected(self._event(SmtpFault.CLOSE_AFTER, command))
@@ -244,6 +261,7 @@ class _FaultySMTP(_SinkSMTP):
             await super().smtp_DATA(arg)
             return
         self.pending = self.sink._decide_data()
+        self.ordinal = self.sink._data_ordinal()
         kind, chosen_randomly = self.pending
         if kind is not SmtpFault.DROP_IN_DATA:
             await super().smtp_DATA(arg)  # handle_DATA applies the other faults
@@ -330,7 +348,10 @@ class _FaultyHandler(_Handler):
         assert isinstance(data, bytes)
         kind, chosen_randomly = server.pending
         server.pending = (None, False)
+        await self.sink._before_reply(server, "MESSAGE")
         faults = self.sink.faults
+        if 0 < server.ordinal <= len(faults.verdict_delays):
+            await asyncio.sleep(faults.verdict_delays[server.ordinal - 1])
         if faults.stall_seconds is not None and faults.stall_on == "data":
             self.sink._injected(server._event(SmtpFault.STALL, "DATA"))
             await _stall(faults.stall_seconds)
@@ -429,6 +450,10 @@ class FaultySmtp(SmtpSink):
                     return kind, False
             return drawn, drawn is not None
 
+    def _data_ordinal(self) -> int:
+        with self._cond:
+            return self._data_seq
+
     def _throttle_mail(self) -> bool:
         with self._cond:
             burst = self._faults.throttle_burst
@@ -437,6 +462,19 @@ class FaultySmtp(SmtpSink):
                 return False
             every, length = burst
             return (self._mail_seq - 1) % (every + length) >= every
+
+    async def _before_reply(self, server: _FaultySMTP, command: str) -> None:
+        """The slow or silent server: wait before answering `command`, or never answer."""
+        with self._cond:
+            faults = self._faults
+            jitter = self._rng.uniform(0, faults.reply_jitter) if faults.reply_jitter else 0.0
+        if command in faults.never_answer:
+            self._injected(server._event(SmtpFault.SILENT, command))
+            await _stall(math.inf)
+        if "*" in faults.delay_on or command in faults.delay_on:
+            delay = faults.reply_delay + jitter
+            if delay:
+                await asyncio.sleep(delay)
 
     def _injected(self, event: SmtpFaultEvent) -> None:
         with self._cond:

@@ -385,7 +385,7 @@ class SmtpSink(Service):
             raise RuntimeError("SMTP sink already running")
         kwargs: dict[str, Any] = {
             "hostname": self.host,
-            "port": free_port(),
+            "port": self.port or free_port(),
             "server_hostname": self._server_hostname,
             "data_size_limit": self.data_size_limit,
             "ready_timeout": 10.0,
@@ -415,6 +415,11 @@ class SmtpSink(Service):
         controller, self._controller = self._controller, None
         if controller is not None:
             controller.stop()
+
+    def restart(self) -> None:
+        """Stop (every client connection dropped) and start again on the same port."""
+        self.stop()
+        self.start()
 
 
 # --------------------------------------------------------------------------- TLS
