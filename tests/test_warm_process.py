@@ -106,9 +106,7 @@ def test_deadline_storms_never_wedge_a_warm_process(faulty_smtp: FaultySmtp) -> 
             faulty_smtp.faults = SmtpFaults()
             fast = batch(f"fast{round_}", 20)
             assert invoke(fast, FakeLambdaContext(remaining_ms=30_000)) == set()
-            assert delivered(faulty_smtp, f"fast{round_}") == Counter(
-                r["messageId"] for r in fast
-            )
+            assert delivered(faulty_smtp, f"fast{round_}") == Counter(r["messageId"] for r in fast)
             assert settled(faulty_smtp) <= POOL_SIZE
 
 
