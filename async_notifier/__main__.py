@@ -44,6 +44,13 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _positive_seconds(text: str) -> float:
+    value = float(text)
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError("must be a number of seconds, more than 0")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="async-notifier",
@@ -56,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="consume an SQS queue as Lambda's event source mapping would",
         description=(
             "Long-poll an SQS queue, process batches with the same code as the Lambda "
-            "handler, delete the successes and leave failures for redelivery (and the DLQ). "
+            "handler (each within --batch-timeout, its messages kept hidden meanwhile), "
+            "delete the successes and leave failures for redelivery (and the DLQ). "
             "SIGTERM/SIGINT stop it after the batch in flight. Settings are read from the "
             "environment (SMTP_SERVER, EMAIL_FROM, AWS_REGION, AWS_ENDPOINT_URL...)."
         ),
@@ -81,6 +89,16 @@ def build_parser() -> argparse.ArgumentParser:
         default=MAX_WAIT_TIME,
         metavar="SECONDS",
         help="ReceiveMessage long-poll WaitTimeSeconds, 0-20 (default: %(default)s)",
+    )
+    run_parser.add_argument(
+        "--batch-timeout",
+        type=_positive_seconds,
+        default=900.0,
+        metavar="SECONDS",
+        help=(
+            "time allowed per batch, as a Lambda function's timeout: records still running "
+            "DEADLINE_MARGIN_SECONDS before it are cancelled and retried (default: %(default)s)"
+        ),
     )
     run_parser.add_argument(
         "--drain",
@@ -200,6 +218,7 @@ def _run(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             batch_window=args.batch_window,
             wait_time=args.wait_time,
+            batch_timeout=args.batch_timeout,
             drain=args.drain,
             max_batches=args.max_batches,
             stop=stop,

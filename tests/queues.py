@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+import threading
+import time
 import uuid
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 import boto3
+
+from async_notifier.local.service import Service
 
 REGION = "us-east-1"
 # What the runner must give the batch code for every record: Lambda's SQS record keys.
@@ -148,3 +155,176 @@ def notification(
 # Settings that make the redrive policy, not the worker, decide when a record gives up.
 REDRIVE_ENV = {"RETRY_BACKOFF": "false"}
 REDRIVE_UNSET = ("DEAD_LETTER_QUEUE_URL", "IDEMPOTENCY_TABLE")
+
+
+# --------------------------------------------------------------------------- the wire
+
+
+@dataclass(frozen=True)
+class SqsCall:
+    """One SQS request the recorder forwarded, and when (monotonic clock, this process)."""
+
+    action: str  # "ReceiveMessage", "ChangeMessageVisibilityBatch"...
+    request: dict[str, Any]  # the JSON body (botocore speaks SQS's JSON protocol)
+    started: float  # the request reached the recorder
+    answered: float  # the endpoint's answer came back (the call had taken effect)
+
+
+class SqsRecorder(Service):
+    """A plain HTTP forwarder on 127.0.0.1 in front of `upstream` that records SQS calls.
+
+    The worker under test points AWS_ENDPOINT_URL here, so a test sees which calls it made
+    and when, on the wire: that nothing was received while a batch ran, or that the
+    visibility heartbeat made no call after its batch. Other requests (S3) pass through
+    unrecorded. One request per connection, like `faults.S3FaultProxy`; its own event loop
+    in its own thread.
+    """
+
+    def __init__(self, upstream: str) -> None:
+        parts = urlsplit(upstream)
+        if parts.hostname is None or parts.port is None:
+            raise ValueError(f"upstream needs a host and a port: {upstream!r}")
+        self.upstream = (parts.hostname, parts.port)
+        self.host = "127.0.0.1"
+        self.port = 0
+        self._lock = threading.Condition()
+        self._calls: list[SqsCall] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._server: asyncio.AbstractServer | None = None
+
+    @property
+    def endpoint_url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def calls(self, action: str | None = None) -> list[SqsCall]:
+        with self._lock:
+            return [c for c in self._calls if action is None or c.action == action]
+
+    def wait_for(self, action: str, timeout: float = 30.0) -> SqsCall:
+        """Block until a call of `action` has been answered; return the first."""
+        with self._lock:
+            if not self._lock.wait_for(lambda: self.calls(action), timeout):
+                raise TimeoutError(f"no {action} call within {timeout}s")
+            return self.calls(action)[0]
+
+    def start(self) -> None:
+        if self._thread is not None:
+            raise RuntimeError("SQS recorder already running")
+        loop = asyncio.new_event_loop()
+        started = threading.Event()
+
+        def run() -> None:
+            asyncio.set_event_loop(loop)
+            self._server = loop.run_until_complete(asyncio.start_server(self._serve, self.host, 0))
+            self.port = self._server.sockets[0].getsockname()[1]
+            started.set()
+            loop.run_forever()
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.close()
+
+        self._loop = loop
+        self._thread = threading.Thread(target=run, name="sqs-recorder", daemon=True)
+        self._thread.start()
+        if not started.wait(10.0):
+            self.stop()
+            raise RuntimeError("SQS recorder did not start")
+
+    def stop(self) -> None:
+        loop, thread = self._loop, self._thread
+        self._loop = self._thread = None
+        if loop is None or thread is None:
+            return
+
+        async def shutdown() -> None:
+            if self._server is not None:
+                self._server.close()
+                self._server = None
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        with contextlib.suppress(Exception):
+            asyncio.run_coroutine_threadsafe(shutdown(), loop).result(10.0)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10.0)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+            started = time.monotonic()
+            request_line, *lines = head.decode("latin-1").split("\r\n")
+            headers = [line.split(":", 1) for line in lines if ":" in line]
+            fields = {name.strip().lower(): value.strip() for name, value in headers}
+            length = int(fields.get("content-length", "0"))
+            body = await reader.readexactly(length) if length else b""
+            up_reader, up_writer = await asyncio.open_connection(*self.upstream)
+            try:
+                up_writer.write(_close_after(request_line, headers) + body)
+                await up_writer.drain()
+                response = await up_reader.read()  # the upstream closes after its answer
+            finally:
+                up_writer.close()
+            target = fields.get("x-amz-target", "")
+            if target:
+                call = SqsCall(
+                    target.rpartition(".")[2], json.loads(body or b"{}"), started, time.monotonic()
+                )
+                with self._lock:
+                    self._calls.append(call)
+                    self._lock.notify_all()
+            response_head, _, response_body = response.partition(b"\r\n\r\n")
+            status_line, *response_lines = response_head.decode("latin-1").split("\r\n")
+            response_headers = [line.split(":", 1) for line in response_lines if ":" in line]
+            writer.write(_close_after(status_line, response_headers) + response_body)
+            await writer.drain()
+        except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+            pass  # the client gave up on the call (its time limit): nothing to answer
+        except asyncio.CancelledError:
+            pass  # stop()
+        finally:
+            writer.close()
+
+
+def _close_after(start_line: str, headers: list[list[str]]) -> bytes:
+    """The same message head, with `Connection: close`: one exchange per connection."""
+    kept = [
+        f"{name}:{value}"
+        for name, value in headers
+        if name.strip().lower() not in ("connection", "keep-alive")
+    ]
+    return ("\r\n".join([start_line, *kept, "Connection: close"]) + "\r\n\r\n").encode("latin-1")
+
+
+class Competitor:
+    """Another consumer of the queue, in a thread with its own client: receives (and keeps)
+    whatever becomes visible.
+
+    While a worker holds a batch it must get nothing: a message it gets is one the worker let
+    become visible again, which in production is a second email.
+    """
+
+    def __init__(self, endpoint_url: str, url: str) -> None:
+        self._sqs = client("sqs", endpoint_url)
+        self._url = url
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.received: list[dict[str, Any]] = []
+
+    def __enter__(self) -> Competitor:
+        self._thread = threading.Thread(target=self._run, name="competitor", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(10.0)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            response = self._sqs.receive_message(
+                QueueUrl=self._url, MaxNumberOfMessages=10, WaitTimeSeconds=1
+            )
+            self.received.extend(response.get("Messages", []))

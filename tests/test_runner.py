@@ -7,24 +7,31 @@ them to the DLQ, and stop cleanly on a signal.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import json
+import math
 import os
 import selectors
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+from faults import FaultySmtp, SmtpFaults
 from queues import (
     LAMBDA_RECORD_KEYS,
     REDRIVE_ENV,
     REDRIVE_UNSET,
+    Competitor,
     Queues,
+    SqsRecorder,
     client,
     counts,
     create_queues,
@@ -34,9 +41,11 @@ from queues import (
 )
 from servers import MotoServer, SmtpSink, make_zip, s3_client, seed_objects, sqs_record
 
+from async_notifier.app import Notifier
 from async_notifier.batch import BatchResult
 from async_notifier.config import Settings
-from async_notifier.runner import run
+from async_notifier.deadline import Deadline
+from async_notifier.runner import HEARTBEAT_TASK_NAME, MIN_EXTENSION, run
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -60,17 +69,96 @@ def queues(sqs: Any) -> Queues:
     return create_queues(sqs, visibility_timeout=1, max_receive_count=2)
 
 
+@pytest.fixture
+def recorder(aws: MotoServer, monkeypatch: pytest.MonkeyPatch) -> Iterator[SqsRecorder]:
+    """The worker's AWS calls go through a recorder: the test sees its SQS calls on the wire."""
+    with SqsRecorder(aws.endpoint_url) as sqs_recorder:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", sqs_recorder.endpoint_url)
+        yield sqs_recorder
+
+
 class Batches:
-    """The on_batch hook: every record and result the batch code saw, in order."""
+    """The on_batch hook: every record and result the batch code saw, in order, and when the
+    runner was done with each batch (its deletes included)."""
 
     def __init__(self) -> None:
         self.seen: list[tuple[list[dict[str, Any]], BatchResult]] = []
+        self.ended: list[float] = []  # monotonic
+        self.ended_ms: list[int] = []  # wall clock, SQS's ApproximateFirstReceiveTimestamp unit
+        self.heartbeats_alive: list[int] = []
 
     def __call__(self, records: list[dict[str, Any]], result: BatchResult) -> None:
         self.seen.append((records, result))
+        self.ended.append(time.monotonic())
+        self.ended_ms.append(math.floor(time.time() * 1000))
+        self.heartbeats_alive.append(
+            sum(1 for t in asyncio.all_tasks() if t.get_name() == HEARTBEAT_TASK_NAME)
+        )
 
     def records(self, message_id: str) -> list[dict[str, Any]]:
         return [r for records, _ in self.seen for r in records if r["messageId"] == message_id]
+
+    def ids(self, index: int) -> set[str]:
+        return {r["messageId"] for r in self.seen[index][0]}
+
+
+@dataclass(frozen=True)
+class Span:
+    """One call of Notifier.process: when (monotonic) and with which deadline."""
+
+    started: float
+    ended: float
+    deadline: Deadline | None
+
+
+class TimedNotifier(Notifier):
+    """The real notifier, noting when each batch was processed: a receive or a heartbeat call
+    can then be placed inside or outside a batch."""
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(settings)
+        self.spans: list[Span] = []
+
+    async def process(
+        self,
+        records: list[Any],
+        *,
+        deadline: Deadline | None = None,
+        function_name: str | None = None,
+    ) -> BatchResult:
+        started = time.monotonic()
+        try:
+            return await super().process(records, deadline=deadline, function_name=function_name)
+        finally:
+            self.spans.append(Span(started, time.monotonic(), deadline))
+
+
+def _emails(sqs: Any, url: str, count: int, prefix: str = "u") -> dict[str, str]:
+    """`count` FAILED-status notifications (no ZIP to fetch): messageId -> recipient."""
+    sent = {}
+    for i in range(count):
+        address = f"{prefix}{i}@example.com"
+        sent[send(sqs, url, notification(f"{prefix}{i}", status="FAILED", email=address))] = address
+    return sent
+
+
+def _wait_until_received(sqs: Any, url: str, timeout: float = 30.0) -> None:
+    """Block until something has received a message of `url` (it is hidden)."""
+    deadline = time.monotonic() + timeout
+    while counts(sqs, url)["ApproximateNumberOfMessagesNotVisible"] == 0:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"nothing received from the queue within {timeout}s")
+        time.sleep(0.05)
+
+
+def _assert_each_emailed_once_and_deleted(
+    sink: SmtpSink, sqs: Any, queues: Queues, emails: dict[str, str]
+) -> None:
+    """The end state every scenario must reach: one email per message, an empty queue and
+    an empty dead-letter queue."""
+    assert sorted(m.rcpt_tos[0] for m in sink.messages) == sorted(emails.values())
+    assert counts(sqs, queues.url) == dict.fromkeys(counts(sqs, queues.url), 0)
+    assert receive_all(sqs, queues.dlq_url) == []
 
 
 def _good_and_bad(sqs: Any, queues: Queues, aws: MotoServer, bucket: str) -> dict[str, str]:
@@ -245,6 +333,356 @@ async def test_max_batches_leaves_the_rest_in_the_queue(
     assert counts(sqs, queues.url)["ApproximateNumberOfMessages"] == 10
 
 
+async def test_heartbeat_keeps_a_batch_longer_than_the_visibility_timeout_hidden(
+    runner_env: dict[str, str],
+    aws: MotoServer,
+    recorder: SqsRecorder,
+    smtp_sink: SmtpSink,
+    sqs: Any,
+) -> None:
+    queues = create_queues(sqs, visibility_timeout=2, max_receive_count=5)
+    emails = _emails(sqs, queues.url, 8)
+    # Four SMTP connections, eight emails of 3 s each: the batch takes about 6 s, three
+    # visibility timeouts.
+    smtp_sink.verdict_delay = 3.0
+    notifier = TimedNotifier(Settings.from_env())
+    batches = Batches()
+    runner = asyncio.create_task(
+        run(
+            Settings.from_env(),
+            queues.url,
+            batch_size=10,
+            batch_window=0.5,
+            wait_time=1,
+            max_batches=1,
+            on_batch=batches,
+            notifier=notifier,
+        )
+    )
+    try:
+        await asyncio.to_thread(smtp_sink.wait_for, 1, 30)  # the batch is being processed
+        # Another consumer polls all along: it must never see one of the batch's messages.
+        with Competitor(aws.endpoint_url, queues.url) as competitor:
+            async with asyncio.timeout(60):
+                stats = await runner
+    finally:
+        runner.cancel()
+        await notifier.aclose()
+
+    assert competitor.received == []
+    [(records, result)] = batches.seen
+    assert {r["messageId"] for r in records} == set(emails)
+    assert [r["attributes"]["ApproximateReceiveCount"] for r in records] == ["1"] * 8
+    assert result.failures == []
+    assert stats.deleted == 8
+    assert stats.delete_failed == 0
+    _assert_each_emailed_once_and_deleted(smtp_sink, sqs, queues, emails)
+    # On the wire: several beats within the batch, each resetting every message's visibility.
+    [span] = notifier.spans
+    beats = recorder.calls("ChangeMessageVisibilityBatch")
+    assert len(beats) >= 3
+    handles = {r["receiptHandle"] for r in records}
+    for beat in beats:
+        assert span.started <= beat.started <= span.ended
+        entries = beat.request["Entries"]
+        assert {e["ReceiptHandle"] for e in entries} == handles
+        assert {e["VisibilityTimeout"] for e in entries} == {max(2, MIN_EXTENSION)}
+    assert stats.extended == 8 * len(beats)
+    assert stats.extend_failed == 0
+
+
+async def test_batch_deadline_cuts_a_stalled_batch_and_its_records_come_back(
+    runner_env: dict[str, str],
+    faulty_smtp: FaultySmtp,
+    sqs: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("SMTP_SERVER", faulty_smtp.host)
+    monkeypatch.setenv("SMTP_PORT", str(faulty_smtp.port))
+    monkeypatch.setenv("DEADLINE_MARGIN_SECONDS", "1")
+    faulty_smtp.faults = SmtpFaults(stall_seconds=math.inf)  # no reply to DATA, ever
+    queues = create_queues(sqs, visibility_timeout=2, max_receive_count=3)
+    emails = _emails(sqs, queues.url, 3)
+    notifier = TimedNotifier(Settings.from_env())
+    batches = Batches()
+
+    def on_batch(records: list[dict[str, Any]], result: BatchResult) -> None:
+        batches(records, result)
+        faulty_smtp.faults = SmtpFaults()  # the server recovers after the first batch
+
+    try:
+        async with asyncio.timeout(60):  # nothing may hang on the stalled server
+            stats = await run(
+                Settings.from_env(),
+                queues.url,
+                batch_size=10,
+                batch_window=0.2,
+                wait_time=1,
+                batch_timeout=4,
+                drain=True,
+                on_batch=on_batch,
+                notifier=notifier,
+            )
+    finally:
+        await notifier.aclose()
+
+    # The first batch was cut at its cutoff: every record failed for the deadline...
+    first_records, first_result = batches.seen[0]
+    assert {r["messageId"] for r in first_records} == set(emails)
+    assert sorted(o.message_id for o in first_result.failures) == sorted(emails)
+    assert {o.error.kind for o in first_result.failures if o.error} == {"deadline"}
+    # ...within the batch's time, by its own deadline (not the runner's last resort).
+    first = notifier.spans[0]
+    assert first.deadline is not None
+    assert first.ended <= first.started + 4
+    assert stats.overran == 0
+    # ...and every record came back once, to be emailed and deleted.
+    for message_id in emails:
+        assert [
+            r["attributes"]["ApproximateReceiveCount"] for r in batches.records(message_id)
+        ] == [
+            "1",
+            "2",
+        ]
+    assert all(result.failures == [] for _, result in batches.seen[1:])
+    assert stats.deleted == 3
+    assert stats.drained
+    _assert_each_emailed_once_and_deleted(faulty_smtp, sqs, queues, emails)
+
+
+async def test_messages_arriving_during_a_batch_are_not_received_until_it_ends(
+    runner_env: dict[str, str],
+    recorder: SqsRecorder,
+    smtp_sink: SmtpSink,
+    sqs: Any,
+) -> None:
+    queues = create_queues(sqs, visibility_timeout=30, max_receive_count=2)
+    smtp_sink.verdict_delay = 2.0
+    emails = _emails(sqs, queues.url, 1, prefix="a")
+    notifier = TimedNotifier(Settings.from_env())
+    batches = Batches()
+    # Room for 30 (three receives' worth), a 2 s window, long polls of 20 s.
+    runner = asyncio.create_task(
+        run(
+            Settings.from_env(),
+            queues.url,
+            batch_size=30,
+            batch_window=2.0,
+            max_batches=2,
+            on_batch=batches,
+            notifier=notifier,
+        )
+    )
+    try:
+        async with asyncio.timeout(60):
+            await asyncio.to_thread(_wait_until_received, sqs, queues.url)
+            # The window is open: this one joins the first batch.
+            emails |= _emails(sqs, queues.url, 1, prefix="b")
+            await asyncio.to_thread(smtp_sink.wait_for, 1, 30)
+            # The first batch is being processed: this one waits in the queue for the next.
+            late = _emails(sqs, queues.url, 1, prefix="c")
+            emails |= late
+            stats = await runner
+    finally:
+        runner.cancel()
+        await notifier.aclose()
+
+    assert len(batches.seen) == 2
+    assert batches.ids(1) == set(late)
+    assert batches.ids(0) == set(emails) - set(late)
+    # Not received (hidden, with nobody working on it) while the first batch ran, but after.
+    [late_record] = batches.seen[1][0]
+    assert int(late_record["attributes"]["ApproximateFirstReceiveTimestamp"]) >= batches.ended_ms[0]
+    # On the wire: no receive was in flight while a batch was being processed.
+    receives = recorder.calls("ReceiveMessage")
+    for span in notifier.spans:
+        assert [c for c in receives if c.started < span.ended and c.answered > span.started] == []
+    assert stats.deleted == 3
+    _assert_each_emailed_once_and_deleted(smtp_sink, sqs, queues, emails)
+
+
+async def test_heartbeat_stops_when_its_batch_ends(
+    runner_env: dict[str, str],
+    recorder: SqsRecorder,
+    smtp_sink: SmtpSink,
+    sqs: Any,
+) -> None:
+    queues = create_queues(sqs, visibility_timeout=2, max_receive_count=2)
+    smtp_sink.verdict_delay = 3.0
+    emails = _emails(sqs, queues.url, 1)
+    bad = send(sqs, queues.url, "{not json")  # fails in each batch, and is never extended after
+    notifier = TimedNotifier(Settings.from_env())
+    batches = Batches()
+
+    try:
+        async with asyncio.timeout(60):
+            stats = await run(
+                Settings.from_env(),
+                queues.url,
+                batch_size=10,
+                batch_window=0.2,
+                wait_time=1,
+                max_batches=2,
+                on_batch=batches,
+                notifier=notifier,
+            )
+    finally:
+        await notifier.aclose()
+
+    # The first batch ran about 3 s and its heartbeat beat; the failed message then came back
+    # within a visibility timeout of the last beat: nothing kept it hidden after its batch.
+    assert batches.ids(0) == {*emails, bad}
+    assert batches.ids(1) == {bad}
+    assert [r["attributes"]["ApproximateReceiveCount"] for r in batches.records(bad)] == ["1", "2"]
+    beats = recorder.calls("ChangeMessageVisibilityBatch")
+    first, _ = notifier.spans
+    assert [b for b in beats if first.started <= b.started <= first.ended]
+    # Every extension call started while a batch was being processed, none after.
+    for beat in beats:
+        assert any(span.started <= beat.started <= span.ended for span in notifier.spans)
+        assert all(e["VisibilityTimeout"] > 0 for e in beat.request["Entries"])
+    # And no heartbeat task outlived its batch, nor any task the run.
+    assert batches.heartbeats_alive == [0, 0]
+    assert [t for t in asyncio.all_tasks() if t is not asyncio.current_task()] == []
+    assert stats.deleted == 1
+    assert sorted(m.rcpt_tos[0] for m in smtp_sink.messages) == sorted(emails.values())
+    assert sum(counts(sqs, queues.url).values()) == 1  # the bad one, on its way to the DLQ
+
+
+async def test_stop_during_a_batch_finishes_it_and_receives_nothing_more(
+    runner_env: dict[str, str], recorder: SqsRecorder, smtp_sink: SmtpSink, sqs: Any
+) -> None:
+    queues = create_queues(sqs, visibility_timeout=2, max_receive_count=2)
+    smtp_sink.verdict_delay = 2.0
+    emails = _emails(sqs, queues.url, 2)
+    stop = asyncio.Event()
+    notifier = TimedNotifier(Settings.from_env())
+    runner = asyncio.create_task(
+        run(
+            Settings.from_env(),
+            queues.url,
+            batch_size=10,
+            batch_window=0.2,
+            wait_time=1,
+            stop=stop,
+            notifier=notifier,
+        )
+    )
+    try:
+        async with asyncio.timeout(60):
+            await asyncio.to_thread(smtp_sink.wait_for, 1, 30)
+            stop.set()
+            later = _emails(sqs, queues.url, 3, prefix="later")
+            stats = await runner
+    finally:
+        runner.cancel()
+        await notifier.aclose()
+
+    assert stats.batches == 1
+    assert stats.deleted == 2
+    assert stats.released == 0  # nothing was received beyond the batch
+    assert sorted(m.rcpt_tos[0] for m in smtp_sink.messages) == sorted(emails.values())
+    assert counts(sqs, queues.url)["ApproximateNumberOfMessages"] == len(later)
+    [span] = notifier.spans
+    assert [c for c in recorder.calls("ReceiveMessage") if c.answered > span.started] == []
+    assert [t for t in asyncio.all_tasks() if t is not asyncio.current_task()] == []
+
+
+async def test_cancelled_run_leaves_no_task_behind(
+    runner_env: dict[str, str], recorder: SqsRecorder, smtp_sink: SmtpSink, sqs: Any
+) -> None:
+    """A second Ctrl-C cancels the run mid-batch: the heartbeat goes with it."""
+    queues = create_queues(sqs, visibility_timeout=2, max_receive_count=2)
+    smtp_sink.verdict_delay = 5.0
+    _emails(sqs, queues.url, 2)
+    notifier = TimedNotifier(Settings.from_env())
+    runner = asyncio.create_task(
+        run(
+            Settings.from_env(),
+            queues.url,
+            batch_size=10,
+            batch_window=0.2,
+            wait_time=1,
+            notifier=notifier,
+        )
+    )
+    try:
+        async with asyncio.timeout(60):
+            await asyncio.to_thread(smtp_sink.wait_for, 1, 30)
+            await asyncio.to_thread(recorder.wait_for, "ChangeMessageVisibilityBatch")
+            runner.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await runner
+    finally:
+        runner.cancel()
+        await notifier.aclose()
+    cancelled_at = time.monotonic()
+
+    assert [t for t in asyncio.all_tasks() if t is not asyncio.current_task()] == []
+    await asyncio.sleep(2.0)  # two heartbeat periods
+    assert [
+        c for c in recorder.calls("ChangeMessageVisibilityBatch") if c.started > cancelled_at
+    ] == []
+    # Neither deleted nor emailed for sure: both are still in the queue, to be sent again.
+    assert sum(counts(sqs, queues.url).values()) == 2
+
+
+class DeadlineDeaf(TimedNotifier):
+    """A notifier that ignores the deadline it is given: only the runner can stop it."""
+
+    async def process(
+        self,
+        records: list[Any],
+        *,
+        deadline: Deadline | None = None,
+        function_name: str | None = None,
+    ) -> BatchResult:
+        return await super().process(records, function_name=function_name)
+
+
+async def test_a_batch_that_ignores_its_deadline_is_cancelled_and_retried_whole(
+    runner_env: dict[str, str],
+    faulty_smtp: FaultySmtp,
+    sqs: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("SMTP_SERVER", faulty_smtp.host)
+    monkeypatch.setenv("SMTP_PORT", str(faulty_smtp.port))
+    monkeypatch.setenv("DEADLINE_MARGIN_SECONDS", "1")
+    faulty_smtp.faults = SmtpFaults(stall_seconds=math.inf)
+    queues = create_queues(sqs, visibility_timeout=2, max_receive_count=3)
+    emails = _emails(sqs, queues.url, 2)
+    notifier = DeadlineDeaf(Settings.from_env())
+    batches = Batches()
+    try:
+        async with asyncio.timeout(60):
+            stats = await run(
+                Settings.from_env(),
+                queues.url,
+                batch_size=10,
+                batch_window=0.2,
+                wait_time=1,
+                batch_timeout=3,
+                max_batches=1,
+                on_batch=batches,
+                notifier=notifier,
+            )
+    finally:
+        await notifier.aclose()
+
+    # Like Lambda killing an invocation at its timeout: the whole batch is retried.
+    assert stats.overran == 1
+    [(records, result)] = batches.seen
+    assert {r["messageId"] for r in records} == set(emails)
+    assert sorted(o.message_id for o in result.failures) == sorted(emails)
+    [span] = notifier.spans
+    assert span.deadline is None  # it really had none to respect
+    assert stats.deleted == 0
+    assert faulty_smtp.messages == []
+    assert sum(counts(sqs, queues.url).values()) == 2
+    assert [t for t in asyncio.all_tasks() if t is not asyncio.current_task()] == []
+
+
 def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "async_notifier", *args]
 
@@ -265,7 +703,16 @@ def test_cli_drains_the_queue(
 
     done = subprocess.run(
         _cli(
-            "run", "--queue-url", queues.url, "--drain", "--wait-time", "1", "--batch-window", "0"
+            "run",
+            "--queue-url",
+            queues.url,
+            "--drain",
+            "--wait-time",
+            "1",
+            "--batch-window",
+            "0",
+            "--batch-timeout",
+            "60",
         ),
         capture_output=True,
         text=True,
@@ -276,6 +723,9 @@ def test_cli_drains_the_queue(
 
     assert done.returncode == 0, done.stderr + done.stdout
     logs = _log_lines(done.stdout)
+    [started] = [line for line in logs if line.get("message") == "runner started"]
+    assert started["batch_timeout"] == 60
+    assert started["visibility_timeout"] == 1
     [stopped] = [line for line in logs if line.get("message") == "runner stopped"]
     assert stopped["drained"] is True
     assert stopped["deleted"] == 2
@@ -334,6 +784,19 @@ def _read_until(process: subprocess.Popen[bytes], needle: bytes, timeout: float)
             elif process.poll() is not None:
                 break
     return seen
+
+
+def test_cli_refuses_a_batch_timeout_of_zero() -> None:
+    done = subprocess.run(
+        _cli("run", "--queue-url", "http://127.0.0.1:1/000000000000/none", "--batch-timeout", "0"),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert "--batch-timeout: must be a number of seconds, more than 0" in done.stderr
 
 
 def test_cli_reports_bad_settings() -> None:
