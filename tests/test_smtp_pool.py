@@ -454,3 +454,23 @@ async def test_cancelled_while_awaiting_the_verdict_keeps_the_connection() -> No
             await pool.send(outgoing(2))
             assert pool.connections_opened == 1
         assert subjects(sink) == expected_subjects(3)
+
+
+async def test_a_batch_counts_the_connections_it_opened_warm_ups_included(
+    smtp_sink: SmtpSink,
+) -> None:
+    """The statistics are the pool's own, per batch: a warm-up that finished before the
+    first send (or after it) counts for the batch that started it, never for the next."""
+    async with SmtpPool(sink_settings(smtp_sink, SMTP_POOL_SIZE="4")) as pool:
+        pool.start_batch(3)
+        await asyncio.to_thread(wait_until, lambda: smtp_sink.connections_open == 3)
+        await asyncio.sleep(0.05)  # the handshakes are complete well before any send
+        await asyncio.gather(*(pool.send(outgoing(i)) for i in range(3)))
+        first = await pool.finish_batch()
+        assert first.connections_opened == 3
+        pool.start_batch(3)  # warm already: nothing to open
+        await asyncio.gather(*(pool.send(outgoing(i)) for i in range(3, 6)))
+        second = await pool.finish_batch()
+        assert second.connections_opened == 0
+        assert pool.check().idle == 3
+    assert smtp_sink.connections_opened == 3
