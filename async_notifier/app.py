@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
+from .after_cutoff import AfterCutoff
 from .batch import BatchResult, run_batch
 from .config import Settings
 from .deadline import Deadline
@@ -105,7 +106,7 @@ class Notifier:
                 deadline=deadline,
             )
             opened = pipeline.pool.connections_opened - opened_before
-        await self._feedback(result)
+        await self._feedback(result, deadline)
         metrics_from_batch(
             result,
             duration_s=time.monotonic() - started,
@@ -190,26 +191,33 @@ class Notifier:
         finally:
             await clients.pool.stop_prewarm()
 
-    async def _feedback(self, result: BatchResult) -> None:
-        """Dead-letter the permanent failures, then slow down the retries of the rest."""
+    async def _feedback(self, result: BatchResult, deadline: Deadline | None = None) -> None:
+        """Dead-letter the permanent failures, then slow down the retries of the rest.
+
+        Both run after the records, within what is left until `deadline.end` (see
+        `AfterCutoff`); a record whose dead-letter send did not fit is reported failed.
+        """
         s = self.settings
         permanent = [o for o in result.failures if o.error and not o.error.transient and o.record]
         if not (s.dead_letter_queue_url and permanent) and not (
             s.retry_backoff and result.failures
         ):
             return
-        sqs = await self._sqs()
+        budget = AfterCutoff(deadline)
+        # Without time left no call is made: not even the client is worth creating.
+        sqs = await self._sqs() if budget.remaining() > 0 else None
         if s.dead_letter_queue_url and permanent:
             router = DeadLetterRouter(sqs, s.dead_letter_queue_url)
             routed = await router.route(
-                [(o.record, o.error) for o in permanent if o.record and o.error]
+                [(o.record, o.error) for o in permanent if o.record and o.error], budget
             )
             for outcome in permanent:
                 outcome.dead_lettered = outcome.message_id in routed
         if s.retry_backoff:
             retry = [o.record for o in result.failures if o.record is not None]
             if retry:
-                await VisibilityBackoff(sqs, endpoint_url=s.aws_endpoint_url).apply(retry)
+                backoff = VisibilityBackoff(sqs, endpoint_url=s.aws_endpoint_url)
+                await backoff.apply(retry, budget)
 
 
 def _new_aws_session() -> Any:

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+from .after_cutoff import AfterCutoff
 from .batch import RecordResult
 from .config import Settings
 from .deadline import Deadline
@@ -77,13 +78,21 @@ class Pipeline:
         result.status = notification.status
         # Two records for the same email in one batch: send once, both share the outcome.
         first = await self._dedup.run(
-            notification.identity, lambda: self._deliver_once(notification, result)
+            notification.identity,
+            lambda: self._deliver_once(notification, result, record.message_id),
         )
         if first is None:
             result.action = "duplicate"
 
-    async def _deliver_once(self, notification: Notification, result: RecordResult) -> bool:
-        """Across deliveries: skip what an earlier delivery already sent (IDEMPOTENCY_TABLE)."""
+    async def _deliver_once(
+        self, notification: Notification, result: RecordResult, message_id: str = ""
+    ) -> bool:
+        """Across deliveries: skip what an earlier delivery already sent (IDEMPOTENCY_TABLE).
+
+        A claim whose send failed or was cancelled without reaching the server is released
+        within `AfterCutoff`: a record cut off at the cutoff releases it after the cutoff, and
+        a release that does not fit is left to expire (logged), never allowed to overrun.
+        """
         if self._idempotency is None:
             await self._deliver(notification, result)
             return True
@@ -106,7 +115,9 @@ class Pipeline:
             raise  # may have been delivered: keep the mark until it expires
         except BaseException:
             if not result.maybe_delivered:
-                await self._idempotency.release(key)
+                await AfterCutoff(self._deadline).attempt(
+                    "idempotency_release", [message_id], lambda: store.release(key)
+                )
             raise
         try:
             await self._idempotency.complete(key)

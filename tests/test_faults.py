@@ -473,6 +473,33 @@ async def test_slow_body_still_completes(
     assert s3_proxy.counts == {S3Action.SLOW: 1}
 
 
+async def test_rules_by_target_pick_one_json_operation(
+    aws: MotoServer, s3_proxy: S3FaultProxy
+) -> None:
+    """JSON-protocol services (DynamoDB, SQS) all POST to "/": the operation is a header."""
+    s3_proxy.set_rules(S3Rule(S3Action.STALL, target="DynamoDB_20120810.DeleteItem"))
+    impatient = Config(retries={"total_max_attempts": 1}, read_timeout=0.5)
+    async with aioboto3.Session().client(
+        "dynamodb", endpoint_url=s3_proxy.endpoint_url, config=impatient, **CREDENTIALS
+    ) as client:
+        await client.create_table(
+            TableName="t",
+            AttributeDefinitions=[{"AttributeName": "id", "AttributeType": "S"}],
+            KeySchema=[{"AttributeName": "id", "KeyType": "HASH"}],
+            BillingMode="PAY_PER_REQUEST",
+        )
+        await client.put_item(TableName="t", Item={"id": {"S": "k"}})
+        with pytest.raises(botocore.exceptions.ReadTimeoutError):
+            await client.delete_item(TableName="t", Key={"id": {"S": "k"}})
+        assert "Item" in await client.get_item(TableName="t", Key={"id": {"S": "k"}})
+    assert [(r.target, r.action) for r in s3_proxy.requests] == [
+        ("DynamoDB_20120810.CreateTable", None),
+        ("DynamoDB_20120810.PutItem", None),
+        ("DynamoDB_20120810.DeleteItem", S3Action.STALL),
+        ("DynamoDB_20120810.GetItem", None),
+    ]
+
+
 def test_slow_body_with_a_short_read_timeout_times_out(
     proxied: Any, bucket: str, s3_proxy: S3FaultProxy
 ) -> None:

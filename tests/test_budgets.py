@@ -1,0 +1,218 @@
+"""The invocation's budgets end to end: its time after the cutoff.
+
+`handler.lambda_handler` against real peers: moto (through a delay proxy or the S3 fault
+proxy) and aiosmtpd. Each test reads the outcome back from the peers, the response and the
+log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import math
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import boto3
+import pytest
+from faults import FaultySmtp, S3Action, S3FaultProxy, S3Rule, SmtpFaults
+from servers import (
+    LOOPBACK,
+    REGION,
+    FakeLambdaContext,
+    MotoServer,
+    SmtpSink,
+    failed_ids,
+    log_lines,
+    sqs_record,
+)
+
+import handler
+from async_notifier.idempotency import create_table, idempotency_key
+from async_notifier.messages import parse_body
+from bench.proxy import Route, start_route, stop_route
+
+BUCKET = "videos-zip"
+UNDONE = "work after the cutoff left undone"
+
+
+def failed(video_id: str, to: str) -> dict[str, Any]:
+    return {"video_id": video_id, "status": "FAILED", "email": to, "message": "decoder error"}
+
+
+def invoke(records: list[dict[str, Any]], context: Any = None) -> list[str]:
+    return failed_ids(handler.lambda_handler({"Records": records}, context or FakeLambdaContext()))
+
+
+def undone(out: str) -> dict[str, list[str]]:
+    """step → messageIds of every "left undone" warning; each step warns at most once."""
+    lines = [line for line in log_lines(out) if line.get("message") == UNDONE]
+    steps = [line["step"] for line in lines]
+    assert len(steps) == len(set(steps)), steps
+    return {line["step"]: line["messageIds"] for line in lines}
+
+
+@pytest.fixture
+def env(
+    worker_env: dict[str, str], monkeypatch: pytest.MonkeyPatch, fresh_handler: None
+) -> dict[str, str]:
+    """`worker_env` with short in-invocation retries; the handler's caches reset around it."""
+    monkeypatch.setenv("RETRY_BASE_DELAY", "0.01")
+    for name in (
+        "DEAD_LETTER_QUEUE_URL",
+        "RETRY_BACKOFF",
+        "IDEMPOTENCY_TABLE",
+        "MAX_ATTACHMENT_BYTES",
+        "MAX_TMP_BYTES",
+        "DEADLINE_MARGIN_SECONDS",
+        "RETRY_ATTEMPTS",
+        "SMTP_TIMEOUT",
+        "S3_TIMEOUT",
+        "LOG_LEVEL",
+    ):
+        monkeypatch.delenv(name, raising=False)
+    return worker_env
+
+
+def use(monkeypatch: pytest.MonkeyPatch, *, smtp: SmtpSink | None = None, aws: str = "") -> None:
+    if smtp is not None:
+        monkeypatch.setenv("SMTP_SERVER", smtp.host)
+        monkeypatch.setenv("SMTP_PORT", str(smtp.port))
+    if aws:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", aws)
+
+
+# --------------------------------------------------------------------------- time after the cutoff
+
+
+@contextlib.contextmanager
+def delay_proxy(upstream: MotoServer, delay: float) -> Iterator[str]:
+    """The benchmark's delay proxy in front of moto, on its own loop in its own thread (the
+    handler blocks the test's thread); yields its endpoint URL. Requests it still holds when
+    the block ends are dropped, never delivered."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, name="delay-proxy", daemon=True)
+    thread.start()
+    route = Route(name="aws", host=upstream.host, port=upstream.port, delay=delay)
+    try:
+        relay = asyncio.run_coroutine_threadsafe(start_route(route), loop).result(10)
+        try:
+            yield f"http://{LOOPBACK}:{relay.sockets[0].getsockname()[1]}"
+        finally:
+            asyncio.run_coroutine_threadsafe(stop_route(route, relay), loop).result(10)
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()
+
+
+def test_a_slow_sqs_after_the_cutoff_does_not_make_the_handler_overrun(
+    env: dict[str, str],
+    aws: MotoServer,
+    faulty_smtp: FaultySmtp,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Dead letters and back-off with 5 s left and an SQS that answers after 10 s.
+
+    Every AWS client uses AWS_ENDPOINT_URL, so the whole endpoint sits behind the delay, and
+    the records never touch S3 (FAILED notices and a broken body): SQS is the only AWS
+    service this invocation calls.
+    """
+    sqs = boto3.client("sqs", endpoint_url=aws.endpoint_url, region_name=REGION)
+    dlq_url = sqs.create_queue(QueueName="notifications-dlq")["QueueUrl"]
+    monkeypatch.setenv("DEAD_LETTER_QUEUE_URL", dlq_url)
+    monkeypatch.setenv("RETRY_BACKOFF", "true")
+    monkeypatch.setenv("RETRY_ATTEMPTS", "1")
+    # Permanent: refused at RCPT (and a body that is not JSON). Transient: 451 after DATA.
+    faulty_smtp.faults = SmtpFaults(reject={"bounce@example.com"}, tempfail_every=1)
+    use(monkeypatch, smtp=faulty_smtp)
+    records = [
+        sqs_record("{not json", "bad-json"),
+        sqs_record(failed("v-bounce", "bounce@example.com"), "bounce"),
+        sqs_record(failed("v-1", "later1@example.com"), "later-1"),
+        sqs_record(failed("v-2", "later2@example.com"), "later-2"),
+    ]
+    context = FakeLambdaContext(remaining_ms=5_000)
+
+    with delay_proxy(aws, delay=10.0) as endpoint:
+        use(monkeypatch, aws=endpoint)
+        failures = invoke(records, context)
+        assert context.get_remaining_time_in_millis() > 0, "Lambda would have killed the batch"
+
+    # Not dead-lettered, so not acknowledged: SQS keeps them (its redrive policy applies).
+    assert failures == ["bad-json", "bounce", "later-1", "later-2"]
+    assert sqs.receive_message(QueueUrl=dlq_url, WaitTimeSeconds=0).get("Messages", []) == []
+    out = capsys.readouterr().out
+    assert undone(out) == {
+        "dead_letter": ["bad-json", "bounce"],
+        "retry_backoff": ["bad-json", "bounce", "later-1", "later-2"],
+    }
+    classes = {
+        line["messageId"]: line["error_class"]
+        for line in log_lines(out)
+        if line.get("outcome") == "failed"
+    }
+    assert classes == {
+        "bad-json": "bad_message",
+        "bounce": "smtp_rejected",
+        "later-1": "smtp_unavailable",
+        "later-2": "smtp_unavailable",
+    }
+    assert "later1@example.com" not in out
+    assert "bounce@example.com" not in out
+
+
+def test_a_release_that_cannot_complete_does_not_make_the_handler_overrun(
+    env: dict[str, str],
+    aws: MotoServer,
+    faulty_smtp: FaultySmtp,
+    s3_proxy: S3FaultProxy,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Records cut off at the cutoff with their claims taken; DynamoDB never answers the
+    release (the proxy stalls DeleteItem only: the claims are taken through it at once)."""
+
+    async def make_table() -> None:
+        import aioboto3
+
+        async with aioboto3.Session().client(
+            "dynamodb", region_name=REGION, endpoint_url=aws.endpoint_url
+        ) as client:
+            await create_table(client, "claims")
+
+    asyncio.run(make_table())
+    monkeypatch.setenv("IDEMPOTENCY_TABLE", "claims")
+    monkeypatch.setenv("RETRY_BACKOFF", "false")
+    # Without a bound of its own a release would wait out 4 SDK attempts of 10 s each.
+    monkeypatch.setenv("S3_TIMEOUT", "10")
+    monkeypatch.setenv("SMTP_TIMEOUT", "30")
+    faulty_smtp.faults = SmtpFaults(stall_seconds=math.inf, stall_on="greeting")  # nothing sent
+    s3_proxy.set_rules(S3Rule(S3Action.STALL, target="DynamoDB_20120810.DeleteItem"))
+    use(monkeypatch, smtp=faulty_smtp, aws=s3_proxy.endpoint_url)
+    bodies = {"cut-1": failed("v-1", "one@example.com"), "cut-2": failed("v-2", "two@example.com")}
+    context = FakeLambdaContext(remaining_ms=5_000)
+
+    failures = invoke([sqs_record(body, mid) for mid, body in bodies.items()], context)
+
+    assert context.get_remaining_time_in_millis() > 0, "Lambda would have killed the batch"
+    assert failures == ["cut-1", "cut-2"]
+    out = capsys.readouterr().out
+    releases = [line for line in log_lines(out) if line.get("message") == UNDONE]
+    assert sorted((line["step"], *line["messageIds"]) for line in releases) == [
+        ("idempotency_release", "cut-1"),
+        ("idempotency_release", "cut-2"),
+    ]
+    # One DeleteItem per record: the SDK's retries did not run past the call's time.
+    deletes = [r for r in s3_proxy.requests if r.target == "DynamoDB_20120810.DeleteItem"]
+    assert [r.action for r in deletes] == [S3Action.STALL] * 2
+    # Left to expire with the invocation: the claims are still there.
+    table = boto3.client("dynamodb", endpoint_url=aws.endpoint_url, region_name=REGION)
+    for body in bodies.values():
+        key = idempotency_key(parse_body(json.dumps(body)).identity)
+        item = table.get_item(TableName="claims", Key={"id": {"S": key}})["Item"]
+        assert item["status"]["S"] == "IN_PROGRESS"
+    assert "one@example.com" not in out
