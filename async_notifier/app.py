@@ -173,7 +173,7 @@ class Notifier:
         s = self.settings
         clients = await self._open_clients(connections)
         try:
-            with ScratchDir(s.tmp_dir) as scratch:
+            with ScratchDir(s.tmp_dir, deadline) as scratch:
                 store = ObjectStore(
                     clients.s3, chunk_size=s.download_chunk_bytes, allowed_buckets=s.allowed_buckets
                 )

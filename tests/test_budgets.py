@@ -1,8 +1,8 @@
-"""The invocation's budgets end to end: its time after the cutoff.
+"""The invocation's budgets end to end: its time after the cutoff, and its temp dir.
 
 `handler.lambda_handler` against real peers: moto (through a delay proxy or the S3 fault
-proxy) and aiosmtpd. Each test reads the outcome back from the peers, the response and the
-log.
+proxy), aiosmtpd, and a worker process that is really killed. Each test reads the outcome
+back from the peers, the response, the temp dir and the log.
 """
 
 from __future__ import annotations
@@ -11,8 +11,13 @@ import asyncio
 import contextlib
 import json
 import math
+import signal
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import boto3
@@ -26,20 +31,30 @@ from servers import (
     SmtpSink,
     failed_ids,
     log_lines,
+    make_zip,
+    s3_client,
+    seed_objects,
     sqs_record,
 )
 
 import handler
 from async_notifier.idempotency import create_table, idempotency_key
 from async_notifier.messages import parse_body
+from async_notifier.storage import stale_at
 from bench.proxy import Route, start_route, stop_route
 
+ROOT = Path(__file__).resolve().parent.parent
 BUCKET = "videos-zip"
+MIB = 1024 * 1024
 UNDONE = "work after the cutoff left undone"
 
 
 def failed(video_id: str, to: str) -> dict[str, Any]:
     return {"video_id": video_id, "status": "FAILED", "email": to, "message": "decoder error"}
+
+
+def completed(video_id: str, key: str, to: str) -> dict[str, Any]:
+    return {"video_id": video_id, "status": "COMPLETED", "bucket": BUCKET, "key": key, "email": to}
 
 
 def invoke(records: list[dict[str, Any]], context: Any = None) -> list[str]:
@@ -216,3 +231,97 @@ def test_a_release_that_cannot_complete_does_not_make_the_handler_overrun(
         item = table.get_item(TableName="claims", Key={"id": {"S": key}})["Item"]
         assert item["status"]["S"] == "IN_PROGRESS"
     assert "one@example.com" not in out
+
+
+# --------------------------------------------------------------------------- stale scratch dirs
+
+# A worker process: the real handler, with a Lambda context whose time left is argv[2] ms.
+WORKER = """
+import json, sys
+sys.path.insert(0, sys.argv[3])
+from servers import FakeLambdaContext
+import handler
+handler.lambda_handler(json.loads(sys.argv[1]), FakeLambdaContext(remaining_ms=int(sys.argv[2])))
+"""
+
+
+def scratch_dirs(tmp_dir: Path) -> set[Path]:
+    return {p for p in tmp_dir.iterdir() if p.name.startswith("async-notifier-")}
+
+
+def wait_for_download(tmp_dir: Path, known: set[Path], worker: subprocess.Popen[bytes]) -> Path:
+    """The scratch dir, not among `known`, in which the worker has started writing a file."""
+    due = time.monotonic() + 30
+    while time.monotonic() < due:
+        assert worker.poll() is None, "the worker ended before its download started"
+        for path in scratch_dirs(tmp_dir) - known:
+            if any(path.iterdir()):
+                return path
+        time.sleep(0.05)
+    raise AssertionError("no download started within 30 s")
+
+
+def test_the_scratch_dir_of_a_killed_invocation_is_swept_by_the_next(
+    env: dict[str, str],
+    aws: MotoServer,
+    smtp_sink: SmtpSink,
+    s3_proxy: S3FaultProxy,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    tmp_dir = Path(env["TMP_DIR"])
+    # 1 MiB trickled at 40 KiB/s: each worker is still downloading when it is looked at.
+    seed_objects(s3_client(aws.endpoint_url), BUCKET, {"slow.zip": make_zip(MIB, seed=5)})
+    s3_proxy.set_rules(S3Rule(S3Action.SLOW, match=f"/{BUCKET}/", slow_chunk=4096, slow_delay=0.1))
+    use(monkeypatch, aws=s3_proxy.endpoint_url)
+    monkeypatch.setenv("DEADLINE_MARGIN_SECONDS", "0.5")
+    event = json.dumps({"Records": [sqs_record(completed("v", "slow.zip", "k@example.com"))]})
+    workers: list[subprocess.Popen[bytes]] = []
+
+    def start(remaining_ms: int, name: str) -> subprocess.Popen[bytes]:
+        with open(tmp_path / f"{name}.log", "wb") as output:
+            worker = subprocess.Popen(
+                [sys.executable, "-c", WORKER, event, str(remaining_ms), str(ROOT / "tests")],
+                cwd=ROOT,
+                stdout=output,
+                stderr=subprocess.STDOUT,
+            )
+        workers.append(worker)
+        return worker
+
+    try:
+        # Killed mid-download (as Lambda kills at the timeout, or on running out of memory):
+        # it never gets to remove its directory.
+        killed = start(remaining_ms=10_000, name="killed")
+        killed_dir = wait_for_download(tmp_dir, set(), killed)
+        seen = time.time()  # its Lambda context, made before it downloaded, had 10 s at most
+        killed.send_signal(signal.SIGKILL)
+        killed.wait(10)
+        until = stale_at(killed_dir.name)
+        assert until is not None
+        assert until <= math.ceil(seen + 10)  # its deadline's end, not the 900 s default
+
+        # Another process, still at work with most of its time left.
+        live = start(remaining_ms=120_000, name="live")
+        live_dir = wait_for_download(tmp_dir, {killed_dir}, live)
+
+        time.sleep(max(0.0, until + 0.5 - time.time()))
+        use(monkeypatch, smtp=smtp_sink)
+        assert invoke([sqs_record(failed("v-next", "next@example.com"), "next")]) == []
+
+        assert not killed_dir.exists()
+        assert live.poll() is None
+        assert any(live_dir.iterdir()), "the live worker's download was removed"
+        assert scratch_dirs(tmp_dir) == {live_dir}  # and the invocation's own dir is gone
+        swept = [
+            line["dir"]
+            for line in log_lines(capsys.readouterr().out)
+            if line.get("message") == "stale scratch dir removed"
+        ]
+        assert swept == [killed_dir.name]
+    finally:
+        for worker in workers:
+            if worker.poll() is None:
+                worker.kill()
+            worker.wait(10)
