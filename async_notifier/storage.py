@@ -148,9 +148,19 @@ class ByteBudget:
             self._cond.notify_all()
 
 
+class TooLarge(Exception):
+    """A download of unknown size passed the most it was allowed (not a record's error)."""
+
+    def __init__(self, url: str, limit: int, written: int) -> None:
+        super().__init__(f"{url}: more than {limit} bytes")
+        self.limit = limit
+        self.written = written
+
+
 @dataclass
 class S3Object:
-    """An open GET: its size is known before any byte is written to disk."""
+    """An open GET: its size (-1 when the response has no Content-Length) is known before
+    any byte is written to disk."""
 
     bucket: str
     key: str
@@ -191,8 +201,12 @@ class ObjectStore:
             response = await self._client.get_object(Bucket=bucket, Key=key)
         return S3Object(bucket, key, int(response.get("ContentLength", -1)), response["Body"])
 
-    async def save(self, obj: S3Object, dest: Path) -> int:
-        """Stream an open object to `dest` and check it arrived whole; close the body."""
+    async def save(self, obj: S3Object, dest: Path, limit: int | None = None) -> int:
+        """Stream an open object to `dest` and check it arrived whole; close the body.
+
+        With `limit`, raise `TooLarge` as soon as more than `limit` bytes arrived (for an
+        object whose size was not announced). `dest` is removed on any failure.
+        """
         try:
             written = 0
             with _s3_errors(obj.url):
@@ -201,8 +215,10 @@ class ObjectStore:
                     with os.fdopen(fd, "wb") as out:
                         # A page-cache write of one chunk costs less than a thread hop.
                         async for chunk in obj.body.iter_chunks(self._chunk_size):
-                            out.write(chunk)
                             written += len(chunk)
+                            if limit is not None and written > limit:
+                                raise TooLarge(obj.url, limit, written)
+                            out.write(chunk)
             if obj.size >= 0 and written != obj.size:
                 raise DownloadFailed(f"{obj.url}: stream ended after {written} of {obj.size} bytes")
             return written

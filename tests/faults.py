@@ -524,6 +524,7 @@ class S3Action(enum.StrEnum):
     DROP = "drop"  # close the connection without any response, not forwarded
     CUT = "cut"  # forward; send the full Content-Length header but only part of the body
     SLOW = "slow"  # forward; trickle the body in small chunks with pauses
+    CHUNKED = "chunked"  # forward; relay the body with Transfer-Encoding: chunked, no length
     STALL = "stall"  # take the request, never answer (until the client gives up and closes)
 
 
@@ -561,6 +562,7 @@ class S3Rule:
     #: CUT: the share of the body sent before the connection is closed (0 = none of it).
     cut_fraction: float = 0.5
     #: SLOW: the body goes out `slow_chunk` bytes at a time, `slow_delay` seconds apart.
+    #: CHUNKED: the body goes out in chunks of `slow_chunk` bytes, without pauses.
     slow_chunk: int = 16 * 1024
     slow_delay: float = 0.01
 
@@ -910,7 +912,6 @@ class S3FaultProxy(Service):
                 await writer.drain()
                 continue
             break
-        writer.write(_rebuild_head(status_line, headers))
         length_text = _header(headers, "content-length")
         length: int | None
         if method == "HEAD" or status in (204, 304):
@@ -920,6 +921,13 @@ class S3FaultProxy(Service):
         else:
             length = None  # chunked or close-delimited: everything until upstream closes
         action = rule.action if rule is not None else None
+        if action is S3Action.CHUNKED and length:
+            assert rule is not None
+            kept = [(n, v) for n, v in headers if n.lower() != "content-length"]
+            writer.write(_rebuild_head(status_line, [*kept, ("Transfer-Encoding", "chunked")]))
+            await _copy_chunked(up_reader, writer, length, rule.slow_chunk)
+            return
+        writer.write(_rebuild_head(status_line, headers))
         if action is S3Action.CUT:
             assert rule is not None
             await self._send_cut(up_reader, writer, length, rule.cut_fraction)
@@ -954,6 +962,20 @@ class S3FaultProxy(Service):
             async with asyncio.timeout(self.linger):
                 while await reader.read(64 * 1024):
                     pass
+
+
+async def _copy_chunked(
+    source: asyncio.StreamReader, sink: asyncio.StreamWriter, length: int, chunk: int
+) -> None:
+    """Copy `length` bytes as an HTTP/1.1 chunked body of `chunk`-byte chunks."""
+    remaining = length
+    while remaining > 0:
+        data = await source.readexactly(min(chunk, remaining))
+        sink.write(b"%x\r\n%s\r\n" % (len(data), data))
+        await sink.drain()
+        remaining -= len(data)
+    sink.write(b"0\r\n\r\n")
+    await sink.drain()
 
 
 async def _copy(

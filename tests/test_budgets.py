@@ -1,4 +1,4 @@
-"""The invocation's budgets end to end: its time after the cutoff, and its temp dir.
+"""The invocation's budgets end to end: its time after the cutoff, and its temp dir's space.
 
 `handler.lambda_handler` against real peers: moto (through a delay proxy or the S3 fault
 proxy), aiosmtpd, and a worker process that is really killed. Each test reads the outcome
@@ -11,11 +11,13 @@ import asyncio
 import contextlib
 import json
 import math
+import os
 import signal
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -38,9 +40,10 @@ from servers import (
 )
 
 import handler
+from async_notifier import app
 from async_notifier.idempotency import create_table, idempotency_key
 from async_notifier.messages import parse_body
-from async_notifier.storage import stale_at
+from async_notifier.storage import ByteBudget, stale_at
 from bench.proxy import Route, start_route, stop_route
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -325,3 +328,118 @@ def test_the_scratch_dir_of_a_killed_invocation_is_swept_by_the_next(
             if worker.poll() is None:
                 worker.kill()
             worker.wait(10)
+
+
+# --------------------------------------------------------------------------- unknown sizes
+
+
+@pytest.fixture
+def budgets(monkeypatch: pytest.MonkeyPatch) -> list[ByteBudget]:
+    """Every temp-dir budget the worker makes (one per batch), to read back its counters."""
+    made: list[ByteBudget] = []
+
+    class SpyBudget(ByteBudget):
+        def __init__(self, total: int) -> None:
+            super().__init__(total)
+            made.append(self)
+
+    monkeypatch.setattr(app, "ByteBudget", SpyBudget)
+    return made
+
+
+def fetch(url: str) -> bytes:
+    assert url.startswith(f"http://{LOOPBACK}:")  # the proxy, never the network
+    with urllib.request.urlopen(url, timeout=10) as response:  # noqa: S310
+        data: bytes = response.read()
+    return data
+
+
+def zip_attachments(sink: SmtpSink) -> dict[str, list[bytes]]:
+    found: dict[str, list[bytes]] = {}
+    for message in sink.parsed():
+        parts = [p.get_content() for p in message.iter_attachments()]
+        found[str(message["X-Video-Id"])] = parts
+    return found
+
+
+def link_in(sink: SmtpSink, video_id: str) -> str:
+    [message] = [m for m in sink.parsed() if str(m["X-Video-Id"]) == video_id]
+    text = message.get_body(preferencelist=("plain",))
+    assert text is not None
+    [url] = [word for word in text.get_content().split() if word.startswith("http://")]
+    return url
+
+
+@pytest.fixture
+def unannounced(
+    env: dict[str, str], aws: MotoServer, s3_proxy: S3FaultProxy, monkeypatch: pytest.MonkeyPatch
+) -> S3FaultProxy:
+    """S3 through the proxy, every GET of the bucket answered without a Content-Length."""
+    s3_proxy.set_rules(
+        S3Rule(S3Action.CHUNKED, match=f"/{BUCKET}/", methods={"GET"}, slow_chunk=64 * 1024)
+    )
+    use(monkeypatch, aws=s3_proxy.endpoint_url)
+    return s3_proxy
+
+
+@pytest.mark.parametrize(
+    ("setting", "value", "big_size"),
+    [("MAX_ATTACHMENT_BYTES", 300_000, 400_000), ("MAX_TMP_BYTES", MIB, 3 * MIB // 2)],
+    ids=["over-max-attachment", "over-the-whole-tmp-budget"],
+)
+def test_objects_of_unknown_size_are_counted_against_the_budget(
+    setting: str,
+    value: int,
+    big_size: int,
+    unannounced: S3FaultProxy,
+    aws: MotoServer,
+    smtp_sink: SmtpSink,
+    budgets: list[ByteBudget],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv(setting, str(value))
+    objects = {"small.zip": make_zip(100_000, seed=61), "big.zip": make_zip(big_size, seed=62)}
+    seed_objects(s3_client(aws.endpoint_url), BUCKET, objects)
+    records = [
+        sqs_record(completed("v-small", "small.zip", "small@example.com"), "small"),
+        sqs_record(completed("v-big", "big.zip", "big@example.com"), "big"),
+    ]
+
+    assert invoke(records) == []
+
+    sent = zip_attachments(smtp_sink)
+    assert sent["v-small"] == [objects["small.zip"]]
+    assert sent["v-big"] == []  # past the reservation: stopped, and sent as a link
+    assert fetch(link_in(smtp_sink, "v-big")) == objects["big.zip"]
+    [budget] = budgets
+    # Each download reserved the most it could attach (not -1 bytes), within the budget.
+    assert value <= budget.peak <= budget.total
+    assert budget.in_use == 0
+    assert list(Path(os.environ["TMP_DIR"]).rglob("*")) == []
+    # Every GET came without a length (one more when a record waited for the budget).
+    assert {r.action for r in unannounced.requests if r.method == "GET"} == {S3Action.CHUNKED}
+
+
+def test_an_object_of_unknown_size_over_the_servers_size_is_sent_as_a_link(
+    unannounced: S3FaultProxy,
+    aws: MotoServer,
+    budgets: list[ByteBudget],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    objects = {"small.zip": make_zip(20_000, seed=63), "big.zip": make_zip(350_000, seed=64)}
+    seed_objects(s3_client(aws.endpoint_url), BUCKET, objects)
+    # aiosmtpd advertises `SIZE 400000`: the big one fits the reservation, not the message.
+    with SmtpSink(data_size_limit=400_000) as sink:
+        use(monkeypatch, smtp=sink)
+        records = [
+            sqs_record(completed("v-small", "small.zip", "small@example.com"), "small"),
+            sqs_record(completed("v-big", "big.zip", "big@example.com"), "big"),
+        ]
+        assert invoke(records) == []
+        sent = zip_attachments(sink)
+        url = link_in(sink, "v-big")
+    assert sent == {"v-small": [objects["small.zip"]], "v-big": []}
+    assert fetch(url) == objects["big.zip"]
+    [budget] = budgets
+    assert budget.in_use == 0
+    assert list(Path(os.environ["TMP_DIR"]).rglob("*")) == []

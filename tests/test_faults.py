@@ -473,6 +473,22 @@ async def test_slow_body_still_completes(
     assert s3_proxy.counts == {S3Action.SLOW: 1}
 
 
+async def test_chunked_body_arrives_whole_without_a_length(
+    aio_proxied: Any, bucket: str, s3_proxy: S3FaultProxy
+) -> None:
+    s3_proxy.set_rules(S3Rule(S3Action.CHUNKED, match=KEY, slow_chunk=50_000))
+    response = await aio_proxied.get_object(Bucket=bucket, Key=KEY)
+    headers = response["ResponseMetadata"]["HTTPHeaders"]
+    assert headers.get("transfer-encoding") == "chunked"
+    assert "content-length" not in headers
+    assert "ContentLength" not in response  # what the worker sees: the size is unknown
+    assert await response["Body"].read() == PAYLOAD
+    # A HEAD response has no body to re-frame: it keeps its length.
+    head = await aio_proxied.head_object(Bucket=bucket, Key=KEY)
+    assert head["ContentLength"] == len(PAYLOAD)
+    assert s3_proxy.counts == {S3Action.CHUNKED: 2}
+
+
 async def test_rules_by_target_pick_one_json_operation(
     aws: MotoServer, s3_proxy: S3FaultProxy
 ) -> None:

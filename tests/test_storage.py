@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from faults import S3Action, S3FaultProxy, S3Rule
 from servers import LOOPBACK, CapturedLogs, MotoServer, make_zip, s3_client, seed_objects
 
 from async_notifier import app
@@ -24,7 +25,7 @@ from async_notifier.errors import (
     DownloadFailed,
     ObjectUnavailable,
 )
-from async_notifier.storage import STALE_AFTER, ObjectStore, ScratchDir, stale_at
+from async_notifier.storage import STALE_AFTER, ObjectStore, ScratchDir, TooLarge, stale_at
 
 CHUNK = 4096
 
@@ -321,3 +322,38 @@ def test_a_stale_dir_that_cannot_be_removed_is_logged_and_skipped(
         assert (stuck / "left.zip").exists()
     [warning] = captured.named("stale scratch dir not removed")
     assert warning.dir == stuck.name
+
+
+# --------------------------------------------------------------------------- unknown sizes
+
+
+@pytest.fixture
+def chunked_objects(aws: MotoServer, bucket: str, s3_proxy: S3FaultProxy) -> dict[str, bytes]:
+    """Objects served through the proxy without a Content-Length (Transfer-Encoding: chunked)."""
+    objects = {"small.zip": make_zip(30_000, seed=31), "big.zip": make_zip(400_000, seed=32)}
+    seed_objects(s3_client(aws.endpoint_url), bucket, objects)
+    s3_proxy.set_rules(S3Rule(S3Action.CHUNKED, methods={"GET"}, slow_chunk=3000))
+    return objects
+
+
+async def test_an_unannounced_size_is_counted_and_stopped_past_the_limit(
+    s3_proxy: S3FaultProxy, bucket: str, chunked_objects: dict[str, bytes], scratch: ScratchDir
+) -> None:
+    limit = 100_000
+    async with object_store(s3_proxy.endpoint_url) as store:
+        small = await store.open(bucket, "small.zip")
+        assert small.size == -1
+        dest = scratch.new_file()
+        assert await store.save(small, dest, limit) == len(chunked_objects["small.zip"])
+        assert dest.read_bytes() == chunked_objects["small.zip"]
+
+        big = await store.open(bucket, "big.zip")
+        assert big.size == -1
+        too_big = scratch.new_file()
+        with pytest.raises(TooLarge) as caught:
+            await store.save(big, too_big, limit)
+    # Stopped at the first chunk past the limit, not at the end of the object.
+    assert limit < caught.value.written <= limit + CHUNK
+    assert not too_big.exists()
+    assert files_under(scratch.path) == [dest]
+    assert s3_proxy.counts == {S3Action.CHUNKED: 2}
