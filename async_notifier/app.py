@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
+from .after_cutoff import AfterCutoff
 from .batch import BatchResult, run_batch
 from .config import Settings
 from .deadline import Deadline
@@ -107,7 +108,7 @@ class Notifier:
                 )
         finally:
             pool_stats = await clients.pool.finish_batch(until=deadline.end if deadline else None)
-        await self._feedback(result)
+        await self._feedback(result, deadline)
         metrics_from_batch(
             result,
             duration_s=time.monotonic() - started,
@@ -175,7 +176,7 @@ class Notifier:
         self, clients: _Clients, deadline: Deadline | None
     ) -> AsyncIterator[Pipeline]:
         s = self.settings
-        with ScratchDir(s.tmp_dir) as scratch:
+        with ScratchDir(s.tmp_dir, deadline) as scratch:
             store = ObjectStore(
                 clients.s3, chunk_size=s.download_chunk_bytes, allowed_buckets=s.allowed_buckets
             )
@@ -191,26 +192,33 @@ class Notifier:
                 recipients=clients.recipients,
             )
 
-    async def _feedback(self, result: BatchResult) -> None:
-        """Dead-letter the permanent failures, then slow down the retries of the rest."""
+    async def _feedback(self, result: BatchResult, deadline: Deadline | None = None) -> None:
+        """Dead-letter the permanent failures, then slow down the retries of the rest.
+
+        Both run after the records, within what is left until `deadline.end` (see
+        `AfterCutoff`); a record whose dead-letter send did not fit is reported failed.
+        """
         s = self.settings
         permanent = [o for o in result.failures if o.error and not o.error.transient and o.record]
         if not (s.dead_letter_queue_url and permanent) and not (
             s.retry_backoff and result.failures
         ):
             return
-        sqs = await self._sqs()
+        budget = AfterCutoff(deadline)
+        # Without time left no call is made: not even the client is worth creating.
+        sqs = await self._sqs() if budget.remaining() > 0 else None
         if s.dead_letter_queue_url and permanent:
             router = DeadLetterRouter(sqs, s.dead_letter_queue_url)
             routed = await router.route(
-                [(o.record, o.error) for o in permanent if o.record and o.error]
+                [(o.record, o.error) for o in permanent if o.record and o.error], budget
             )
             for outcome in permanent:
                 outcome.dead_lettered = outcome.message_id in routed
         if s.retry_backoff:
             retry = [o.record for o in result.failures if o.record is not None]
             if retry:
-                await VisibilityBackoff(sqs, endpoint_url=s.aws_endpoint_url).apply(retry)
+                backoff = VisibilityBackoff(sqs, endpoint_url=s.aws_endpoint_url)
+                await backoff.apply(retry, budget)
 
 
 def _new_aws_session() -> Any:

@@ -205,7 +205,8 @@ class DynamoIdempotencyStore:
     async def release(self, key: str) -> None:
         """Drop an IN_PROGRESS claim so the record can be retried at once.
 
-        Only for failures where the server accepted nothing; a COMPLETED key stays.
+        Only for failures where the server accepted nothing; a COMPLETED key stays. Callers
+        bound it (`AfterCutoff`): a release that does not complete leaves the claim to expire.
         """
         # A failed condition: completed meanwhile, or already gone; nothing to release.
         with contextlib.suppress(_ConditionFailed):

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+from .after_cutoff import AfterCutoff
 from .batch import RecordResult
 from .config import Settings
 from .deadline import Deadline
@@ -21,7 +22,7 @@ from .recipients import CognitoRecipients, LookupFailed, Recipient
 from .render import Renderer
 from .retry import RetryPolicy, retrying
 from .smtp_pool import SmtpPool
-from .storage import ByteBudget, ObjectStore, S3Object, ScratchDir
+from .storage import ByteBudget, ObjectStore, S3Object, ScratchDir, TooLarge
 
 log = get_logger()
 # Headers, text and HTML parts, MIME boundaries: generous, so the estimate errs high.
@@ -77,13 +78,21 @@ class Pipeline:
         result.status = notification.status
         # Two records for the same email in one batch: send once, both share the outcome.
         first = await self._dedup.run(
-            notification.identity, lambda: self._deliver_once(notification, result)
+            notification.identity,
+            lambda: self._deliver_once(notification, result, record.message_id),
         )
         if first is None:
             result.action = "duplicate"
 
-    async def _deliver_once(self, notification: Notification, result: RecordResult) -> bool:
-        """Across deliveries: skip what an earlier delivery already sent (IDEMPOTENCY_TABLE)."""
+    async def _deliver_once(
+        self, notification: Notification, result: RecordResult, message_id: str = ""
+    ) -> bool:
+        """Across deliveries: skip what an earlier delivery already sent (IDEMPOTENCY_TABLE).
+
+        A claim whose send failed or was cancelled without reaching the server is released
+        within `AfterCutoff`: a record cut off at the cutoff releases it after the cutoff, and
+        a release that does not fit is left to expire (logged), never allowed to overrun.
+        """
         if self._idempotency is None:
             await self._deliver(notification, result)
             return True
@@ -106,7 +115,9 @@ class Pipeline:
             raise  # may have been delivered: keep the mark until it expires
         except BaseException:
             if not result.maybe_delivered:
-                await self._idempotency.release(key)
+                await AfterCutoff(self._deadline).attempt(
+                    "idempotency_release", [message_id], lambda: store.release(key)
+                )
             raise
         try:
             await self._idempotency.complete(key)
@@ -188,6 +199,9 @@ class Pipeline:
         )
         assert opened is not None
         size = opened.size
+        # No Content-Length: reserve the most that could be attached and count as it streams.
+        limit = None if size >= 0 else min(self._settings.max_attachment_bytes, self._budget.total)
+        reserved = size if limit is None else limit
         try:
             too_big = await self._too_big(size)
         except BaseException:
@@ -196,36 +210,55 @@ class Pipeline:
         if too_big:
             opened.close()
             return await self._link(bucket, key, size)
-        if not self._budget.try_reserve(size):
+        if not self._budget.try_reserve(reserved):
             opened.close()  # don't hold an S3 connection while waiting for disk space
             opened = None
-            await self._budget.reserve(size)
+            await self._budget.reserve(reserved)
         path = self._scratch.new_file()
-        attachment = Attachment(path=path, name=attachment_filename(notification), size=size)
 
         async def download() -> int:
             nonlocal opened
             obj, opened = opened, None
             if obj is None:
                 obj = await self._store.open(bucket, key)
-            return await self._store.save(obj, path)
+            return await self._store.save(obj, path, limit)
 
         try:
-            result.bytes = await retrying(
+            written = await retrying(
                 download,
                 self._retry,
                 deadline=self._deadline,
                 on_retry=lambda _: _count_retry(result),
             )
+        except TooLarge as exc:
+            await self._budget.release(reserved)
+            return await self._link(bucket, key, exc.written)
         except BaseException:
             if opened is not None:
                 opened.close()
-            await self._budget.release(size)
+            await self._budget.release(reserved)
             raise
-        return attachment
+        if limit is not None:
+            await self._budget.release(reserved - written)  # what it did not need
+            reserved = written
+            try:
+                too_big = await self._too_big(written)  # the SMTP server's SIZE, now known
+            except BaseException:
+                path.unlink(missing_ok=True)
+                await self._budget.release(reserved)
+                raise
+            if too_big:
+                path.unlink(missing_ok=True)
+                await self._budget.release(reserved)
+                return await self._link(bucket, key, written)
+        result.bytes = written
+        return Attachment(path=path, name=attachment_filename(notification), size=reserved)
 
     async def _too_big(self, size: int) -> bool:
+        """Whether `size` bytes cannot be attached; an unknown size (-1) is counted later."""
         s = self._settings
+        if size < 0:
+            return False
         if size > s.max_attachment_bytes or size > self._budget.total:
             return True
         limit = await self.pool.server_size_limit()

@@ -8,6 +8,8 @@ server is not hammered every visibility period.
 
 Both are best effort by design: they never raise. A record that could not be routed is
 simply reported as failed by the caller, which is what would have happened without them.
+Both run after the records, so every call they make is bounded by an `AfterCutoff`: what
+does not fit in the invocation's time is left undone (and logged), never allowed to overrun.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
+from .after_cutoff import AfterCutoff, OutOfTime
 from .errors import NotifierError
 from .logs import get_logger
 from .messages import SqsRecord
@@ -133,20 +136,33 @@ class DeadLetterRouter:
     def queue_url(self) -> str:
         return self._queue_url
 
-    async def route(self, items: Sequence[tuple[SqsRecord, NotifierError]]) -> set[str]:
-        """Send each record's original body to the DLQ; return the messageIds that arrived."""
+    async def route(
+        self,
+        items: Sequence[tuple[SqsRecord, NotifierError]],
+        budget: AfterCutoff | None = None,
+    ) -> set[str]:
+        """Send each record's original body to the DLQ; return the messageIds that arrived.
+
+        Each SendMessageBatch call runs within `budget` (by default the fixed limits of
+        `AfterCutoff(None)`); the records of a call that did not fit are not routed.
+        """
+        budget = budget or AfterCutoff(None)
         entries = [self._entry(record, error) for record, error in items]
         sizes = [(index, _entry_size(entry)) for index, entry in enumerate(entries)]
         chunks = _chunks(sizes, max_bytes=MAX_BATCH_BYTES)
         results = await asyncio.gather(
             *(
-                self._send_chunk([items[i][0] for i in chunk], [entries[i] for i in chunk])
+                self._send_chunk([items[i][0] for i in chunk], [entries[i] for i in chunk], budget)
                 for chunk in chunks
             )
         )
         routed: set[str] = set()
-        for chunk_routed in results:
+        undone: list[str] = []
+        for chunk_routed, chunk_undone in results:
             routed |= chunk_routed
+            undone += chunk_undone
+        if undone:
+            budget.skipped("dead_letter", undone, "out of time")
         return routed
 
     def _entry(self, record: SqsRecord, error: NotifierError) -> dict[str, Any]:
@@ -169,15 +185,18 @@ class DeadLetterRouter:
         return entry
 
     async def _send_chunk(
-        self, records: list[SqsRecord], entries: list[dict[str, Any]]
-    ) -> set[str]:
+        self, records: list[SqsRecord], entries: list[dict[str, Any]], budget: AfterCutoff
+    ) -> tuple[set[str], list[str]]:
+        """The messageIds routed, and those left undone for lack of time."""
         # messageIds may hold characters batch ids do not allow; positions always fit.
         by_id = {f"m{i}": record for i, record in enumerate(records)}
         batch = [{"Id": f"m{i}", **entry} for i, entry in enumerate(entries)]
         try:
-            response = await self._client.send_message_batch(
-                QueueUrl=self._queue_url, Entries=batch
+            response = await budget.call(
+                lambda: self._client.send_message_batch(QueueUrl=self._queue_url, Entries=batch)
             )
+        except OutOfTime:
+            return set(), [record.message_id for record in records]
         except Exception as exc:
             for record in records:
                 log.error(
@@ -188,7 +207,7 @@ class DeadLetterRouter:
                         **_error_fields(exc),
                     },
                 )
-            return set()
+            return set(), []
         routed: set[str] = set()
         for ok in response.get("Successful") or []:
             sent = by_id.get(ok.get("Id"))
@@ -210,7 +229,7 @@ class DeadLetterRouter:
                     "sender_fault": failed.get("SenderFault"),
                 },
             )
-        return routed
+        return routed, []
 
 
 def _entry_size(entry: dict[str, Any]) -> int:
@@ -239,8 +258,14 @@ class VisibilityBackoff:
     def timeout_for(self, record: SqsRecord) -> int:
         return backoff_seconds(record.receive_count, base=self._base, cap=self._cap)
 
-    async def apply(self, records: Sequence[SqsRecord]) -> int:
-        """Set each record's visibility timeout; return how many SQS confirmed."""
+    async def apply(self, records: Sequence[SqsRecord], budget: AfterCutoff | None = None) -> int:
+        """Set each record's visibility timeout; return how many SQS confirmed.
+
+        Each ChangeMessageVisibilityBatch call runs within `budget` (by default the fixed
+        limits of `AfterCutoff(None)`); a record whose call did not fit keeps the visibility
+        timeout it had.
+        """
+        budget = budget or AfterCutoff(None)
         by_queue: dict[str, list[tuple[SqsRecord, str]]] = {}
         for record in records:
             target = self._target(record)
@@ -248,11 +273,18 @@ class VisibilityBackoff:
                 url, handle = target
                 by_queue.setdefault(url, []).append((record, handle))
         calls = [
-            self._change_chunk(url, pending[start : start + MAX_BATCH_ENTRIES])
+            self._change_chunk(url, pending[start : start + MAX_BATCH_ENTRIES], budget)
             for url, pending in by_queue.items()
             for start in range(0, len(pending), MAX_BATCH_ENTRIES)
         ]
-        return sum(await asyncio.gather(*calls))
+        changed = 0
+        undone: list[str] = []
+        for chunk_changed, chunk_undone in await asyncio.gather(*calls):
+            changed += chunk_changed
+            undone += chunk_undone
+        if undone:
+            budget.skipped("retry_backoff", undone, "out of time")
+        return changed
 
     def _target(self, record: SqsRecord) -> tuple[str, str] | None:
         arn = record.event_source_arn
@@ -271,23 +303,28 @@ class VisibilityBackoff:
             )
             return None
 
-    async def _change_chunk(self, url: str, pending: list[tuple[SqsRecord, str]]) -> int:
+    async def _change_chunk(
+        self, url: str, pending: list[tuple[SqsRecord, str]], budget: AfterCutoff
+    ) -> tuple[int, list[str]]:
+        """How many SQS confirmed, and the messageIds left undone for lack of time."""
         by_id = {f"m{i}": record for i, (record, _) in enumerate(pending)}
         entries = [
             {"Id": f"m{i}", "ReceiptHandle": handle, "VisibilityTimeout": self.timeout_for(record)}
             for i, (record, handle) in enumerate(pending)
         ]
         try:
-            response = await self._client.change_message_visibility_batch(
-                QueueUrl=url, Entries=entries
+            response = await budget.call(
+                lambda: self._client.change_message_visibility_batch(QueueUrl=url, Entries=entries)
             )
+        except OutOfTime:
+            return 0, [record.message_id for record, _ in pending]
         except Exception as exc:
             for record, _ in pending:
                 log.warning(
                     "retry back-off failed",
                     extra={"messageId": record.message_id, "queue_url": url, **_error_fields(exc)},
                 )
-            return 0
+            return 0, []
         for failed in response.get("Failed") or []:
             stuck = by_id.get(failed.get("Id"))
             log.warning(
@@ -299,4 +336,4 @@ class VisibilityBackoff:
                     "error": failed.get("Message"),
                 },
             )
-        return sum(1 for ok in response.get("Successful") or [] if ok.get("Id") in by_id)
+        return sum(1 for ok in response.get("Successful") or [] if ok.get("Id") in by_id), []

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from faults import FaultySmtp, S3FaultProxy
-from servers import MotoServer, SmtpSink, TlsFiles, make_tls_files, s3_client
+from servers import CapturedLogs, MotoServer, SmtpSink, TlsFiles, make_tls_files, s3_client
 
 BUCKET = "videos-zip"
 
@@ -148,6 +148,24 @@ def fresh_handler() -> Iterator[None]:
         yield
     finally:
         _forget_handler()
+
+
+@pytest.fixture
+def captured() -> Iterator[CapturedLogs]:
+    """The package's log records, straight from its logger (which does not propagate, so
+    pytest's caplog would miss them once a Notifier has configured it)."""
+    from async_notifier.logs import get_logger
+
+    handler = CapturedLogs()
+    logger = get_logger()
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    try:
+        yield handler
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
 
 
 def _forget_handler() -> None:

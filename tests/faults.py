@@ -562,6 +562,7 @@ class S3Action(enum.StrEnum):
     DROP = "drop"  # close the connection without any response, not forwarded
     CUT = "cut"  # forward; send the full Content-Length header but only part of the body
     SLOW = "slow"  # forward; trickle the body in small chunks with pauses
+    CHUNKED = "chunked"  # forward; relay the body with Transfer-Encoding: chunked, no length
     STALL = "stall"  # take the request, never answer (until the client gives up and closes)
 
 
@@ -580,8 +581,10 @@ _ERRORS: dict[S3Action, tuple[int, str, str, str]] = {
 class S3Rule:
     """When and how to damage requests through `S3FaultProxy`.
 
-    A request matches when its method is in `methods` (empty = any) and `match` (if set) is a
-    substring of its URL-decoded path, e.g. "/videos-zip/" for one bucket or a key. Among the
+    A request matches when its method is in `methods` (empty = any), `match` (if set) is a
+    substring of its URL-decoded path, e.g. "/videos-zip/" for one bucket or a key, and
+    `target` (if set) is its `X-Amz-Target` header, the operation of a JSON-protocol call
+    such as "DynamoDB_20120810.DeleteItem" or "AmazonSQS.SendMessageBatch". Among the
     matching requests the rule fires on every `every`-th one (counted per rule from 1), or
     with `probability` (one draw from the proxy's seeded RNG per matching request), or on all
     of them if neither is set; and at most `times` times in total.
@@ -593,9 +596,11 @@ class S3Rule:
     every: int | None = None
     probability: float | None = None
     times: int | None = None
+    target: str | None = None
     #: CUT: the share of the body sent before the connection is closed (0 = none of it).
     cut_fraction: float = 0.5
     #: SLOW: the body goes out `slow_chunk` bytes at a time, `slow_delay` seconds apart.
+    #: CHUNKED: the body goes out in chunks of `slow_chunk` bytes, without pauses.
     slow_chunk: int = 16 * 1024
     slow_delay: float = 0.01
 
@@ -613,8 +618,10 @@ class S3Rule:
         if self.slow_chunk < 1 or self.slow_delay < 0:
             raise ValueError("slow_chunk must be >= 1 and slow_delay >= 0")
 
-    def matches(self, method: str, path: str) -> bool:
+    def matches(self, method: str, path: str, target: str | None = None) -> bool:
         if self.methods and method.upper() not in self.methods:
+            return False
+        if self.target is not None and target != self.target:
             return False
         return self.match is None or self.match in path
 
@@ -637,6 +644,7 @@ class ProxiedRequest:
     method: str
     path: str
     action: S3Action | None
+    target: str | None = None  # the X-Amz-Target header, if any
 
 
 @dataclass
@@ -758,11 +766,11 @@ class S3FaultProxy(Service):
             self._requests.clear()
             self._counts.clear()
 
-    def _decide(self, method: str, path: str) -> S3Rule | None:
+    def _decide(self, method: str, path: str, target: str | None = None) -> S3Rule | None:
         with self._lock:
             chosen: S3Rule | None = None
             for rule, state in zip(self._faults.rules, self._states, strict=True):
-                if not rule.matches(method, path):
+                if not rule.matches(method, path, target):
                     continue
                 state.matched += 1
                 if rule.times is not None and state.fired >= rule.times:
@@ -778,7 +786,7 @@ class S3FaultProxy(Service):
                     chosen = rule
                     break
             action = chosen.action if chosen is not None else None
-            self._requests.append(ProxiedRequest(method, path, action))
+            self._requests.append(ProxiedRequest(method, path, action, target))
             if chosen is not None:
                 self._counts[chosen.action] += 1
             return chosen
@@ -858,7 +866,7 @@ class S3FaultProxy(Service):
             method, _, rest = request_line.partition(" ")
             target = rest.rpartition(" ")[0]
             path = unquote(urlsplit(target).path)
-            rule = self._decide(method, path)
+            rule = self._decide(method, path, _header(headers, "x-amz-target"))
             if rule is not None and rule.action is S3Action.DROP:
                 transport = writer.transport
                 if isinstance(transport, asyncio.Transport):
@@ -942,7 +950,6 @@ class S3FaultProxy(Service):
                 await writer.drain()
                 continue
             break
-        writer.write(_rebuild_head(status_line, headers))
         length_text = _header(headers, "content-length")
         length: int | None
         if method == "HEAD" or status in (204, 304):
@@ -952,6 +959,13 @@ class S3FaultProxy(Service):
         else:
             length = None  # chunked or close-delimited: everything until upstream closes
         action = rule.action if rule is not None else None
+        if action is S3Action.CHUNKED and length:
+            assert rule is not None
+            kept = [(n, v) for n, v in headers if n.lower() != "content-length"]
+            writer.write(_rebuild_head(status_line, [*kept, ("Transfer-Encoding", "chunked")]))
+            await _copy_chunked(up_reader, writer, length, rule.slow_chunk)
+            return
+        writer.write(_rebuild_head(status_line, headers))
         if action is S3Action.CUT:
             assert rule is not None
             await self._send_cut(up_reader, writer, length, rule.cut_fraction)
@@ -986,6 +1000,20 @@ class S3FaultProxy(Service):
             async with asyncio.timeout(self.linger):
                 while await reader.read(64 * 1024):
                     pass
+
+
+async def _copy_chunked(
+    source: asyncio.StreamReader, sink: asyncio.StreamWriter, length: int, chunk: int
+) -> None:
+    """Copy `length` bytes as an HTTP/1.1 chunked body of `chunk`-byte chunks."""
+    remaining = length
+    while remaining > 0:
+        data = await source.readexactly(min(chunk, remaining))
+        sink.write(b"%x\r\n%s\r\n" % (len(data), data))
+        await sink.drain()
+        remaining -= len(data)
+    sink.write(b"0\r\n\r\n")
+    await sink.drain()
 
 
 async def _copy(

@@ -18,6 +18,7 @@ import http.client
 import io
 import ipaddress
 import json
+import logging
 import random
 import socket
 import ssl
@@ -640,3 +641,17 @@ def failed_ids(result: dict[str, Any]) -> list[str]:
 def log_lines(out: str) -> list[dict[str, Any]]:
     """The JSON lines (logs and metrics) in captured stdout."""
     return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+
+
+class CapturedLogs(logging.Handler):
+    """Every record the package logs, whatever LOG_LEVEL and the package's handlers say."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+    def named(self, message: str) -> list[logging.LogRecord]:
+        return [r for r in self.records if r.getMessage() == message]

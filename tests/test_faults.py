@@ -473,6 +473,49 @@ async def test_slow_body_still_completes(
     assert s3_proxy.counts == {S3Action.SLOW: 1}
 
 
+async def test_chunked_body_arrives_whole_without_a_length(
+    aio_proxied: Any, bucket: str, s3_proxy: S3FaultProxy
+) -> None:
+    s3_proxy.set_rules(S3Rule(S3Action.CHUNKED, match=KEY, slow_chunk=50_000))
+    response = await aio_proxied.get_object(Bucket=bucket, Key=KEY)
+    headers = response["ResponseMetadata"]["HTTPHeaders"]
+    assert headers.get("transfer-encoding") == "chunked"
+    assert "content-length" not in headers
+    assert "ContentLength" not in response  # what the worker sees: the size is unknown
+    assert await response["Body"].read() == PAYLOAD
+    # A HEAD response has no body to re-frame: it keeps its length.
+    head = await aio_proxied.head_object(Bucket=bucket, Key=KEY)
+    assert head["ContentLength"] == len(PAYLOAD)
+    assert s3_proxy.counts == {S3Action.CHUNKED: 2}
+
+
+async def test_rules_by_target_pick_one_json_operation(
+    aws: MotoServer, s3_proxy: S3FaultProxy
+) -> None:
+    """JSON-protocol services (DynamoDB, SQS) all POST to "/": the operation is a header."""
+    s3_proxy.set_rules(S3Rule(S3Action.STALL, target="DynamoDB_20120810.DeleteItem"))
+    impatient = Config(retries={"total_max_attempts": 1}, read_timeout=0.5)
+    async with aioboto3.Session().client(
+        "dynamodb", endpoint_url=s3_proxy.endpoint_url, config=impatient, **CREDENTIALS
+    ) as client:
+        await client.create_table(
+            TableName="t",
+            AttributeDefinitions=[{"AttributeName": "id", "AttributeType": "S"}],
+            KeySchema=[{"AttributeName": "id", "KeyType": "HASH"}],
+            BillingMode="PAY_PER_REQUEST",
+        )
+        await client.put_item(TableName="t", Item={"id": {"S": "k"}})
+        with pytest.raises(botocore.exceptions.ReadTimeoutError):
+            await client.delete_item(TableName="t", Key={"id": {"S": "k"}})
+        assert "Item" in await client.get_item(TableName="t", Key={"id": {"S": "k"}})
+    assert [(r.target, r.action) for r in s3_proxy.requests] == [
+        ("DynamoDB_20120810.CreateTable", None),
+        ("DynamoDB_20120810.PutItem", None),
+        ("DynamoDB_20120810.DeleteItem", S3Action.STALL),
+        ("DynamoDB_20120810.GetItem", None),
+    ]
+
+
 def test_slow_body_with_a_short_read_timeout_times_out(
     proxied: Any, bucket: str, s3_proxy: S3FaultProxy
 ) -> None:

@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 import aioboto3
 import pytest
-from servers import REGION, MotoServer
+from servers import LOOPBACK, REGION, CapturedLogs, MotoServer
 
+from async_notifier.after_cutoff import AfterCutoff
+from async_notifier.deadline import RETURN_RESERVE, Deadline
 from async_notifier.errors import BadMessage, RecipientRejected
-from async_notifier.logs import get_logger
 from async_notifier.messages import SqsRecord
 from async_notifier.sqs_feedback import (
     MAX_REASON_CHARS,
@@ -23,6 +24,7 @@ from async_notifier.sqs_feedback import (
     backoff_seconds,
     queue_url_from_arn,
 )
+from bench.proxy import Route, start_route, stop_route
 
 ACCOUNT = "123456789012"  # moto's default account
 
@@ -98,26 +100,6 @@ def _from_received(message: dict[str, Any], arn: str) -> SqsRecord:
             "eventSourceARN": arn,
         }
     )
-
-
-class _Captured(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
-
-
-@pytest.fixture
-def captured() -> Any:
-    handler = _Captured()
-    logger = get_logger()
-    logger.addHandler(handler)
-    try:
-        yield handler
-    finally:
-        logger.removeHandler(handler)
 
 
 # --------------------------------------------------------------------------- ARN → URL
@@ -260,7 +242,9 @@ async def test_fifo_dead_letter_queue_gets_group_and_deduplication_ids(sqs: Any)
     assert received["body b"]["MessageDeduplicationId"] == hashlib.sha256(b"id-b").hexdigest()
 
 
-async def test_route_to_missing_queue_returns_nothing_and_logs(sqs: Any, captured: Any) -> None:
+async def test_route_to_missing_queue_returns_nothing_and_logs(
+    sqs: Any, captured: CapturedLogs
+) -> None:
     url = f"{sqs.meta.endpoint_url}/{ACCOUNT}/no-such-dlq"
     items = [(_record("id-1", "b1"), BadMessage("bad")), (_record("id-2", "b2"), BadMessage("x"))]
 
@@ -359,7 +343,7 @@ async def test_backoff_groups_records_by_queue_and_skips_unknown_ones(sqs: Any) 
     assert changed == 24
 
 
-async def test_bad_receipt_handle_is_counted_as_failed(sqs: Any, captured: Any) -> None:
+async def test_bad_receipt_handle_is_counted_as_failed(sqs: Any, captured: CapturedLogs) -> None:
     url, arn = await _queue(sqs, "notifications")
     await sqs.send_message(QueueUrl=url, MessageBody="good")
     [message] = (await sqs.receive_message(QueueUrl=url, VisibilityTimeout=0))["Messages"]
@@ -392,3 +376,89 @@ def test_records_keep_their_receive_count_for_backoff() -> None:
     assert backoff.timeout_for(_record("a", "x", receive_count=1)) == 30
     assert backoff.timeout_for(_record("b", "x", receive_count=3)) == 120
     assert backoff.timeout_for(_record("c", "x", receive_count=10)) == 900
+
+
+# --------------------------------------------------------------------------- within a budget
+
+SLOW_SQS = 5.0  # seconds the delay proxy holds every request: far past any budget below
+
+
+@pytest.fixture
+async def slow_sqs(aws: MotoServer) -> AsyncIterator[tuple[Any, Route]]:
+    """An SQS client whose every request reaches moto SLOW_SQS seconds late (the delay proxy
+    the benchmark uses), and the proxy's route, which counts the connections."""
+    route = Route(name="sqs", host=aws.host, port=aws.port, delay=SLOW_SQS)
+    relay = await start_route(route)
+    try:
+        port = relay.sockets[0].getsockname()[1]
+        async with aioboto3.Session().client(
+            "sqs", endpoint_url=f"http://{LOOPBACK}:{port}", region_name=REGION
+        ) as client:
+            yield client, route
+    finally:
+        await stop_route(route, relay)  # requests still held are dropped, never delivered
+
+
+def _left_undone(captured: CapturedLogs) -> list[tuple[str, list[str]]]:
+    return [(r.step, r.messageIds) for r in captured.named("work after the cutoff left undone")]
+
+
+@pytest.mark.parametrize(
+    ("grace", "call_timeout"), [(0.5, 30.0), (60.0, 0.5)], ids=["until-the-end", "per-call"]
+)
+async def test_dead_letters_that_do_not_fit_are_not_routed_and_logged_once(
+    sqs: Any,
+    slow_sqs: tuple[Any, Route],
+    captured: CapturedLogs,
+    grace: float,
+    call_timeout: float,
+) -> None:
+    dlq_url, _ = await _queue(sqs, "notifications-dlq")
+    items = [(_record(f"id-{i}", f"b{i}"), BadMessage("bad")) for i in range(12)]  # 2 calls
+    client, route = slow_sqs
+    budget = AfterCutoff(Deadline.after(0.0, grace=grace), call_timeout=call_timeout)
+    due = min(budget.end, time.monotonic() + call_timeout)
+
+    routed = await DeadLetterRouter(client, dlq_url).route(items, budget)
+
+    assert time.monotonic() < due + RETURN_RESERVE  # back in time: within the reserve
+    assert routed == set()
+    assert route.connections == 2
+    assert _left_undone(captured) == [("dead_letter", sorted(f"id-{i}" for i in range(12)))]
+    assert captured.named("dead-letter send failed") == []
+
+
+async def test_a_back_off_that_does_not_fit_is_skipped_and_logged_once(
+    slow_sqs: tuple[Any, Route], captured: CapturedLogs
+) -> None:
+    client, route = slow_sqs
+    records = [_record(f"id-{i}", "x", receive_count=i + 1) for i in range(3)]
+    budget = AfterCutoff(Deadline.after(0.0, grace=0.5))
+
+    changed = await VisibilityBackoff(client, endpoint_url=None).apply(records, budget)
+
+    assert time.monotonic() < budget.end + RETURN_RESERVE
+    assert changed == 0
+    assert route.connections == 1
+    assert _left_undone(captured) == [("retry_backoff", ["id-0", "id-1", "id-2"])]
+    assert captured.named("retry back-off failed") == []
+
+
+async def test_without_time_left_nothing_is_sent(
+    slow_sqs: tuple[Any, Route], captured: CapturedLogs
+) -> None:
+    client, route = slow_sqs
+    budget = AfterCutoff(Deadline.after(0.0))  # the end is now
+    records = [_record("id-1", "x"), _record("id-2", "y")]
+
+    routed = await DeadLetterRouter(client, "http://127.0.0.1:1/1/dlq").route(
+        [(record, BadMessage("bad")) for record in records], budget
+    )
+    changed = await VisibilityBackoff(client, endpoint_url=None).apply(records, budget)
+
+    assert (routed, changed) == (set(), 0)
+    assert route.connections == 0
+    assert _left_undone(captured) == [
+        ("dead_letter", ["id-1", "id-2"]),
+        ("retry_backoff", ["id-1", "id-2"]),
+    ]

@@ -1,4 +1,5 @@
-"""Streaming S3 objects (moto server) into the private scratch directory."""
+"""Streaming S3 objects (moto server) into the private scratch directory, and sweeping the
+scratch directories that killed invocations left behind."""
 
 from __future__ import annotations
 
@@ -6,21 +7,25 @@ import asyncio
 import contextlib
 import os
 import stat
-from collections.abc import AsyncIterator
+import subprocess
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from servers import LOOPBACK, MotoServer, make_zip, s3_client, seed_objects
+from faults import S3Action, S3FaultProxy, S3Rule
+from servers import LOOPBACK, CapturedLogs, MotoServer, make_zip, s3_client, seed_objects
 
 from async_notifier import app
 from async_notifier.config import Settings
+from async_notifier.deadline import Deadline
 from async_notifier.errors import (
     BucketNotAllowed,
     DownloadFailed,
     ObjectUnavailable,
 )
-from async_notifier.storage import ObjectStore, ScratchDir
+from async_notifier.storage import STALE_AFTER, ObjectStore, ScratchDir, TooLarge, stale_at
 
 CHUNK = 4096
 
@@ -224,3 +229,131 @@ def test_scratch_dir_close_removes_everything(tmp_path: Path) -> None:
     assert not scratch.path.exists()
     assert os.listdir(tmp_path) == []
     scratch.close()  # idempotent
+
+
+# --------------------------------------------------------------------------- stale scratch dirs
+
+
+def _dir(parent: Path, name: str, *, age: float = 0.0) -> Path:
+    path = parent / name
+    path.mkdir()
+    (path / "left.zip").write_bytes(b"x" * 100)
+    if age:
+        then = time.time() - age
+        os.utime(path, (then, then))
+    return path
+
+
+def test_scratch_dir_name_records_when_it_becomes_stale(tmp_path: Path) -> None:
+    before = time.time()
+    with ScratchDir(tmp_path) as plain:
+        until = stale_at(plain.path.name)
+        assert until is not None
+        assert before + STALE_AFTER <= until <= time.time() + STALE_AFTER + 1
+    with ScratchDir(tmp_path, Deadline.after(5.0, grace=20.0)) as timed:
+        until = stale_at(timed.path.name)
+        assert until is not None
+        assert before + 25 <= until <= time.time() + 25 + 1  # the deadline's end
+    assert stale_at("async-notifier-abcd1234") is None
+    assert stale_at("async-notifier-until-12x-abcd1234") is None
+
+
+def test_sweep_removes_only_stale_scratch_dirs(tmp_path: Path, captured: CapturedLogs) -> None:
+    now = time.time()
+    gone = [
+        _dir(tmp_path, f"async-notifier-until-{int(now) - 5}-abcd1234"),
+        _dir(tmp_path, "async-notifier-k3j_9x0a", age=STALE_AFTER + 60),  # the old format
+    ]
+    kept = [
+        _dir(tmp_path, f"async-notifier-until-{int(now) + 60}-abcd1234"),  # live
+        _dir(tmp_path, "async-notifier-zz99yy88", age=STALE_AFTER - 60),  # old format, recent
+        _dir(tmp_path, "async-notifier-backup", age=10 * STALE_AFTER),  # not our name
+        _dir(tmp_path, "other-app-until-1-abcd1234", age=10 * STALE_AFTER),
+    ]
+    note = tmp_path / "async-notifier-until-1-abcd1234.txt"  # a file, not a directory
+    note.write_text("keep")
+    # A stale name on a symbolic link: removing it must not follow it anywhere.
+    target = _dir(tmp_path, "elsewhere")
+    (tmp_path / "async-notifier-until-1-linkdirx").symlink_to(target)
+
+    with ScratchDir(tmp_path) as scratch:
+        kept.append(scratch.path)
+        for path in gone:
+            assert not path.exists(), path
+        for path in kept:
+            assert path.is_dir(), path
+    assert note.read_text() == "keep"
+    assert (target / "left.zip").exists()
+    removed = sorted(r.dir for r in captured.named("stale scratch dir removed"))
+    assert removed == sorted(p.name for p in gone)
+
+
+@pytest.fixture
+def undeletable(tmp_path: Path) -> Iterator[Callable[[Path], None]]:
+    """Make a file impossible to delete, for real: a read-only parent for a normal user, the
+    immutable attribute for root (who ignores permissions)."""
+    made: list[Path] = []
+
+    def make(path: Path) -> None:
+        if os.geteuid() == 0:
+            subprocess.run(["chattr", "+i", str(path)], check=True)
+        else:
+            path.parent.chmod(0o500)
+        made.append(path)
+
+    yield make
+    for path in made:
+        if os.geteuid() == 0:
+            subprocess.run(["chattr", "-i", str(path)], check=True)
+        else:
+            path.parent.chmod(0o700)
+
+
+def test_a_stale_dir_that_cannot_be_removed_is_logged_and_skipped(
+    tmp_path: Path, undeletable: Callable[[Path], None], captured: CapturedLogs
+) -> None:
+    stuck = _dir(tmp_path, "async-notifier-until-1-stuck000")
+    undeletable(stuck / "left.zip")
+    stale = _dir(tmp_path, "async-notifier-until-2-stale000")
+
+    with ScratchDir(tmp_path) as scratch:
+        assert scratch.path.is_dir()
+        assert not stale.exists()
+        assert (stuck / "left.zip").exists()
+    [warning] = captured.named("stale scratch dir not removed")
+    assert warning.dir == stuck.name
+
+
+# --------------------------------------------------------------------------- unknown sizes
+
+
+@pytest.fixture
+def chunked_objects(aws: MotoServer, bucket: str, s3_proxy: S3FaultProxy) -> dict[str, bytes]:
+    """Objects served through the proxy without a Content-Length (Transfer-Encoding: chunked)."""
+    objects = {"small.zip": make_zip(30_000, seed=31), "big.zip": make_zip(400_000, seed=32)}
+    seed_objects(s3_client(aws.endpoint_url), bucket, objects)
+    s3_proxy.set_rules(S3Rule(S3Action.CHUNKED, methods={"GET"}, slow_chunk=3000))
+    return objects
+
+
+async def test_an_unannounced_size_is_counted_and_stopped_past_the_limit(
+    s3_proxy: S3FaultProxy, bucket: str, chunked_objects: dict[str, bytes], scratch: ScratchDir
+) -> None:
+    limit = 100_000
+    async with object_store(s3_proxy.endpoint_url) as store:
+        small = await store.open(bucket, "small.zip")
+        assert small.size == -1
+        dest = scratch.new_file()
+        assert await store.save(small, dest, limit) == len(chunked_objects["small.zip"])
+        assert dest.read_bytes() == chunked_objects["small.zip"]
+
+        big = await store.open(bucket, "big.zip")
+        assert big.size == -1
+        too_big = scratch.new_file()
+        with pytest.raises(TooLarge) as caught:
+            await store.save(big, too_big, limit)
+    # Stopped at the first chunk past the limit, not at the end of the object.
+    assert limit < caught.value.written <= limit + CHUNK
+    assert not too_big.exists()
+    assert files_under(scratch.path) == [dest]
+    assert s3_proxy.counts == {S3Action.CHUNKED: 2}
