@@ -18,7 +18,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .deadline import Deadline
-from .errors import BadMessage, DeadlineExceeded, NotifierError, TransientError
+from .errors import (
+    BadMessage,
+    DeadlineExceeded,
+    GroupBlocked,
+    InternalError,
+    NotifierError,
+)
 from .logs import get_logger
 from .messages import SqsRecord
 
@@ -121,19 +127,6 @@ class BatchResult:
 
 
 Processor = Callable[[SqsRecord, RecordResult], Awaitable[None]]
-
-
-class InternalError(NotifierError):
-    """A bug, not the record's fault: retried, and logged with its traceback."""
-
-    transient = True
-    kind = "internal"
-
-
-class GroupBlocked(TransientError):
-    """An earlier record of the same FIFO group failed; order forbids going on."""
-
-    kind = "fifo_group_blocked"
 
 
 async def run_batch(

@@ -141,8 +141,8 @@ class Settings:
         if settings.smtp_password and not settings.smtp_user:
             env.problems.append("SMTP_PASSWORD is set but SMTP_USER is not")
         # Imported here: both modules depend on this one.
+        from .aws.cognito import USER_POOL_ID_RE
         from .metrics import validate_namespace
-        from .recipients import USER_POOL_ID_RE
 
         if settings.smtp_password and settings.smtp_password_secret_id:
             env.problems.append("set SMTP_PASSWORD or SMTP_PASSWORD_SECRET_ID, not both")

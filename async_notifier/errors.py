@@ -109,3 +109,63 @@ class DeliveryUnknown(TransientError):
     """
 
     kind = "delivery_unknown"
+
+
+class SecretUnavailable(TransientError):
+    """The SMTP secret could not be read or is malformed; retry once it is fixed."""
+
+    kind = "secret_unavailable"
+
+
+class IdempotencyUnavailable(TransientError):
+    """The idempotency store could not be read or written; sending now could send twice."""
+
+    kind = "idempotency_unavailable"
+
+
+class OriginalCancelled(TransientError):
+    """The first record for this notification was cancelled (e.g. at the deadline)."""
+
+    kind = "cancelled"
+
+
+class RecipientUnknown(PermanentError):
+    """No such user, or the user has no valid email address: retrying cannot help."""
+
+    kind = "recipient_unknown"
+
+
+class LookupFailed(TransientError):
+    """Cognito could not answer (throttled, 5xx, network, permissions): retry later."""
+
+    kind = "lookup_failed"
+
+
+class GroupBlocked(TransientError):
+    """An earlier record of the same FIFO group failed; order forbids going on."""
+
+    kind = "fifo_group_blocked"
+
+
+class InternalError(NotifierError):
+    """A bug, not the record's fault: retried, and logged with its traceback."""
+
+    transient = True
+    kind = "internal"
+
+
+# --------------------------------------------------------------------------- not a record's fate
+# Signals that cross a module boundary before becoming a record's error (or none at all).
+
+
+class AttachmentChanged(RuntimeError):
+    """The file no longer has the size the message was built for; its `size` would be wrong."""
+
+
+class TooLarge(Exception):
+    """A download of unknown size passed the most it was allowed (not a record's error)."""
+
+    def __init__(self, url: str, limit: int, written: int) -> None:
+        super().__init__(f"{url}: more than {limit} bytes")
+        self.limit = limit
+        self.written = written

@@ -23,8 +23,8 @@ from jinja2.exceptions import TemplateError
 
 from .config import DEFAULT_TEMPLATES_DIR, SUPPORTED_LOCALES, Settings, _Env
 from .errors import BadMessage, ConfigError
-from .mailer import attachment_filename, build_email
 from .messages import Notification, parse_body
+from .mime import attachment_filename, build_streamed_email
 from .render import Renderer
 
 DEFAULT_SENDER = "Async Notifier <no-reply@example.com>"
@@ -161,9 +161,9 @@ def render_preview(
             )
         except TemplateError as exc:
             raise PreviewError(f"template error{_where(exc)}: {exc}") from None
-        message = build_email(
+        message = build_streamed_email(
             notification, rendered, sender=sender, attachment=zip_path, attachment_name=name
-        )
+        ).as_bytes()
     stem = f"{notification.status.lower()}-{rendered.locale}" + ("-link" if link else "")
     preview = Preview(
         subject=rendered.subject,
@@ -176,7 +176,7 @@ def render_preview(
         out_dir.mkdir(parents=True, exist_ok=True)
         preview.html.write_text(rendered.html, encoding="utf-8")
         preview.text.write_text(rendered.text, encoding="utf-8")
-        preview.eml.write_bytes(message.data)
+        preview.eml.write_bytes(message)
     except OSError as exc:
         raise PreviewError(f"cannot write to {out_dir}: {exc}") from None
     return preview

@@ -24,12 +24,12 @@ from collections.abc import Awaitable, Callable, Container, Iterator, Mapping, S
 from dataclasses import dataclass
 from typing import Any
 
-from .app import Notifier
 from .batch import BatchResult, Outcome, RecordResult
 from .config import Settings
 from .deadline import MARGIN_FRACTION, MIN_MARGIN, Deadline
 from .errors import TransientError
 from .logs import get_logger
+from .notifier import Notifier
 
 log = get_logger()
 

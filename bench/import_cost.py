@@ -22,7 +22,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 POWERTOOLS = "aws-lambda-powertools==3.37.0"
-WORKER_IMPORTS = "import handler, async_notifier.app, aioboto3, aiobotocore.config; "
+WORKER_IMPORTS = "import handler, async_notifier.notifier, aioboto3, aiobotocore.config; "
 STATEMENTS = (
     "import async_notifier.metrics",
     "from aws_lambda_powertools.metrics import Metrics",

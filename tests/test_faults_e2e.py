@@ -52,8 +52,8 @@ from servers import (
 import handler
 from async_notifier.errors import BadMessage
 from async_notifier.messages import parse_body
-from async_notifier.mime_stream import message_id
-from async_notifier.throttle import PoolBackoff
+from async_notifier.mime import message_id
+from async_notifier.smtp.throttle import PoolBackoff
 
 BUCKET = "videos-zip"
 VIDEOS = f"/{BUCKET}/"  # proxy rules touch the ZIP bucket only, never SQS
@@ -896,7 +896,7 @@ def test_a_send_cancelled_after_its_data_keeps_its_idempotency_claim(
 ) -> None:
     """Cancelled by the deadline while the server decides: maybe delivered, so the claim stays
     IN_PROGRESS (a retry waits for it to expire); claims of records that sent nothing go."""
-    from async_notifier.idempotency import create_table, idempotency_key
+    from async_notifier.aws.idempotency import create_table, idempotency_key
     from async_notifier.messages import parse_body
 
     async def make_table() -> None:

@@ -15,20 +15,16 @@ import pytest
 from aiobotocore.config import AioConfig
 from servers import REGION, MotoServer, free_port
 
+from async_notifier.aws.idempotency import DynamoIdempotencyStore, create_table, idempotency_key
+from async_notifier.dedup import InBatchDeduplicator
 from async_notifier.errors import (
     DeliveryUnknown,
+    IdempotencyUnavailable,
     NotifierError,
+    OriginalCancelled,
     RecipientRejected,
     SmtpUnavailable,
     TransientError,
-)
-from async_notifier.idempotency import (
-    DynamoIdempotencyStore,
-    IdempotencyUnavailable,
-    InBatchDeduplicator,
-    OriginalCancelled,
-    create_table,
-    idempotency_key,
 )
 
 TABLE = "notifier-idempotency"

@@ -13,10 +13,11 @@ from typing import Any
 
 import pytest
 
-from async_notifier.batch import BatchResult, InternalError, Outcome, RecordResult
+from async_notifier.batch import BatchResult, Outcome, RecordResult
 from async_notifier.errors import (
     BadMessage,
     DownloadFailed,
+    InternalError,
     NotifierError,
     SmtpUnavailable,
 )

@@ -32,23 +32,23 @@ from aiosmtplib.protocol import SMTPProtocol
 from servers import LOOPBACK, SmtpSink
 
 from async_notifier.config import DEFAULT_TEMPLATES_DIR
-from async_notifier.mailer import attachment_filename, build_email
+from async_notifier.errors import AttachmentChanged
 from async_notifier.messages import Notification, parse_body
-from async_notifier.mime_stream import (
+from async_notifier.mime import (
     _LINESEP,
     SMTP_POLICY,
-    AttachmentChanged,
     Base64Lines,
     StreamedEmail,
     _Subject,
+    attachment_filename,
     build_streamed_email,
     encode_lines,
     encoded_length,
     message_id,
 )
 from async_notifier.render import RenderedEmail, Renderer
-from async_notifier.smtp_channel import AttachmentReadError, RefusedError, Reply, SmtpChannel
-from async_notifier.smtp_stream import DataEncoder
+from async_notifier.smtp.channel import AttachmentReadError, RefusedError, Reply, SmtpChannel
+from async_notifier.smtp.data import DataEncoder
 
 SENDER = Address(display_name="Async Notifier", username="no-reply", domain="example.com")
 MiB = 1024 * 1024
@@ -91,7 +91,7 @@ def build_streamed_email_stdlib(
             subtype="zip",
             filename=attachment_name or attachment_filename(notification),
         )
-    # Set last, as mailer does: turning the message multipart moves Content-* headers down.
+    # Set last, as the builder does: turning the message multipart moves Content-* headers down.
     msg["Content-Language"] = rendered.locale
     data = msg.as_bytes(policy=SMTP_POLICY)
     head, tail = data, b""
@@ -155,7 +155,9 @@ def both(
     kwargs: dict[str, Any] = {"sender": SENDER, "attachment": attachment, "attachment_name": name}
     reference = b"".join(build_streamed_email_stdlib(n, rendered, **kwargs).iter_chunks())
     streamed = build_streamed_email(n, rendered, **kwargs)
-    assert normalised(build_email(n, rendered, **kwargs).data) == normalised(joined(streamed))
+    assert normalised(build_streamed_email(n, rendered, **kwargs).as_bytes()) == normalised(
+        joined(streamed)
+    )
     return reference, streamed
 
 

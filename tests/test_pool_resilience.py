@@ -20,8 +20,8 @@ from test_smtp_pool import expected_subjects, outgoing, settings, subjects
 
 from async_notifier.config import Settings
 from async_notifier.errors import AttachmentUnreadable, DeliveryUnknown, RecipientRejected
-from async_notifier.mime_stream import StreamedEmail
-from async_notifier.smtp_pool import SmtpPool
+from async_notifier.mime import StreamedEmail
+from async_notifier.smtp.pool import SmtpPool
 
 pytestmark = pytest.mark.usefixtures("faulty_smtp")
 

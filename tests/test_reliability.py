@@ -40,12 +40,12 @@ from servers import (
 )
 
 import handler
-from async_notifier import app
+from async_notifier import notifier
+from async_notifier.aws.idempotency import create_table, idempotency_key
 from async_notifier.config import Settings
 from async_notifier.errors import BadMessage, ConfigError
-from async_notifier.idempotency import create_table, idempotency_key
 from async_notifier.messages import parse_body
-from async_notifier.storage import ByteBudget
+from async_notifier.scratch import ByteBudget
 
 Body = dict[str, Any]
 ACCOUNT = "123456789012"  # moto's default account
@@ -747,7 +747,7 @@ def test_zips_that_fit_one_at_a_time_wait_for_the_budget_and_are_all_attached(
             super().__init__(total)
             budgets.append(self)
 
-    monkeypatch.setattr(app, "ByteBudget", SpyBudget)
+    monkeypatch.setattr(notifier, "ByteBudget", SpyBudget)
     objects = {f"v{i}.zip": make_zip(300_000 + i * 1_000, seed=20 + i) for i in range(10)}
     assert sum(map(len, objects.values())) > 2 * MIB
     seed_objects(s3_client(aws.endpoint_url), bucket, objects)

@@ -6,6 +6,7 @@ import email
 import email.policy
 import json
 import shutil
+from dataclasses import dataclass
 from email.headerregistry import Address
 from email.message import EmailMessage
 from email.utils import parsedate_to_datetime
@@ -17,8 +18,8 @@ from servers import make_zip
 
 from async_notifier.config import DEFAULT_TEMPLATES_DIR
 from async_notifier.errors import BadMessage, ConfigError
-from async_notifier.mailer import OutgoingEmail, attachment_filename, build_email, message_id
 from async_notifier.messages import Notification, parse_body
+from async_notifier.mime import attachment_filename, build_streamed_email, message_id
 from async_notifier.render import Renderer
 
 SENDER = Address(display_name="Async Notifier", username="no-reply", domain="example.com")
@@ -70,12 +71,25 @@ def notification(**fields: Any) -> Notification:
     return parse_body(json.dumps({k: v for k, v in data.items() if v is not None}))
 
 
+@dataclass(frozen=True)
+class Built:
+    """The envelope and the whole message, as the SMTP server will receive them."""
+
+    sender: str
+    recipient: str
+    message_id: str
+    data: bytes
+
+
 def build(
     renderer: Renderer, n: Notification, attachment: Path | None = None
-) -> tuple[OutgoingEmail, EmailMessage]:
+) -> tuple[Built, EmailMessage]:
     name = attachment_filename(n) if attachment is not None else None
     rendered = renderer.render(n, attachment_name=name)
-    out = build_email(n, rendered, sender=SENDER, attachment=attachment, attachment_name=name)
+    streamed = build_streamed_email(
+        n, rendered, sender=SENDER, attachment=attachment, attachment_name=name
+    )
+    out = Built(streamed.sender, streamed.recipient, streamed.message_id, streamed.as_bytes())
     parsed = email.message_from_bytes(out.data, _class=EmailMessage, policy=email.policy.default)
     return out, parsed
 

@@ -41,10 +41,10 @@ from queues import (
 )
 from servers import MotoServer, SmtpSink, make_zip, s3_client, seed_objects, sqs_record
 
-from async_notifier.app import Notifier
 from async_notifier.batch import BatchResult
 from async_notifier.config import Settings
 from async_notifier.deadline import Deadline
+from async_notifier.notifier import Notifier
 from async_notifier.runner import HEARTBEAT_TASK_NAME, MIN_EXTENSION, run
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -19,9 +19,9 @@ from servers import LOOPBACK, SmtpSink, TlsFiles, free_port, make_zip
 from async_notifier.config import DEFAULT_TEMPLATES_DIR, Settings
 from async_notifier.errors import RecipientRejected, SmtpUnavailable
 from async_notifier.messages import parse_body
-from async_notifier.mime_stream import StreamedEmail, build_streamed_email
+from async_notifier.mime import StreamedEmail, build_streamed_email
 from async_notifier.render import Renderer
-from async_notifier.smtp_pool import SmtpPool
+from async_notifier.smtp.pool import SmtpPool
 from bench.proxy import Route, start_route, stop_route
 
 SENDER = "no-reply@example.com"
@@ -386,8 +386,8 @@ async def test_wrong_password_fails_without_leaking_it(tls_files: TlsFiles) -> N
 def test_authentication_refusals_are_transient_configuration_problems() -> None:
     """A 535 is about our credentials, not the email: retry after a fix, never dead-letter."""
     from async_notifier.errors import RecipientRejected, SmtpThrottled, SmtpUnavailable
-    from async_notifier.smtp_channel import Reply
-    from async_notifier.smtp_pool import _classify
+    from async_notifier.smtp.channel import Reply
+    from async_notifier.smtp.pool import _classify
 
     auth = _classify(Reply(535, "5.7.8 Authentication credentials invalid"))
     assert isinstance(auth, SmtpUnavailable)

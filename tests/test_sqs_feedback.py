@@ -13,10 +13,7 @@ import pytest
 from servers import LOOPBACK, REGION, CapturedLogs, MotoServer
 
 from async_notifier.after_cutoff import AfterCutoff
-from async_notifier.deadline import RETURN_RESERVE, Deadline
-from async_notifier.errors import BadMessage, RecipientRejected
-from async_notifier.messages import SqsRecord
-from async_notifier.sqs_feedback import (
+from async_notifier.aws.sqs import (
     MAX_REASON_CHARS,
     DeadLetterRouter,
     VisibilityBackoff,
@@ -24,6 +21,9 @@ from async_notifier.sqs_feedback import (
     backoff_seconds,
     queue_url_from_arn,
 )
+from async_notifier.deadline import RETURN_RESERVE, Deadline
+from async_notifier.errors import BadMessage, RecipientRejected
+from async_notifier.messages import SqsRecord
 from bench.proxy import Route, start_route, stop_route
 
 ACCOUNT = "123456789012"  # moto's default account

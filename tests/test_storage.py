@@ -17,15 +17,17 @@ import pytest
 from faults import S3Action, S3FaultProxy, S3Rule
 from servers import LOOPBACK, CapturedLogs, MotoServer, make_zip, s3_client, seed_objects
 
-from async_notifier import app
+from async_notifier import notifier
+from async_notifier.aws.s3 import ObjectStore
 from async_notifier.config import Settings
 from async_notifier.deadline import Deadline
 from async_notifier.errors import (
     BucketNotAllowed,
     DownloadFailed,
     ObjectUnavailable,
+    TooLarge,
 )
-from async_notifier.storage import STALE_AFTER, ObjectStore, ScratchDir, TooLarge, stale_at
+from async_notifier.scratch import STALE_AFTER, ScratchDir, stale_at
 
 CHUNK = 4096
 
@@ -46,7 +48,7 @@ def settings(endpoint_url: str, **extra: str) -> Settings:
 async def object_store(
     endpoint_url: str, allowed: frozenset[str] = frozenset()
 ) -> AsyncIterator[ObjectStore]:
-    async with app.aws_client("s3", settings(endpoint_url)) as client:
+    async with notifier.aws_client("s3", settings(endpoint_url)) as client:
         yield ObjectStore(client, chunk_size=CHUNK, allowed_buckets=allowed)
 
 

@@ -29,8 +29,9 @@ from dataclasses import dataclass
 
 from aiosmtplib.errors import SMTPAuthenticationError
 
-from .config import Settings
-from .errors import (
+from ..aws.secrets import SecretSource
+from ..config import Settings
+from ..errors import (
     AttachmentUnreadable,
     DeliveryUnknown,
     NotifierError,
@@ -38,10 +39,9 @@ from .errors import (
     SmtpThrottled,
     SmtpUnavailable,
 )
-from .logs import get_logger
-from .mime_stream import StreamedEmail
-from .secrets import SecretSource
-from .smtp_channel import (
+from ..logs import get_logger
+from ..mime import StreamedEmail
+from .channel import (
     AttachmentReadError,
     LostAfterEnd,
     LostBeforeEnd,
@@ -50,14 +50,7 @@ from .smtp_channel import (
     Reply,
     Slot,
 )
-from .smtp_connection import (
-    PooledConnection,
-    Session,
-    State,
-    handshake,
-    local_hostname,
-    tls_context,
-)
+from .connection import PooledConnection, Session, State, handshake, local_hostname, tls_context
 from .throttle import PoolBackoff, TokenBucket, is_throttling
 
 log = get_logger()
@@ -353,9 +346,11 @@ class SmtpPool:
             self._waiting.popleft()
             available.writer = True
             waiter.set_result(available)
+        if not self._waiting or self._closed or len(self._connections) >= self._size:
+            return
         connecting = sum(c.state is State.CONNECTING for c in self._connections)
         wanted = sum(not w.done() for w in self._waiting)
-        while not self._closed and connecting < wanted and len(self._connections) < self._size:
+        while connecting < wanted and len(self._connections) < self._size:
             self._open_one()
             connecting += 1
 

@@ -10,19 +10,21 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from .after_cutoff import AfterCutoff
+from .aws.cognito import CognitoRecipients, Recipient
+from .aws.idempotency import DynamoIdempotencyStore, idempotency_key
+from .aws.s3 import ObjectStore, S3Object
 from .batch import RecordResult
 from .config import Settings
 from .deadline import Deadline
-from .errors import DeliveryUnknown, InProgressElsewhere, NotifierError
-from .idempotency import DynamoIdempotencyStore, InBatchDeduplicator, idempotency_key
+from .dedup import InBatchDeduplicator
+from .errors import DeliveryUnknown, InProgressElsewhere, LookupFailed, NotifierError, TooLarge
 from .logs import get_logger
 from .messages import Notification, SqsRecord, parse_body
-from .mime_stream import attachment_filename, build_streamed_email
-from .recipients import CognitoRecipients, LookupFailed, Recipient
+from .mime import attachment_filename, build_streamed_email
 from .render import Renderer
 from .retry import RetryPolicy, retrying
-from .smtp_pool import SmtpPool
-from .storage import ByteBudget, ObjectStore, S3Object, ScratchDir, TooLarge
+from .scratch import ByteBudget, ScratchDir
+from .smtp.pool import SmtpPool
 
 log = get_logger()
 # Headers, text and HTML parts, MIME boundaries: generous, so the estimate errs high.

@@ -19,9 +19,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import NotifierError, PermanentError, TransientError
-from .logs import get_logger
-from .messages import MAX_TEXT, validate_address
+from ..errors import LookupFailed, NotifierError, RecipientUnknown
+from ..logs import get_logger
+from ..messages import MAX_TEXT, validate_address
 
 log = get_logger()
 
@@ -29,18 +29,6 @@ log = get_logger()
 USER_POOL_ID_RE = re.compile(r"^[\w-]+_[0-9a-zA-Z]+$")
 MAX_USER_ID = 128  # AdminGetUser's Username length limit
 _PERMANENT_CODES = frozenset({"UserNotFoundException", "InvalidParameterException"})
-
-
-class RecipientUnknown(PermanentError):
-    """No such user, or the user has no valid email address: retrying cannot help."""
-
-    kind = "recipient_unknown"
-
-
-class LookupFailed(TransientError):
-    """Cognito could not answer (throttled, 5xx, network, permissions): retry later."""
-
-    kind = "lookup_failed"
 
 
 @dataclass(frozen=True)

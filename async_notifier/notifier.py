@@ -19,19 +19,20 @@ from dataclasses import dataclass
 from typing import Any
 
 from .after_cutoff import AfterCutoff
+from .aws.cognito import CognitoRecipients
+from .aws.idempotency import DynamoIdempotencyStore
+from .aws.s3 import ObjectStore
+from .aws.secrets import SecretSource
+from .aws.sqs import DeadLetterRouter, VisibilityBackoff
 from .batch import BatchResult, run_batch
 from .config import Settings
 from .deadline import Deadline
-from .idempotency import DynamoIdempotencyStore
+from .delivery import Pipeline
 from .logs import configure, get_logger
 from .metrics import metrics_from_batch
-from .pipeline import Pipeline
-from .recipients import CognitoRecipients
 from .render import Renderer
-from .secrets import SecretSource
-from .smtp_pool import SmtpPool
-from .sqs_feedback import DeadLetterRouter, VisibilityBackoff
-from .storage import ByteBudget, ObjectStore, ScratchDir
+from .scratch import ByteBudget, ScratchDir
+from .smtp.pool import SmtpPool
 
 log = get_logger()
 

@@ -33,6 +33,7 @@ from email.policy import Policy
 from email.utils import formatdate, quote
 from pathlib import Path, PurePosixPath
 
+from .errors import AttachmentChanged
 from .messages import Notification
 from .render import RenderedEmail
 
@@ -78,10 +79,6 @@ RAW_LINE = 57
 B64_LINE = 76
 _LINESEP = SMTP_POLICY.linesep.encode("ascii")
 ENCODED_LINE = B64_LINE + len(_LINESEP)
-
-
-class AttachmentChanged(RuntimeError):
-    """The file no longer has the size the message was built for; its `size` would be wrong."""
 
 
 def encoded_length(raw_size: int) -> int:
@@ -137,6 +134,10 @@ class StreamedEmail:
     def __post_init__(self) -> None:
         if self.attachment_size < 0 or (self.attachment is None and self.attachment_size):
             raise ValueError("attachment_size must be 0 without an attachment, never negative")
+
+    def as_bytes(self) -> bytes:
+        """The whole message at once: for previews and tests (sending streams it)."""
+        return b"".join(self.iter_chunks())
 
     @property
     def size(self) -> int:

@@ -20,8 +20,8 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import TransientError
-from .logs import get_logger
+from ..errors import SecretUnavailable
+from ..logs import get_logger
 
 log = get_logger()
 
@@ -30,12 +30,6 @@ ClientFactory = Callable[[], AbstractAsyncContextManager[Any]]
 # before the next attempt, so an outage does not turn every SMTP connect into an AWS call.
 STALE_RETRY_SECONDS = 30.0
 _INVALID = object()
-
-
-class SecretUnavailable(TransientError):
-    """The SMTP secret could not be read or is malformed; retry once it is fixed."""
-
-    kind = "secret_unavailable"
 
 
 @dataclass(frozen=True)

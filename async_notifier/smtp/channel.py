@@ -20,8 +20,9 @@ from dataclasses import dataclass
 import aiosmtplib
 from aiosmtplib.errors import SMTPServerDisconnected
 
-from .mime_stream import AttachmentChanged, StreamedEmail
-from .smtp_stream import DataEncoder
+from ..errors import AttachmentChanged
+from ..mime import StreamedEmail
+from .data import DataEncoder
 
 MAX_REPLY_BYTES = 64 * 1024
 # Replies are a line or a few (EHLO lists its extensions); more is a broken or hostile server.

@@ -20,10 +20,10 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from .after_cutoff import AfterCutoff, OutOfTime
-from .errors import NotifierError
-from .logs import get_logger
-from .messages import SqsRecord
+from ..after_cutoff import AfterCutoff, OutOfTime
+from ..errors import NotifierError
+from ..logs import get_logger
+from ..messages import SqsRecord
 
 log = get_logger()
 

@@ -20,10 +20,10 @@ from dataclasses import dataclass, field
 import aiosmtplib
 from aiosmtplib.errors import SMTPAuthenticationError, SMTPException, SMTPResponseException
 
-from .config import Settings
-from .errors import SmtpUnavailable
-from .secrets import SmtpCredentials
-from .smtp_channel import SmtpChannel
+from ..aws.secrets import SmtpCredentials
+from ..config import Settings
+from ..errors import SmtpUnavailable
+from .channel import SmtpChannel
 
 
 class State(enum.Enum):

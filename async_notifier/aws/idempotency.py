@@ -1,9 +1,8 @@
-"""At most one email per notification, within a batch and across redeliveries.
+"""At most one email per notification across redeliveries: a DynamoDB idempotency store.
 
-SQS delivers at least once and a batch may carry the same notification twice, so the
-worker needs its own memory of what it sent. Within a batch that is an in-process map of
-futures; across invocations it is an optional DynamoDB table keyed by the notification's
-identity (video_id, status, recipient).
+SQS delivers at least once, so the worker needs its own memory of what it sent: an optional
+DynamoDB table keyed by the notification's identity (video_id, status, recipient); within a
+batch, `dedup.py` does the same in memory.
 
 The DynamoDB protocol: a conditional put claims a key as IN_PROGRESS until the invocation's
 deadline; after the SMTP server accepts the email the key becomes COMPLETED for a TTL. A
@@ -20,8 +19,8 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Literal, TypeVar
 
-from .errors import NotifierError, PermanentError, TransientError
-from .logs import get_logger
+from ..errors import IdempotencyUnavailable
+from ..logs import get_logger
 
 log = get_logger()
 
@@ -32,106 +31,11 @@ BeginResult = Literal["new", "completed", "in_progress"]
 _T = TypeVar("_T")
 
 
-class IdempotencyUnavailable(TransientError):
-    """The idempotency store could not be read or written; sending now could send twice."""
-
-    kind = "idempotency_unavailable"
-
-
-class OriginalCancelled(TransientError):
-    """The first record for this notification was cancelled (e.g. at the deadline)."""
-
-    kind = "cancelled"
-
-
 def idempotency_key(notification_identity: str) -> str:
     """The store key for a `Notification.identity`; versioned so the scheme can change."""
     if not notification_identity:
         raise ValueError("empty notification identity")
     return f"{KEY_VERSION}:{notification_identity}"
-
-
-# --------------------------------------------------------------------------- in a batch
-
-
-class InBatchDeduplicator:
-    """Lets only the first record of each identity do the work; the others share its outcome.
-
-    Each waiter gets a future of its own, so cancelling one waiter (a task awaiting a
-    future cancels that future) cannot disturb the others.
-    """
-
-    def __init__(self) -> None:
-        self._waiters: dict[str, list[asyncio.Future[NotifierError | None]]] = {}
-        self._outcomes: dict[str, NotifierError | None] = {}
-
-    def claim(self, identity: str) -> asyncio.Future[NotifierError | None] | None:
-        """None: the caller owns `identity` and must `resolve` it. Otherwise await the future."""
-        if identity in self._outcomes:  # the first record already finished
-            future = asyncio.get_running_loop().create_future()
-            future.set_result(self._outcomes[identity])
-            return future
-        waiters = self._waiters.get(identity)
-        if waiters is None:
-            self._waiters[identity] = []
-            return None
-        future = asyncio.get_running_loop().create_future()
-        waiters.append(future)
-        return future
-
-    def resolve(self, identity: str, error: NotifierError | None) -> None:
-        """Publish the owner's outcome (None = delivered). Only the first call counts."""
-        if identity in self._outcomes:
-            return
-        self._outcomes[identity] = error
-        for future in self._waiters.pop(identity, []):
-            if not future.done():
-                future.set_result(error)
-
-    def resolve_pending(self, error: NotifierError) -> None:
-        """Fail every identity still unresolved: a last resort so no waiter hangs."""
-        for identity in list(self._waiters):
-            self.resolve(identity, error)
-
-    async def run(self, identity: str, work: Callable[[], Awaitable[_T]]) -> _T | None:
-        """Do `work` if this is the first record for `identity`, else share the first's outcome.
-
-        Returns work's result for the owner and None for a duplicate that was delivered;
-        raises an error of the owner's class for a duplicate whose original failed. The
-        owner's failure, cancellation included, always resolves the waiters.
-        """
-        waiter = self.claim(identity)
-        if waiter is not None:
-            error = await waiter
-            if error is not None:
-                raise duplicate_error(error)
-            return None
-        try:
-            result = await work()
-        except NotifierError as exc:
-            self.resolve(identity, exc)
-            raise
-        except asyncio.CancelledError:
-            self.resolve(identity, OriginalCancelled("the first record was cancelled"))
-            raise
-        except BaseException as exc:
-            self.resolve(identity, TransientError(f"the first record failed: {type(exc).__name__}"))
-            raise
-        self.resolve(identity, None)
-        return result
-
-
-def duplicate_error(error: NotifierError) -> NotifierError:
-    """A fresh error of the original's class for a duplicate (exceptions are not shareable)."""
-    reason = f"same notification as a record that failed: {error.reason}"
-    try:
-        copy = type(error)(reason)
-    except TypeError:  # a subclass with another constructor: keep the retry semantics
-        copy = TransientError(reason) if error.transient else PermanentError(reason)
-    return copy
-
-
-# --------------------------------------------------------------------------- DynamoDB
 
 
 class DynamoIdempotencyStore:

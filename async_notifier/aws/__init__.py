@@ -1,0 +1,1 @@
+"""The AWS side: clients, S3 downloads, SQS feedback, the idempotency store, Cognito, secrets."""

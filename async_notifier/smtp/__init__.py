@@ -1,0 +1,1 @@
+"""The SMTP side: the connection pool, one connection's protocol, DATA encoding, throttling."""
