@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .after_cutoff import AfterCutoff
+from .aws.clients import aws_client, new_session
 from .aws.cognito import CognitoRecipients
 from .aws.idempotency import DynamoIdempotencyStore
 from .aws.s3 import ObjectStore
@@ -162,7 +163,7 @@ class Notifier:
 
     async def _session(self) -> Any:
         if self._aws_session is None:
-            self._aws_session = await asyncio.to_thread(_new_aws_session)
+            self._aws_session = await asyncio.to_thread(new_session)
         return self._aws_session
 
     async def _sqs(self) -> Any:
@@ -220,36 +221,6 @@ class Notifier:
             if retry:
                 backoff = VisibilityBackoff(sqs, endpoint_url=s.aws_endpoint_url)
                 await backoff.apply(retry, budget)
-
-
-def _new_aws_session() -> Any:
-    import aioboto3  # about 180 ms on a cold start: run in a thread, off the event loop
-
-    return aioboto3.Session()
-
-
-def aws_client(service: str, settings: Settings, session: Any = None) -> Any:
-    """An aiobotocore client with a connection pool sized for the record concurrency.
-
-    Clients made from one `session` share its loaded data (endpoints, partitions): a second
-    client costs a few ms instead of tens.
-    """
-    from aiobotocore.config import AioConfig
-
-    config = AioConfig(
-        max_pool_connections=settings.max_concurrency,
-        retries={"max_attempts": 3, "mode": "standard"},
-        connect_timeout=min(10.0, settings.s3_timeout),
-        read_timeout=settings.s3_timeout,
-        # Presigned links must be SigV4: S3 refuses SigV2 in newer regions and buckets.
-        signature_version="s3v4" if service == "s3" else None,
-    )
-    return (session or _new_aws_session()).client(
-        service,
-        region_name=settings.aws_region,
-        endpoint_url=settings.aws_endpoint_url,
-        config=config,
-    )
 
 
 def _records(event: Any) -> list[Any]:

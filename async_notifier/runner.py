@@ -24,6 +24,8 @@ from collections.abc import Awaitable, Callable, Container, Iterator, Mapping, S
 from dataclasses import dataclass
 from typing import Any
 
+from .aws.clients import aws_client
+from .aws.errors import aws_error
 from .batch import BatchResult, Outcome, RecordResult
 from .config import Settings
 from .deadline import MARGIN_FRACTION, MIN_MARGIN, Deadline
@@ -150,20 +152,11 @@ def _b64(value: bytes | str) -> str:
 
 def sqs_client(settings: Settings, *, pollers: int, wait_time: int) -> Any:
     """The run's single SQS client, with room for every poll plus the deletes."""
-    import aioboto3
-    from aiobotocore.config import AioConfig
-
-    config = AioConfig(
-        max_pool_connections=pollers + MAX_POLLERS,
-        retries={"max_attempts": 3, "mode": "standard"},
-        connect_timeout=10,
-        read_timeout=wait_time + 20,  # a long poll must not look like a dead server
-    )
-    return aioboto3.Session().client(
+    return aws_client(
         "sqs",
-        region_name=settings.aws_region,
-        endpoint_url=settings.aws_endpoint_url,
-        config=config,
+        settings,
+        max_pool_connections=pollers + MAX_POLLERS,
+        read_timeout=wait_time + 20,  # a long poll must not look like a dead server
     )
 
 
@@ -457,7 +450,7 @@ class _Consumer:
                     QueueUrl=self.queue.url, AttributeNames=list(_EMPTY_ATTRIBUTES)
                 )
         except Exception as exc:
-            log.warning("cannot read queue attributes", extra={"error": _error_name(exc)})
+            log.warning("cannot read queue attributes", extra={"error": aws_error(exc).name})
             return False
         attributes = response.get("Attributes", {})
         return all(int(attributes.get(name, 0)) == 0 for name in _EMPTY_ATTRIBUTES)
@@ -637,7 +630,10 @@ class _Consumer:
             self.stats.extend_failed += len(chunk)
             log.warning(
                 "visibility extension failed; retrying at the next beat",
-                extra={"messageIds": [h.message_id for h, _ in chunk], "error": _error_name(exc)},
+                extra={
+                    "messageIds": [h.message_id for h, _ in chunk],
+                    "error": aws_error(exc).name,
+                },
             )
             return
         for success in response.get("Successful", []):
@@ -692,19 +688,11 @@ class _Consumer:
                 "cannot release messages",
                 extra={
                     "messageIds": [m.get("MessageId") for m in messages],
-                    "error": _error_name(exc),
+                    "error": aws_error(exc).name,
                 },
             )
             return
         self.stats.released += len(response.get("Successful", []))
-
-
-def _error_name(exc: BaseException) -> str:
-    """An error's SQS code, or its type: never its text, which may quote receipt handles."""
-    response = getattr(exc, "response", None)
-    error = response.get("Error", {}) if isinstance(response, dict) else {}
-    code = error.get("Code") if isinstance(error, dict) else None
-    return str(code) if code else type(exc).__name__
 
 
 def _failed_batch(records: Sequence[Mapping[str, Any]], reason: str) -> BatchResult:

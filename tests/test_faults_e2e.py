@@ -58,7 +58,7 @@ from async_notifier.smtp.throttle import PoolBackoff
 BUCKET = "videos-zip"
 VIDEOS = f"/{BUCKET}/"  # proxy rules touch the ZIP bucket only, never SQS
 DOMAIN = "example.com"  # EMAIL_FROM's domain: the worker's Message-IDs end with it
-# aiobotocore with retries={"max_attempts": 3} (app.aws_client): 3 retries, 4 requests in all.
+# aiobotocore with retries={"max_attempts": 3} (aws/clients.py): 3 retries, 4 requests in all.
 SDK_ATTEMPTS = 4
 TRANSIENT = {"download_failed", "smtp_unavailable", "smtp_throttled", "delivery_unknown"}
 Record = dict[str, Any]

@@ -17,10 +17,10 @@ from aiobotocore.config import AioConfig
 from botocore.exceptions import ClientError
 from servers import REGION, MotoServer, free_port
 
+from async_notifier.aws.clients import aws_client
 from async_notifier.aws.cognito import CognitoRecipients, Recipient
 from async_notifier.config import Settings
 from async_notifier.errors import LookupFailed, PermanentError, RecipientUnknown, TransientError
-from async_notifier.notifier import aws_client
 
 
 class Clock:

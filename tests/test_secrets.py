@@ -18,11 +18,11 @@ import boto3
 import pytest
 from servers import REGION, MotoServer, free_port
 
+from async_notifier.aws.clients import aws_client
 from async_notifier.aws.secrets import SecretSource, SmtpCredentials, parse_secret
 from async_notifier.config import Settings
 from async_notifier.errors import SecretUnavailable, TransientError
 from async_notifier.logs import LOGGER_NAME, JsonFormatter
-from async_notifier.notifier import aws_client
 
 SECRET = "smtp/notifier"
 PASSWORD = "pa55-Wörd-9f3a7c"

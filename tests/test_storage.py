@@ -17,7 +17,7 @@ import pytest
 from faults import S3Action, S3FaultProxy, S3Rule
 from servers import LOOPBACK, CapturedLogs, MotoServer, make_zip, s3_client, seed_objects
 
-from async_notifier import notifier
+from async_notifier.aws.clients import aws_client
 from async_notifier.aws.s3 import ObjectStore
 from async_notifier.config import Settings
 from async_notifier.deadline import Deadline
@@ -48,7 +48,7 @@ def settings(endpoint_url: str, **extra: str) -> Settings:
 async def object_store(
     endpoint_url: str, allowed: frozenset[str] = frozenset()
 ) -> AsyncIterator[ObjectStore]:
-    async with notifier.aws_client("s3", settings(endpoint_url)) as client:
+    async with aws_client("s3", settings(endpoint_url)) as client:
         yield ObjectStore(client, chunk_size=CHUNK, allowed_buckets=allowed)
 
 

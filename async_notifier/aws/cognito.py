@@ -22,6 +22,7 @@ from typing import Any
 from ..errors import LookupFailed, NotifierError, RecipientUnknown
 from ..logs import get_logger
 from ..messages import MAX_TEXT, validate_address
+from .errors import aws_error, is_aws_failure
 
 log = get_logger()
 
@@ -105,7 +106,7 @@ class CognitoRecipients:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            if not _is_aws_failure(exc):
+            if not is_aws_failure(exc):
                 raise  # a bug, not Cognito: the batch reports it as an internal error
             raise _classify(exc, user_id) from None
         recipient = self._recipient(user_id, response)
@@ -174,25 +175,15 @@ def _display_name(value: str | None) -> str | None:
     return value[:MAX_TEXT] or None
 
 
-def _is_aws_failure(exc: Exception) -> bool:
-    """An answer or a transport failure of the AWS call (as opposed to a bug)."""
-    return (
-        isinstance(getattr(exc, "response", None), dict)
-        or isinstance(exc, OSError | TimeoutError)
-        or type(exc).__module__.startswith(("botocore", "aiobotocore", "aiohttp"))
-    )
-
-
 def _classify(exc: Exception, user_id: str) -> NotifierError:
-    response = getattr(exc, "response", None)
-    error = response.get("Error") if isinstance(response, dict) else None
-    code = str(error.get("Code", "")) if isinstance(error, dict) else ""
-    if code == "UserNotFoundException":
+    error = aws_error(exc)
+    if error.code == "UserNotFoundException":
         return RecipientUnknown(f"no Cognito user {user_id!r}")
-    if code in _PERMANENT_CODES:
-        return RecipientUnknown(f"Cognito refused user id {user_id!r}: {code}")
-    if code:
-        message = str(error.get("Message") or "")[:200] if isinstance(error, dict) else ""
-        log.warning("cognito lookup failed", extra={"code": code, "reason": message})
-        return LookupFailed(f"Cognito AdminGetUser failed: {code}: {message}".rstrip(": "))
+    if error.code in _PERMANENT_CODES:
+        return RecipientUnknown(f"Cognito refused user id {user_id!r}: {error.code}")
+    if error.code:
+        log.warning(
+            "cognito lookup failed", extra={"code": error.code, "reason": error.message[:200]}
+        )
+        return LookupFailed(f"Cognito AdminGetUser failed: {error.describe(200)}")
     return LookupFailed(f"Cognito AdminGetUser failed: {type(exc).__name__}: {exc}"[:300])

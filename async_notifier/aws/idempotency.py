@@ -21,6 +21,7 @@ from typing import Any, Literal, TypeVar
 
 from ..errors import IdempotencyUnavailable
 from ..logs import get_logger
+from .errors import aws_error
 
 log = get_logger()
 
@@ -144,13 +145,11 @@ class DynamoIdempotencyStore:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            response = getattr(exc, "response", None)
-            error = response.get("Error", {}) if isinstance(response, dict) else {}
-            code = error.get("Code")
-            if code == "ConditionalCheckFailedException":
-                item = response.get("Item") if isinstance(response, dict) else None
+            error = aws_error(exc)
+            if error.code == "ConditionalCheckFailedException":
+                item = error.response.get("Item")
                 raise _ConditionFailed(item if isinstance(item, dict) else None) from None
-            detail = f"{code}: {error.get('Message')}" if code else f"{type(exc).__name__}: {exc}"
+            detail = f"{error.code}: {error.message}" if error.code else f"{error.type_name}: {exc}"
             log.warning(
                 "idempotency store unavailable",
                 extra={"operation": operation, "table": self._table, "error": detail[:500]},
@@ -187,7 +186,7 @@ async def create_table(client: Any, table: str) -> None:
             BillingMode="PAY_PER_REQUEST",
         )
     except Exception as exc:
-        if getattr(exc, "response", {}).get("Error", {}).get("Code") != "ResourceInUseException":
+        if aws_error(exc).code != "ResourceInUseException":
             raise
     waiter = client.get_waiter("table_exists")
     await waiter.wait(TableName=table, WaiterConfig={"Delay": 1, "MaxAttempts": 120})

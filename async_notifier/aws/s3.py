@@ -17,6 +17,7 @@ from typing import Any
 
 from ..errors import BucketNotAllowed, DownloadFailed, ObjectUnavailable, TooLarge
 from ..logs import get_logger
+from .errors import aws_error, is_aws_failure
 
 log = get_logger()
 
@@ -157,20 +158,14 @@ def _cache_endpoints(client: Any) -> None:
 @contextlib.contextmanager
 def _s3_errors(where: str) -> Iterator[None]:
     """Translate botocore/aiohttp failures into permanent or transient record errors."""
-    from botocore.exceptions import BotoCoreError, ClientError
-
     try:
         yield
-    except ClientError as exc:
-        error = exc.response.get("Error", {})
-        code = str(error.get("Code", ""))
-        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-        if code in _MISSING_CODES or status in (403, 404):
-            raise ObjectUnavailable(f"{where}: {code or status}") from None
-        raise DownloadFailed(f"{where}: {code or status}") from None
-    except (BotoCoreError, OSError, TimeoutError) as exc:
-        raise DownloadFailed(f"{where}: {type(exc).__name__}: {exc}") from None
-    except Exception as exc:  # aiohttp payload errors and the like
-        if type(exc).__module__.startswith(("aiohttp", "aiobotocore", "botocore")):
-            raise DownloadFailed(f"{where}: {type(exc).__name__}: {exc}") from None
-        raise
+    except Exception as exc:
+        if not is_aws_failure(exc):
+            raise
+        error = aws_error(exc)
+        if error.code in _MISSING_CODES or error.status in (403, 404):
+            raise ObjectUnavailable(f"{where}: {error.code or error.status}") from None
+        if error.code or error.status:
+            raise DownloadFailed(f"{where}: {error.code or error.status}") from None
+        raise DownloadFailed(f"{where}: {error.type_name}: {exc}") from None

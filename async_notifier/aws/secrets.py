@@ -22,6 +22,7 @@ from typing import Any
 
 from ..errors import SecretUnavailable
 from ..logs import get_logger
+from .errors import aws_error
 
 log = get_logger()
 
@@ -160,7 +161,7 @@ class SecretSource:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            failure = _describe(exc)
+            failure = aws_error(exc).describe()
         if failure is not None:  # raised outside the handler: no __context__ to leak through
             raise SecretUnavailable(f"cannot read {where}: {failure}")
         text = response.get("SecretString") if isinstance(response, dict) else None
@@ -235,14 +236,3 @@ def _with_username(
     if username is None and required:
         raise SecretUnavailable(f"{where} has no username and no default (SMTP_USER) is set")
     return SmtpCredentials(username=username, password=password)
-
-
-def _describe(exc: Exception) -> str:
-    """An AWS error's code and message (they never carry the value), else the type only."""
-    response = getattr(exc, "response", None)
-    error = response.get("Error") if isinstance(response, dict) else None
-    if isinstance(error, dict) and error.get("Code"):
-        message = str(error.get("Message") or "")[:300]
-        return f"{error['Code']}: {message}" if message else str(error["Code"])
-    # Other exceptions' text is left out: a response parser's error can quote the body.
-    return type(exc).__name__

@@ -24,6 +24,7 @@ from ..after_cutoff import AfterCutoff, OutOfTime
 from ..errors import NotifierError
 from ..logs import get_logger
 from ..messages import SqsRecord
+from .errors import aws_error
 
 log = get_logger()
 
@@ -112,11 +113,10 @@ def _chunks(entries: Sequence[tuple[int, int]], *, max_bytes: int) -> list[list[
 
 
 def _error_fields(exc: BaseException) -> dict[str, Any]:
-    response = getattr(exc, "response", None)
-    error = response.get("Error", {}) if isinstance(response, dict) else {}
+    error = aws_error(exc)
     return {
-        "error_code": error.get("Code") or type(exc).__name__,
-        "error": attribute_text(str(error.get("Message") or exc), 500),
+        "error_code": error.name,
+        "error": attribute_text(error.message or str(exc), 500),
     }
 
 
