@@ -14,6 +14,7 @@ from typing import Any
 from async_notifier.config import Settings
 from async_notifier.logs import request_id
 from async_notifier.notifier import Notifier
+from async_notifier.wiring import build_notifier
 
 _notifier: Notifier | None = None
 _runner: asyncio.Runner | None = None
@@ -23,7 +24,7 @@ def lambda_handler(event: Any, context: Any) -> dict[str, list[dict[str, str]]]:
     """Return the failed records as `batchItemFailures`; raise only on broken settings."""
     global _notifier, _runner
     if _notifier is None:
-        _notifier = Notifier(Settings.from_env())
+        _notifier = build_notifier(Settings.from_env())
     if _runner is None:
         _runner = asyncio.Runner()
     token = request_id.set(getattr(context, "aws_request_id", None))

@@ -10,139 +10,31 @@ stopped at its first failure; groups still run concurrently.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import time
-from collections import Counter
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Any
 
-from .deadline import Deadline
-from .errors import (
-    BadMessage,
-    DeadlineExceeded,
-    GroupBlocked,
-    InternalError,
-    NotifierError,
-)
+from .errors import BadMessage, GroupBlocked, InternalError, NotifierError
 from .logs import get_logger
 from .messages import SqsRecord
+from .outcome import BatchResult, Outcome
 
 log = get_logger()
 
-
-@dataclass(slots=True)
-class RecordResult:
-    """What processing one record produced, beyond success: for logs and metrics."""
-
-    video_id: str | None = None
-    status: str | None = None
-    bytes: int = 0
-    retries: int = 0
-    action: str = "sent"  # sent | sent_link | duplicate | already_delivered
-    maybe_delivered: bool = False  # cancelled after its message data went out
-
-
-@dataclass(slots=True)
-class Outcome:
-    message_id: str
-    error: NotifierError | None
-    result: RecordResult
-    duration: float
-    record: SqsRecord | None = None
-    dead_lettered: bool = False
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None
-
-    @property
-    def acknowledged(self) -> bool:
-        """Delivered, or parked in the dead-letter queue: either way SQS may delete it."""
-        return self.ok or self.dead_lettered
-
-
-@dataclass
-class Delivered:
-    """What the successful records add up to: all that metrics and logs need of them.
-
-    Successes are counted, not kept: a batch of 10,000 records holds outcomes only for the
-    ones that failed, so memory does not grow with the batch size.
-    """
-
-    count: int = 0
-    actions: Counter[str] = field(default_factory=Counter)
-    bytes_attached: int = 0  # ZIPs sent as attachments (not as links)
-    retried: int = 0  # records that needed at least one retry
-    retries: int = 0
-
-    def add(self, outcome: Outcome) -> None:
-        result = outcome.result
-        self.count += 1
-        self.actions[result.action] += 1
-        if result.action == "sent":
-            self.bytes_attached += result.bytes
-        self.retried += result.retries > 0
-        self.retries += result.retries
-
-
-@dataclass
-class BatchResult:
-    """The outcome of every record that failed, in batch order, and the tally of the rest."""
-
-    errors: list[Outcome] = field(default_factory=list)
-    delivered: Delivered = field(default_factory=Delivered)
-
-    @classmethod
-    def of(cls, outcomes: Iterable[Outcome]) -> BatchResult:
-        result = cls()
-        for outcome in outcomes:
-            if outcome.ok:
-                result.delivered.add(outcome)
-            else:
-                result.errors.append(outcome)
-        return result
-
-    @property
-    def records(self) -> int:
-        return self.delivered.count + len(self.errors)
-
-    @property
-    def failures(self) -> list[Outcome]:
-        """Records SQS must deliver again."""
-        return [o for o in self.errors if not o.acknowledged]
-
-    def response(self) -> dict[str, list[dict[str, str]]]:
-        """The partial batch response Lambda expects with ReportBatchItemFailures.
-
-        A record without a messageId (Lambda never sends one) is left out: an empty
-        identifier would make Lambda retry the whole batch and resend every email in it.
-        """
-        failures = self.failures
-        return {
-            "batchItemFailures": [
-                {"itemIdentifier": o.message_id} for o in failures if o.message_id
-            ]
-        }
-
-
-Processor = Callable[[SqsRecord, RecordResult], Awaitable[None]]
+Deliver = Callable[[Any], Awaitable[Outcome]]
 
 
 async def run_batch(
-    raw_records: Sequence[Any],
-    process: Processor,
-    *,
-    concurrency: int,
-    deadline: Deadline | None = None,
+    raw_records: Sequence[Any], deliver: Deliver, *, concurrency: int
 ) -> BatchResult:
+    """Every record's outcome; the failures in batch order."""
     result = BatchResult()
     errors: list[tuple[int, Outcome]] = []
     units = _work_units(raw_records)
 
     def record(index: int, outcome: Outcome) -> None:
+        _log_outcome(outcome)
         if outcome.ok:
-            result.delivered.add(outcome)
+            result.add(outcome)
         else:
             errors.append((index, outcome))
 
@@ -151,12 +43,10 @@ async def run_batch(
             blocked: Outcome | None = None
             for index, raw in unit:
                 if blocked is not None:
-                    error = GroupBlocked(
-                        f"earlier message {blocked.message_id} of its group failed"
-                    )
-                    record(index, _finish(raw, None, error, RecordResult(), 0.0))
+                    reason = f"earlier message {blocked.message_id} of its group failed"
+                    record(index, _blocked(raw, reason))
                     continue
-                outcome = await _run_one(raw, process, deadline)
+                outcome = await _guarded(deliver, raw)
                 record(index, outcome)
                 if not outcome.ok:
                     blocked = outcome
@@ -190,31 +80,21 @@ def _work_units(raw_records: Sequence[Any]) -> Iterator[list[tuple[int, Any]]]:
     return iter(list(groups.values()))
 
 
-async def _run_one(raw: Any, process: Processor, deadline: Deadline | None) -> Outcome:
-    started = time.monotonic()
-    result = RecordResult()
-    record: SqsRecord | None = None
-    error: NotifierError | None = None
+async def _guarded(deliver: Deliver, raw: Any) -> Outcome:
+    """A delivery returns its outcome; one that raises is a bug, and still only one record's."""
     try:
-        record = SqsRecord.from_event(raw)
-        if deadline is None:
-            await process(record, result)
-        elif deadline.expired():
-            raise DeadlineExceeded("not started: the invocation ran out of time")
-        else:
-            try:
-                async with asyncio.timeout_at(deadline.cutoff) as scope:
-                    await process(record, result)
-            except TimeoutError:
-                if not scope.expired():
-                    raise
-                raise DeadlineExceeded("cancelled: the invocation ran out of time") from None
-    except NotifierError as exc:
-        error = exc
+        return await deliver(raw)
     except Exception as exc:
         log.exception("unexpected error", extra={"messageId": _message_id(raw)})
-        error = InternalError(f"{type(exc).__name__}: {exc}")
-    return _finish(raw, record, error, result, time.monotonic() - started)
+        return Outcome(
+            _message_id(raw),
+            error=InternalError(f"{type(exc).__name__}: {exc}"),
+            record=_record(raw),
+        )
+
+
+def _blocked(raw: Any, reason: str) -> Outcome:
+    return Outcome(_message_id(raw), error=GroupBlocked(reason), record=_record(raw))
 
 
 def _message_id(raw: Any) -> str:
@@ -222,36 +102,27 @@ def _message_id(raw: Any) -> str:
     return message_id if isinstance(message_id, str) else ""
 
 
-def _finish(
-    raw: Any,
-    record: SqsRecord | None,
-    error: NotifierError | None,
-    result: RecordResult,
-    duration: float,
-) -> Outcome:
-    if record is None and isinstance(raw, dict):
-        with contextlib.suppress(NotifierError):
-            record = SqsRecord.from_event(raw)
-    # Only a failure needs its record later (dead-letter queue, retry back-off).
-    outcome = Outcome(_message_id(raw), error, result, duration, record if error else None)
-    _log_outcome(outcome)
-    return outcome
+def _record(raw: Any) -> SqsRecord | None:
+    try:
+        return SqsRecord.from_event(raw)
+    except NotifierError:
+        return None
 
 
 def _log_outcome(outcome: Outcome) -> None:
     fields: dict[str, Any] = {
         "messageId": outcome.message_id,
-        "video_id": outcome.result.video_id,
-        "status": outcome.result.status,
-        "outcome": outcome.result.action if outcome.ok else "failed",
-        "bytes": outcome.result.bytes,
-        "retries": outcome.result.retries,
+        "video_id": outcome.video_id,
+        "status": outcome.status,
+        "outcome": outcome.action if outcome.ok else "failed",
+        "bytes": outcome.bytes,
+        "retries": outcome.retries,
         "duration_ms": round(outcome.duration * 1000, 1),
     }
     if outcome.error is None:
         log.info("record done", extra=fields)
         return
-    if outcome.result.maybe_delivered:
+    if outcome.maybe_delivered:
         fields["maybe_delivered"] = True  # ambiguous: the server may have accepted it
     fields.update(
         error_class=outcome.error.kind,

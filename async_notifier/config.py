@@ -7,6 +7,7 @@ message that names every problem, rather than failing each record in turn.
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -14,8 +15,6 @@ from email.headerregistry import Address
 from email.utils import getaddresses
 from pathlib import Path
 from typing import Literal, TypeVar
-
-from email_validator import EmailNotValidError, validate_email
 
 from .errors import ConfigError
 
@@ -25,6 +24,20 @@ TLS_MODES: tuple[TlsMode, ...] = ("starttls", "tls", "none")
 MIB = 1024 * 1024
 SUPPORTED_LOCALES: tuple[str, ...] = ("pt-BR", "en")
 DEFAULT_TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "templates"
+# The pattern AWS documents for UserPoolId.
+USER_POOL_ID_RE = re.compile(r"^[\w-]+_[0-9a-zA-Z]+$")
+# CloudWatch's namespace characters; "AWS/" is reserved for AWS's own namespaces.
+_NAMESPACE_RE = re.compile(r"^[A-Za-z0-9 .\-_/#:]{1,255}$")
+
+
+def validate_namespace(namespace: str) -> str:
+    """The namespace if CloudWatch accepts it, else ValueError (for the metrics too)."""
+    if not _NAMESPACE_RE.match(namespace) or namespace.startswith("AWS/"):
+        raise ValueError(
+            f"invalid metric namespace {namespace!r}: 1-255 of A-Z a-z 0-9 . - _ / # : and "
+            "space, not starting with 'AWS/'"
+        )
+    return namespace
 
 
 @dataclass(frozen=True)
@@ -140,10 +153,6 @@ class Settings:
         )
         if settings.smtp_password and not settings.smtp_user:
             env.problems.append("SMTP_PASSWORD is set but SMTP_USER is not")
-        # Imported here: both modules depend on this one.
-        from .aws.cognito import USER_POOL_ID_RE
-        from .metrics import validate_namespace
-
         if settings.smtp_password and settings.smtp_password_secret_id:
             env.problems.append("set SMTP_PASSWORD or SMTP_PASSWORD_SECRET_ID, not both")
         if settings.smtp_password_secret_id and settings.smtp_tls == "none":
@@ -283,6 +292,10 @@ class _Env:
             self.problems.append(f"{name} must be exactly one address")
             return Address()
         display, addr = pairs[0]
+        # Imported here, not with the module: the metrics and the CLI read this module's
+        # constants without ever parsing an address.
+        from email_validator import EmailNotValidError, validate_email
+
         try:
             valid = validate_email(addr, check_deliverability=False, allow_smtputf8=False)
             username, domain = valid.ascii_email.rsplit("@", 1)  # type: ignore[union-attr]

@@ -1,4 +1,10 @@
-"""The work for one record: parse, deduplicate, fetch, render, build, send, clean up."""
+"""Deliver one record: parse, deduplicate, fetch, render, build, send, clean up.
+
+`Delivery.deliver` returns the record's `Outcome` whatever happens, the deadline
+included: the record's work runs under the invocation's cutoff, and what must follow it
+(completing or releasing its idempotency claim) runs after, within the time left until
+the deadline's end (`AfterCutoff`). Nothing outside the record writes to its outcome.
+"""
 
 from __future__ import annotations
 
@@ -8,23 +14,29 @@ import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 from .after_cutoff import AfterCutoff
-from .aws.cognito import CognitoRecipients, Recipient
-from .aws.idempotency import DynamoIdempotencyStore, idempotency_key
-from .aws.s3 import ObjectStore, S3Object
-from .batch import RecordResult
 from .config import Settings
 from .deadline import Deadline
 from .dedup import InBatchDeduplicator
-from .errors import DeliveryUnknown, InProgressElsewhere, LookupFailed, NotifierError, TooLarge
+from .errors import (
+    DeadlineExceeded,
+    DeliveryUnknown,
+    InProgressElsewhere,
+    InternalError,
+    LookupFailed,
+    NotifierError,
+    TooLarge,
+)
 from .logs import get_logger
 from .messages import Notification, SqsRecord, parse_body
 from .mime import attachment_filename, build_streamed_email
+from .outcome import Action, Outcome
+from .ports import Adapters, Download, Recipient
 from .render import Renderer
-from .retry import RetryPolicy, retrying
+from .retry import Retrier, RetryPolicy
 from .scratch import ByteBudget, ScratchDir
-from .smtp.pool import SmtpPool
 
 log = get_logger()
 # Headers, text and HTML parts, MIME boundaries: generous, so the estimate errs high.
@@ -41,104 +53,149 @@ def encoded_size(raw: int) -> int:
 class Attachment:
     path: Path | None = None
     name: str | None = None
-    size: int = 0
+    size: int = 0  # bytes reserved in the temp-dir budget (or the object's, for a link)
     link: str | None = None
     link_expires_at: datetime | None = None
 
 
-class Pipeline:
+@dataclass
+class _Record:
+    """One record's delivery as it goes: what its outcome is made of."""
+
+    retry: Retrier
+    video_id: str | None = None
+    status: str | None = None
+    bytes: int = 0
+    maybe_delivered: bool = False
+    claimed: str | None = None  # the identity this delivery claimed in the idempotency store
+
+
+class Delivery:
     """Shared by all records of one batch; owns that batch's deduplication."""
 
     def __init__(
         self,
         settings: Settings,
         renderer: Renderer,
-        store: ObjectStore,
-        pool: SmtpPool,
+        adapters: Adapters,
         scratch: ScratchDir,
         *,
         budget: ByteBudget,
         deadline: Deadline | None = None,
-        idempotency: DynamoIdempotencyStore | None = None,
-        recipients: CognitoRecipients | None = None,
     ) -> None:
         self._settings = settings
         self._renderer = renderer
-        self._store = store
-        self.pool = pool
+        self._transport = adapters.transport
+        self._objects = adapters.objects
+        self._idempotency = adapters.idempotency
+        self._recipients = adapters.recipients
         self._scratch = scratch
         self._budget = budget
         self._deadline = deadline
-        self._idempotency = idempotency
-        self._recipients = recipients
         self._dedup = InBatchDeduplicator()
-        self._retry = RetryPolicy(settings.retry_attempts, settings.retry_base_delay)
+        self._policy = RetryPolicy(settings.retry_attempts, settings.retry_base_delay)
 
-    async def process(self, record: SqsRecord, result: RecordResult) -> None:
+    async def deliver(self, raw: Any) -> Outcome:
+        """The outcome of one raw Lambda SQS record; never raises (but for cancellation)."""
+        started = time.monotonic()
+        message_id = _message_id(raw)
+        state = _Record(Retrier(self._policy, self._deadline))
+        record: SqsRecord | None = None
+        action: Action | None = None
+        error: NotifierError | None = None
+        try:
+            record = SqsRecord.from_event(raw)
+            action = await self._within_cutoff(record, state)
+        except NotifierError as exc:
+            error = exc
+        except Exception as exc:
+            log.exception("unexpected error", extra={"messageId": message_id})
+            error = InternalError(f"{type(exc).__name__}: {exc}")
+        except asyncio.CancelledError:  # the whole batch was cancelled from outside
+            await self._settle_claim(state, DeadlineExceeded("cancelled"), message_id)
+            raise
+        await self._settle_claim(state, error, message_id)
+        return Outcome(
+            message_id,
+            error=error,
+            action=action if error is None else None,
+            # Only a failure needs its record later (dead-letter queue, retry back-off).
+            record=record if error is not None else None,
+            video_id=state.video_id,
+            status=state.status,
+            bytes=state.bytes,
+            retries=state.retry.retries,
+            maybe_delivered=state.maybe_delivered,
+            duration=time.monotonic() - started,
+        )
+
+    async def _within_cutoff(self, record: SqsRecord, state: _Record) -> Action:
+        if self._deadline is None:
+            return await self._process(record, state)
+        if self._deadline.expired():
+            raise DeadlineExceeded("not started: the invocation ran out of time")
+        try:
+            async with asyncio.timeout_at(self._deadline.cutoff) as scope:
+                return await self._process(record, state)
+        except TimeoutError:
+            if not scope.expired():
+                raise
+            raise DeadlineExceeded("cancelled: the invocation ran out of time") from None
+
+    async def _process(self, record: SqsRecord, state: _Record) -> Action:
         notification = parse_body(record.body)
-        result.video_id = notification.video_id
-        result.status = notification.status
+        state.video_id = notification.video_id
+        state.status = notification.status
         # Two records for the same email in one batch: send once, both share the outcome.
         first = await self._dedup.run(
-            notification.identity,
-            lambda: self._deliver_once(notification, result, record.message_id),
+            notification.identity, lambda: self._deliver_once(notification, state)
         )
-        if first is None:
-            result.action = "duplicate"
+        return "duplicate" if first is None else first
 
-    async def _deliver_once(
-        self, notification: Notification, result: RecordResult, message_id: str = ""
-    ) -> bool:
-        """Across deliveries: skip what an earlier delivery already sent (IDEMPOTENCY_TABLE).
-
-        A claim whose send failed or was cancelled without reaching the server is released
-        within `AfterCutoff`: a record cut off at the cutoff releases it after the cutoff, and
-        a release that does not fit is left to expire (logged), never allowed to overrun.
-        """
-        if self._idempotency is None:
-            await self._deliver(notification, result)
-            return True
-        key = idempotency_key(notification.identity)
+    async def _deliver_once(self, notification: Notification, state: _Record) -> Action:
+        """Across deliveries: skip what an earlier delivery already sent (IDEMPOTENCY_TABLE)."""
         store = self._idempotency
-        state = await retrying(
-            lambda: store.begin(key, self._in_progress_until()),
-            self._retry,
-            deadline=self._deadline,
-            on_retry=lambda _: _count_retry(result),
-        )
-        if state == "completed":
-            result.action = "already_delivered"
-            return True
-        if state == "in_progress":
+        if store is None:
+            return await self._deliver(notification, state)
+        identity = notification.identity
+        claim = await state.retry.run(lambda: store.begin(identity, self._in_progress_until()))
+        if claim == "completed":
+            return "already_delivered"
+        if claim == "in_progress":
             raise InProgressElsewhere("another delivery of this email is in progress")
-        try:
-            await self._deliver(notification, result)
-        except DeliveryUnknown:
-            raise  # may have been delivered: keep the mark until it expires
-        except BaseException:
-            if not result.maybe_delivered:
-                await AfterCutoff(self._deadline).attempt(
-                    "idempotency_release", [message_id], lambda: store.release(key)
-                )
-            raise
-        try:
-            await self._idempotency.complete(key)
-        except NotifierError as exc:
-            # The email is out; failing the record now would only send it twice.
-            log.warning("could not mark email delivered", extra={"reason": exc.reason})
-        return True
+        state.claimed = identity
+        return await self._deliver(notification, state)
+
+    async def _settle_claim(
+        self, state: _Record, error: NotifierError | None, message_id: str
+    ) -> None:
+        """After the record, within the time left: mark its email sent, or give its claim
+        back when nothing can have reached the server (a claim that may cover a delivered
+        email is kept until it expires, so the retry does not send it twice)."""
+        store, identity = self._idempotency, state.claimed
+        if store is None or identity is None:
+            return
+        budget = AfterCutoff(self._deadline)
+        if error is None:
+            await budget.attempt(
+                "idempotency_complete", [message_id], lambda: store.complete(identity)
+            )
+        elif not (state.maybe_delivered or isinstance(error, DeliveryUnknown)):
+            await budget.attempt(
+                "idempotency_release", [message_id], lambda: store.release(identity)
+            )
 
     def _in_progress_until(self) -> float:
         """Wall-clock time after which an unfinished mark may be taken over."""
         remaining = self._deadline.remaining() if self._deadline else 900.0
         return time.time() + max(remaining, 0.0) + 60.0
 
-    async def _deliver(self, notification: Notification, result: RecordResult) -> None:
+    async def _deliver(self, notification: Notification, state: _Record) -> Action:
         lookup = self._lookup(notification)  # runs while the ZIP downloads
         attachment = Attachment()
         try:
             if notification.status == "COMPLETED":
-                attachment = await self._fetch(notification, result)
+                attachment = await self._fetch(notification, state)
             if lookup is not None:
                 recipient = await lookup
                 notification = dataclasses.replace(
@@ -157,21 +214,23 @@ class Pipeline:
                 attachment=attachment.path,
                 attachment_name=attachment.name,
             )
-            await retrying(
-                lambda: self.pool.send(
-                    email, on_cancelled_after_data=lambda: _maybe_delivered(result)
-                ),
-                self._retry,
-                deadline=self._deadline,
-                on_retry=lambda _: _count_retry(result),
-            )
-            result.action = "sent_link" if attachment.link else "sent"
+            await state.retry.run(lambda: self._send(email, state))
+            return "sent_link" if attachment.link else "sent"
         finally:
             if lookup is not None and not lookup.done():
                 lookup.cancel()
             if attachment.path is not None:
                 attachment.path.unlink(missing_ok=True)
                 await self._budget.release(attachment.size)
+
+    async def _send(self, email: Any, state: _Record) -> None:
+        sending = await self._transport.transmit(email)  # nothing delivered if this fails
+        try:
+            await sending.verdict()
+        except asyncio.CancelledError:
+            # Cut off after the end of the message went out: the server may accept it.
+            state.maybe_delivered = True
+            raise
 
     def _lookup(self, notification: Notification) -> asyncio.Future[Recipient] | None:
         """Start resolving a Cognito user id to an address, or None when there is one."""
@@ -188,17 +247,12 @@ class Pipeline:
         lookup.add_done_callback(lambda f: f.cancelled() or f.exception())
         return lookup
 
-    async def _fetch(self, notification: Notification, result: RecordResult) -> Attachment:
+    async def _fetch(self, notification: Notification, state: _Record) -> Attachment:
         """Download the ZIP within the temp-dir budget, or sign a link when it cannot go."""
         bucket, key = notification.bucket, notification.key
         assert bucket is not None
         assert key is not None
-        opened: S3Object | None = await retrying(
-            lambda: self._store.open(bucket, key),
-            self._retry,
-            deadline=self._deadline,
-            on_retry=lambda _: _count_retry(result),
-        )
+        opened: Download | None = await state.retry.run(lambda: self._objects.open(bucket, key))
         assert opened is not None
         size = opened.size
         # No Content-Length: reserve the most that could be attached and count as it streams.
@@ -222,16 +276,11 @@ class Pipeline:
             nonlocal opened
             obj, opened = opened, None
             if obj is None:
-                obj = await self._store.open(bucket, key)
-            return await self._store.save(obj, path, limit)
+                obj = await self._objects.open(bucket, key)
+            return await self._objects.save(obj, path, limit)
 
         try:
-            written = await retrying(
-                download,
-                self._retry,
-                deadline=self._deadline,
-                on_retry=lambda _: _count_retry(result),
-            )
+            written = await state.retry.run(download)
         except TooLarge as exc:
             await self._budget.release(reserved)
             return await self._link(bucket, key, exc.written)
@@ -253,7 +302,7 @@ class Pipeline:
                 path.unlink(missing_ok=True)
                 await self._budget.release(reserved)
                 return await self._link(bucket, key, written)
-        result.bytes = written
+        state.bytes = written
         return Attachment(path=path, name=attachment_filename(notification), size=reserved)
 
     async def _too_big(self, size: int) -> bool:
@@ -263,20 +312,17 @@ class Pipeline:
             return False
         if size > s.max_attachment_bytes or size > self._budget.total:
             return True
-        limit = await self.pool.server_size_limit()
+        limit = await self._transport.server_size_limit()
         return bool(limit) and encoded_size(size) + MESSAGE_OVERHEAD > (limit or 0)
 
     async def _link(self, bucket: str, key: str, size: int) -> Attachment:
         expiry = self._settings.link_expiry_seconds
-        url = await self._store.presign(bucket, key, expiry)
+        url = await self._objects.presign(bucket, key, expiry)
         return Attachment(
             size=size, link=url, link_expires_at=datetime.now(UTC) + timedelta(seconds=expiry)
         )
 
 
-def _maybe_delivered(result: RecordResult) -> None:
-    result.maybe_delivered = True
-
-
-def _count_retry(result: RecordResult) -> None:
-    result.retries += 1
+def _message_id(raw: Any) -> str:
+    message_id = raw.get("messageId") if isinstance(raw, dict) else None
+    return message_id if isinstance(message_id, str) else ""

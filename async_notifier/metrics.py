@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import time
 from collections.abc import Callable, Mapping
 from typing import IO, TYPE_CHECKING, Any, Literal, get_args
 
+from .config import validate_namespace
+
 if TYPE_CHECKING:
-    from .batch import BatchResult
+    from .outcome import BatchResult
 
 Unit = Literal[
     "Seconds",
@@ -56,7 +57,6 @@ MAX_NAME = 255  # CloudWatch metric and namespace names
 MAX_DIMENSION_VALUE = 1024
 _RESERVED = "_aws"
 # CloudWatch's namespace characters; "AWS/" is reserved for AWS's own namespaces.
-_NAMESPACE_RE = re.compile(r"^[A-Za-z0-9 .\-_/#:]{1,255}$")
 
 _GroupKey = tuple[tuple[str, str], ...]
 
@@ -202,7 +202,7 @@ def metrics_from_batch(
     namespace: str,
     function_name: str | None,
 ) -> InvocationMetrics:
-    """The invocation's metrics, from its BatchResult (after dead-lettering).
+    """The invocation's metrics, from its settled BatchResult.
 
     Failures are also counted per `NotifierError.kind` as RecordsFailed with an ErrorClass
     dimension: one metric that a dashboard can split or alarm on per class. Kinds come from
@@ -219,10 +219,10 @@ def metrics_from_batch(
     metrics.set("RecordsSent", actions["sent"] + actions["sent_link"], "Count")
     metrics.set("RecordsFailed", len(errors), "Count")
     metrics.set("BatchItemFailures", len(result.failures), "Count")
-    metrics.set("RecordsDeadLettered", sum(o.dead_lettered for o in errors), "Count")
-    retried = delivered.retried + sum(o.result.retries > 0 for o in errors)
+    metrics.set("RecordsDeadLettered", len(result.dead_lettered), "Count")
+    retried = delivered.retried + sum(o.retries > 0 for o in errors)
     metrics.set("RecordsRetried", retried, "Count")
-    metrics.set("Retries", delivered.retries + sum(o.result.retries for o in errors), "Count")
+    metrics.set("Retries", delivered.retries + sum(o.retries for o in errors), "Count")
     metrics.set("BytesAttached", delivered.bytes_attached, "Bytes")
     metrics.set("LinksSent", actions["sent_link"], "Count")
     metrics.set("Duplicates", actions["duplicate"], "Count")
@@ -236,16 +236,6 @@ def metrics_from_batch(
     if rid:
         metrics.set_property("request_id", rid)
     return metrics
-
-
-def validate_namespace(namespace: str) -> str:
-    """The namespace if CloudWatch accepts it, else ValueError (for config checks too)."""
-    if not _NAMESPACE_RE.match(namespace) or namespace.startswith("AWS/"):
-        raise ValueError(
-            f"invalid metric namespace {namespace!r}: 1-255 of A-Z a-z 0-9 . - _ / # : and "
-            "space, not starting with 'AWS/'"
-        )
-    return namespace
 
 
 def _key(dimensions: Mapping[str, str] | None) -> _GroupKey:

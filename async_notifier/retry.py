@@ -3,7 +3,7 @@
 Another SQS delivery costs a whole visibility timeout; a short in-process retry
 with full jitter rides out a dropped connection or a 451 at a fraction of that.
 Permanent errors and the ambiguous "may have been delivered" case are never
-retried here.
+retried here. Each record has its own `Retrier`, which counts what it retried.
 """
 
 from __future__ import annotations
@@ -34,24 +34,25 @@ class RetryPolicy:
         return error.transient and not isinstance(error, DeliveryUnknown)
 
 
-async def retrying(
-    operation: Callable[[], Awaitable[T]],
-    policy: RetryPolicy,
-    *,
-    deadline: Deadline | None = None,
-    on_retry: Callable[[NotifierError], None] | None = None,
-) -> T:
-    attempt = 1
-    while True:
-        try:
-            return await operation()
-        except NotifierError as error:
-            if attempt >= policy.attempts or not policy.should_retry(error):
-                raise
-            delay = policy.delay(attempt)
-            if deadline is not None and deadline.remaining() <= delay:
-                raise
-            if on_retry is not None:
-                on_retry(error)
-            attempt += 1
-            await asyncio.sleep(delay)
+class Retrier:
+    """One record's retries: each step gets `policy.attempts`, all steps count together."""
+
+    def __init__(self, policy: RetryPolicy, deadline: Deadline | None = None) -> None:
+        self.policy = policy
+        self.deadline = deadline
+        self.retries = 0
+
+    async def run(self, operation: Callable[[], Awaitable[T]]) -> T:
+        attempt = 1
+        while True:
+            try:
+                return await operation()
+            except NotifierError as error:
+                if attempt >= self.policy.attempts or not self.policy.should_retry(error):
+                    raise
+                delay = self.policy.delay(attempt)
+                if self.deadline is not None and self.deadline.remaining() <= delay:
+                    raise
+                self.retries += 1
+                attempt += 1
+                await asyncio.sleep(delay)

@@ -26,12 +26,13 @@ from typing import Any
 
 from .aws.clients import aws_client
 from .aws.errors import aws_error
-from .batch import BatchResult, Outcome, RecordResult
 from .config import Settings
 from .deadline import MARGIN_FRACTION, MIN_MARGIN, Deadline
 from .errors import TransientError
 from .logs import get_logger
 from .notifier import Notifier
+from .outcome import BatchResult, Outcome
+from .wiring import build_notifier
 
 log = get_logger()
 
@@ -198,7 +199,7 @@ async def run(
     if pollers < 1:
         raise ValueError("pollers must be at least 1")
     own_notifier = notifier is None
-    notifier = notifier or Notifier(settings)
+    notifier = notifier or build_notifier(settings)
     stop = stop or asyncio.Event()
     async with sqs_client(settings, pollers=pollers, wait_time=wait_time) as sqs:
         attributes = await _queue_attributes(sqs, queue_url)
@@ -697,7 +698,7 @@ class _Consumer:
 
 def _failed_batch(records: Sequence[Mapping[str, Any]], reason: str) -> BatchResult:
     error = TransientError(f"batch failed: {reason}")
-    return BatchResult.of(Outcome(str(r["messageId"]), error, RecordResult(), 0.0) for r in records)
+    return BatchResult.of(Outcome(str(r["messageId"]), error=error) for r in records)
 
 
 def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:

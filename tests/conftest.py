@@ -173,7 +173,7 @@ def _forget_handler() -> None:
     from async_notifier.logs import LOGGER_NAME
 
     # Whatever the scenario did to the warm process, the pool's books still add up.
-    pool = handler._notifier.pool if handler._notifier is not None else None
+    pool = handler._notifier.backend.pool if handler._notifier is not None else None
     if pool is not None:
         state = pool.check()
         assert (state.busy, state.waiting, state.connecting) == (0, 0, 0), state

@@ -1,6 +1,6 @@
 """run_batch on its own: per-record outcomes, order, and what a big batch keeps in memory.
 
-The processor here is the test's own function (the pipeline's real peers are covered by the
+The delivery here is the test's own function (the real one's peers are covered by the
 end-to-end tests); what is under test is the batch runner's bookkeeping.
 """
 
@@ -12,31 +12,33 @@ import json
 import tracemalloc
 from typing import Any
 
-from async_notifier.batch import BatchResult, Outcome, RecordResult, run_batch
+from async_notifier.batch import run_batch
+from async_notifier.disposition import DeadLetter, Retry
 from async_notifier.errors import BadMessage, DownloadFailed
 from async_notifier.messages import SqsRecord
+from async_notifier.outcome import BatchResult, Outcome
 
 
 def record(n: int) -> dict[str, Any]:
     return {"messageId": f"m{n}", "body": json.dumps({"n": n}), "attributes": {}}
 
 
-async def process(rec: SqsRecord, result: RecordResult) -> None:
+async def deliver(raw: dict[str, Any]) -> Outcome:
+    rec = SqsRecord.from_event(raw)
     n = json.loads(rec.body)["n"]
     await asyncio.sleep(0.001 * (n % 3))  # finish out of order
-    result.bytes = 100
     if n % 10 == 3:
-        raise BadMessage(f"bad {n}")
+        return Outcome(rec.message_id, error=BadMessage(f"bad {n}"), record=rec, bytes=100)
     if n % 10 == 7:
-        result.retries = 2
-        raise DownloadFailed(f"reset {n}")
+        error = DownloadFailed(f"reset {n}")
+        return Outcome(rec.message_id, error=error, record=rec, bytes=100, retries=2)
     if n % 10 == 5:
-        result.retries = 1
-        result.action = "sent_link"
+        return Outcome(rec.message_id, action="sent_link", bytes=100, retries=1)
+    return Outcome(rec.message_id, action="sent", bytes=100)
 
 
 async def test_failures_in_batch_order_and_a_tally_of_the_rest() -> None:
-    result = await run_batch([record(n) for n in range(1000)], process, concurrency=32)
+    result = await run_batch([record(n) for n in range(1000)], deliver, concurrency=32)
     failed = [n for n in range(1000) if n % 10 in (3, 7)]
     assert [o.message_id for o in result.errors] == [f"m{n}" for n in failed]
     assert result.response() == {"batchItemFailures": [{"itemIdentifier": f"m{n}"} for n in failed]}
@@ -57,7 +59,7 @@ async def test_successes_keep_no_per_record_state() -> None:
     tracemalloc.start()
     try:
         before = tracemalloc.take_snapshot()
-        result = await run_batch(records, process, concurrency=64)
+        result = await run_batch(records, deliver, concurrency=64)
         gc.collect()
         after = tracemalloc.take_snapshot()
     finally:
@@ -69,11 +71,27 @@ async def test_successes_keep_no_per_record_state() -> None:
 
 
 def test_of_sorts_outcomes_into_failures_and_tally() -> None:
-    ok = Outcome("a", None, RecordResult(bytes=5), 0.0)
-    bad = Outcome("b", BadMessage("x"), RecordResult(), 0.0, dead_lettered=True)
-    worse = Outcome("c", DownloadFailed("y"), RecordResult(), 0.0)
+    ok = Outcome("a", action="sent", bytes=5)
+    bad = Outcome("b", error=BadMessage("x"))
+    worse = Outcome("c", error=DownloadFailed("y"))
     result = BatchResult.of([ok, bad, worse])
     assert result.records == 3
     assert result.errors == [bad, worse]
+    assert result.failures == [bad, worse]  # before the fates are settled: every failure
+    result.fates = [DeadLetter("bad_message: x"), Retry(30)]
     assert result.failures == [worse]  # dead-lettered counts as acknowledged
+    assert result.dead_lettered == [bad]
     assert result.delivered.bytes_attached == 5
+
+
+async def test_a_delivery_that_raises_fails_only_its_record() -> None:
+    async def flaky(raw: dict[str, Any]) -> Outcome:
+        if raw["messageId"] == "m1":
+            raise KeyError("a bug")
+        return Outcome(raw["messageId"], action="sent")
+
+    result = await run_batch([record(n) for n in range(3)], flaky, concurrency=2)
+    [failed] = result.errors
+    assert (failed.message_id, failed.error and failed.error.kind) == ("m1", "internal")
+    assert failed.record is not None  # kept for the back-off
+    assert result.delivered.count == 2

@@ -28,7 +28,8 @@ from async_notifier.errors import (
 )
 
 TABLE = "notifier-idempotency"
-KEY = idempotency_key("ab" * 32)
+IDENTITY = "ab" * 32
+KEY = idempotency_key(IDENTITY)  # the item's id in the table
 
 
 class Clock:
@@ -213,61 +214,61 @@ async def test_create_table_enables_ttl_and_is_idempotent(dynamodb: Any) -> None
 async def test_second_begin_sees_the_claim_in_progress(
     store: DynamoIdempotencyStore, dynamodb: Any, clock: Clock
 ) -> None:
-    assert await store.begin(KEY, clock.now + 300) == "new"
-    assert await store.begin(KEY, clock.now + 300) == "in_progress"
+    assert await store.begin(IDENTITY, clock.now + 300) == "new"
+    assert await store.begin(IDENTITY, clock.now + 300) == "in_progress"
 
     item = (await dynamodb.get_item(TableName=TABLE, Key={"id": {"S": KEY}}))["Item"]
     assert item["status"] == {"S": "IN_PROGRESS"}
     assert item["expires_at"] == {"N": str(int(clock.now + 300))}
-    assert await store.begin(idempotency_key("cd" * 32), clock.now + 300) == "new"
+    assert await store.begin("cd" * 32, clock.now + 300) == "new"
 
 
 async def test_completed_key_is_remembered_for_the_ttl(
     store: DynamoIdempotencyStore, dynamodb: Any, clock: Clock
 ) -> None:
-    assert await store.begin(KEY, clock.now + 300) == "new"
+    assert await store.begin(IDENTITY, clock.now + 300) == "new"
     clock.now += 10
 
-    await store.complete(KEY)
+    await store.complete(IDENTITY)
 
-    assert await store.begin(KEY, clock.now + 300) == "completed"
+    assert await store.begin(IDENTITY, clock.now + 300) == "completed"
     item = (await dynamodb.get_item(TableName=TABLE, Key={"id": {"S": KEY}}))["Item"]
     assert item["status"] == {"S": "COMPLETED"}
     assert item["expires_at"] == {"N": str(int(clock.now + 3600))}
     # Until DynamoDB's TTL sweep deletes it, an expired COMPLETED still prevents a resend.
     clock.now += 7200
-    assert await store.begin(KEY, clock.now + 300) == "completed"
+    assert await store.begin(IDENTITY, clock.now + 300) == "completed"
 
 
 async def test_expired_claim_can_be_taken_over(store: DynamoIdempotencyStore, clock: Clock) -> None:
-    assert await store.begin(KEY, clock.now + 300) == "new"
+    assert await store.begin(IDENTITY, clock.now + 300) == "new"
     clock.now += 299
-    assert await store.begin(KEY, clock.now + 300) == "in_progress"
+    assert await store.begin(IDENTITY, clock.now + 300) == "in_progress"
 
     clock.now += 2  # the first invocation's deadline has passed: it is gone
 
-    assert await store.begin(KEY, clock.now + 300) == "new"
-    assert await store.begin(KEY, clock.now + 300) == "in_progress"
+    assert await store.begin(IDENTITY, clock.now + 300) == "new"
+    assert await store.begin(IDENTITY, clock.now + 300) == "in_progress"
 
 
 async def test_release_lets_the_record_retry_at_once(
     store: DynamoIdempotencyStore, clock: Clock
 ) -> None:
-    assert await store.begin(KEY, clock.now + 300) == "new"
+    assert await store.begin(IDENTITY, clock.now + 300) == "new"
 
-    await store.release(KEY)
+    await store.release(IDENTITY)
 
-    assert await store.begin(KEY, clock.now + 300) == "new"
-    await store.release(idempotency_key("ef" * 32))  # nothing to release: no error
+    assert await store.begin(IDENTITY, clock.now + 300) == "new"
+    await store.release("ef" * 32)  # nothing to release: no error
 
 
 async def test_release_never_drops_a_completed_key(store: DynamoIdempotencyStore) -> None:
-    assert await store.begin(KEY, 2e9) == "new"
-    await store.complete(KEY)
+    assert await store.begin(IDENTITY, 2e9) == "new"
+    await store.complete(IDENTITY)
 
-    await store.release(KEY)
+    await store.release(IDENTITY)
 
-    assert await store.begin(KEY, 2e9) == "completed"
+    assert await store.begin(IDENTITY, 2e9) == "completed"
 
 
 class _WithoutOldItem:
@@ -295,17 +296,17 @@ async def test_begin_reads_the_item_when_the_failure_does_not_carry_it(
 ) -> None:
     client = _WithoutOldItem(dynamodb)
     store = DynamoIdempotencyStore(client, TABLE, clock=clock)
-    assert await store.begin(KEY, clock.now + 300) == "new"
-    assert await store.begin(KEY, clock.now + 300) == "in_progress"
-    await store.complete(KEY)
-    assert await store.begin(KEY, clock.now + 300) == "completed"
+    assert await store.begin(IDENTITY, clock.now + 300) == "new"
+    assert await store.begin(IDENTITY, clock.now + 300) == "in_progress"
+    await store.complete(IDENTITY)
+    assert await store.begin(IDENTITY, clock.now + 300) == "completed"
     assert client.get_item_calls == 2
 
 
 async def test_missing_table_is_unavailable(dynamodb: Any) -> None:
     store = DynamoIdempotencyStore(dynamodb, "no-such-table")
     with pytest.raises(IdempotencyUnavailable, match="ResourceNotFound") as caught:
-        await store.begin(KEY, 2e9)
+        await store.begin(IDENTITY, 2e9)
     assert caught.value.transient
     assert caught.value.kind == "idempotency_unavailable"
 
@@ -322,8 +323,8 @@ async def test_unreachable_store_fails_every_operation(aws: MotoServer) -> None:
     ) as client:
         store = DynamoIdempotencyStore(client, TABLE)
         with pytest.raises(IdempotencyUnavailable, match="PutItem"):
-            await store.begin(KEY, 2e9)
+            await store.begin(IDENTITY, 2e9)
         with pytest.raises(IdempotencyUnavailable, match="PutItem"):
-            await store.complete(KEY)
+            await store.complete(IDENTITY)
         with pytest.raises(IdempotencyUnavailable, match="DeleteItem"):
-            await store.release(KEY)
+            await store.release(IDENTITY)

@@ -26,10 +26,10 @@ from queues import (
 )
 from servers import SmtpSink, make_zip
 
-from async_notifier.batch import BatchResult
 from async_notifier.config import Settings
 from async_notifier.local.demo import Options, run_local
 from async_notifier.local.localstack import health, ready
+from async_notifier.outcome import BatchResult
 from async_notifier.runner import run
 
 pytestmark = pytest.mark.localstack

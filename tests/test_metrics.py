@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from async_notifier.batch import BatchResult, Outcome, RecordResult
+from async_notifier.disposition import DeadLetter, Retry
 from async_notifier.errors import (
     BadMessage,
     DownloadFailed,
@@ -23,6 +23,7 @@ from async_notifier.errors import (
 )
 from async_notifier.logs import configure, request_id
 from async_notifier.metrics import InvocationMetrics, metrics_from_batch, validate_namespace
+from async_notifier.outcome import Action, BatchResult, Outcome
 
 # From the CloudWatch MetricDatum / EMF specification.
 VALID_UNITS = {
@@ -94,34 +95,45 @@ def outcome(
     message_id: str,
     *,
     error: NotifierError | None = None,
-    action: str = "sent",
+    action: Action = "sent",
     size: int = 0,
     retries: int = 0,
-    dead_lettered: bool = False,
 ) -> Outcome:
-    result = RecordResult(video_id=f"v-{message_id}", status="COMPLETED", bytes=size)
-    result.retries = retries
-    result.action = action
-    return Outcome(message_id, error, result, 0.01, dead_lettered=dead_lettered)
+    return Outcome(
+        message_id,
+        error=error,
+        action=None if error else action,
+        video_id=f"v-{message_id}",
+        status="COMPLETED",
+        bytes=size,
+        retries=retries,
+        duration=0.01,
+    )
 
 
 @pytest.fixture
 def batch() -> BatchResult:
-    return BatchResult.of(
+    result = BatchResult.of(
         [
             outcome("1", size=1_000),
             outcome("2", size=500, retries=2),
             outcome("3", action="sent_link", size=30_000_000),
             outcome("4", action="duplicate"),
             outcome("5", action="already_delivered"),
-            outcome("6", error=BadMessage("not JSON"), dead_lettered=True),
-            outcome("7", error=BadMessage("no email"), dead_lettered=True),
-            # A failed record keeps RecordResult's default action "sent": never counted as sent.
+            outcome("6", error=BadMessage("not JSON")),
+            outcome("7", error=BadMessage("no email")),
+            # A failed record has no action: never counted as sent.
             outcome("8", error=DownloadFailed("reset"), size=4_096, retries=3),
             outcome("9", error=SmtpUnavailable("421")),
             outcome("10", error=InternalError("KeyError: 'x'"), retries=1),
         ]
     )
+    # Settled: the two bad messages went to the dead-letter queue, the rest are retried.
+    result.fates = [
+        DeadLetter("bad_message") if o.message_id in ("6", "7") else Retry(30)
+        for o in result.errors
+    ]
+    return result
 
 
 def test_batch_metrics(batch: BatchResult) -> None:

@@ -41,11 +41,12 @@ from queues import (
 )
 from servers import MotoServer, SmtpSink, make_zip, s3_client, seed_objects, sqs_record
 
-from async_notifier.batch import BatchResult
 from async_notifier.config import Settings
 from async_notifier.deadline import Deadline
 from async_notifier.notifier import Notifier
+from async_notifier.outcome import BatchResult
 from async_notifier.runner import HEARTBEAT_TASK_NAME, MIN_EXTENSION, run
+from async_notifier.wiring import AwsBackend
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -116,7 +117,7 @@ class TimedNotifier(Notifier):
     can then be placed inside or outside a batch."""
 
     def __init__(self, settings: Settings) -> None:
-        super().__init__(settings)
+        super().__init__(settings, AwsBackend(settings))
         self.spans: list[Span] = []
 
     async def process(

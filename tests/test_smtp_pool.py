@@ -441,15 +441,13 @@ async def test_cancelled_while_awaiting_the_verdict_keeps_the_connection() -> No
     neither closes the connection nor lets the next email take that 250 as its own."""
     with SmtpSink(pipelining=True, verdict_delay=0.5) as sink:
         async with SmtpPool(sink_settings(sink, SMTP_POOL_SIZE="1")) as pool:
-            maybe_delivered: list[int] = []
-            first = asyncio.create_task(
-                pool.send(outgoing(0), on_cancelled_after_data=lambda: maybe_delivered.append(0))
-            )
+            sending = await pool.transmit(outgoing(0))  # its end of data is written
+            first = asyncio.create_task(sending.verdict())
             await asyncio.to_thread(sink.wait_for, 1)  # received; its 250 is held back
             first.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await first
-            assert maybe_delivered == [0]
+            assert pool.check().idle == 1  # given back, not closed
             await pool.send(outgoing(1))  # its MAIL/RCPT/DATA replies queue after that 250
             await pool.send(outgoing(2))
             assert pool.connections_opened == 1

@@ -18,15 +18,21 @@ from async_notifier.aws.sqs import (
     DeadLetterRouter,
     VisibilityBackoff,
     attribute_text,
-    backoff_seconds,
     queue_url_from_arn,
 )
 from async_notifier.deadline import RETURN_RESERVE, Deadline
+from async_notifier.disposition import backoff_seconds
 from async_notifier.errors import BadMessage, RecipientRejected
 from async_notifier.messages import SqsRecord
 from bench.proxy import Route, start_route, stop_route
 
 ACCOUNT = "123456789012"  # moto's default account
+
+
+def with_backoff(records: list[SqsRecord]) -> list[tuple[SqsRecord, int]]:
+    """Each record with the visibility timeout its receive count earns (as `disposition`
+    decides it for a retry)."""
+    return [(record, backoff_seconds(record.receive_count)) for record in records]
 
 
 @pytest.fixture
@@ -315,10 +321,10 @@ async def test_backoff_hides_failed_records_from_the_next_receive(sqs: Any) -> N
     assert {r.receive_count for r in records.values()} == {1}
     backoff = VisibilityBackoff(sqs, endpoint_url=sqs.meta.endpoint_url)
 
-    changed = await backoff.apply([records["m0"], records["m1"]])
+    changed = await backoff.apply(with_backoff([records["m0"], records["m1"]]))
 
     assert changed == 2
-    assert backoff.timeout_for(records["m0"]) == 30
+    assert backoff_seconds(records["m0"].receive_count) == 30
     again = (
         await sqs.receive_message(QueueUrl=url, MaxNumberOfMessages=10, VisibilityTimeout=0)
     ).get("Messages", [])
@@ -338,7 +344,9 @@ async def test_backoff_groups_records_by_queue_and_skips_unknown_ones(sqs: Any) 
     records.append(_record("no-arn", "x", arn=None))
     records.append(_record("bad-arn", "x", arn="arn:aws:sqs:nowhere"))
 
-    changed = await VisibilityBackoff(sqs, endpoint_url=sqs.meta.endpoint_url).apply(records)
+    changed = await VisibilityBackoff(sqs, endpoint_url=sqs.meta.endpoint_url).apply(
+        with_backoff(records)
+    )
 
     assert changed == 24
 
@@ -350,7 +358,9 @@ async def test_bad_receipt_handle_is_counted_as_failed(sqs: Any, captured: Captu
     good = _from_received(message, arn)
     bad = _record("bad", "x", arn=arn, receipt_handle="not-a-receipt-handle")
 
-    changed = await VisibilityBackoff(sqs, endpoint_url=sqs.meta.endpoint_url).apply([bad, good])
+    changed = await VisibilityBackoff(sqs, endpoint_url=sqs.meta.endpoint_url).apply(
+        with_backoff([bad, good])
+    )
 
     assert changed == 1
     failed = [r for r in captured.records if r.getMessage() == "retry back-off failed"]
@@ -361,21 +371,16 @@ async def test_backoff_on_missing_queue_does_not_raise(sqs: Any) -> None:
     arn = f"arn:aws:sqs:{REGION}:{ACCOUNT}:gone"
     records = [_record("id-1", "x", arn=arn), _record("id-2", "y", arn=arn, receive_count=4)]
 
-    changed = await VisibilityBackoff(sqs, endpoint_url=sqs.meta.endpoint_url).apply(records)
+    changed = await VisibilityBackoff(sqs, endpoint_url=sqs.meta.endpoint_url).apply(
+        with_backoff(records)
+    )
 
     assert changed == 0
 
 
-def test_backoff_cap_must_fit_sqs_limit() -> None:
-    with pytest.raises(ValueError, match="cap"):
-        VisibilityBackoff(object(), endpoint_url=None, cap=43_201)
-
-
-def test_records_keep_their_receive_count_for_backoff() -> None:
-    backoff = VisibilityBackoff(object(), endpoint_url=None)
-    assert backoff.timeout_for(_record("a", "x", receive_count=1)) == 30
-    assert backoff.timeout_for(_record("b", "x", receive_count=3)) == 120
-    assert backoff.timeout_for(_record("c", "x", receive_count=10)) == 900
+async def test_a_visibility_timeout_must_fit_sqs_limit() -> None:
+    with pytest.raises(ValueError, match="outside SQS's range"):
+        await VisibilityBackoff(object(), endpoint_url=None).apply([(_record("a", "x"), 43_201)])
 
 
 # --------------------------------------------------------------------------- within a budget
@@ -435,7 +440,9 @@ async def test_a_back_off_that_does_not_fit_is_skipped_and_logged_once(
     records = [_record(f"id-{i}", "x", receive_count=i + 1) for i in range(3)]
     budget = AfterCutoff(Deadline.after(0.0, grace=0.5))
 
-    changed = await VisibilityBackoff(client, endpoint_url=None).apply(records, budget)
+    changed = await VisibilityBackoff(client, endpoint_url=None).apply(
+        with_backoff(records), budget
+    )
 
     assert time.monotonic() < budget.end + RETURN_RESERVE
     assert changed == 0
@@ -454,7 +461,9 @@ async def test_without_time_left_nothing_is_sent(
     routed = await DeadLetterRouter(client, "http://127.0.0.1:1/1/dlq").route(
         [(record, BadMessage("bad")) for record in records], budget
     )
-    changed = await VisibilityBackoff(client, endpoint_url=None).apply(records, budget)
+    changed = await VisibilityBackoff(client, endpoint_url=None).apply(
+        with_backoff(records), budget
+    )
 
     assert (routed, changed) == (set(), 0)
     assert route.connections == 0

@@ -61,8 +61,9 @@ def invoke(records: list[dict[str, Any]], context: FakeLambdaContext) -> set[str
 def check_pool() -> None:
     notifier = handler._notifier
     assert notifier is not None
-    assert notifier.pool is not None
-    state = notifier.pool.check()
+    pool = notifier.backend.pool  # type: ignore[attr-defined]
+    assert pool is not None
+    state = pool.check()
     assert (state.busy, state.waiting, state.connecting) == (0, 0, 0), state
     assert state.places <= POOL_SIZE
 

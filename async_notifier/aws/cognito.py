@@ -12,30 +12,22 @@ throttling Cognito a transient one.
 from __future__ import annotations
 
 import asyncio
-import re
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from typing import Any
 
+from ..config import USER_POOL_ID_RE
 from ..errors import LookupFailed, NotifierError, RecipientUnknown
 from ..logs import get_logger
 from ..messages import MAX_TEXT, validate_address
+from ..ports import Recipient
 from .errors import aws_error, is_aws_failure
 
 log = get_logger()
 
-# The pattern AWS documents for UserPoolId.
-USER_POOL_ID_RE = re.compile(r"^[\w-]+_[0-9a-zA-Z]+$")
 MAX_USER_ID = 128  # AdminGetUser's Username length limit
 _PERMANENT_CODES = frozenset({"UserNotFoundException", "InvalidParameterException"})
-
-
-@dataclass(frozen=True)
-class Recipient:
-    email: str
-    name: str | None = None
 
 
 class CognitoRecipients:

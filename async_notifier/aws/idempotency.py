@@ -57,12 +57,13 @@ class DynamoIdempotencyStore:
         self._ttl = ttl_seconds
         self._clock = clock
 
-    async def begin(self, key: str, in_progress_until: float) -> BeginResult:
-        """Claim `key` until `in_progress_until` (epoch seconds).
+    async def begin(self, identity: str, in_progress_until: float) -> BeginResult:
+        """Claim an email's `identity` until `in_progress_until` (epoch seconds).
 
         "new": the caller may send. "completed": already sent, acknowledge without sending.
         "in_progress": another invocation holds a live claim; fail the record so it retries.
         """
+        key = idempotency_key(identity)
         for _ in range(3):
             now = self._clock()
             try:
@@ -98,8 +99,9 @@ class DynamoIdempotencyStore:
             return "new"
         return "in_progress"  # the key keeps changing under us: let SQS retry later
 
-    async def complete(self, key: str) -> None:
-        """Mark `key` sent, remembered for the TTL. Unconditional: the email is out."""
+    async def complete(self, identity: str) -> None:
+        """Mark the email sent, remembered for the TTL. Unconditional: the email is out."""
+        key = idempotency_key(identity)
         await self._call(
             "PutItem",
             self._client.put_item,
@@ -107,12 +109,13 @@ class DynamoIdempotencyStore:
             Item=_item(key, COMPLETED, self._clock() + self._ttl),
         )
 
-    async def release(self, key: str) -> None:
+    async def release(self, identity: str) -> None:
         """Drop an IN_PROGRESS claim so the record can be retried at once.
 
         Only for failures where the server accepted nothing; a COMPLETED key stays. Callers
         bound it (`AfterCutoff`): a release that does not complete leaves the claim to expire.
         """
+        key = idempotency_key(identity)
         # A failed condition: completed meanwhile, or already gone; nothing to release.
         with contextlib.suppress(_ConditionFailed):
             await self._call(

@@ -17,11 +17,11 @@ import json
 import time
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import SecretUnavailable
 from ..logs import get_logger
+from ..ports import SmtpCredentials
 from .errors import aws_error
 
 log = get_logger()
@@ -31,14 +31,6 @@ ClientFactory = Callable[[], AbstractAsyncContextManager[Any]]
 # before the next attempt, so an outage does not turn every SMTP connect into an AWS call.
 STALE_RETRY_SECONDS = 30.0
 _INVALID = object()
-
-
-@dataclass(frozen=True)
-class SmtpCredentials:
-    """A login for the SMTP server; the password stays out of repr() and so out of logs."""
-
-    username: str | None
-    password: str = field(repr=False)
 
 
 class SecretSource:

@@ -72,14 +72,6 @@ def queue_url_from_arn(arn: str, endpoint_url: str | None) -> str:
     return f"https://sqs.{match['region']}.{domain}/{account}/{name}"
 
 
-def backoff_seconds(receive_count: int, *, base: int = 30, cap: int = 900) -> int:
-    """Visibility timeout for the n-th failed receive: base × 2^(n−1), at most `cap`."""
-    if base < 0 or cap < 0:
-        raise ValueError("base and cap must not be negative")
-    exponent = min(max(receive_count, 1) - 1, 32)  # 2^32 × base is past any cap
-    return min(cap, base << exponent)
-
-
 def attribute_text(value: str, limit: int = MAX_REASON_CHARS) -> str:
     """A value safe for a String message attribute: one line, allowed characters, bounded.
 
@@ -241,37 +233,31 @@ def _entry_size(entry: dict[str, Any]) -> int:
 
 
 class VisibilityBackoff:
-    """Delays the next delivery of failed records, exponentially in their receive count."""
+    """Delays the next delivery of failed records by the visibility timeout decided for each
+    (`disposition.Retry.delay`)."""
 
-    def __init__(
-        self, client: Any, *, endpoint_url: str | None, base: int = 30, cap: int = 900
-    ) -> None:
-        if not 0 <= cap <= MAX_VISIBILITY_TIMEOUT:
-            raise ValueError(f"cap must be between 0 and {MAX_VISIBILITY_TIMEOUT} seconds")
-        if base < 0:
-            raise ValueError("base must not be negative")
+    def __init__(self, client: Any, *, endpoint_url: str | None) -> None:
         self._client = client
         self._endpoint_url = endpoint_url
-        self._base = base
-        self._cap = cap
 
-    def timeout_for(self, record: SqsRecord) -> int:
-        return backoff_seconds(record.receive_count, base=self._base, cap=self._cap)
-
-    async def apply(self, records: Sequence[SqsRecord], budget: AfterCutoff | None = None) -> int:
-        """Set each record's visibility timeout; return how many SQS confirmed.
+    async def apply(
+        self, items: Sequence[tuple[SqsRecord, int]], budget: AfterCutoff | None = None
+    ) -> int:
+        """Set each record's visibility timeout (seconds); return how many SQS confirmed.
 
         Each ChangeMessageVisibilityBatch call runs within `budget` (by default the fixed
         limits of `AfterCutoff(None)`); a record whose call did not fit keeps the visibility
         timeout it had.
         """
         budget = budget or AfterCutoff(None)
-        by_queue: dict[str, list[tuple[SqsRecord, str]]] = {}
-        for record in records:
+        by_queue: dict[str, list[tuple[SqsRecord, str, int]]] = {}
+        for record, seconds in items:
+            if not 0 <= seconds <= MAX_VISIBILITY_TIMEOUT:
+                raise ValueError(f"a visibility timeout of {seconds} s is outside SQS's range")
             target = self._target(record)
             if target is not None:
                 url, handle = target
-                by_queue.setdefault(url, []).append((record, handle))
+                by_queue.setdefault(url, []).append((record, handle, seconds))
         calls = [
             self._change_chunk(url, pending[start : start + MAX_BATCH_ENTRIES], budget)
             for url, pending in by_queue.items()
@@ -304,22 +290,22 @@ class VisibilityBackoff:
             return None
 
     async def _change_chunk(
-        self, url: str, pending: list[tuple[SqsRecord, str]], budget: AfterCutoff
+        self, url: str, pending: list[tuple[SqsRecord, str, int]], budget: AfterCutoff
     ) -> tuple[int, list[str]]:
         """How many SQS confirmed, and the messageIds left undone for lack of time."""
-        by_id = {f"m{i}": record for i, (record, _) in enumerate(pending)}
+        by_id = {f"m{i}": record for i, (record, _, _) in enumerate(pending)}
         entries = [
-            {"Id": f"m{i}", "ReceiptHandle": handle, "VisibilityTimeout": self.timeout_for(record)}
-            for i, (record, handle) in enumerate(pending)
+            {"Id": f"m{i}", "ReceiptHandle": handle, "VisibilityTimeout": seconds}
+            for i, (record, handle, seconds) in enumerate(pending)
         ]
         try:
             response = await budget.call(
                 lambda: self._client.change_message_visibility_batch(QueueUrl=url, Entries=entries)
             )
         except OutOfTime:
-            return 0, [record.message_id for record, _ in pending]
+            return 0, [record.message_id for record, _, _ in pending]
         except Exception as exc:
-            for record, _ in pending:
+            for record, _, _ in pending:
                 log.warning(
                     "retry back-off failed",
                     extra={"messageId": record.message_id, "queue_url": url, **_error_fields(exc)},
@@ -337,3 +323,23 @@ class VisibilityBackoff:
                 },
             )
         return sum(1 for ok in response.get("Successful") or [] if ok.get("Id") in by_id), []
+
+
+class SqsFeedback:
+    """The queue feedback of a batch (`ports.QueueFeedback`) over one SQS client."""
+
+    def __init__(self, client: Any, *, dead_letter_queue_url: str | None, endpoint_url: str | None):
+        self._router = (
+            DeadLetterRouter(client, dead_letter_queue_url) if dead_letter_queue_url else None
+        )
+        self._backoff = VisibilityBackoff(client, endpoint_url=endpoint_url)
+
+    async def dead_letter(
+        self, items: Sequence[tuple[SqsRecord, NotifierError]], budget: AfterCutoff
+    ) -> set[str]:
+        if self._router is None:
+            return set()
+        return await self._router.route(items, budget)
+
+    async def delay(self, items: Sequence[tuple[SqsRecord, int]], budget: AfterCutoff) -> int:
+        return await self._backoff.apply(items, budget)

@@ -27,9 +27,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal, TextIO
 
-from ..batch import BatchResult
 from ..config import Settings
 from ..logs import JsonFormatter, configure
+from ..outcome import BatchResult
 from ..runner import RunnerStats
 from ..runner import run as run_queue
 from .mailcatcher import CaughtMail, MailCatcher, clear_outbox

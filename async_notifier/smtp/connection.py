@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 import aiosmtplib
 from aiosmtplib.errors import SMTPAuthenticationError, SMTPException, SMTPResponseException
 
-from ..aws.secrets import SmtpCredentials
 from ..config import Settings
 from ..errors import SmtpUnavailable
+from ..ports import SmtpCredentials
 from .channel import SmtpChannel
 
 

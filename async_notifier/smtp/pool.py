@@ -29,7 +29,6 @@ from dataclasses import dataclass
 
 from aiosmtplib.errors import SMTPAuthenticationError
 
-from ..aws.secrets import SecretSource
 from ..config import Settings
 from ..errors import (
     AttachmentUnreadable,
@@ -41,6 +40,7 @@ from ..errors import (
 )
 from ..logs import get_logger
 from ..mime import StreamedEmail
+from ..ports import CredentialsSource, PoolStats
 from .channel import (
     AttachmentReadError,
     LostAfterEnd,
@@ -58,15 +58,6 @@ log = get_logger()
 QUIT_TIMEOUT = 5.0
 # Authentication problems are the sender's configuration, not the message's: retry after a fix.
 _AUTH_CODES = frozenset({530, 534, 535, 538})
-
-
-@dataclass
-class PoolStats:
-    """What the pool did for one batch (from `start_batch` to `finish_batch`)."""
-
-    connections_opened: int = 0
-    connections_failed: int = 0
-    connections_closed: int = 0
 
 
 @dataclass(frozen=True)
@@ -90,7 +81,7 @@ class _StaleConnection(Exception):
 
 
 class SmtpPool:
-    def __init__(self, settings: Settings, *, secret: SecretSource | None = None) -> None:
+    def __init__(self, settings: Settings, *, secret: CredentialsSource | None = None) -> None:
         self._settings = settings
         self._secret = secret
         self._size = settings.smtp_pool_size
@@ -113,17 +104,20 @@ class SmtpPool:
 
     # ------------------------------------------------------------------ delivering
 
-    async def send(
-        self, email: StreamedEmail, *, on_cancelled_after_data: Callable[[], None] | None = None
-    ) -> None:
-        """Deliver one email; a pooled connection that turns out dead is replaced.
+    async def send(self, email: StreamedEmail) -> None:
+        """Deliver one email and wait for the server's verdict (`transmit`, then `verdict`)."""
+        sending = await self.transmit(email)
+        await sending.verdict()
+
+    async def transmit(self, email: StreamedEmail) -> Sending:
+        """Send one email up to its end of data; its verdict is awaited with `verdict()`.
 
         A reused connection the server closed (it may hang up right after its last 250,
         before we see the close) fails before the message ends, so the email goes out on
         another: at most once per connection the pool can hold, then on a fresh one. A
         fresh connection that fails says the server is unwell: that is the record's error.
-        `on_cancelled_after_data` is called when the send is cancelled (the deadline) after
-        the end of the message went out: like DeliveryUnknown, the email may be delivered.
+        Nothing was delivered when this raises or is cancelled; once it returns, the
+        caller must await `verdict()` at once (the pool counts the verdict as awaited).
         """
         for attempt in range(1, self._size + 2):
             await self.backoff.wait()
@@ -133,13 +127,13 @@ class SmtpPool:
             conn = await self._acquire(first=attempt > 1)
             reused = conn.messages > 0
             try:
-                verdict = await self._transmit(conn, email)
+                slot = await self._transmit(conn, email)
             except _StaleConnection as exc:
                 if reused and attempt <= self._size:
                     continue
                 raise SmtpUnavailable(f"SMTP connection lost: {exc}") from None
-            await self._confirm(conn, email, verdict, on_cancelled_after_data)
-            return
+            return Sending(self, conn, email, slot)
+        raise AssertionError("unreachable: the last attempt returns or raises")
 
     async def server_size_limit(self) -> int | None:
         """The server's advertised SIZE (0: no limit); connects if no connection has yet."""
@@ -250,17 +244,13 @@ class SmtpPool:
             return False
         return reply.code == 250
 
-    async def _confirm(
-        self,
-        conn: PooledConnection,
-        email: StreamedEmail,
-        verdict: Slot,
-        on_cancelled_after_data: Callable[[], None] | None,
-    ) -> None:
+    async def _confirm(self, conn: PooledConnection, email: StreamedEmail, verdict: Slot) -> None:
         """Wait for the server's answer to a transmitted message and judge it.
 
         A timeout here fails only this message: the connection takes nothing new and is
-        closed once the other verdicts in flight on it have been read.
+        closed once the other verdicts in flight on it have been read. Cancelled (the
+        deadline), the message may still be accepted: the late reply is read into its own
+        slot, so the connection stays in step for the emails behind it.
         """
         assert conn.channel is not None
         spoiled = False
@@ -272,8 +262,6 @@ class SmtpPool:
                 "cancelled after the message was sent: delivery unknown",
                 extra={"message_id": email.message_id},
             )
-            if on_cancelled_after_data is not None:
-                on_cancelled_after_data()
             raise
         except RefusedError as exc:
             spoiled = exc.reply.code == 421
@@ -583,3 +571,20 @@ def _classify(reply: Reply) -> NotifierError:
     if 500 <= reply.code < 600:
         return RecipientRejected(text)
     return SmtpUnavailable(text)
+
+
+class Sending:
+    """A message past its end of data on a pooled connection; its verdict is still due."""
+
+    __slots__ = ("_conn", "_email", "_pool", "_slot")
+
+    def __init__(self, pool: SmtpPool, conn: PooledConnection, email: StreamedEmail, slot: Slot):
+        self._pool = pool
+        self._conn = conn
+        self._email = email
+        self._slot = slot
+
+    async def verdict(self) -> None:
+        """The server's verdict: returns when it accepted the message, else raises the
+        record's error (`DeliveryUnknown` when it cannot be known)."""
+        await self._pool._confirm(self._conn, self._email, self._slot)

@@ -1,0 +1,168 @@
+"""What the core needs from the outside world, as interfaces it is handed.
+
+The core (parsing, delivery, the batch, dispositions, metrics) never imports the SMTP or
+AWS code: `wiring.py` builds the real adapters (`smtp/`, `aws/`) and hands them in, the way
+httpcore is handed its network backend. Tests and tools can hand in others. The small
+value types that cross the boundary live here too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Protocol, TypeVar
+
+from .after_cutoff import AfterCutoff
+from .errors import NotifierError
+from .messages import SqsRecord
+from .mime import StreamedEmail
+
+BeginResult = Literal["new", "completed", "in_progress"]
+
+
+# --------------------------------------------------------------------------- SMTP
+
+
+@dataclass
+class PoolStats:
+    """What the mail transport did for one batch (from `start_batch` to `finish_batch`)."""
+
+    connections_opened: int = 0
+    connections_failed: int = 0
+    connections_closed: int = 0
+
+
+@dataclass(frozen=True)
+class SmtpCredentials:
+    """A login for the SMTP server; the password stays out of repr() and so out of logs."""
+
+    username: str | None
+    password: str = field(repr=False)
+
+
+class CredentialsSource(Protocol):
+    async def get(self) -> SmtpCredentials: ...
+
+    def invalidate(self, failed: SmtpCredentials | None = None) -> bool: ...
+
+
+class Sending(Protocol):
+    """An email whose end of data went out: its verdict is still to come.
+
+    Await `verdict()` at once: until it returns, the transport counts it as in flight.
+    """
+
+    async def verdict(self) -> None: ...
+
+
+class MailTransport(Protocol):
+    async def transmit(self, email: StreamedEmail) -> Sending:
+        """Send the email up to its end of data; nothing was delivered if this raises."""
+        ...
+
+    async def server_size_limit(self) -> int | None: ...
+
+    def start_batch(self, connections: int) -> None: ...
+
+    async def finish_batch(self, *, until: float | None = None) -> PoolStats: ...
+
+    async def aclose(self) -> None: ...
+
+
+# --------------------------------------------------------------------------- objects
+
+
+class Download(Protocol):
+    """An object being fetched: its size is known (-1: not said) before any byte is saved."""
+
+    @property
+    def size(self) -> int: ...
+
+    def close(self) -> None: ...
+
+
+D = TypeVar("D", bound=Download)
+
+
+class ObjectSource(Protocol[D]):
+    """Where the ZIPs are: `save` takes what `open` returned."""
+
+    async def open(self, bucket: str, key: str) -> D: ...
+
+    async def save(self, obj: D, dest: Path, limit: int | None = None) -> int:
+        """Stream to `dest`; `errors.TooLarge` past `limit` (the file is then removed)."""
+        ...
+
+    async def presign(self, bucket: str, key: str, expires: int) -> str: ...
+
+
+# --------------------------------------------------------------------------- memory
+
+
+class IdempotencyStore(Protocol):
+    """Claims on an email's identity across deliveries (see `aws/idempotency.py`)."""
+
+    async def begin(self, identity: str, in_progress_until: float) -> BeginResult: ...
+
+    async def complete(self, identity: str) -> None: ...
+
+    async def release(self, identity: str) -> None: ...
+
+
+@dataclass(frozen=True)
+class Recipient:
+    email: str
+    name: str | None = None
+
+
+class RecipientDirectory(Protocol):
+    async def lookup(self, user_id: str) -> Recipient: ...
+
+
+# --------------------------------------------------------------------------- the queue
+
+
+class QueueFeedback(Protocol):
+    """What a batch tells the queue besides which records failed."""
+
+    async def dead_letter(
+        self, items: Sequence[tuple[SqsRecord, NotifierError]], budget: AfterCutoff
+    ) -> set[str]:
+        """Copy records to the dead-letter queue; return the messageIds that arrived."""
+        ...
+
+    async def delay(self, items: Sequence[tuple[SqsRecord, int]], budget: AfterCutoff) -> int:
+        """Set each record's visibility timeout (seconds); return how many were set."""
+        ...
+
+
+class Adapters(Protocol):
+    """Everything a batch is handed, bound to the event loop that runs it."""
+
+    @property
+    def transport(self) -> MailTransport: ...
+
+    @property
+    def objects(self) -> ObjectSource[Any]: ...
+
+    @property
+    def idempotency(self) -> IdempotencyStore | None: ...
+
+    @property
+    def recipients(self) -> RecipientDirectory | None: ...
+
+    async def feedback(self) -> QueueFeedback | None:
+        """The queue feedback, made when first needed; None when nothing is configured."""
+        ...
+
+
+class Backend(Protocol):
+    """Makes the adapters for the running event loop and closes them."""
+
+    async def open(self, connections: int) -> Adapters:
+        """The adapters of this event loop, with a batch started on the mail transport
+        (`connections` connections warmed up)."""
+        ...
+
+    async def aclose(self) -> None: ...

@@ -1,0 +1,118 @@
+"""The composition root: the real SMTP and AWS adapters, made and handed to the core.
+
+The SMTP pool and the AWS clients live as long as the process (Lambda keeps it warm
+between invocations, and a warm pool skips the TCP, TLS and AUTH handshakes). They are
+bound to the event loop that made them, and made anew if a different loop calls. The
+Secrets Manager source is not a client: its cache outlives a change of event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from dataclasses import dataclass
+from typing import Any
+
+from .aws.clients import aws_client, new_session
+from .aws.cognito import CognitoRecipients
+from .aws.idempotency import DynamoIdempotencyStore
+from .aws.s3 import ObjectStore
+from .aws.secrets import SecretSource
+from .aws.sqs import SqsFeedback
+from .config import Settings
+from .notifier import Notifier
+from .smtp.pool import SmtpPool
+
+
+def build_notifier(settings: Settings) -> Notifier:
+    """The worker, wired to SMTP and AWS: what the Lambda handler and the runner run."""
+    return Notifier(settings, AwsBackend(settings))
+
+
+@dataclass
+class _Adapters:
+    """The adapters of one event loop (`ports.Adapters`)."""
+
+    loop: asyncio.AbstractEventLoop
+    stack: contextlib.AsyncExitStack
+    settings: Settings
+    session: Any
+    transport: SmtpPool
+    objects: ObjectStore
+    idempotency: DynamoIdempotencyStore | None
+    recipients: CognitoRecipients | None
+    _feedback: SqsFeedback | None = None
+
+    async def feedback(self) -> SqsFeedback:
+        """Made when a batch first has something to tell the queue."""
+        if self._feedback is None:
+            s = self.settings
+            sqs = await self.stack.enter_async_context(aws_client("sqs", s, self.session))
+            self._feedback = SqsFeedback(
+                sqs, dead_letter_queue_url=s.dead_letter_queue_url, endpoint_url=s.aws_endpoint_url
+            )
+        return self._feedback
+
+
+class AwsBackend:
+    """`ports.Backend` over aiosmtplib and aioboto3."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._adapters: _Adapters | None = None
+        self._session: Any = None  # one aioboto3 Session: its clients share loaded models
+        self.secret = (
+            SecretSource(
+                lambda: aws_client("secretsmanager", settings),
+                settings.smtp_password_secret_id,
+                ttl=settings.smtp_secret_ttl,
+                default_username=settings.smtp_user,
+                username_required=True,
+            )
+            if settings.smtp_password_secret_id
+            else None
+        )
+
+    @property
+    def pool(self) -> SmtpPool | None:
+        return self._adapters.transport if self._adapters else None
+
+    async def open(self, connections: int) -> _Adapters:
+        loop = asyncio.get_running_loop()
+        if self._adapters is not None and self._adapters.loop is loop:
+            self._adapters.transport.start_batch(connections)
+            return self._adapters
+        self._adapters = None  # made by a loop that is gone: aiobotocore clients can't move
+        s = self.settings
+        stack = contextlib.AsyncExitStack()
+        try:
+            pool = await stack.enter_async_context(SmtpPool(s, secret=self.secret))
+            pool.start_batch(connections)  # the SMTP handshakes run while aioboto3 loads
+            if self._session is None:  # about 180 ms on a cold start: off the event loop
+                self._session = await asyncio.to_thread(new_session)
+            session = self._session
+            s3 = await stack.enter_async_context(aws_client("s3", s, session))
+            objects = ObjectStore(
+                s3, chunk_size=s.download_chunk_bytes, allowed_buckets=s.allowed_buckets
+            )
+            idempotency = None
+            if s.idempotency_table:
+                dynamodb = await stack.enter_async_context(aws_client("dynamodb", s, session))
+                idempotency = DynamoIdempotencyStore(
+                    dynamodb, s.idempotency_table, ttl_seconds=s.idempotency_ttl
+                )
+            recipients = None
+            if s.cognito_user_pool_id:
+                cognito = await stack.enter_async_context(aws_client("cognito-idp", s, session))
+                recipients = CognitoRecipients(cognito, s.cognito_user_pool_id)
+        except BaseException:
+            await stack.aclose()
+            raise
+        self._adapters = _Adapters(loop, stack, s, session, pool, objects, idempotency, recipients)
+        return self._adapters
+
+    async def aclose(self) -> None:
+        """Close the AWS clients and QUIT the pooled SMTP connections."""
+        adapters, self._adapters = self._adapters, None
+        if adapters is not None and adapters.loop is asyncio.get_running_loop():
+            await adapters.stack.aclose()
