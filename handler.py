@@ -11,9 +11,9 @@ import asyncio
 import contextvars
 from typing import Any
 
+from async_notifier.batch.notifier import Notifier
 from async_notifier.config import Settings
 from async_notifier.logs import request_id
-from async_notifier.notifier import Notifier
 from async_notifier.wiring import build_notifier
 
 _notifier: Notifier | None = None

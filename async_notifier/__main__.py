@@ -167,7 +167,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _preview(args: argparse.Namespace) -> int:
     from .config import DEFAULT_TEMPLATES_DIR
-    from .preview import (
+    from .mail.preview import (
         DEFAULT_SENDER,
         PreviewError,
         load_notification,
@@ -200,10 +200,10 @@ def _preview(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     import asyncio
 
-    from .config import Settings
-    from .errors import ConfigError
+    from .config import ConfigError, Settings
     from .logs import get_logger
     from .runner import RunnerStats, run, run_until_signal
+    from .wiring import build_notifier
 
     try:
         settings = Settings.from_env()
@@ -212,17 +212,19 @@ def _run(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
 
     async def work(stop: asyncio.Event) -> RunnerStats:
-        return await run(
-            settings,
-            args.queue_url,
-            batch_size=args.batch_size,
-            batch_window=args.batch_window,
-            wait_time=args.wait_time,
-            batch_timeout=args.batch_timeout,
-            drain=args.drain,
-            max_batches=args.max_batches,
-            stop=stop,
-        )
+        async with build_notifier(settings) as notifier:
+            return await run(
+                settings,
+                args.queue_url,
+                notifier=notifier,
+                batch_size=args.batch_size,
+                batch_window=args.batch_window,
+                wait_time=args.wait_time,
+                batch_timeout=args.batch_timeout,
+                drain=args.drain,
+                max_batches=args.max_batches,
+                stop=stop,
+            )
 
     try:
         asyncio.run(run_until_signal(work))

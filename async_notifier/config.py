@@ -16,9 +16,14 @@ from email.utils import getaddresses
 from pathlib import Path
 from typing import Literal, TypeVar
 
-from .errors import ConfigError
-
 TlsMode = Literal["starttls", "tls", "none"]
+
+
+class ConfigError(Exception):
+    """A missing or invalid setting (or template); raised once, at start, naming every
+    problem: the function cannot run, so the invocation fails loudly."""
+
+
 _T = TypeVar("_T", bound=str)
 TLS_MODES: tuple[TlsMode, ...] = ("starttls", "tls", "none")
 MIB = 1024 * 1024

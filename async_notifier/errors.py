@@ -1,15 +1,11 @@
 """Error hierarchy: every record-level failure says whether retrying can help.
 
 `transient` errors are worth another delivery (SQS retry); `permanent` ones are
-not and belong in the dead-letter queue. `ConfigError` is not a record failure
-at all: the function cannot run, so the invocation fails loudly.
+not and belong in the dead-letter queue. A broken setting is not a record's failure
+at all: `config.ConfigError` stops the function before it touches any record.
 """
 
 from __future__ import annotations
-
-
-class ConfigError(Exception):
-    """A missing or invalid setting; raised once, at start."""
 
 
 class NotifierError(Exception):

@@ -14,12 +14,9 @@ import json
 import math
 import time
 from collections.abc import Callable, Mapping
-from typing import IO, TYPE_CHECKING, Any, Literal, get_args
+from typing import IO, Any, Literal, get_args
 
 from .config import validate_namespace
-
-if TYPE_CHECKING:
-    from .outcome import BatchResult
 
 Unit = Literal[
     "Seconds",
@@ -192,50 +189,6 @@ class InvocationMetrics:
 
     def _is_metric(self, name: str) -> bool:
         return any(name in metrics or name in dict(key) for key, metrics in self._groups.items())
-
-
-def metrics_from_batch(
-    result: BatchResult,
-    *,
-    duration_s: float,
-    connections_opened: int,
-    namespace: str,
-    function_name: str | None,
-) -> InvocationMetrics:
-    """The invocation's metrics, from its settled BatchResult.
-
-    Failures are also counted per `NotifierError.kind` as RecordsFailed with an ErrorClass
-    dimension: one metric that a dashboard can split or alarm on per class. Kinds come from
-    code, never from input, so the number of custom metrics stays bounded.
-    """
-    from .logs import request_id
-
-    metrics = InvocationMetrics(
-        namespace, dimensions={"FunctionName": function_name} if function_name else None
-    )
-    delivered, errors = result.delivered, result.errors
-    actions = delivered.actions
-    metrics.set("RecordsReceived", result.records, "Count")
-    metrics.set("RecordsSent", actions["sent"] + actions["sent_link"], "Count")
-    metrics.set("RecordsFailed", len(errors), "Count")
-    metrics.set("BatchItemFailures", len(result.failures), "Count")
-    metrics.set("RecordsDeadLettered", len(result.dead_lettered), "Count")
-    retried = delivered.retried + sum(o.retries > 0 for o in errors)
-    metrics.set("RecordsRetried", retried, "Count")
-    metrics.set("Retries", delivered.retries + sum(o.retries for o in errors), "Count")
-    metrics.set("BytesAttached", delivered.bytes_attached, "Bytes")
-    metrics.set("LinksSent", actions["sent_link"], "Count")
-    metrics.set("Duplicates", actions["duplicate"], "Count")
-    metrics.set("AlreadyDelivered", actions["already_delivered"], "Count")
-    metrics.set("SmtpConnectionsOpened", connections_opened, "Count")
-    metrics.set("InvocationDuration", duration_s * 1000.0, "Milliseconds")
-    for outcome in errors:
-        assert outcome.error is not None
-        metrics.add("RecordsFailed", dimensions={"ErrorClass": outcome.error.kind})
-    rid = request_id.get()
-    if rid:
-        metrics.set_property("request_id", rid)
-    return metrics
 
 
 def _key(dimensions: Mapping[str, str] | None) -> _GroupKey:

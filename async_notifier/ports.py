@@ -15,8 +15,8 @@ from typing import Any, Literal, Protocol, TypeVar
 
 from .after_cutoff import AfterCutoff
 from .errors import NotifierError
+from .mail.mime import StreamedEmail
 from .messages import SqsRecord
-from .mime import StreamedEmail
 
 BeginResult = Literal["new", "completed", "in_progress"]
 

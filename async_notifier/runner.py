@@ -26,13 +26,12 @@ from typing import Any
 
 from .aws.clients import aws_client
 from .aws.errors import aws_error
+from .batch.notifier import Notifier
+from .batch.outcome import BatchResult, Outcome
 from .config import Settings
 from .deadline import MARGIN_FRACTION, MIN_MARGIN, Deadline
 from .errors import TransientError
 from .logs import get_logger
-from .notifier import Notifier
-from .outcome import BatchResult, Outcome
-from .wiring import build_notifier
 
 log = get_logger()
 
@@ -165,6 +164,7 @@ async def run(
     settings: Settings,
     queue_url: str,
     *,
+    notifier: Notifier,
     batch_size: int = 100,
     batch_window: float = 1.0,
     wait_time: int = MAX_WAIT_TIME,
@@ -174,7 +174,6 @@ async def run(
     pollers: int | None = None,
     stop: asyncio.Event | None = None,
     on_batch: BatchCallback | None = None,
-    notifier: Notifier | None = None,
 ) -> RunnerStats:
     """Consume `queue_url` until `stop` is set, `max_batches` ran, or (with `drain`) it is empty.
 
@@ -182,7 +181,7 @@ async def run(
     long), with the cutoff `settings.deadline_margin` before it, as a Lambda invocation gets
     its timeout. `stop` ends the run after the batch being processed; no receive starts
     after it is set. `on_batch(records, result)` sees every batch after its deletes
-    (run-local's report).
+    (run-local's report). The caller owns `notifier` (`wiring.build_notifier`) and closes it.
     """
     if not 1 <= batch_size <= 10_000:
         raise ValueError("batch_size must be between 1 and 10000")
@@ -198,8 +197,6 @@ async def run(
         pollers = min(MAX_POLLERS, math.ceil(batch_size / MAX_MESSAGES_PER_RECEIVE))
     if pollers < 1:
         raise ValueError("pollers must be at least 1")
-    own_notifier = notifier is None
-    notifier = notifier or build_notifier(settings)
     stop = stop or asyncio.Event()
     async with sqs_client(settings, pollers=pollers, wait_time=wait_time) as sqs:
         attributes = await _queue_attributes(sqs, queue_url)
@@ -239,8 +236,6 @@ async def run(
             await consumer.consume()
         finally:
             await consumer.close()
-            if own_notifier:
-                await notifier.aclose()  # the warm S3 client and SMTP pool
         stats = consumer.stats
     log.info("runner stopped", extra=vars(stats))
     return stats

@@ -19,8 +19,8 @@ from .aws.idempotency import DynamoIdempotencyStore
 from .aws.s3 import ObjectStore
 from .aws.secrets import SecretSource
 from .aws.sqs import SqsFeedback
+from .batch.notifier import Notifier
 from .config import Settings
-from .notifier import Notifier
 from .smtp.pool import SmtpPool
 
 

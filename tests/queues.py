@@ -14,7 +14,11 @@ from urllib.parse import urlsplit
 
 import boto3
 
+from async_notifier.batch.notifier import Notifier
+from async_notifier.config import Settings
 from async_notifier.local.service import Service
+from async_notifier.runner import RunnerStats, run
+from async_notifier.wiring import build_notifier
 
 REGION = "us-east-1"
 # What the runner must give the batch code for every record: Lambda's SQS record keys.
@@ -328,3 +332,14 @@ class Competitor:
                 QueueUrl=self._url, MaxNumberOfMessages=10, WaitTimeSeconds=1
             )
             self.received.extend(response.get("Messages", []))
+
+
+async def run_with_own_notifier(
+    settings: Settings, queue_url: str, *, notifier: Notifier | None = None, **options: Any
+) -> RunnerStats:
+    """`runner.run` with the notifier `wiring` builds for the settings (closed afterwards),
+    as `async-notifier run` does, unless the test brings its own."""
+    if notifier is not None:
+        return await run(settings, queue_url, notifier=notifier, **options)
+    async with build_notifier(settings) as own:
+        return await run(settings, queue_url, notifier=own, **options)

@@ -12,11 +12,10 @@ import json
 import tracemalloc
 from typing import Any
 
-from async_notifier.batch import run_batch
-from async_notifier.disposition import DeadLetter, Retry
+from async_notifier.batch.outcome import BatchResult, DeadLetter, Outcome, Retry
+from async_notifier.batch.workers import run_batch
 from async_notifier.errors import BadMessage, DownloadFailed
 from async_notifier.messages import SqsRecord
-from async_notifier.outcome import BatchResult, Outcome
 
 
 def record(n: int) -> dict[str, Any]:

@@ -40,10 +40,10 @@ from servers import (
 )
 
 import handler
-from async_notifier import notifier
 from async_notifier.aws.idempotency import create_table, idempotency_key
+from async_notifier.batch import notifier
+from async_notifier.batch.scratch import ByteBudget, stale_at
 from async_notifier.messages import parse_body
-from async_notifier.scratch import ByteBudget, stale_at
 from bench.proxy import Route, start_route, stop_route
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -6,8 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from async_notifier.config import DEFAULT_TEMPLATES_DIR, Settings
-from async_notifier.errors import ConfigError
+from async_notifier.config import DEFAULT_TEMPLATES_DIR, ConfigError, Settings
 
 MINIMAL = {"SMTP_SERVER": "smtp.example.com", "EMAIL_FROM": "no-reply@example.com"}
 PASSWORD = "pa55-w0rd-do-not-print"

@@ -51,8 +51,8 @@ from servers import (
 
 import handler
 from async_notifier.errors import BadMessage
+from async_notifier.mail.mime import message_id
 from async_notifier.messages import parse_body
-from async_notifier.mime import message_id
 from async_notifier.smtp.throttle import PoolBackoff
 
 BUCKET = "videos-zip"

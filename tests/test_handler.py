@@ -27,7 +27,7 @@ from servers import (
 )
 
 import handler
-from async_notifier.errors import ConfigError
+from async_notifier.config import ConfigError
 
 Body = dict[str, Any]
 

@@ -16,7 +16,7 @@ from aiobotocore.config import AioConfig
 from servers import REGION, MotoServer, free_port
 
 from async_notifier.aws.idempotency import DynamoIdempotencyStore, create_table, idempotency_key
-from async_notifier.dedup import InBatchDeduplicator
+from async_notifier.batch.dedup import InBatchDeduplicator
 from async_notifier.errors import (
     DeliveryUnknown,
     IdempotencyUnavailable,

@@ -22,15 +22,15 @@ from queues import (
     create_queues,
     notification,
     receive_all,
+    run_with_own_notifier,
     send,
 )
 from servers import SmtpSink, make_zip
 
+from async_notifier.batch.outcome import BatchResult
 from async_notifier.config import Settings
 from async_notifier.local.demo import Options, run_local
 from async_notifier.local.localstack import health, ready
-from async_notifier.outcome import BatchResult
-from async_notifier.runner import run
 
 pytestmark = pytest.mark.localstack
 
@@ -133,7 +133,7 @@ async def test_runner_against_localstack(localstack_env: str, smtp_sink: SmtpSin
     seen: list[tuple[list[dict[str, Any]], BatchResult]] = []
 
     try:
-        stats = await run(
+        stats = await run_with_own_notifier(
             Settings.from_env(),
             queues.url,
             batch_size=10,

@@ -13,7 +13,9 @@ from typing import Any
 
 import pytest
 
-from async_notifier.disposition import DeadLetter, Retry
+from async_notifier.batch.outcome import Action, BatchResult, DeadLetter, Outcome, Retry
+from async_notifier.batch.report import metrics_from_batch
+from async_notifier.config import validate_namespace
 from async_notifier.errors import (
     BadMessage,
     DownloadFailed,
@@ -22,8 +24,7 @@ from async_notifier.errors import (
     SmtpUnavailable,
 )
 from async_notifier.logs import configure, request_id
-from async_notifier.metrics import InvocationMetrics, metrics_from_batch, validate_namespace
-from async_notifier.outcome import Action, BatchResult, Outcome
+from async_notifier.metrics import InvocationMetrics
 
 # From the CloudWatch MetricDatum / EMF specification.
 VALID_UNITS = {

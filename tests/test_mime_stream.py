@@ -33,8 +33,7 @@ from servers import LOOPBACK, SmtpSink
 
 from async_notifier.config import DEFAULT_TEMPLATES_DIR
 from async_notifier.errors import AttachmentChanged
-from async_notifier.messages import Notification, parse_body
-from async_notifier.mime import (
+from async_notifier.mail.mime import (
     _LINESEP,
     SMTP_POLICY,
     Base64Lines,
@@ -46,7 +45,8 @@ from async_notifier.mime import (
     encoded_length,
     message_id,
 )
-from async_notifier.render import RenderedEmail, Renderer
+from async_notifier.mail.render import RenderedEmail, Renderer
+from async_notifier.messages import Notification, parse_body
 from async_notifier.smtp.channel import AttachmentReadError, RefusedError, Reply, SmtpChannel
 from async_notifier.smtp.data import DataEncoder
 

@@ -149,7 +149,7 @@ def test_zip_holds_the_function_and_nothing_it_does_not_need(
     paths = [PurePosixPath(name) for name in names]
     assert "handler.py" in names
     assert "async_notifier/__init__.py" in names
-    assert "async_notifier/notifier.py" in names
+    assert "async_notifier/batch/notifier.py" in names
     assert "templates/base.html" in names
     assert any(name.startswith("templates/pt-BR/") for name in names)
     assert any(name.startswith("templates/en/") for name in names)

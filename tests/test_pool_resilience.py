@@ -20,7 +20,7 @@ from test_smtp_pool import expected_subjects, outgoing, settings, subjects
 
 from async_notifier.config import Settings
 from async_notifier.errors import AttachmentUnreadable, DeliveryUnknown, RecipientRejected
-from async_notifier.mime import StreamedEmail
+from async_notifier.mail.mime import StreamedEmail
 from async_notifier.smtp.pool import SmtpPool
 
 pytestmark = pytest.mark.usefixtures("faulty_smtp")

@@ -40,12 +40,12 @@ from servers import (
 )
 
 import handler
-from async_notifier import notifier
 from async_notifier.aws.idempotency import create_table, idempotency_key
-from async_notifier.config import Settings
-from async_notifier.errors import BadMessage, ConfigError
+from async_notifier.batch import notifier
+from async_notifier.batch.scratch import ByteBudget
+from async_notifier.config import ConfigError, Settings
+from async_notifier.errors import BadMessage
 from async_notifier.messages import parse_body
-from async_notifier.scratch import ByteBudget
 
 Body = dict[str, Any]
 ACCOUNT = "123456789012"  # moto's default account

@@ -16,11 +16,11 @@ from typing import Any
 import pytest
 from servers import make_zip
 
-from async_notifier.config import DEFAULT_TEMPLATES_DIR
-from async_notifier.errors import BadMessage, ConfigError
+from async_notifier.config import DEFAULT_TEMPLATES_DIR, ConfigError
+from async_notifier.errors import BadMessage
+from async_notifier.mail.mime import attachment_filename, build_streamed_email, message_id
+from async_notifier.mail.render import Renderer
 from async_notifier.messages import Notification, parse_body
-from async_notifier.mime import attachment_filename, build_streamed_email, message_id
-from async_notifier.render import Renderer
 
 SENDER = Address(display_name="Async Notifier", username="no-reply", domain="example.com")
 EXPECTED_HEADERS = {

@@ -37,15 +37,16 @@ from queues import (
     create_queues,
     notification,
     receive_all,
+    run_with_own_notifier,
     send,
 )
 from servers import MotoServer, SmtpSink, make_zip, s3_client, seed_objects, sqs_record
 
+from async_notifier.batch.notifier import Notifier
+from async_notifier.batch.outcome import BatchResult
 from async_notifier.config import Settings
 from async_notifier.deadline import Deadline
-from async_notifier.notifier import Notifier
-from async_notifier.outcome import BatchResult
-from async_notifier.runner import HEARTBEAT_TASK_NAME, MIN_EXTENSION, run
+from async_notifier.runner import HEARTBEAT_TASK_NAME, MIN_EXTENSION
 from async_notifier.wiring import AwsBackend
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -191,7 +192,7 @@ async def test_runner_emails_good_messages_and_leaves_bad_ones_to_the_dlq(
     ids = _good_and_bad(sqs, queues, aws, bucket)
     batches = Batches()
 
-    stats = await run(
+    stats = await run_with_own_notifier(
         Settings.from_env(),
         queues.url,
         batch_size=10,
@@ -232,7 +233,7 @@ async def test_records_have_lambdas_event_shape(
     ids = _good_and_bad(sqs, queues, aws, bucket)
     batches = Batches()
 
-    await run(
+    await run_with_own_notifier(
         Settings.from_env(),
         queues.url,
         batch_size=10,
@@ -293,7 +294,7 @@ async def test_batches_stay_within_batch_size(
     }
     batches = Batches()
 
-    stats = await run(
+    stats = await run_with_own_notifier(
         Settings.from_env(),
         queues.url,
         batch_size=5,
@@ -318,7 +319,7 @@ async def test_max_batches_leaves_the_rest_in_the_queue(
     for i in range(15):
         send(sqs, queues.url, notification(f"v{i}", status="FAILED", email=f"u{i}@example.com"))
 
-    stats = await run(
+    stats = await run_with_own_notifier(
         Settings.from_env(),
         queues.url,
         batch_size=5,
@@ -349,7 +350,7 @@ async def test_heartbeat_keeps_a_batch_longer_than_the_visibility_timeout_hidden
     notifier = TimedNotifier(Settings.from_env())
     batches = Batches()
     runner = asyncio.create_task(
-        run(
+        run_with_own_notifier(
             Settings.from_env(),
             queues.url,
             batch_size=10,
@@ -413,7 +414,7 @@ async def test_batch_deadline_cuts_a_stalled_batch_and_its_records_come_back(
 
     try:
         async with asyncio.timeout(60):  # nothing may hang on the stalled server
-            stats = await run(
+            stats = await run_with_own_notifier(
                 Settings.from_env(),
                 queues.url,
                 batch_size=10,
@@ -464,7 +465,7 @@ async def test_messages_arriving_during_a_batch_are_not_received_until_it_ends(
     batches = Batches()
     # Room for 30 (three receives' worth), a 2 s window, long polls of 20 s.
     runner = asyncio.create_task(
-        run(
+        run_with_own_notifier(
             Settings.from_env(),
             queues.url,
             batch_size=30,
@@ -517,7 +518,7 @@ async def test_heartbeat_stops_when_its_batch_ends(
 
     try:
         async with asyncio.timeout(60):
-            stats = await run(
+            stats = await run_with_own_notifier(
                 Settings.from_env(),
                 queues.url,
                 batch_size=10,
@@ -559,7 +560,7 @@ async def test_stop_during_a_batch_finishes_it_and_receives_nothing_more(
     stop = asyncio.Event()
     notifier = TimedNotifier(Settings.from_env())
     runner = asyncio.create_task(
-        run(
+        run_with_own_notifier(
             Settings.from_env(),
             queues.url,
             batch_size=10,
@@ -598,7 +599,7 @@ async def test_cancelled_run_leaves_no_task_behind(
     _emails(sqs, queues.url, 2)
     notifier = TimedNotifier(Settings.from_env())
     runner = asyncio.create_task(
-        run(
+        run_with_own_notifier(
             Settings.from_env(),
             queues.url,
             batch_size=10,
@@ -657,7 +658,7 @@ async def test_a_batch_that_ignores_its_deadline_is_cancelled_and_retried_whole(
     batches = Batches()
     try:
         async with asyncio.timeout(60):
-            stats = await run(
+            stats = await run_with_own_notifier(
                 Settings.from_env(),
                 queues.url,
                 batch_size=10,

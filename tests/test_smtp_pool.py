@@ -18,9 +18,9 @@ from servers import LOOPBACK, SmtpSink, TlsFiles, free_port, make_zip
 
 from async_notifier.config import DEFAULT_TEMPLATES_DIR, Settings
 from async_notifier.errors import RecipientRejected, SmtpUnavailable
+from async_notifier.mail.mime import StreamedEmail, build_streamed_email
+from async_notifier.mail.render import Renderer
 from async_notifier.messages import parse_body
-from async_notifier.mime import StreamedEmail, build_streamed_email
-from async_notifier.render import Renderer
 from async_notifier.smtp.pool import SmtpPool
 from bench.proxy import Route, start_route, stop_route
 

@@ -20,8 +20,8 @@ from async_notifier.aws.sqs import (
     attribute_text,
     queue_url_from_arn,
 )
+from async_notifier.batch.disposition import backoff_seconds
 from async_notifier.deadline import RETURN_RESERVE, Deadline
-from async_notifier.disposition import backoff_seconds
 from async_notifier.errors import BadMessage, RecipientRejected
 from async_notifier.messages import SqsRecord
 from bench.proxy import Route, start_route, stop_route

@@ -19,6 +19,7 @@ from servers import LOOPBACK, CapturedLogs, MotoServer, make_zip, s3_client, see
 
 from async_notifier.aws.clients import aws_client
 from async_notifier.aws.s3 import ObjectStore
+from async_notifier.batch.scratch import STALE_AFTER, ScratchDir, stale_at
 from async_notifier.config import Settings
 from async_notifier.deadline import Deadline
 from async_notifier.errors import (
@@ -27,7 +28,6 @@ from async_notifier.errors import (
     ObjectUnavailable,
     TooLarge,
 )
-from async_notifier.scratch import STALE_AFTER, ScratchDir, stale_at
 
 CHUNK = 4096
 

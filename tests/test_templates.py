@@ -19,8 +19,8 @@ import pytest
 from jinja2 import Environment, meta
 
 from async_notifier.config import DEFAULT_TEMPLATES_DIR, SUPPORTED_LOCALES
+from async_notifier.mail.render import CONTEXT_KEYS, STATUSES, Renderer
 from async_notifier.messages import Notification, parse_body
-from async_notifier.render import CONTEXT_KEYS, STATUSES, Renderer
 
 LINK = "https://videos-zip.s3.amazonaws.com/k/v.zip?X-Amz-Expires=604800&X-Amz-Signature=ab"
 HOSTILE_NAME = '<script>alert("name")</script> O\'Brien & Co'

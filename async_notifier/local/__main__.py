@@ -8,7 +8,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from ..errors import ConfigError
+from ..config import ConfigError
 from ..runner import stop_on_signals
 from .demo import Options, Report, run_local
 

@@ -27,11 +27,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal, TextIO
 
+from ..batch.outcome import BatchResult
 from ..config import Settings
 from ..logs import JsonFormatter, configure
-from ..outcome import BatchResult
 from ..runner import RunnerStats
 from ..runner import run as run_queue
+from ..wiring import build_notifier
 from .mailcatcher import CaughtMail, MailCatcher, clear_outbox
 from .moto import MotoProcess
 
@@ -413,16 +414,18 @@ async def run_local(
 
             watchdog = asyncio.get_running_loop().call_later(options.timeout, stop.set)
             try:
-                report.stats = await run_queue(
-                    settings,
-                    queue_url,
-                    batch_size=10,
-                    batch_window=0.2,
-                    wait_time=options.wait_time,
-                    drain=True,
-                    stop=stop,
-                    on_batch=on_batch,
-                )
+                async with build_notifier(settings) as notifier:
+                    report.stats = await run_queue(
+                        settings,
+                        queue_url,
+                        notifier=notifier,
+                        batch_size=10,
+                        batch_window=0.2,
+                        wait_time=options.wait_time,
+                        drain=True,
+                        stop=stop,
+                        on_batch=on_batch,
+                    )
             finally:
                 watchdog.cancel()
             if not report.stats.drained:

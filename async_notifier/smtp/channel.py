@@ -21,7 +21,7 @@ import aiosmtplib
 from aiosmtplib.errors import SMTPServerDisconnected
 
 from ..errors import AttachmentChanged
-from ..mime import StreamedEmail
+from ..mail.mime import StreamedEmail
 from .data import DataEncoder
 
 MAX_REPLY_BYTES = 64 * 1024

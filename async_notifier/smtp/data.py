@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 
-from ..mime import Base64Lines
+from ..mail.mime import Base64Lines
 
 # The same rule as aiosmtplib.protocol.LINE_ENDINGS_REGEX: CRLF, bare LF, bare CR.
 _LINE_ENDINGS = re.compile(rb"\r\n|\n|\r(?!\n)")

@@ -39,7 +39,7 @@ from ..errors import (
     SmtpUnavailable,
 )
 from ..logs import get_logger
-from ..mime import StreamedEmail
+from ..mail.mime import StreamedEmail
 from ..ports import CredentialsSource, PoolStats
 from .channel import (
     AttachmentReadError,

@@ -33,8 +33,8 @@ from email.policy import Policy
 from email.utils import formatdate, quote
 from pathlib import Path, PurePosixPath
 
-from .errors import AttachmentChanged
-from .messages import Notification
+from ..errors import AttachmentChanged
+from ..messages import Notification
 from .render import RenderedEmail
 
 _MAX_LINE = 78

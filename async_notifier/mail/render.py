@@ -18,9 +18,8 @@ import css_inline
 from jinja2 import Environment, FileSystemLoader, StrictUndefined, Template, select_autoescape
 from jinja2.exceptions import TemplateError
 
-from .config import SUPPORTED_LOCALES
-from .errors import ConfigError
-from .messages import Notification
+from ..config import SUPPORTED_LOCALES, ConfigError
+from ..messages import Notification
 
 PARTS = ("subject.txt", "txt", "html")
 STATUSES = ("completed", "failed")

@@ -14,18 +14,18 @@ import os
 import time
 from typing import Any
 
-from .after_cutoff import AfterCutoff
-from .batch import run_batch
-from .config import Settings
-from .deadline import Deadline
+from ..after_cutoff import AfterCutoff
+from ..config import Settings
+from ..deadline import Deadline
+from ..logs import configure, get_logger
+from ..mail.render import Renderer
+from ..ports import Adapters, Backend
 from .delivery import Delivery
-from .disposition import DeadLetter, Disposition, Policy, Retry, disposition
-from .logs import configure, get_logger
-from .metrics import metrics_from_batch
-from .outcome import BatchResult
-from .ports import Adapters, Backend
-from .render import Renderer
+from .disposition import Policy, disposition
+from .outcome import BatchResult, DeadLetter, Disposition, Retry
+from .report import metrics_from_batch
 from .scratch import ByteBudget, ScratchDir
+from .workers import run_batch
 
 log = get_logger()
 
@@ -41,6 +41,12 @@ class Notifier:
     async def aclose(self) -> None:
         """Close the clients and QUIT the pooled SMTP connections."""
         await self.backend.aclose()
+
+    async def __aenter__(self) -> Notifier:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
 
     async def handle(self, event: Any, context: Any = None) -> dict[str, list[dict[str, str]]]:
         """Process one Lambda SQS event; return the partial batch response."""

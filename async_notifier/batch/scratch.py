@@ -18,8 +18,8 @@ import time
 import uuid
 from pathlib import Path
 
-from .deadline import Deadline
-from .logs import get_logger
+from ..deadline import Deadline
+from ..logs import get_logger
 
 log = get_logger()
 

@@ -1,51 +1,27 @@
 """The one place that decides a record's fate once its delivery is over.
 
-Every record ends in one of three ways: `Ack` (SQS may delete it: it was delivered, or
-was a duplicate of one that was), `Retry` (reported in `batchItemFailures`, so SQS
-delivers it again; `delay` is the visibility timeout to give it first, growing with its
-receive count, or None to leave the queue's), or `DeadLetter` (copied, with the reason,
-to the dead-letter queue and then acknowledged). Retrying can only help a transient
-error; a permanent one goes to the dead-letter queue when there is one, else it is
-reported failed and the queue's own redrive policy moves it after `maxReceiveCount`.
+Every record ends in one of three ways (the types live in `outcome.py`): `Ack` (SQS may
+delete it: it was delivered, or was a duplicate of one that was), `Retry` (reported in
+`batchItemFailures`, so SQS delivers it again; `delay` is the visibility timeout to give
+it first, growing with its receive count, or None to leave the queue's), or `DeadLetter`
+(copied, with the reason, to the dead-letter queue and then acknowledged). Retrying can
+only help a transient error; a permanent one goes to the dead-letter queue when there is
+one, else it is reported failed and the queue's own redrive policy moves it after
+`maxReceiveCount`.
 The Lambda handler and the SQS runner both settle their batches through `disposition`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
-from .config import Settings
-
-if TYPE_CHECKING:
-    from .outcome import Outcome
+from ..config import Settings
+from .outcome import Ack, DeadLetter, Disposition, Outcome, Retry
 
 #: The visibility timeout of a retried record: BACKOFF_BASE × 2^(n−1) seconds for its n-th
 #: receive, at most BACKOFF_CAP (SQS allows up to 12 hours).
 BACKOFF_BASE = 30
 BACKOFF_CAP = 900
-
-
-@dataclass(frozen=True)
-class Ack:
-    """Delete it: delivered (or a duplicate of a delivered one)."""
-
-
-@dataclass(frozen=True)
-class Retry:
-    """Report it failed; `delay` seconds of visibility first (None: the queue's own)."""
-
-    delay: int | None = None
-
-
-@dataclass(frozen=True)
-class DeadLetter:
-    """Copy it to the dead-letter queue with `reason`, then delete it."""
-
-    reason: str
-
-
-Disposition = Ack | Retry | DeadLetter
 
 
 @dataclass(frozen=True)

@@ -14,8 +14,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
-from .deadline import Deadline
-from .errors import DeliveryUnknown, NotifierError
+from ..deadline import Deadline
+from ..errors import DeliveryUnknown, NotifierError
 
 T = TypeVar("T")
 

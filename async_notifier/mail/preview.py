@@ -21,9 +21,9 @@ from typing import Any
 
 from jinja2.exceptions import TemplateError
 
-from .config import DEFAULT_TEMPLATES_DIR, SUPPORTED_LOCALES, Settings, _Env
-from .errors import BadMessage, ConfigError
-from .messages import Notification, parse_body
+from ..config import DEFAULT_TEMPLATES_DIR, SUPPORTED_LOCALES, ConfigError, Settings, _Env
+from ..errors import BadMessage
+from ..messages import Notification, parse_body
 from .mime import attachment_filename, build_streamed_email
 from .render import Renderer
 

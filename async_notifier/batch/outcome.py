@@ -13,11 +13,32 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
-from .disposition import DeadLetter, Disposition, Retry
-from .errors import NotifierError
-from .messages import SqsRecord
+from ..errors import NotifierError
+from ..messages import SqsRecord
 
 Action = Literal["sent", "sent_link", "duplicate", "already_delivered"]
+
+
+@dataclass(frozen=True)
+class Ack:
+    """Delete it: delivered (or a duplicate of a delivered one)."""
+
+
+@dataclass(frozen=True)
+class Retry:
+    """Report it failed; `delay` seconds of visibility first (None: the queue's own)."""
+
+    delay: int | None = None
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    """Copy it to the dead-letter queue with `reason`, then delete it."""
+
+    reason: str
+
+
+Disposition = Ack | Retry | DeadLetter
 
 
 @dataclass(slots=True)

@@ -13,9 +13,9 @@ import asyncio
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Any
 
-from .errors import BadMessage, GroupBlocked, InternalError, NotifierError
-from .logs import get_logger
-from .messages import SqsRecord
+from ..errors import BadMessage, GroupBlocked, InternalError, NotifierError
+from ..logs import get_logger
+from ..messages import SqsRecord
 from .outcome import BatchResult, Outcome
 
 log = get_logger()

@@ -16,11 +16,10 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from .after_cutoff import AfterCutoff
-from .config import Settings
-from .deadline import Deadline
-from .dedup import InBatchDeduplicator
-from .errors import (
+from ..after_cutoff import AfterCutoff
+from ..config import Settings
+from ..deadline import Deadline
+from ..errors import (
     DeadlineExceeded,
     DeliveryUnknown,
     InProgressElsewhere,
@@ -29,12 +28,13 @@ from .errors import (
     NotifierError,
     TooLarge,
 )
-from .logs import get_logger
-from .messages import Notification, SqsRecord, parse_body
-from .mime import attachment_filename, build_streamed_email
+from ..logs import get_logger
+from ..mail.mime import attachment_filename, build_streamed_email
+from ..mail.render import Renderer
+from ..messages import Notification, SqsRecord, parse_body
+from ..ports import Adapters, Download, Recipient
+from .dedup import InBatchDeduplicator
 from .outcome import Action, Outcome
-from .ports import Adapters, Download, Recipient
-from .render import Renderer
 from .retry import Retrier, RetryPolicy
 from .scratch import ByteBudget, ScratchDir
 

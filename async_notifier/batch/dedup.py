@@ -11,7 +11,7 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
-from .errors import NotifierError, OriginalCancelled, PermanentError, TransientError
+from ..errors import NotifierError, OriginalCancelled, PermanentError, TransientError
 
 _T = TypeVar("_T")
 

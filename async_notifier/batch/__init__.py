@@ -1,0 +1,1 @@
+"""A batch from start to end: each record delivered, each fate decided, the batch reported."""

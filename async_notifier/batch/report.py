@@ -1,0 +1,49 @@
+"""A batch's numbers as CloudWatch metrics (EMF lines, see `metrics.py`)."""
+
+from __future__ import annotations
+
+from ..logs import request_id
+from ..metrics import InvocationMetrics
+from .outcome import BatchResult
+
+
+def metrics_from_batch(
+    result: BatchResult,
+    *,
+    duration_s: float,
+    connections_opened: int,
+    namespace: str,
+    function_name: str | None,
+) -> InvocationMetrics:
+    """The invocation's metrics, from its settled BatchResult.
+
+    Failures are also counted per `NotifierError.kind` as RecordsFailed with an ErrorClass
+    dimension: one metric that a dashboard can split or alarm on per class. Kinds come from
+    code, never from input, so the number of custom metrics stays bounded.
+    """
+    metrics = InvocationMetrics(
+        namespace, dimensions={"FunctionName": function_name} if function_name else None
+    )
+    delivered, errors = result.delivered, result.errors
+    actions = delivered.actions
+    metrics.set("RecordsReceived", result.records, "Count")
+    metrics.set("RecordsSent", actions["sent"] + actions["sent_link"], "Count")
+    metrics.set("RecordsFailed", len(errors), "Count")
+    metrics.set("BatchItemFailures", len(result.failures), "Count")
+    metrics.set("RecordsDeadLettered", len(result.dead_lettered), "Count")
+    retried = delivered.retried + sum(o.retries > 0 for o in errors)
+    metrics.set("RecordsRetried", retried, "Count")
+    metrics.set("Retries", delivered.retries + sum(o.retries for o in errors), "Count")
+    metrics.set("BytesAttached", delivered.bytes_attached, "Bytes")
+    metrics.set("LinksSent", actions["sent_link"], "Count")
+    metrics.set("Duplicates", actions["duplicate"], "Count")
+    metrics.set("AlreadyDelivered", actions["already_delivered"], "Count")
+    metrics.set("SmtpConnectionsOpened", connections_opened, "Count")
+    metrics.set("InvocationDuration", duration_s * 1000.0, "Milliseconds")
+    for outcome in errors:
+        assert outcome.error is not None
+        metrics.add("RecordsFailed", dimensions={"ErrorClass": outcome.error.kind})
+    rid = request_id.get()
+    if rid:
+        metrics.set_property("request_id", rid)
+    return metrics
