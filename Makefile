@@ -27,6 +27,10 @@ LOCALSTACK_PACKAGES := 'localstack-core[runtime]==$(LOCALSTACK_VERSION)' 'cbor2<
 # make package: the Lambda architecture to build for (arm64 = Graviton, or x86_64); it must
 # match the stack's Architecture parameter.
 ARCH ?= arm64
+# make package: the CPython the wheels are for; it must match the template's Runtime
+# (python3.13). Set on the command line only (make package PYTHON_VERSION=3.12): `=`, not `?=`,
+# because Python's container images export a PYTHON_VERSION of their own (3.11.7...).
+PYTHON_VERSION = 3.13
 
 .DEFAULT_GOAL := help
 .PHONY: help venv test lint format run-local localstack localstack-stop test-localstack \
@@ -46,8 +50,9 @@ help:
 	@echo "                 flags via BENCH_ARGS=..., see bench/README.md); BENCH_VS=REF"
 	@echo "                 compares the working tree with git REF instead (no regression?)"
 	@echo "make bench-quick the same with small numbers, well under a minute"
-	@echo "make package     build dist/deployment-package.zip for Lambda (python3.12, ARCH=arm64"
-	@echo "                 or ARCH=x86_64); reproducible, prints its sizes and sha256"
+	@echo "make package     build dist/deployment-package.zip for Lambda (python3.13, ARCH=arm64"
+	@echo "                 or ARCH=x86_64; PYTHON_VERSION=3.12); reproducible, prints its sizes"
+	@echo "                 and sha256"
 	@echo "make cfn-lint    lint template.yaml (the SAM template) with cfn-lint"
 	@echo "make clean       remove the venv, caches, outbox/, build/, dist/ and bench/out/"
 	@echo "make distclean   also LocalStack's venv and state (.localstack/)"
@@ -103,7 +108,7 @@ bench-quick: $(STAMP)
 	$(PY) -m bench --quick $(BENCH_VS_FLAG) $(BENCH_ARGS)
 
 package: $(STAMP)
-	$(PY) scripts/package.py --arch "$(ARCH)"
+	$(PY) scripts/package.py --arch "$(ARCH)" --python-version "$(PYTHON_VERSION)"
 
 cfn-lint: $(STAMP)
 	$(BIN)/cfn-lint template.yaml
