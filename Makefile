@@ -34,7 +34,7 @@ PYTHON_VERSION = 3.13
 
 .DEFAULT_GOAL := help
 .PHONY: help venv test lint format run-local localstack localstack-stop test-localstack \
-	bench bench-quick clean distclean package cfn-lint
+	bench bench-quick clean distclean package test-runtime cfn-lint
 
 help:
 	@echo "make test        create the venv, install, run the whole test suite"
@@ -53,6 +53,8 @@ help:
 	@echo "make package     build dist/deployment-package.zip for Lambda (python3.13, ARCH=arm64"
 	@echo "                 or ARCH=x86_64; PYTHON_VERSION=3.12); reproducible, prints its sizes"
 	@echo "                 and sha256"
+	@echo "make test-runtime  run both zips (CPython 3.13, x86_64 and arm64 under qemu) in Debian"
+	@echo "                 chroots under Lambda's runtime client (root; caches ~/.cache/async-notifier)"
 	@echo "make cfn-lint    lint template.yaml (the SAM template) with cfn-lint"
 	@echo "make clean       remove the venv, caches, outbox/, build/, dist/ and bench/out/"
 	@echo "make distclean   also LocalStack's venv and state (.localstack/)"
@@ -109,6 +111,12 @@ bench-quick: $(STAMP)
 
 package: $(STAMP)
 	$(PY) scripts/package.py --arch "$(ARCH)" --python-version "$(PYTHON_VERSION)"
+
+# Builds (or reuses) the Debian root file systems first, so their download is not charged to
+# a test; the tests build both zips for CPython 3.13 and run them under awslambdaric.
+test-runtime: $(STAMP)
+	$(PY) scripts/rootfs.py --arch x86_64 --arch arm64 >/dev/null
+	$(PY) -m pytest -m chroot tests/test_runtime.py $(PYTEST_ARGS)
 
 cfn-lint: $(STAMP)
 	$(BIN)/cfn-lint template.yaml
