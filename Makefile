@@ -27,10 +27,14 @@ LOCALSTACK_PACKAGES := 'localstack-core[runtime]==$(LOCALSTACK_VERSION)' 'cbor2<
 # make package: the Lambda architecture to build for (arm64 = Graviton, or x86_64); it must
 # match the stack's Architecture parameter.
 ARCH ?= arm64
+# make package: the CPython the wheels are for; it must match the template's Runtime
+# (python3.13). Set on the command line only (make package PYTHON_VERSION=3.12): `=`, not `?=`,
+# because Python's container images export a PYTHON_VERSION of their own (3.11.7...).
+PYTHON_VERSION = 3.13
 
 .DEFAULT_GOAL := help
 .PHONY: help venv test lint format run-local localstack localstack-stop test-localstack \
-	bench bench-quick clean distclean package cfn-lint
+	bench bench-quick clean distclean package test-runtime cfn-lint
 
 help:
 	@echo "make test        create the venv, install, run the whole test suite"
@@ -46,8 +50,11 @@ help:
 	@echo "                 flags via BENCH_ARGS=..., see bench/README.md); BENCH_VS=REF"
 	@echo "                 compares the working tree with git REF instead (no regression?)"
 	@echo "make bench-quick the same with small numbers, well under a minute"
-	@echo "make package     build dist/deployment-package.zip for Lambda (python3.12, ARCH=arm64"
-	@echo "                 or ARCH=x86_64); reproducible, prints its sizes and sha256"
+	@echo "make package     build dist/deployment-package.zip for Lambda (python3.13, ARCH=arm64"
+	@echo "                 or ARCH=x86_64; PYTHON_VERSION=3.12); reproducible, prints its sizes"
+	@echo "                 and sha256"
+	@echo "make test-runtime  run both zips (CPython 3.13, x86_64 and arm64 under qemu) in Debian"
+	@echo "                 chroots under Lambda's runtime client (root; caches ~/.cache/async-notifier)"
 	@echo "make cfn-lint    lint template.yaml (the SAM template) with cfn-lint"
 	@echo "make clean       remove the venv, caches, outbox/, build/, dist/ and bench/out/"
 	@echo "make distclean   also LocalStack's venv and state (.localstack/)"
@@ -103,7 +110,13 @@ bench-quick: $(STAMP)
 	$(PY) -m bench --quick $(BENCH_VS_FLAG) $(BENCH_ARGS)
 
 package: $(STAMP)
-	$(PY) scripts/package.py --arch "$(ARCH)"
+	$(PY) scripts/package.py --arch "$(ARCH)" --python-version "$(PYTHON_VERSION)"
+
+# Builds (or reuses) the Debian root file systems first, so their download is not charged to
+# a test; the tests build both zips for CPython 3.13 and run them under awslambdaric.
+test-runtime: $(STAMP)
+	$(PY) scripts/rootfs.py --arch x86_64 --arch arm64 >/dev/null
+	$(PY) -m pytest -m chroot tests/test_runtime.py $(PYTEST_ARGS)
 
 cfn-lint: $(STAMP)
 	$(BIN)/cfn-lint template.yaml

@@ -2,7 +2,7 @@
 """Build the Lambda deployment package: `dist/deployment-package.zip` (`make package`).
 
 The zip holds, at its root, the runtime dependencies of requirements.txt built for the Lambda
-runtime (binary wheels for CPython 3.12 on arm64 or x86_64, fetched with
+runtime (binary wheels for CPython 3.13 on arm64 or x86_64, fetched with
 `pip install --platform ... --only-binary=:all: --target`), the `async_notifier` package
 (without `async_notifier/local/`, the dev demo, which needs moto and aiosmtpd), `handler.py`
 and `templates/`.
@@ -18,7 +18,7 @@ platform and the Python version, so a second build only zips. The build fails wh
 over 50 MiB or its contents over 250 MiB (Lambda's limits for a direct upload and for the
 unzipped function).
 
-Usage: python scripts/package.py [--arch arm64|x86_64] [--python-version 3.12]
+Usage: python scripts/package.py [--arch arm64|x86_64] [--python-version 3.13]
                                  [--output dist/deployment-package.zip] [--refresh]
 """
 
@@ -44,13 +44,14 @@ MIB = 1024 * 1024
 MAX_ZIPPED_BYTES = 50 * MIB
 MAX_UNZIPPED_BYTES = 250 * MIB
 ARCHES = {"arm64": "aarch64", "x86_64": "x86_64"}
-# The python3.12 runtime runs on Amazon Linux 2023, glibc 2.34: any manylinux wheel up to
-# manylinux_2_34 runs there. pip does not widen a --platform to older manylinux versions (bar
-# manylinux2014's own aliases), so every one is listed; css-inline ships aarch64 only as
-# manylinux_2_24, for instance.
+# The python3.12 and python3.13 runtimes run on Amazon Linux 2023, glibc 2.34: any manylinux
+# wheel up to manylinux_2_34 runs there. pip does not widen a --platform to older manylinux
+# versions (bar manylinux2014's own aliases), so every one is listed; css-inline ships aarch64
+# only as manylinux_2_24, for instance.
 LAMBDA_GLIBC_MINOR = 34
 DEFAULT_ARCH = "arm64"
-DEFAULT_PYTHON = "3.12"
+# Lambda's python3.13 runtime (template.yaml's Runtime follows it).
+DEFAULT_PYTHON = "3.13"
 FILE_MODE = 0o644
 DIR_MODE = 0o755
 ZIP_EPOCH = 315532800  # 1980-01-01T00:00:00Z, the earliest time a ZIP entry can hold
@@ -320,7 +321,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--python-version",
         default=DEFAULT_PYTHON,
-        help=f"CPython version the wheels are for (default {DEFAULT_PYTHON}, Lambda's python3.12)",
+        help=f"CPython version the wheels are for (default {DEFAULT_PYTHON}, Lambda's "
+        f"python{DEFAULT_PYTHON})",
     )
     parser.add_argument(
         "--output",
@@ -339,7 +341,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     if not re.fullmatch(r"3\.\d{1,2}", args.python_version):
-        parser.error(f"--python-version must look like 3.12, got {args.python_version!r}")
+        parser.error(f"--python-version must look like 3.13, got {args.python_version!r}")
     try:
         build(
             arch=args.arch,

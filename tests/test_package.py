@@ -1,11 +1,12 @@
 """`make package`: the deployment zip is reproducible, lean, and runs on its own.
 
-The zip targets Lambda's CPython 3.12; binary wheels for 3.12 do not import on the 3.11 that
+The zip targets Lambda's CPython 3.13; binary wheels for 3.13 do not import on the 3.11 that
 may run these tests, so they build it for the running interpreter and this machine's
 architecture (`scripts/package.py --python-version --arch`): the same code path, other wheels.
 The unpacked zip is then imported by a clean interpreter (`-I -S`: no site-packages, no
 environment, nothing but the zip's directory and the standard library on sys.path), which
 runs the handler on an empty batch and on a real one against moto and an SMTP sink.
+tests/test_runtime.py runs the real 3.13 zips on CPython 3.13 (`make test-runtime`).
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import os
 import platform
+import re
 import subprocess
 import sys
 import zipfile
@@ -26,6 +29,8 @@ from servers import MotoServer, SmtpSink, make_zip, s3_client, seed_objects, sqs
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "package.py"
+# Lambda's python3.13 runtime: the default of `make package` and of scripts/package.py.
+LAMBDA_PYTHON = "3.13"
 PYTHON_VERSION = f"{sys.version_info.major}.{sys.version_info.minor}"
 ARCH = {"x86_64": "x86_64", "amd64": "x86_64", "aarch64": "arm64", "arm64": "arm64"}.get(
     platform.machine().lower()
@@ -257,7 +262,7 @@ _ELF_MACHINE = {"x86_64": 62, "arm64": 183}
 
 @pytest.mark.parametrize("arch", ["arm64", "x86_64"])
 def test_lambda_target_carries_only_its_own_binaries(arch: str, tmp_path: Path) -> None:
-    """The real target (CPython 3.12, Linux, arch): every extension module is built for it."""
+    """The real target (CPython 3.13, Linux, arch): every extension module is built for it."""
     output = tmp_path / f"{arch}.zip"
     completed = subprocess.run(
         [sys.executable, str(SCRIPT), "--arch", arch, "--output", str(output)],
@@ -272,14 +277,14 @@ def test_lambda_target_carries_only_its_own_binaries(arch: str, tmp_path: Path) 
         extensions = [name for name in archive.namelist() if name.endswith(".so")]
         assert extensions
         for name in extensions:
-            assert name.endswith((f".cpython-312-{machine}-linux-gnu.so", ".abi3.so")), name
+            assert name.endswith((f".cpython-313-{machine}-linux-gnu.so", ".abi3.so")), name
             header = archive.read(name)[:20]
             assert header[:4] == b"\x7fELF", name
             assert int.from_bytes(header[18:20], "little") == _ELF_MACHINE[arch], name
 
 
-def _load_script() -> Any:
-    spec = importlib.util.spec_from_file_location("package_script", SCRIPT)
+def _load_script(path: Path = SCRIPT) -> Any:
+    spec = importlib.util.spec_from_file_location(f"{path.stem}_script", path)
     assert spec is not None
     assert spec.loader is not None
     module = importlib.util.module_from_spec(spec)
@@ -312,3 +317,36 @@ def test_bad_python_version_is_refused() -> None:
     )
     assert completed.returncode == 2
     assert "--python-version" in completed.stderr
+
+
+def test_python_version_is_lambdas_python_313_everywhere() -> None:
+    """The zip's wheels, the template's Runtime and the runtime tests name one Python."""
+    assert _load_script().DEFAULT_PYTHON == LAMBDA_PYTHON
+    # The Debian root file systems that `make test-runtime` runs the zips in.
+    assert _load_script(ROOT / "scripts" / "rootfs.py").PYTHON_VERSION == LAMBDA_PYTHON
+    runtimes = re.findall(r"^\s+Runtime: (\S+)$", (ROOT / "template.yaml").read_text(), re.M)
+    assert runtimes == [f"python{LAMBDA_PYTHON}"]
+    makefile = (ROOT / "Makefile").read_text()
+    assert re.search(rf"^PYTHON_VERSION = {re.escape(LAMBDA_PYTHON)}$", makefile, re.M)
+
+
+def _make_package_command(args: list[str], env: dict[str, str]) -> str:
+    completed = subprocess.run(
+        ["make", "-n", "package", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
+        timeout=60,
+    )
+    lines = [line for line in completed.stdout.splitlines() if "scripts/package.py" in line]
+    assert len(lines) == 1, completed.stdout
+    return lines[0]
+
+
+def test_make_package_takes_the_python_version_from_its_command_line_only() -> None:
+    # Python's container images export PYTHON_VERSION=3.x.y: that must not pick the wheels.
+    env = {"PATH": os.environ["PATH"], "PYTHON_VERSION": "3.11.7"}
+    assert '--python-version "3.13"' in _make_package_command([], env)
+    assert '--python-version "3.12"' in _make_package_command(["PYTHON_VERSION=3.12"], env)

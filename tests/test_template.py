@@ -239,11 +239,11 @@ def test_sam_translation_is_lint_clean_and_adds_no_broad_policy() -> None:
 # --------------------------------------------------------------------------- function
 
 
-def test_function_runs_the_packaged_handler_on_python_312() -> None:
+def test_function_runs_the_packaged_handler_on_python_313() -> None:
     function = _function()
     assert RESOURCES["NotifierFunction"]["Type"] == "AWS::Serverless::Function"
     assert function["Handler"] == "handler.lambda_handler"
-    assert function["Runtime"] == "python3.12"
+    assert function["Runtime"] == "python3.13"
     assert function["CodeUri"] == "dist/deployment-package.zip"
     assert function["Architectures"] == [{"Ref": "Architecture"}]
     assert function["Role"] == {"Fn::GetAtt": ["NotifierRole", "Arn"]}
