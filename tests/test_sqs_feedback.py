@@ -150,7 +150,144 @@ def test_malformed_arn_is_rejected(arn: str) -> None:
         queue_url_from_arn(arn, None)
 
 
-# --------------------------------------------------------------------------- back-off
+# --------------------------------------------------------------------------- attributes
+
+
+def test_attribute_text_is_one_bounded_line() -> None:
+    text = attribute_text("550 rejected\r\nX-Injected: yes\x00\x07" + "y" * 5000)
+    assert "\r" not in text
+    assert "\n" not in text
+    assert "\x00" not in text
+    assert len(text) == MAX_REASON_CHARS
+    assert text.startswith("550 rejected X-Injected: yes")
+    assert attribute_text("") == "-"  # SQS rejects empty string attributes
+
+
+# --------------------------------------------------------------------------- dead letters
+
+
+async def test_dead_letters_carry_original_body_and_reason(sqs: Any) -> None:
+    dlq_url, _ = await _queue(sqs, "notifications-dlq")
+    source_arn = f"arn:aws:sqs:{REGION}:{ACCOUNT}:notifications"
+    bodies = {
+        "id-1": json.dumps({"video_id": "v1", "email": "a@example.com", "nome": "José"}),
+        "id-2": "not json at all \u2603",
+    }
+    items = [
+        (
+            _record("id-1", bodies["id-1"], receive_count=3, arn=source_arn),
+            RecipientRejected("550 5.1.1 no such user\r\nsecond line " + "x" * 3000),
+        ),
+        (_record("id-2", bodies["id-2"], arn=None), BadMessage("body is not valid JSON")),
+    ]
+
+    routed = await DeadLetterRouter(sqs, dlq_url).route(items)
+
+    assert routed == {"id-1", "id-2"}
+    received = {
+        m["MessageAttributes"]["original_message_id"]["StringValue"]: m
+        for m in await _drain(sqs, dlq_url, 2)
+    }
+    assert set(received) == {"id-1", "id-2"}
+    first = received["id-1"]
+    assert first["Body"] == bodies["id-1"]
+    attributes = first["MessageAttributes"]
+    assert attributes["error_class"]["StringValue"] == "smtp_rejected"
+    reason = attributes["error_reason"]["StringValue"]
+    assert reason.startswith("550 5.1.1 no such user second line")
+    assert "\r" not in reason
+    assert "\n" not in reason
+    assert len(reason) <= MAX_REASON_CHARS
+    assert attributes["receive_count"] == {"DataType": "Number", "StringValue": "3"}
+    assert attributes["source_queue_arn"]["StringValue"] == source_arn
+    second = received["id-2"]
+    assert second["Body"] == bodies["id-2"]
+    assert second["MessageAttributes"]["error_class"]["StringValue"] == "bad_message"
+    assert "source_queue_arn" not in second["MessageAttributes"]
+
+
+async def test_dead_letters_are_sent_in_batches_of_ten(sqs: Any) -> None:
+    dlq_url, _ = await _queue(sqs, "notifications-dlq")
+    # messageIds with characters batch entry ids do not allow
+    items = [(_record(f"msg/{i}:#", f"body {i}"), BadMessage("bad")) for i in range(23)]
+
+    routed = await DeadLetterRouter(sqs, dlq_url).route(items)
+
+    assert routed == {f"msg/{i}:#" for i in range(23)}
+    received = await _drain(sqs, dlq_url, 23)
+    assert sorted(m["Body"] for m in received) == sorted(f"body {i}" for i in range(23))
+
+
+async def test_fifo_dead_letter_queue_gets_group_and_deduplication_ids(sqs: Any) -> None:
+    dlq_url, _ = await _queue(sqs, "notifications-dlq.fifo", FifoQueue="true")
+    items = [
+        (_record("id-a", "body a", group="video-7"), BadMessage("bad")),
+        (_record("id-b", "body b"), BadMessage("bad")),
+    ]
+
+    routed = await DeadLetterRouter(sqs, dlq_url).route(items)
+
+    assert routed == {"id-a", "id-b"}
+    received = {m["Body"]: m["Attributes"] for m in await _drain(sqs, dlq_url, 2)}
+    assert received["body a"]["MessageGroupId"] == "video-7"
+    assert received["body b"]["MessageGroupId"] == "dead-letter"
+    assert received["body a"]["MessageDeduplicationId"] == hashlib.sha256(b"id-a").hexdigest()
+    assert received["body b"]["MessageDeduplicationId"] == hashlib.sha256(b"id-b").hexdigest()
+
+
+async def test_route_to_missing_queue_returns_nothing_and_logs(
+    sqs: Any, captured: CapturedLogs
+) -> None:
+    url = f"{sqs.meta.endpoint_url}/{ACCOUNT}/no-such-dlq"
+    items = [(_record("id-1", "b1"), BadMessage("bad")), (_record("id-2", "b2"), BadMessage("x"))]
+
+    routed = await DeadLetterRouter(sqs, url).route(items)
+
+    assert routed == set()
+    logged = {r.messageId for r in captured.records if r.getMessage() == "dead-letter send failed"}
+    assert logged == {"id-1", "id-2"}
+
+
+async def test_a_chunk_that_fails_loses_only_its_own_records(sqs: Any) -> None:
+    dlq_url, _ = await _queue(sqs, "notifications-dlq")
+    huge = "x" * (1024 * 1024 + 1)  # over SQS's message size: its own batch, rejected whole
+    items = [
+        (_record("small-1", "s1"), BadMessage("bad")),
+        (_record("huge", huge), BadMessage("bad")),
+        (_record("small-2", "s2"), BadMessage("bad")),
+    ]
+
+    routed = await DeadLetterRouter(sqs, dlq_url).route(items)
+
+    assert routed == {"small-1", "small-2"}
+    assert sorted(m["Body"] for m in await _drain(sqs, dlq_url, 3)) == ["s1", "s2"]
+
+
+class _FailingEntry:
+    """Real moto client, except that SQS reports one entry as failed (moto never does)."""
+
+    def __init__(self, client: Any, fail_id: str) -> None:
+        self._client = client
+        self._fail_id = fail_id
+
+    async def send_message_batch(self, QueueUrl: str, Entries: list[dict[str, Any]]) -> Any:
+        kept = [entry for entry in Entries if entry["Id"] != self._fail_id]
+        response = await self._client.send_message_batch(QueueUrl=QueueUrl, Entries=kept)
+        failed = {"Id": self._fail_id, "SenderFault": False, "Code": "InternalError"}
+        return {**response, "Failed": [*response.get("Failed", []), failed]}
+
+
+async def test_entry_reported_failed_is_not_routed(sqs: Any) -> None:
+    dlq_url, _ = await _queue(sqs, "notifications-dlq")
+    items = [(_record(f"id-{i}", f"b{i}"), BadMessage("bad")) for i in range(3)]
+
+    routed = await DeadLetterRouter(_FailingEntry(sqs, "m1"), dlq_url).route(items)
+
+    assert routed == {"id-0", "id-2"}
+    assert sorted(m["Body"] for m in await _drain(sqs, dlq_url, 3)) == ["b0", "b2"]
+
+
+# --------------------------------------------------------------------------- visibility
 
 
 async def test_backoff_hides_failed_records_from_the_next_receive(sqs: Any) -> None:
