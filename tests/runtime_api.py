@@ -66,7 +66,8 @@ class Invocation:
     deadline_ms: int
     trace_id: str
     # Filled in by the emulator as the runtime client gets to it.
-    fetched_by: int | None = None
+    fetched: bool = False
+    fetched_by: int | None = None  # the process that fetched it, when /proc could tell
     response: Posted | None = None
     error: Posted | None = None
 
@@ -242,6 +243,7 @@ class RuntimeApi:
             if self._state.stopping:
                 return None
             invocation = self._state.queue.popleft()
+            invocation.fetched = True
             invocation.fetched_by = pid
             return invocation
 
@@ -249,7 +251,7 @@ class RuntimeApi:
         """Record a response or error; return an error type when the request id is wrong."""
         with self._cond:
             invocation = self._state.invocations.get(request_id)
-            if invocation is None or invocation.fetched_by is None:
+            if invocation is None or not invocation.fetched:
                 return "InvalidRequestID"
             if invocation.done:
                 return "InvalidStateTransition"

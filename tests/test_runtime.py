@@ -290,7 +290,7 @@ def test_bad_setting_is_reported_by_the_runtime_client(
             # new environment for the event, which no process fetched.
             assert error.headers["lambda-runtime-function-error-type"] == error.body["errorType"]
             assert process.wait(timeout=30) == 1
-            assert runtime_api.invocation(request_id).fetched_by is None
+            assert not runtime_api.invocation(request_id).fetched
         else:
             # An invocation error carries the request id and the X-Ray cause (no error-type
             # header from the C client), and the process keeps polling for the next event.
