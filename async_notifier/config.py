@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import os
 import re
+import string
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from email.headerregistry import Address
 from email.utils import getaddresses
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import Literal, TypeVar, overload
 
 TlsMode = Literal["starttls", "tls", "none"]
 
@@ -29,6 +30,11 @@ TLS_MODES: tuple[TlsMode, ...] = ("starttls", "tls", "none")
 MIB = 1024 * 1024
 SUPPORTED_LOCALES: tuple[str, ...] = ("pt-BR", "en")
 DEFAULT_TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "templates"
+ANY_BUCKET = "*"
+# What ALLOWED_KEY_PREFIX may name, filled in from each message.
+KEY_PREFIX_FIELDS = frozenset({"cognito_user_id", "video_id"})
+# SES: "up to 64 characters: letters, numbers, underscores and dashes".
+_CONFIGURATION_SET_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 # The pattern AWS documents for UserPoolId.
 USER_POOL_ID_RE = re.compile(r"^[\w-]+_[0-9a-zA-Z]+$")
 # CloudWatch's namespace characters; "AWS/" is reserved for AWS's own namespaces.
@@ -66,7 +72,10 @@ class Settings:
     smtp_pipelining: bool = True
     smtp_chunk_bytes: int = 64 * 1024
     max_concurrency: int = 32
+    # The buckets a message may name ("*": any, said on purpose); none unless set.
     allowed_buckets: frozenset[str] = frozenset()
+    # Keys a message may name, per message: "{cognito_user_id}" and "{video_id}" filled in.
+    allowed_key_prefix: str | None = None
     default_locale: str = "pt-BR"
     templates_dir: Path = DEFAULT_TEMPLATES_DIR
     tmp_dir: Path = field(default_factory=lambda: Path(tempfile.gettempdir()))
@@ -90,6 +99,12 @@ class Settings:
     smtp_secret_ttl: float = 300.0
     metrics_namespace: str = "AsyncNotifier"
     cognito_user_pool_id: str | None = None
+    allow_unverified_email: bool = False
+    # Links signed with these keys (an access key pair in Secrets Manager) last as asked.
+    link_signing_secret_id: str | None = None
+    # Headers of every email.
+    reply_to: Address | None = None
+    ses_configuration_set: str | None = None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -126,7 +141,8 @@ class Settings:
                 "SMTP_CHUNK_BYTES", 64 * 1024, low=1024, high=16 * 1024 * 1024
             ),
             max_concurrency=env.integer("MAX_CONCURRENCY", 32, low=1, high=10000),
-            allowed_buckets=env.csv("ALLOWED_BUCKETS"),
+            allowed_buckets=env.buckets("ALLOWED_BUCKETS"),
+            allowed_key_prefix=env.key_prefix("ALLOWED_KEY_PREFIX"),
             default_locale=env.choice("DEFAULT_LOCALE", "pt-BR", SUPPORTED_LOCALES),
             templates_dir=env.directory("TEMPLATES_DIR", DEFAULT_TEMPLATES_DIR),
             tmp_dir=env.directory("TMP_DIR", Path(tempfile.gettempdir())),
@@ -155,9 +171,24 @@ class Settings:
             smtp_secret_ttl=env.number("SMTP_SECRET_TTL_SECONDS", 300.0, low=0.0),
             metrics_namespace=env.text("METRICS_NAMESPACE", "AsyncNotifier"),
             cognito_user_pool_id=env.optional("COGNITO_USER_POOL_ID"),
+            allow_unverified_email=env.boolean("ALLOW_UNVERIFIED_EMAIL", False),
+            link_signing_secret_id=env.optional("LINK_SIGNING_SECRET_ID"),
+            reply_to=env.address("REPLY_TO", required=False),
+            ses_configuration_set=env.pattern(
+                "SES_CONFIGURATION_SET", _CONFIGURATION_SET_RE, "1-64 of A-Z a-z 0-9 _ -"
+            ),
         )
         if settings.smtp_password and not settings.smtp_user:
             env.problems.append("SMTP_PASSWORD is set but SMTP_USER is not")
+        if (
+            settings.smtp_user
+            and not settings.smtp_password
+            and not settings.smtp_password_secret_id
+        ):
+            env.problems.append(
+                "SMTP_USER is set but neither SMTP_PASSWORD nor SMTP_PASSWORD_SECRET_ID: the "
+                "login would be refused for every record"
+            )
         if settings.smtp_password and settings.smtp_password_secret_id:
             env.problems.append("set SMTP_PASSWORD or SMTP_PASSWORD_SECRET_ID, not both")
         if settings.smtp_password_secret_id and settings.smtp_tls == "none":
@@ -265,9 +296,48 @@ class _Env:
         self.problems.append(f"{name} must be true or false, got {raw!r}")
         return default
 
-    def csv(self, name: str) -> frozenset[str]:
-        raw = self.optional(name) or ""
-        return frozenset(part.strip() for part in raw.split(",") if part.strip())
+    def buckets(self, name: str) -> frozenset[str]:
+        """Required: bucket names, comma-separated, or "*" for any bucket (on purpose)."""
+        raw = self.optional(name)
+        if raw is None:
+            self.problems.append(
+                f"{name} is required: the buckets whose objects may be mailed, "
+                f"comma-separated, or {ANY_BUCKET!r} to allow any bucket"
+            )
+            return frozenset()
+        buckets = frozenset(part.strip() for part in raw.split(",") if part.strip())
+        if ANY_BUCKET in buckets and len(buckets) > 1:
+            self.problems.append(f"{name}: {ANY_BUCKET!r} allows any bucket; list none beside it")
+        return buckets
+
+    def key_prefix(self, name: str) -> str | None:
+        """A key prefix with `{field}` placeholders from the message, checked up front."""
+        raw = self.optional(name)
+        if raw is None:
+            return None
+        try:
+            fields = {f for _, f, spec, conv in string.Formatter().parse(raw) if f is not None}
+            bad_specs = [
+                f
+                for _, f, spec, conv in string.Formatter().parse(raw)
+                if f is not None and (spec or conv)
+            ]
+        except ValueError as exc:
+            self.problems.append(f"{name}: {exc}")
+            return None
+        unknown = fields - KEY_PREFIX_FIELDS
+        if unknown or bad_specs or "" in fields:
+            allowed = ", ".join(f"{{{f}}}" for f in sorted(KEY_PREFIX_FIELDS))
+            self.problems.append(f"{name} may only use the placeholders {allowed}")
+            return None
+        return raw
+
+    def pattern(self, name: str, pattern: re.Pattern[str], what: str) -> str | None:
+        raw = self.optional(name)
+        if raw is not None and not pattern.match(raw):
+            self.problems.append(f"{name} must be {what}, got {raw[:80]!r}")
+            return None
+        return raw
 
     def existing_file(self, name: str) -> Path | None:
         raw = self.optional(name)
@@ -285,10 +355,16 @@ class _Env:
             self.problems.append(f"{name} points to {str(path)!r}, which is not a directory")
         return path
 
-    def address(self, name: str) -> Address:
-        raw = self.required(name)
+    @overload
+    def address(self, name: str) -> Address: ...
+
+    @overload
+    def address(self, name: str, *, required: Literal[False]) -> Address | None: ...
+
+    def address(self, name: str, *, required: bool = True) -> Address | None:
+        raw = self.required(name) if required else self.optional(name)
         if not raw:
-            return Address()
+            return Address() if required else None
         if "\r" in raw or "\n" in raw:
             self.problems.append(f"{name} must be a single line")
             return Address()

@@ -3,9 +3,32 @@
 `transient` errors are worth another delivery (SQS retry); `permanent` ones are
 not and belong in the dead-letter queue. A broken setting is not a record's failure
 at all: `config.ConfigError` stops the function before it touches any record.
+
+A reason goes to logs, metrics and dead-letter attributes, so it never carries an
+email address: servers repeat the recipient in their refusals (`550 5.1.1 <ana@...>`),
+and every address in a reason is replaced by a short stable hash (`redact`), which still
+lets support match two lines about the same recipient.
 """
 
 from __future__ import annotations
+
+import hashlib
+import re
+
+# Anything shaped like an address: a local part, an @, a domain (a dot is not required:
+# a refusal may quote a mailbox at a bare host name).
+_ADDRESS = re.compile(r"[\w.!#$%&'*+/=?^`{|}~-]+@[\w-]+(?:\.[\w-]+)*")
+
+
+def address_hash(address: str) -> str:
+    """A short stable name for an address (case-insensitive): `addr-3f2a9c1b7e`."""
+    digest = hashlib.sha256(address.strip().lower().encode("utf-8", "surrogatepass"))
+    return f"addr-{digest.hexdigest()[:10]}"
+
+
+def redact(text: str) -> str:
+    """`text` with every email address replaced by its `address_hash`."""
+    return _ADDRESS.sub(lambda match: address_hash(match.group(0)), text)
 
 
 class NotifierError(Exception):
@@ -15,6 +38,7 @@ class NotifierError(Exception):
     kind: str = "error"
 
     def __init__(self, reason: str) -> None:
+        reason = redact(reason)
         super().__init__(reason)
         self.reason = reason
 
@@ -43,6 +67,12 @@ class BucketNotAllowed(PermanentError):
     """The record names a bucket outside ALLOWED_BUCKETS."""
 
     kind = "bucket_not_allowed"
+
+
+class KeyNotAllowed(PermanentError):
+    """The record names a key outside ALLOWED_KEY_PREFIX for its owner."""
+
+    kind = "key_not_allowed"
 
 
 class ObjectUnavailable(PermanentError):
@@ -129,6 +159,12 @@ class RecipientUnknown(PermanentError):
     """No such user, or the user has no valid email address: retrying cannot help."""
 
     kind = "recipient_unknown"
+
+
+class RecipientUnverified(PermanentError):
+    """The Cognito user has not verified the email address (ALLOW_UNVERIFIED_EMAIL is off)."""
+
+    kind = "recipient_unverified"
 
 
 class LookupFailed(TransientError):

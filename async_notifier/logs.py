@@ -1,7 +1,9 @@
 """Structured JSON logs: one object per line, with the invocation's request id.
 
 CloudWatch Logs Insights can filter on any field; nothing here ever logs a
-message body, an attachment or a credential.
+message body, an attachment or a credential, and every text field (an exception's
+traceback included) has its email addresses replaced by a short hash (`errors.redact`),
+so a recipient's address never reaches the logs, whatever a library put in a message.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ import logging
 import sys
 from datetime import UTC, datetime
 from typing import Any
+
+from .errors import redact
 
 LOGGER_NAME = "async_notifier"
 request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
@@ -35,7 +39,7 @@ class JsonFormatter(logging.Formatter):
                 entry[key] = value
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
-        return json.dumps(entry, default=str, ensure_ascii=False)
+        return redact(json.dumps(entry, default=str, ensure_ascii=False))
 
 
 class _StdoutHandler(logging.StreamHandler):  # type: ignore[type-arg]

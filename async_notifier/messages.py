@@ -89,13 +89,31 @@ class Notification:
     bucket: str | None
     key: str | None
     cognito_user_id: str | None = None
+    notification_id: str | None = None
+
+    @property
+    def delivery(self) -> str | None:
+        """Which notification of the video this is, as its producer tells it: the
+        `notification_id`, else the `timestamp`; None when the message says neither."""
+        if self.notification_id is not None:
+            return f"id:{self.notification_id}"
+        if self.timestamp is not None:
+            return f"at:{self.timestamp.isoformat()}"
+        return None
 
     @property
     def identity(self) -> str:
-        """Stable across redeliveries: what makes two records the same email."""
+        """What makes two records the same email: the video, its status, the recipient,
+        and the producer's delivery (`delivery`) when the message carries one.
+
+        Stable across redeliveries of one message, so SQS's duplicates are sent once; a new
+        notification for the same video (a new id or time) is a new email and goes out.
+        """
         recipient = self.email.lower() if self.email else f"cognito:{self.cognito_user_id}"
-        raw = "\x1f".join((self.video_id, self.status, recipient))
-        return hashlib.sha256(raw.encode()).hexdigest()
+        parts: list[str] = [self.video_id, self.status, recipient]
+        if self.delivery is not None:
+            parts.append(self.delivery)
+        return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()
 
     @property
     def display_name(self) -> str:
@@ -126,6 +144,7 @@ def _notification(data: dict[str, Any]) -> Notification:
     video_id = _header_text(data, "video_id", required=True)
     assert video_id is not None
     cognito_user_id = _header_text(data, "cognito_user_id")
+    notification_id = _header_text(data, "notification_id")
     raw_email = _first(data, "email", "recipient_email")
     email = None if raw_email is None and cognito_user_id else _email(raw_email)
     name = _header_text(_aliased(data, "name", "recipient_name"), "name")
@@ -155,6 +174,7 @@ def _notification(data: dict[str, Any]) -> Notification:
         bucket=bucket,
         key=key,
         cognito_user_id=cognito_user_id,
+        notification_id=notification_id,
     )
 
 

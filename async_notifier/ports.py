@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal, Protocol, TypeVar
 
@@ -85,6 +86,12 @@ class Download(Protocol):
 D = TypeVar("D", bound=Download)
 
 
+@dataclass(frozen=True)
+class PresignedLink:
+    url: str
+    expires_at: datetime
+
+
 class ObjectSource(Protocol[D]):
     """Where the ZIPs are: `save` takes what `open` returned."""
 
@@ -94,7 +101,10 @@ class ObjectSource(Protocol[D]):
         """Stream to `dest`; `errors.TooLarge` past `limit` (the file is then removed)."""
         ...
 
-    async def presign(self, bucket: str, key: str, expires: int) -> str: ...
+    async def presign(self, bucket: str, key: str, expires: int) -> PresignedLink:
+        """A download link valid for `expires` seconds at most: less when the credentials
+        that sign it expire sooner (the link says its true end)."""
+        ...
 
 
 # --------------------------------------------------------------------------- memory

@@ -16,8 +16,8 @@ from typing import Any
 from .aws.clients import aws_client, new_session
 from .aws.cognito import CognitoRecipients
 from .aws.idempotency import DynamoIdempotencyStore
-from .aws.s3 import ObjectStore
-from .aws.secrets import SecretSource
+from .aws.s3 import LinkSigner, ObjectStore
+from .aws.secrets import KeyPairSource, SecretSource
 from .aws.sqs import SqsFeedback
 from .batch.notifier import Notifier
 from .config import Settings
@@ -72,6 +72,15 @@ class AwsBackend:
             if settings.smtp_password_secret_id
             else None
         )
+        self.link_keys = (
+            KeyPairSource(
+                lambda: aws_client("secretsmanager", settings),
+                settings.link_signing_secret_id,
+                ttl=settings.smtp_secret_ttl,
+            )
+            if settings.link_signing_secret_id
+            else None
+        )
 
     @property
     def pool(self) -> SmtpPool | None:
@@ -92,9 +101,12 @@ class AwsBackend:
                 self._session = await asyncio.to_thread(new_session)
             session = self._session
             s3 = await stack.enter_async_context(aws_client("s3", s, session))
-            objects = ObjectStore(
-                s3, chunk_size=s.download_chunk_bytes, allowed_buckets=s.allowed_buckets
-            )
+            signer = None
+            if self.link_keys is not None:
+                keys = self.link_keys
+                signer = LinkSigner(keys, lambda pair: aws_client("s3", s, session, keys=pair))
+                stack.push_async_callback(signer.aclose)
+            objects = ObjectStore(s3, chunk_size=s.download_chunk_bytes, signer=signer)
             idempotency = None
             if s.idempotency_table:
                 dynamodb = await stack.enter_async_context(aws_client("dynamodb", s, session))
@@ -104,7 +116,11 @@ class AwsBackend:
             recipients = None
             if s.cognito_user_pool_id:
                 cognito = await stack.enter_async_context(aws_client("cognito-idp", s, session))
-                recipients = CognitoRecipients(cognito, s.cognito_user_pool_id)
+                recipients = CognitoRecipients(
+                    cognito,
+                    s.cognito_user_pool_id,
+                    require_verified_email=not s.allow_unverified_email,
+                )
         except BaseException:
             await stack.aclose()
             raise

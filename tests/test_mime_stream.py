@@ -61,6 +61,8 @@ def build_streamed_email_stdlib(
     sender: Address,
     attachment: Path | None = None,
     attachment_name: str | None = None,
+    reply_to: Address | None = None,
+    configuration_set: str | None = None,
 ) -> StreamedEmail:
     """The reference: the whole build by the stdlib email package (~1.5 ms a message).
 
@@ -80,6 +82,11 @@ def build_streamed_email_stdlib(
     msg["Date"] = formatdate(localtime=False, usegmt=True)
     msg["Message-ID"] = mid = message_id(notification, sender.domain or "localhost")
     msg["X-Video-Id"] = notification.video_id
+    msg["Auto-Submitted"] = "auto-generated"
+    if reply_to is not None:
+        msg["Reply-To"] = reply_to
+    if configuration_set is not None:
+        msg["X-SES-CONFIGURATION-SET"] = configuration_set
     msg.set_content(rendered.text, subtype="plain", charset="utf-8", cte="quoted-printable")
     msg.add_alternative(rendered.html, subtype="html", charset="utf-8", cte="quoted-printable")
     size = 0

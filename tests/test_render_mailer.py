@@ -30,6 +30,7 @@ EXPECTED_HEADERS = {
     "date",
     "message-id",
     "x-video-id",
+    "auto-submitted",
     "mime-version",
     "content-type",
     "content-language",

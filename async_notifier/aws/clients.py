@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..config import Settings
+from .secrets import KeyPair
 
 # botocore's standard retry mode: 3 attempts in all, with its own jittered back-off.
 MAX_ATTEMPTS = 3
@@ -29,12 +30,14 @@ def aws_client(
     *,
     max_pool_connections: int | None = None,
     read_timeout: float | None = None,
+    keys: KeyPair | None = None,
 ) -> Any:
     """An aiobotocore client (an async context manager) for `service`.
 
     Its HTTP pool is sized for the record concurrency unless `max_pool_connections` says
     otherwise; reads time out after `S3_TIMEOUT` unless `read_timeout` says otherwise (the
-    runner's long polls wait longer by design).
+    runner's long polls wait longer by design). `keys` signs with an access key pair
+    instead of the process's credentials (the links of LINK_SIGNING_SECRET_ID).
     """
     from aiobotocore.config import AioConfig
 
@@ -47,9 +50,16 @@ def aws_client(
         # Presigned links must be SigV4: S3 refuses SigV2 in newer regions and buckets.
         signature_version="s3v4" if service == "s3" else None,
     )
+    credentials: dict[str, str] = {}
+    if keys is not None:
+        credentials = {
+            "aws_access_key_id": keys.access_key_id,
+            "aws_secret_access_key": keys.secret_access_key,
+        }
     return (session or new_session()).client(
         service,
         region_name=settings.aws_region,
         endpoint_url=settings.aws_endpoint_url,
         config=config,
+        **credentials,
     )

@@ -18,7 +18,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from ..config import USER_POOL_ID_RE
-from ..errors import LookupFailed, NotifierError, RecipientUnknown
+from ..errors import LookupFailed, NotifierError, RecipientUnknown, RecipientUnverified
 from ..logs import get_logger
 from ..messages import MAX_TEXT, validate_address
 from ..ports import Recipient
@@ -44,7 +44,7 @@ class CognitoRecipients:
         *,
         ttl: float | None = 900.0,
         max_entries: int = 10_000,
-        require_verified_email: bool = False,
+        require_verified_email: bool = True,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if not USER_POOL_ID_RE.match(user_pool_id):
@@ -111,7 +111,9 @@ class CognitoRecipients:
         if not email:
             raise RecipientUnknown(f"Cognito user {user_id!r} has no email address")
         if self._require_verified and attributes.get("email_verified", "").lower() != "true":
-            raise RecipientUnknown(f"Cognito user {user_id!r} has not verified the email")
+            raise RecipientUnverified(
+                f"Cognito user {user_id!r} has not verified the email (ALLOW_UNVERIFIED_EMAIL)"
+            )
         address = _valid_address(email)
         if address is None:
             raise RecipientUnknown(

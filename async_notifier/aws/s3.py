@@ -10,17 +10,26 @@ import contextlib
 import json
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from ..errors import BucketNotAllowed, DownloadFailed, ObjectUnavailable, TooLarge
+from ..errors import DownloadFailed, ObjectUnavailable, TooLarge
 from ..logs import get_logger
+from ..ports import PresignedLink
 from .errors import aws_error, is_aws_failure
+from .secrets import KeyPair, KeyPairSource
 
 log = get_logger()
 
+# SigV4: a presigned URL is valid for at most 7 days.
+MAX_LINK_LIFETIME = 7 * 24 * 3600
+# Temporary credentials that do not say when they expire are counted for this long.
+UNKNOWN_SESSION_LIFETIME = 3600
+# Credentials about to expire are refreshed by botocore; a link keeps this much clear of it.
+EXPIRY_MARGIN = 60
 _MISSING_CODES = frozenset(
     {"NoSuchKey", "NoSuchBucket", "404", "NotFound", "AccessDenied", "403", "Forbidden"}
 )
@@ -45,27 +54,20 @@ class S3Object:
 
 
 class ObjectStore:
-    """Downloads through one shared aiobotocore S3 client."""
+    """Downloads through one shared aiobotocore S3 client; links signed by it too, or by
+    `signer` (a client holding an access key pair, for links that last days)."""
 
-    def __init__(
-        self, client: Any, *, chunk_size: int, allowed_buckets: frozenset[str] = frozenset()
-    ) -> None:
+    def __init__(self, client: Any, *, chunk_size: int, signer: LinkSigner | None = None) -> None:
         self._client = client
         _cache_endpoints(client)
         self._chunk_size = chunk_size
-        self._allowed = allowed_buckets
-
-    def check_allowed(self, bucket: str) -> None:
-        """Refuse buckets outside ALLOWED_BUCKETS: the role may read more than it should mail."""
-        if self._allowed and bucket not in self._allowed:
-            raise BucketNotAllowed(f"bucket {bucket!r} is not in ALLOWED_BUCKETS")
+        self._signer = signer
 
     async def download(self, bucket: str, key: str, dest: Path) -> int:
         """Write the object to `dest`; return its size. `dest` is removed on failure."""
         return await self.save(await self.open(bucket, key), dest)
 
     async def open(self, bucket: str, key: str) -> S3Object:
-        self.check_allowed(bucket)
         with _s3_errors(f"s3://{bucket}/{key}"):
             response = await self._client.get_object(Bucket=bucket, Key=key)
         return S3Object(bucket, key, int(response.get("ContentLength", -1)), response["Body"])
@@ -95,13 +97,66 @@ class ObjectStore:
             dest.unlink(missing_ok=True)
             raise
 
-    async def presign(self, bucket: str, key: str, expires: int) -> str:
-        """A GET link; note it dies with the temporary credentials that signed it."""
+    async def presign(self, bucket: str, key: str, expires: int) -> PresignedLink:
+        """A GET link for at most `expires` seconds, and when it really stops working.
+
+        A link is only as good as the credentials that signed it: with the function role's
+        temporary credentials it dies when they expire, whatever `ExpiresIn` says. So the
+        lifetime is the smaller of `expires` and what the signing credentials have left.
+        """
+        client = await self._signer.client() if self._signer is not None else self._client
+        lifetime = min(expires, await signing_lifetime(client))
         with _s3_errors(f"s3://{bucket}/{key}"):
-            url: str = await self._client.generate_presigned_url(
-                "get_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=expires
+            url: str = await client.generate_presigned_url(
+                "get_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=lifetime
             )
-        return url
+        return PresignedLink(url, datetime.now(UTC) + timedelta(seconds=lifetime))
+
+
+async def signing_lifetime(client: Any) -> int:
+    """Seconds the client's credentials stay good for signing (a week for long-term keys).
+
+    botocore keeps the expiry of temporary credentials that say when they expire (assumed
+    roles, container and instance credentials) on the credentials object; credentials that
+    carry a session token but no expiry (Lambda's environment) are counted for an hour, the
+    shortest session an assumed role gets, so a link never promises more than it can hold.
+    """
+    credentials = getattr(getattr(client, "_request_signer", None), "_credentials", None)
+    if credentials is None:
+        return UNKNOWN_SESSION_LIFETIME
+    frozen = await credentials.get_frozen_credentials()  # refreshes them when due
+    expiry = getattr(credentials, "_expiry_time", None)
+    if isinstance(expiry, datetime):
+        left = (expiry - datetime.now(UTC)).total_seconds() - EXPIRY_MARGIN
+        return max(1, int(left))
+    if getattr(frozen, "token", None):
+        return UNKNOWN_SESSION_LIFETIME
+    return MAX_LINK_LIFETIME
+
+
+class LinkSigner:
+    """An S3 client with the access key pair read from LINK_SIGNING_SECRET_ID, made anew
+    when the secret changes; closed with `aclose`."""
+
+    def __init__(self, keys: KeyPairSource, make_client: Callable[[KeyPair], Any]) -> None:
+        self._keys = keys
+        self._make_client = make_client
+        self._current: tuple[KeyPair, Any, contextlib.AsyncExitStack] | None = None
+
+    async def client(self) -> Any:
+        keys = await self._keys.get()
+        if self._current is not None and self._current[0] == keys:
+            return self._current[1]
+        await self.aclose()
+        stack = contextlib.AsyncExitStack()
+        client = await stack.enter_async_context(self._make_client(keys))
+        self._current = (keys, client, stack)
+        return client
+
+    async def aclose(self) -> None:
+        current, self._current = self._current, None
+        if current is not None:
+            await current[2].aclose()
 
 
 class _UnusedParamsDropped:

@@ -1,6 +1,8 @@
-"""SMTP credentials from AWS Secrets Manager, cached with a TTL and refreshed on demand.
+"""Secrets from AWS Secrets Manager, cached with a TTL and refreshed on demand: the SMTP
+credentials (`SecretSource`) and the access key pair that signs download links
+(`KeyPairSource`).
 
-The password should not sit in the function's environment (readable by anyone who may
+A password should not sit in the function's environment (readable by anyone who may
 view the configuration) and must follow a rotation without a redeploy. So it is read from
 Secrets Manager when first needed, kept for `ttl` seconds, and dropped early when the SMTP
 server refuses it (`invalidate`), which is how a rotation shows up in practice.
@@ -17,7 +19,8 @@ import json
 import time
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
 
 from ..errors import SecretUnavailable
 from ..logs import get_logger
@@ -31,10 +34,13 @@ ClientFactory = Callable[[], AbstractAsyncContextManager[Any]]
 # before the next attempt, so an outage does not turn every SMTP connect into an AWS call.
 STALE_RETRY_SECONDS = 30.0
 _INVALID = object()
+T = TypeVar("T")
 
 
-class SecretSource:
+class CachedSecret(Generic[T]):
     """Reads one secret, caches it for `ttl` seconds, and shares a fetch between callers.
+
+    Subclasses say how to read the text (`_parse`) and what to call it in logs (`label`).
 
     `client_factory` returns an async context manager yielding a Secrets Manager client,
     e.g. ``lambda: aws_client("secretsmanager", settings)``. A client is opened per fetch
@@ -44,14 +50,14 @@ class SecretSource:
     ``lambda: contextlib.nullcontext(client)``.
     """
 
+    label = "secret"
+
     def __init__(
         self,
         client_factory: ClientFactory,
         secret_id: str,
         *,
         ttl: float,
-        default_username: str | None = None,
-        username_required: bool = False,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if not secret_id:
@@ -61,17 +67,15 @@ class SecretSource:
         self._client_factory = client_factory
         self._secret_id = secret_id
         self._ttl = ttl
-        self._default_username = default_username
-        self._username_required = username_required
         self._clock = clock
-        self._cached: SmtpCredentials | None = None
+        self._cached: T | None = None
         self._expires_at = 0.0
         # Completed fetches, and the last one's outcome (credentials, or the error's reason):
         # callers that queued behind a fetch take its result instead of repeating it (one
         # failing call, not one per caller). Only the reason is kept, not the exception,
         # whose traceback would keep the parser's frames (and the secret text) alive.
         self._generation = 0
-        self._last: SmtpCredentials | str | None = None
+        self._last: T | str | None = None
         self._lock: asyncio.Lock | None = None
         self._lock_loop: asyncio.AbstractEventLoop | None = None
         self.fetches = 0  # GetSecretValue calls made, successful or not
@@ -80,8 +84,8 @@ class SecretSource:
     def secret_id(self) -> str:
         return self._secret_id
 
-    async def get(self) -> SmtpCredentials:
-        """The credentials, from the cache while fresh, else from Secrets Manager."""
+    async def get(self) -> T:
+        """The value, from the cache while fresh, else from Secrets Manager."""
         if self._cached is not None and self._clock() < self._expires_at:
             return self._cached
         seen = self._generation
@@ -96,8 +100,8 @@ class SecretSource:
                 return self._cached
             return await self._refresh()
 
-    def invalidate(self, failed: SmtpCredentials | None = None) -> bool:
-        """Drop the cached credentials so the next `get` reads the secret again.
+    def invalidate(self, failed: T | None = None) -> bool:
+        """Drop the cached value so the next `get` reads the secret again.
 
         Pass the credentials the server refused: when several connections fail with the
         same credentials at once, only the first call drops them, and the others find the
@@ -107,7 +111,7 @@ class SecretSource:
             return False
         self._cached = None
         self._expires_at = 0.0
-        log.info("smtp secret invalidated", extra={"secret_id": self._secret_id})
+        log.info(f"{self.label} invalidated", extra={"secret_id": self._secret_id})
         return True
 
     def _loop_lock(self) -> asyncio.Lock:
@@ -117,7 +121,7 @@ class SecretSource:
             self._lock, self._lock_loop = asyncio.Lock(), loop
         return self._lock
 
-    async def _refresh(self) -> SmtpCredentials:
+    async def _refresh(self) -> T:
         stale = self._cached
         try:
             credentials = await self._fetch()
@@ -126,7 +130,7 @@ class SecretSource:
             if stale is None:
                 self._last = exc.reason
                 log.warning(
-                    "smtp secret unavailable",
+                    f"{self.label} unavailable",
                     extra={"secret_id": self._secret_id, "reason": exc.reason},
                 )
                 raise
@@ -134,7 +138,7 @@ class SecretSource:
             self._last = stale
             self._expires_at = self._clock() + min(self._ttl, STALE_RETRY_SECONDS)
             log.warning(
-                "smtp secret refresh failed; using the cached credentials",
+                f"{self.label} refresh failed; using the cached value",
                 extra={"secret_id": self._secret_id, "reason": exc.reason},
             )
             return stale
@@ -143,7 +147,7 @@ class SecretSource:
         self._expires_at = self._clock() + self._ttl
         return credentials
 
-    async def _fetch(self) -> SmtpCredentials:
+    async def _fetch(self) -> T:
         self.fetches += 1
         where = f"secret {self._secret_id!r}"
         failure: str | None = None
@@ -159,21 +163,76 @@ class SecretSource:
         text = response.get("SecretString") if isinstance(response, dict) else None
         if not isinstance(text, str):
             raise SecretUnavailable(f"{where} has no SecretString (binary secrets are not used)")
-        credentials = parse_secret(
+        value = self._parse(text, where)
+        log.info(
+            f"{self.label} loaded",
+            extra={"secret_id": self._secret_id, "version_id": response.get("VersionId")},
+        )
+        return value
+
+    def _parse(self, text: str, where: str) -> T:
+        raise NotImplementedError
+
+
+class SecretSource(CachedSecret[SmtpCredentials]):
+    """The SMTP login: a plain password, or JSON with a password and a username."""
+
+    label = "smtp secret"
+
+    def __init__(
+        self,
+        client_factory: ClientFactory,
+        secret_id: str,
+        *,
+        ttl: float,
+        default_username: str | None = None,
+        username_required: bool = False,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        super().__init__(client_factory, secret_id, ttl=ttl, clock=clock)
+        self._default_username = default_username
+        self._username_required = username_required
+
+    def _parse(self, text: str, where: str) -> SmtpCredentials:
+        return parse_secret(
             text,
             where,
             default_username=self._default_username,
             username_required=self._username_required,
         )
-        log.info(
-            "smtp secret loaded",
-            extra={
-                "secret_id": self._secret_id,
-                "version_id": response.get("VersionId"),
-                "has_username": credentials.username is not None,
-            },
-        )
-        return credentials
+
+
+@dataclass(frozen=True)
+class KeyPair:
+    """An IAM user's access key: links it signs last as long as asked (up to 7 days)."""
+
+    access_key_id: str
+    secret_access_key: str = field(repr=False)
+
+
+class KeyPairSource(CachedSecret[KeyPair]):
+    """The key pair that signs download links (LINK_SIGNING_SECRET_ID): JSON with
+    `access_key_id` and `secret_access_key` (AWS's own `AccessKeyId`/`SecretAccessKey`
+    are accepted too)."""
+
+    label = "link signing secret"
+
+    def _parse(self, text: str, where: str) -> KeyPair:
+        try:
+            data = json.loads(text)
+        except (ValueError, RecursionError):
+            data = _INVALID
+        if not isinstance(data, dict):
+            raise SecretUnavailable(
+                f"{where} must be JSON with 'access_key_id' and 'secret_access_key'"
+            )
+        key_id = data.get("access_key_id") or data.get("AccessKeyId")
+        secret = data.get("secret_access_key") or data.get("SecretAccessKey")
+        if not isinstance(key_id, str) or not key_id or not isinstance(secret, str) or not secret:
+            raise SecretUnavailable(
+                f"{where} must be JSON with 'access_key_id' and 'secret_access_key'"
+            )
+        return KeyPair(key_id, secret)
 
 
 def parse_secret(

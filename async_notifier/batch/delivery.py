@@ -12,7 +12,7 @@ import asyncio
 import dataclasses
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,7 @@ from ..mail.mime import attachment_filename, build_streamed_email
 from ..mail.render import Renderer
 from ..messages import Notification, SqsRecord, parse_body
 from ..ports import Adapters, Download, Recipient
+from .access import check_location
 from .dedup import InBatchDeduplicator
 from .outcome import Action, Outcome
 from .retry import Retrier, RetryPolicy
@@ -146,6 +147,7 @@ class Delivery:
         notification = parse_body(record.body)
         state.video_id = notification.video_id
         state.status = notification.status
+        check_location(notification, self._settings)
         # Two records for the same email in one batch: send once, both share the outcome.
         first = await self._dedup.run(
             notification.identity, lambda: self._deliver_once(notification, state)
@@ -213,6 +215,8 @@ class Delivery:
                 sender=self._settings.email_from,
                 attachment=attachment.path,
                 attachment_name=attachment.name,
+                reply_to=self._settings.reply_to,
+                configuration_set=self._settings.ses_configuration_set,
             )
             await state.retry.run(lambda: self._send(email, state))
             return "sent_link" if attachment.link else "sent"
@@ -316,11 +320,8 @@ class Delivery:
         return bool(limit) and encoded_size(size) + MESSAGE_OVERHEAD > (limit or 0)
 
     async def _link(self, bucket: str, key: str, size: int) -> Attachment:
-        expiry = self._settings.link_expiry_seconds
-        url = await self._objects.presign(bucket, key, expiry)
-        return Attachment(
-            size=size, link=url, link_expires_at=datetime.now(UTC) + timedelta(seconds=expiry)
-        )
+        link = await self._objects.presign(bucket, key, self._settings.link_expiry_seconds)
+        return Attachment(size=size, link=link.url, link_expires_at=link.expires_at)
 
 
 def _message_id(raw: Any) -> str:

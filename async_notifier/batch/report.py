@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..errors import RecipientUnverified
 from ..logs import request_id
 from ..metrics import InvocationMetrics
 from .outcome import BatchResult
@@ -40,6 +41,8 @@ def metrics_from_batch(
     metrics.set("AlreadyDelivered", actions["already_delivered"], "Count")
     metrics.set("SmtpConnectionsOpened", connections_opened, "Count")
     metrics.set("InvocationDuration", duration_s * 1000.0, "Milliseconds")
+    unverified = sum(isinstance(o.error, RecipientUnverified) for o in errors)
+    metrics.set("RecipientsUnverified", unverified, "Count")
     for outcome in errors:
         assert outcome.error is not None
         metrics.add("RecordsFailed", dimensions={"ErrorClass": outcome.error.kind})

@@ -227,6 +227,10 @@ def _from_header(display_name: str, username: str, domain: str) -> str:
     return _stdlib_header("From", Address(display_name, username, domain))
 
 
+def _address_header(name: str, address: Address) -> str:
+    return _stdlib_header(name, address)
+
+
 @functools.lru_cache(maxsize=1024)
 def _to_template(display_name: str, local_len: int, domain_len: int) -> str | None:
     """The To line for a plain address of these lengths, with "{}" where the address goes.
@@ -285,6 +289,7 @@ def _qp_body(text: str) -> str:
 
 
 _MIME = f"MIME-Version: 1.0{_CRLF}"
+_AUTO_SUBMITTED = f"Auto-Submitted: auto-generated{_CRLF}"
 _TEXT_PART = (
     f'Content-Type: text/plain; charset="utf-8"{_CRLF}'
     f"Content-Transfer-Encoding: quoted-printable{_CRLF}{_CRLF}"
@@ -306,11 +311,16 @@ def build_streamed_email(
     sender: Address,
     attachment: Path | None = None,
     attachment_name: str | None = None,
+    reply_to: Address | None = None,
+    configuration_set: str | None = None,
 ) -> StreamedEmail:
     """What the stdlib email package builds for the same inputs, about 10x faster.
 
     The ZIP stays on disk: the head ends with the attachment part's headers and the
-    tail is the closing boundary, so the base64 body slots in between.
+    tail is the closing boundary, so the base64 body slots in between. Every email says
+    it is automatic (`Auto-Submitted: auto-generated`, RFC 3834: auto-responders stay
+    quiet); `reply_to` adds Reply-To, `configuration_set` the header SES reads to track
+    deliveries, bounces and complaints (`X-SES-CONFIGURATION-SET`).
     """
     if notification.email is None:
         raise ValueError("the recipient's address has not been looked up")
@@ -327,8 +337,13 @@ def build_streamed_email(
         _date_header(),
         _header("Message-ID", mid, _MESSAGE_ID),
         _header("X-Video-Id", notification.video_id, _PLAIN_TOKEN),
-        _MIME,
+        _AUTO_SUBMITTED,
     ]
+    if reply_to is not None:
+        parts.append(_address_header("Reply-To", reply_to))
+    if configuration_set is not None:
+        parts.append(_header("X-SES-CONFIGURATION-SET", configuration_set, _PLAIN_TOKEN))
+    parts.append(_MIME)
     language = _header("Content-Language", rendered.locale, _PLAIN_TOKEN)
     if attachment is not None:
         parts += [f'Content-Type: multipart/mixed; boundary="{outer}"{_CRLF}', language]
