@@ -170,6 +170,15 @@ class Adapters(Protocol):
 class Backend(Protocol):
     """Makes the adapters for the running event loop and closes them."""
 
+    async def prepare(self) -> None:
+        """Make the adapters of this event loop ahead of the first batch, connecting nothing
+        (a Lambda function's init phase)."""
+        ...
+
+    def forget_secrets(self) -> None:
+        """Drop cached secrets: the next use reads them again (after a SnapStart restore)."""
+        ...
+
     async def open(self, connections: int) -> Adapters:
         """The adapters of this event loop, with a batch started on the mail transport
         (`connections` connections warmed up)."""

@@ -86,17 +86,33 @@ class AwsBackend:
     def pool(self) -> SmtpPool | None:
         return self._adapters.transport if self._adapters else None
 
+    async def prepare(self) -> None:
+        adapters = await self._adapters_of_this_loop()
+        # Credentials are found on the first request otherwise (environment, container
+        # endpoint...): find them now, with no request made.
+        await self._session.get_credentials()
+        del adapters
+
+    def forget_secrets(self) -> None:
+        for source in (self.secret, self.link_keys):
+            if source is not None:
+                source.invalidate()
+
     async def open(self, connections: int) -> _Adapters:
+        adapters = await self._adapters_of_this_loop(connections)
+        adapters.transport.start_batch(connections)
+        return adapters
+
+    async def _adapters_of_this_loop(self, connections: int = 0) -> _Adapters:
         loop = asyncio.get_running_loop()
         if self._adapters is not None and self._adapters.loop is loop:
-            self._adapters.transport.start_batch(connections)
             return self._adapters
         self._adapters = None  # made by a loop that is gone: aiobotocore clients can't move
         s = self.settings
         stack = contextlib.AsyncExitStack()
         try:
             pool = await stack.enter_async_context(SmtpPool(s, secret=self.secret))
-            pool.start_batch(connections)  # the SMTP handshakes run while aioboto3 loads
+            pool.prewarm(connections)  # the SMTP handshakes run while aioboto3 loads
             if self._session is None:  # about 180 ms on a cold start: off the event loop
                 self._session = await asyncio.to_thread(new_session)
             session = self._session

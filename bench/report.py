@@ -11,7 +11,7 @@ run, that run's numbers):
   project (and previous) row with an SMTP delay (`remote`, cold, and `remote-warm`, warm);
 - memory flatness: the project's peak RSS in `scale` against `small`, and its growth during
   the call (peak minus the RSS just before it);
-- the targets of issue 5, each marked met or not (informational: never the exit status).
+- the performance targets, each marked met or not (informational: never the exit status).
 """
 
 from __future__ import annotations
@@ -136,6 +136,7 @@ def build(
         ),
         "protocol_limits": limits,
         "scale": memory_flatness(summaries),
+        "cold_start": cold_start(summaries),
         "helpers": helpers,
     }
     results["checks"] = checks(results)
@@ -189,6 +190,29 @@ def protocol_limits(summaries: list[dict[str, Any]], round_trips: float) -> list
     return limits
 
 
+def cold_start(summaries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A cold process, as Lambda reports it: its init (the handler's import, `Init
+    Duration`) and its first invocation (`Duration`), beside the warm row (`remote` against
+    `remote-warm`), for each handler target that ran both."""
+    found = []
+    for target in HANDLERS:
+        cold = compare.find(summaries, "remote", target)
+        warm = compare.find(summaries, "remote-warm", target)
+        if not (cold and warm and cold.get("records_per_s") and warm.get("records_per_s")):
+            continue
+        found.append(
+            {
+                "target": target,
+                "init_ms": cold["import_ms"],
+                "first_invocation_s": cold["wall_s"],
+                "first_records_per_s": cold["records_per_s"],
+                "warm_records_per_s": warm["records_per_s"],
+                "share_of_warm": cold["records_per_s"] / warm["records_per_s"],
+            }
+        )
+    return found
+
+
 def memory_flatness(summaries: list[dict[str, Any]]) -> dict[str, Any] | None:
     """The project's peak RSS in scale against small, and the growth during each call."""
     small_row = compare.find(summaries, "small", "project")
@@ -207,7 +231,7 @@ def memory_flatness(summaries: list[dict[str, Any]]) -> dict[str, Any] | None:
 
 
 def checks(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """The measurable targets of issue 5, where this run has the rows to judge them."""
+    """The measurable performance targets, where this run has the rows to judge them."""
     summaries = results["summaries"]
     ratios = {r["scenario"]: r for r in results["ratios"]}
     found: list[dict[str, Any]] = []
@@ -239,6 +263,10 @@ def checks(results: dict[str, Any]) -> list[dict[str, Any]]:
                     v >= 0.85,
                     f"{v:.0%}",
                 )
+    for cold in results["cold_start"]:
+        if cold["target"] == "project":
+            v = cold["share_of_warm"]
+            add("remote: first invocation vs warm", v, ">= 85% of warm", v >= 0.85, f"{v:.0%}")
     if (scale := results["scale"]) is not None:
         v = scale["change"]
         add("scale: peak RSS vs small", v, "within 15%", abs(v) <= 0.15, f"{v:+.0%}")
@@ -314,6 +342,7 @@ def render(results: dict[str, Any]) -> str:
         _comparison,
         _round_trips,
         _limits,
+        _cold_start,
         _flatness,
         _imports,
         _checks,
@@ -545,6 +574,20 @@ def _limits(results: dict[str, Any]) -> list[str]:
     return out
 
 
+def _cold_start(results: dict[str, Any]) -> list[str]:
+    out = []
+    for cold in results["cold_start"]:
+        who = label(cold, results, run=False)
+        out += [
+            "",
+            f"cold start ({who}): init {cold['init_ms']:.0f} ms (the handler's import: Lambda's "
+            f"Init Duration), then the first invocation {cold['first_invocation_s']:.2f} s = "
+            f"{cold['first_records_per_s']:.1f} records/s, {cold['share_of_warm']:.0%} of the "
+            f"warm row's {cold['warm_records_per_s']:.1f} records/s",
+        ]
+    return out
+
+
 def _flatness(results: dict[str, Any]) -> list[str]:
     if (scale := results["scale"]) is None:
         return []
@@ -585,7 +628,9 @@ def _checks(results: dict[str, Any]) -> list[str]:
     ]
     return [
         "",
-        "targets of issue 5" + (" (quick mode: indicative only)" if results["quick"] else "") + ":",
+        "performance targets"
+        + (" (quick mode: indicative only)" if results["quick"] else "")
+        + ":",
         *_table(["check", "goal", "measured", ""], body, right=set()),
     ]
 

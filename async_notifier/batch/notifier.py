@@ -38,6 +38,14 @@ class Notifier:
         self.policy = Policy.from_settings(settings)
         configure(settings.log_level)
 
+    async def prepare(self) -> None:
+        """Make the clients now, connecting nothing: Lambda's init phase, off the clock of
+        the first invocation."""
+        await self.backend.prepare()
+
+    def forget_secrets(self) -> None:
+        self.backend.forget_secrets()
+
     async def aclose(self) -> None:
         """Close the clients and QUIT the pooled SMTP connections."""
         await self.backend.aclose()
