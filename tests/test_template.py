@@ -223,6 +223,8 @@ def test_sam_translation_is_lint_clean_and_adds_no_broad_policy() -> None:
             "AWS::Logs::LogGroup",
             "AWS::IAM::Role",
             "AWS::Lambda::Function",
+            "AWS::Lambda::Version",
+            "AWS::Lambda::Alias",
             "AWS::Lambda::EventSourceMapping",
         ]
     )
@@ -230,6 +232,9 @@ def test_sam_translation_is_lint_clean_and_adds_no_broad_policy() -> None:
     assert "ManagedPolicyArns" not in resources["NotifierRole"]["Properties"]
     (mapping,) = (r for r in resources.values() if r["Type"] == "AWS::Lambda::EventSourceMapping")
     properties = mapping["Properties"]
+    # The queue invokes the published version behind the alias (what SnapStart snapshots).
+    (alias,) = (n for n, r in resources.items() if r["Type"] == "AWS::Lambda::Alias")
+    assert properties["FunctionName"] == {"Ref": alias}
     assert properties["FunctionResponseTypes"] == ["ReportBatchItemFailures"]
     assert properties["ScalingConfig"] == {"MaximumConcurrency": {"Ref": "MaximumConcurrency"}}
     matches = lint(json.dumps(translated))
@@ -521,3 +526,12 @@ def test_outputs_give_the_queues_and_the_function() -> None:
     assert outputs["QueueArn"]["Value"] == {"Fn::GetAtt": ["NotificationQueue", "Arn"]}
     assert outputs["DeadLetterQueueUrl"]["Value"] == {"Ref": "DeadLetterQueue"}
     assert outputs["FunctionArn"]["Value"] == {"Fn::GetAtt": ["NotifierFunction", "Arn"]}
+
+
+def test_snapstart_is_a_parameter_on_published_versions() -> None:
+    function = _function()
+    assert function["AutoPublishAlias"] == "live"
+    assert function["SnapStart"] == {
+        "ApplyOn": {"Fn::If": ["UseSnapStart", "PublishedVersions", "None"]}
+    }
+    assert PARAMETERS["EnableSnapStart"]["Default"] == "false"
