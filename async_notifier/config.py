@@ -70,6 +70,8 @@ class Settings:
     smtp_max_connection_age: float = 300.0
     smtp_idle_check: float = 10.0
     smtp_pipelining: bool = True
+    smtp_breaker_threshold: int = 5
+    smtp_breaker_cooldown: float = 30.0
     smtp_chunk_bytes: int = 64 * 1024
     max_concurrency: int = 32
     # The buckets a message may name ("*": any, said on purpose); none unless set.
@@ -137,6 +139,8 @@ class Settings:
             smtp_max_connection_age=env.number("SMTP_MAX_CONNECTION_AGE", 300.0, low=1.0),
             smtp_idle_check=env.number("SMTP_IDLE_CHECK_SECONDS", 10.0, low=0.0),
             smtp_pipelining=env.boolean("SMTP_PIPELINING", True),
+            smtp_breaker_threshold=env.integer("SMTP_BREAKER_THRESHOLD", 5, low=0, high=1000),
+            smtp_breaker_cooldown=env.number("SMTP_BREAKER_COOLDOWN_SECONDS", 30.0, low=0.0),
             smtp_chunk_bytes=env.integer(
                 "SMTP_CHUNK_BYTES", 64 * 1024, low=1024, high=16 * 1024 * 1024
             ),

@@ -32,6 +32,7 @@ class PoolStats:
     connections_opened: int = 0
     connections_failed: int = 0
     connections_closed: int = 0
+    circuit_opened: int = 0  # times the circuit breaker opened
 
 
 @dataclass(frozen=True)

@@ -96,6 +96,7 @@ class Notifier:
             result,
             duration_s=time.monotonic() - started,
             connections_opened=pool_stats.connections_opened,
+            circuit_opened=pool_stats.circuit_opened,
             namespace=s.metrics_namespace,
             function_name=function_name or os.environ.get("AWS_LAMBDA_FUNCTION_NAME"),
         ).emit()

@@ -15,6 +15,7 @@ def metrics_from_batch(
     connections_opened: int,
     namespace: str,
     function_name: str | None,
+    circuit_opened: int = 0,
 ) -> InvocationMetrics:
     """The invocation's metrics, from its settled BatchResult.
 
@@ -40,6 +41,7 @@ def metrics_from_batch(
     metrics.set("Duplicates", actions["duplicate"], "Count")
     metrics.set("AlreadyDelivered", actions["already_delivered"], "Count")
     metrics.set("SmtpConnectionsOpened", connections_opened, "Count")
+    metrics.set("SmtpCircuitOpened", circuit_opened, "Count")
     metrics.set("InvocationDuration", duration_s * 1000.0, "Milliseconds")
     unverified = sum(isinstance(o.error, RecipientUnverified) for o in errors)
     metrics.set("RecipientsUnverified", unverified, "Count")

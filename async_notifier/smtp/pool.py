@@ -41,6 +41,7 @@ from ..errors import (
 from ..logs import get_logger
 from ..mail.mime import StreamedEmail
 from ..ports import CredentialsSource, PoolStats
+from .breaker import BreakerState, CircuitBreaker
 from .channel import (
     AttachmentReadError,
     LostAfterEnd,
@@ -92,6 +93,9 @@ class SmtpPool:
         self._closed = False
         self._rate = TokenBucket(settings.smtp_rate_limit) if settings.smtp_rate_limit else None
         self.backoff = PoolBackoff()
+        self.breaker = CircuitBreaker(
+            settings.smtp_breaker_threshold, settings.smtp_breaker_cooldown
+        )
         self.size_limit: int | None = None  # the server's SIZE, learned at the first EHLO
         self.connections_opened = 0  # over the pool's life
         self._stats = PoolStats()
@@ -158,6 +162,8 @@ class SmtpPool:
     async def _wait_for_connection(self, *, first: bool = False) -> PooledConnection:
         if self._closed:
             raise SmtpUnavailable("SMTP pool is closed")
+        if self._circuit_open():
+            raise self._circuit_error()
         waiter: asyncio.Future[PooledConnection] = asyncio.get_running_loop().create_future()
         if first:
             self._waiting.appendleft(waiter)
@@ -334,13 +340,39 @@ class SmtpPool:
             self._waiting.popleft()
             available.writer = True
             waiter.set_result(available)
-        if not self._waiting or self._closed or len(self._connections) >= self._size:
+        if not self._waiting or self._closed:
+            return
+        if self._circuit_open():  # nothing connected, nothing may connect: fail at once
+            self._fail_waiting(self._circuit_error())
+            return
+        if len(self._connections) >= self._size:
             return
         connecting = sum(c.state is State.CONNECTING for c in self._connections)
         wanted = sum(not w.done() for w in self._waiting)
-        while connecting < wanted and len(self._connections) < self._size:
+        while (
+            connecting < wanted
+            and len(self._connections) < self._size
+            and self.breaker.may_connect(connecting)
+        ):
             self._open_one()
             connecting += 1
+
+    def _circuit_open(self) -> bool:
+        """The breaker is open and no connection is up or coming: nothing can be sent."""
+        return self.breaker.state is BreakerState.OPEN and not any(
+            c.state in (State.READY, State.CONNECTING) for c in self._connections
+        )
+
+    def _circuit_error(self) -> SmtpUnavailable:
+        return SmtpUnavailable(
+            f"SMTP circuit open: {self.breaker.threshold} connection attempts in a row "
+            f"failed; next attempt in {self.breaker.retry_in():.0f} s"
+        )
+
+    def _fail_waiting(self, error: Exception) -> None:
+        for waiter in self._waiting:
+            if not waiter.done():
+                waiter.set_exception(error)
 
     def _pick(self) -> PooledConnection | None:
         """An available connection: an idle one first (most recently used: least likely
@@ -354,6 +386,7 @@ class SmtpPool:
         return best
 
     def _open_one(self) -> PooledConnection:
+        self.breaker.attempt_started()
         conn = PooledConnection()
         self._connections.append(conn)
         self._start(conn, State.CONNECTING, self._connect(conn), self._connected_cb)
@@ -410,6 +443,16 @@ class SmtpPool:
             self._connections.remove(conn)
             if error is not None:
                 self._stats.connections_failed += 1
+                if isinstance(error, NotifierError) and self.breaker.failed():
+                    self._stats.circuit_opened += 1
+                    log.warning(
+                        "SMTP circuit opened",
+                        extra={
+                            "failures": self.breaker.threshold,
+                            "retry_in": self.breaker.cooldown,
+                            "reason": error.reason,
+                        },
+                    )
                 # One failed attempt fails one waiting send, the one that waited longest;
                 # with nobody waiting (a warm-up), the sends meet the failure themselves.
                 waiter = next((w for w in self._waiting if not w.done()), None)
@@ -418,6 +461,7 @@ class SmtpPool:
                 elif not isinstance(error, NotifierError):
                     log.error("unexpected error opening an SMTP connection", exc_info=error)
         else:
+            self.breaker.succeeded()
             self.connections_opened += 1
             self._stats.connections_opened += 1
         self._update()
@@ -468,7 +512,8 @@ class SmtpPool:
             return
         live = sum(c.state in (State.CONNECTING, State.READY) for c in self._connections)
         for _ in range(min(count, self._size) - live):
-            if len(self._connections) >= self._size:
+            connecting = sum(c.state is State.CONNECTING for c in self._connections)
+            if len(self._connections) >= self._size or not self.breaker.may_connect(connecting):
                 break
             self._open_one()
 
