@@ -93,6 +93,8 @@ class Settings:
     retry_backoff: bool = True
     idempotency_table: str | None = None
     idempotency_ttl: int = 24 * 3600
+    suppression_table: str | None = None
+    suppression_soft_ttl: int = 30 * 24 * 3600
     max_attachment_bytes: int = 18 * MIB
     link_expiry_seconds: int = 7 * 24 * 3600
     max_tmp_bytes: int = 400 * MIB
@@ -109,12 +111,22 @@ class Settings:
     ses_configuration_set: str | None = None
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
-        """Parse every setting, collecting all problems into one ConfigError."""
+    def from_env(
+        cls, environ: Mapping[str, str] | None = None, *, sending: bool = True
+    ) -> Settings:
+        """Parse every setting, collecting all problems into one ConfigError.
+
+        `sending=False` is the SES events function's: it mails nothing, so the SMTP server,
+        sender and buckets are not needed, and SUPPRESSION_TABLE is.
+        """
         env = _Env(os.environ if environ is None else environ)
         settings = cls(
-            smtp_server=env.required("SMTP_SERVER"),
-            email_from=env.address("EMAIL_FROM"),
+            smtp_server=env.required("SMTP_SERVER") if sending else env.text("SMTP_SERVER", ""),
+            email_from=(
+                env.address("EMAIL_FROM")
+                if sending
+                else env.address("EMAIL_FROM", required=False) or Address()
+            ),
             aws_region=env.text("AWS_REGION", "us-east-1"),
             aws_endpoint_url=env.optional("AWS_ENDPOINT_URL"),
             # Implicit TLS lives on 465 (RFC 8314); submission with STARTTLS on 587.
@@ -145,7 +157,7 @@ class Settings:
                 "SMTP_CHUNK_BYTES", 64 * 1024, low=1024, high=16 * 1024 * 1024
             ),
             max_concurrency=env.integer("MAX_CONCURRENCY", 32, low=1, high=10000),
-            allowed_buckets=env.buckets("ALLOWED_BUCKETS"),
+            allowed_buckets=env.buckets("ALLOWED_BUCKETS") if sending else frozenset(),
             allowed_key_prefix=env.key_prefix("ALLOWED_KEY_PREFIX"),
             default_locale=env.choice("DEFAULT_LOCALE", "pt-BR", SUPPORTED_LOCALES),
             templates_dir=env.directory("TEMPLATES_DIR", DEFAULT_TEMPLATES_DIR),
@@ -165,6 +177,12 @@ class Settings:
             retry_backoff=env.boolean("RETRY_BACKOFF", True),
             idempotency_table=env.optional("IDEMPOTENCY_TABLE"),
             idempotency_ttl=env.integer("IDEMPOTENCY_TTL_SECONDS", 24 * 3600, low=60),
+            suppression_table=(
+                env.optional("SUPPRESSION_TABLE") if sending else env.required("SUPPRESSION_TABLE")
+            ),
+            suppression_soft_ttl=env.integer(
+                "SUPPRESSION_SOFT_TTL_SECONDS", 30 * 24 * 3600, low=3600
+            ),
             max_attachment_bytes=env.integer("MAX_ATTACHMENT_BYTES", 18 * MIB, low=0),
             # SigV4 presigned URLs are valid for at most 7 days.
             link_expiry_seconds=env.integer(

@@ -143,6 +143,12 @@ class SecretUnavailable(TransientError):
     kind = "secret_unavailable"
 
 
+class SuppressionUnavailable(TransientError):
+    """The suppression list could not be read: sending now could mail a suppressed address."""
+
+    kind = "suppression_unavailable"
+
+
 class IdempotencyUnavailable(TransientError):
     """The idempotency store could not be read or written; sending now could send twice."""
 
@@ -165,6 +171,12 @@ class RecipientUnverified(PermanentError):
     """The Cognito user has not verified the email address (ALLOW_UNVERIFIED_EMAIL is off)."""
 
     kind = "recipient_unverified"
+
+
+class RecipientSuppressed(PermanentError):
+    """The address hard-bounced or complained before: it is never mailed again."""
+
+    kind = "suppressed"
 
 
 class LookupFailed(TransientError):

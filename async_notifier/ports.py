@@ -8,7 +8,7 @@ value types that cross the boundary live here too.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -18,6 +18,7 @@ from .after_cutoff import AfterCutoff
 from .errors import NotifierError
 from .mail.mime import StreamedEmail
 from .messages import SqsRecord
+from .ses_events import AddressEvent
 
 BeginResult = Literal["new", "completed", "in_progress"]
 
@@ -131,6 +132,17 @@ class RecipientDirectory(Protocol):
     async def lookup(self, user_id: str) -> Recipient: ...
 
 
+class SuppressionList(Protocol):
+    """Addresses that must not be mailed again (hard bounces, complaints), and the record
+    of what SES reported about each (see `aws/suppression.py`)."""
+
+    async def suppressed(self, addresses: Collection[str]) -> dict[str, str]:
+        """Of `addresses` (lower case), those suppressed, each with its reason."""
+        ...
+
+    async def record(self, events: Sequence[AddressEvent]) -> None: ...
+
+
 # --------------------------------------------------------------------------- the queue
 
 
@@ -162,6 +174,9 @@ class Adapters(Protocol):
 
     @property
     def recipients(self) -> RecipientDirectory | None: ...
+
+    @property
+    def suppression(self) -> SuppressionList | None: ...
 
     async def feedback(self) -> QueueFeedback | None:
         """The queue feedback, made when first needed; None when nothing is configured."""

@@ -22,11 +22,10 @@ import signal
 import time
 from collections.abc import Awaitable, Callable, Container, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from .aws.clients import aws_client
 from .aws.errors import aws_error
-from .batch.notifier import Notifier
 from .batch.outcome import BatchResult, Outcome
 from .config import Settings
 from .deadline import MARGIN_FRACTION, MIN_MARGIN, Deadline
@@ -64,6 +63,18 @@ _EMPTY_ATTRIBUTES = (
 )
 
 BatchCallback = Callable[[list[dict[str, Any]], BatchResult], None]
+
+
+class BatchProcessor(Protocol):
+    """What the runner hands each batch to: `Notifier` (emails) or `SesEventsRecorder`."""
+
+    async def process(
+        self,
+        records: list[Any],
+        *,
+        deadline: Deadline | None = None,
+        function_name: str | None = None,
+    ) -> BatchResult: ...
 
 
 @dataclass
@@ -164,7 +175,7 @@ async def run(
     settings: Settings,
     queue_url: str,
     *,
-    notifier: Notifier,
+    notifier: BatchProcessor,
     batch_size: int = 100,
     batch_window: float = 1.0,
     wait_time: int = MAX_WAIT_TIME,
@@ -262,7 +273,7 @@ class _Consumer:
         self,
         sqs: Any,
         queue: QueueInfo,
-        notifier: Notifier,
+        notifier: BatchProcessor,
         *,
         batch_size: int,
         batch_window: float,

@@ -19,7 +19,9 @@ from .aws.idempotency import DynamoIdempotencyStore
 from .aws.s3 import LinkSigner, ObjectStore
 from .aws.secrets import KeyPairSource, SecretSource
 from .aws.sqs import SqsFeedback
+from .aws.suppression import DynamoSuppressionList
 from .batch.notifier import Notifier
+from .batch.ses_recorder import SesEventsRecorder
 from .config import Settings
 from .smtp.pool import SmtpPool
 
@@ -27,6 +29,11 @@ from .smtp.pool import SmtpPool
 def build_notifier(settings: Settings) -> Notifier:
     """The worker, wired to SMTP and AWS: what the Lambda handler and the runner run."""
     return Notifier(settings, AwsBackend(settings))
+
+
+def build_ses_recorder(settings: Settings) -> SesEventsRecorder:
+    """The SES events consumer (bounces, complaints), wired to DynamoDB and SQS."""
+    return SesEventsRecorder(settings, AwsBackend(settings))
 
 
 @dataclass
@@ -41,6 +48,7 @@ class _Adapters:
     objects: ObjectStore
     idempotency: DynamoIdempotencyStore | None
     recipients: CognitoRecipients | None
+    suppression: DynamoSuppressionList | None
     _feedback: SqsFeedback | None = None
 
     async def feedback(self) -> SqsFeedback:
@@ -123,11 +131,18 @@ class AwsBackend:
                 signer = LinkSigner(keys, lambda pair: aws_client("s3", s, session, keys=pair))
                 stack.push_async_callback(signer.aclose)
             objects = ObjectStore(s3, chunk_size=s.download_chunk_bytes, signer=signer)
-            idempotency = None
-            if s.idempotency_table:
+            dynamodb = None
+            if s.idempotency_table or s.suppression_table:
                 dynamodb = await stack.enter_async_context(aws_client("dynamodb", s, session))
+            idempotency = None
+            if dynamodb is not None and s.idempotency_table:
                 idempotency = DynamoIdempotencyStore(
                     dynamodb, s.idempotency_table, ttl_seconds=s.idempotency_ttl
+                )
+            suppression = None
+            if dynamodb is not None and s.suppression_table:
+                suppression = DynamoSuppressionList(
+                    dynamodb, s.suppression_table, soft_ttl=s.suppression_soft_ttl
                 )
             recipients = None
             if s.cognito_user_pool_id:
@@ -140,7 +155,9 @@ class AwsBackend:
         except BaseException:
             await stack.aclose()
             raise
-        self._adapters = _Adapters(loop, stack, s, session, pool, objects, idempotency, recipients)
+        self._adapters = _Adapters(
+            loop, stack, s, session, pool, objects, idempotency, recipients, suppression
+        )
         return self._adapters
 
     async def aclose(self) -> None:

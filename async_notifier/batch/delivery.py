@@ -26,6 +26,7 @@ from ..errors import (
     InternalError,
     LookupFailed,
     NotifierError,
+    RecipientSuppressed,
     TooLarge,
 )
 from ..logs import get_logger
@@ -38,6 +39,7 @@ from .dedup import InBatchDeduplicator
 from .outcome import Action, Outcome
 from .retry import Retrier, RetryPolicy
 from .scratch import ByteBudget, ScratchDir
+from .suppression import SuppressionCheck
 
 log = get_logger()
 # Headers, text and HTML parts, MIME boundaries: generous, so the estimate errs high.
@@ -83,6 +85,7 @@ class Delivery:
         *,
         budget: ByteBudget,
         deadline: Deadline | None = None,
+        suppression: SuppressionCheck | None = None,
     ) -> None:
         self._settings = settings
         self._renderer = renderer
@@ -93,6 +96,7 @@ class Delivery:
         self._scratch = scratch
         self._budget = budget
         self._deadline = deadline
+        self._suppression = suppression
         self._dedup = InBatchDeduplicator()
         self._policy = RetryPolicy(settings.retry_attempts, settings.retry_base_delay)
 
@@ -193,6 +197,8 @@ class Delivery:
         return time.time() + max(remaining, 0.0) + 60.0
 
     async def _deliver(self, notification: Notification, state: _Record) -> Action:
+        if notification.email is not None:
+            await self._check_suppressed(notification.email)  # before any download
         lookup = self._lookup(notification)  # runs while the ZIP downloads
         attachment = Attachment()
         try:
@@ -200,6 +206,7 @@ class Delivery:
                 attachment = await self._fetch(notification, state)
             if lookup is not None:
                 recipient = await lookup
+                await self._check_suppressed(recipient.email)
                 notification = dataclasses.replace(
                     notification, email=recipient.email, name=notification.name or recipient.name
                 )
@@ -235,6 +242,14 @@ class Delivery:
             # Cut off after the end of the message went out: the server may accept it.
             state.maybe_delivered = True
             raise
+
+    async def _check_suppressed(self, address: str) -> None:
+        """A hard-bounced or complaining address is never mailed again."""
+        if self._suppression is None:
+            return
+        reason = await self._suppression.reason(address)
+        if reason is not None:
+            raise RecipientSuppressed(f"{address} is on the suppression list ({reason})")
 
     def _lookup(self, notification: Notification) -> asyncio.Future[Recipient] | None:
         """Start resolving a Cognito user id to an address, or None when there is one."""

@@ -10,21 +10,26 @@ within what is left until the deadline's end.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import time
 from typing import Any
 
-from ..after_cutoff import AfterCutoff
 from ..config import Settings
 from ..deadline import Deadline
+from ..errors import NotifierError
 from ..logs import configure, get_logger
 from ..mail.render import Renderer
+from ..messages import parse_body
 from ..ports import Adapters, Backend
 from .delivery import Delivery
-from .disposition import Policy, disposition
-from .outcome import BatchResult, DeadLetter, Disposition, Retry
+from .disposition import Policy
+from .outcome import BatchResult
 from .report import metrics_from_batch
 from .scratch import ByteBudget, ScratchDir
+from .settle import settle
+from .suppression import SuppressionCheck
 from .workers import run_batch
 
 log = get_logger()
@@ -60,7 +65,9 @@ class Notifier:
         """Process one Lambda SQS event; return the partial batch response."""
         deadline = Deadline.from_context(context, self.settings.deadline_margin)
         function_name = getattr(context, "function_name", None)
-        result = await self.process(_records(event), deadline=deadline, function_name=function_name)
+        result = await self.process(
+            records_of(event), deadline=deadline, function_name=function_name
+        )
         return result.response()
 
     async def process(
@@ -77,6 +84,7 @@ class Notifier:
         s = self.settings
         adapters = await self.backend.open(connections=len(records))
         try:
+            suppression = await self._suppression(records, adapters, deadline)
             with ScratchDir(s.tmp_dir, deadline) as scratch:
                 delivery = Delivery(
                     s,
@@ -85,13 +93,14 @@ class Notifier:
                     scratch,
                     budget=ByteBudget(s.max_tmp_bytes),
                     deadline=deadline,
+                    suppression=suppression,
                 )
                 result = await run_batch(records, delivery.deliver, concurrency=s.max_concurrency)
         finally:
             pool_stats = await adapters.transport.finish_batch(
                 until=deadline.end if deadline else None
             )
-        result.fates = await self._settle(result, adapters, deadline)
+        result.fates = await settle(result, adapters, self.policy, deadline)
         metrics_from_batch(
             result,
             duration_s=time.monotonic() - started,
@@ -110,47 +119,30 @@ class Notifier:
         )
         return result
 
-    async def _settle(
-        self, result: BatchResult, adapters: Adapters, deadline: Deadline | None
-    ) -> list[Disposition]:
-        """Each failure's fate, carried out: dead letters copied (one that did not arrive
-        stays in the queue as a retry), then retries given their back-off.
-
-        Both run after the records, within what is left until `deadline.end` (see
-        `AfterCutoff`); without time left no call is made, not even the client is made.
-        """
-        fates = [disposition(o, self.policy) for o in result.errors]
-        letters = [
-            (i, o)
-            for i, (o, f) in enumerate(zip(result.errors, fates, strict=True))
-            if isinstance(f, DeadLetter)
-        ]
-        budget = AfterCutoff(deadline)
-        feedback = None
-        if budget.remaining() > 0 and any(
-            isinstance(f, DeadLetter) or (isinstance(f, Retry) and f.delay is not None)
-            for f in fates
-        ):
-            feedback = await adapters.feedback()
-        if letters:
-            routed: set[str] = set()
-            if feedback is not None:
-                items = [(o.record, o.error) for _, o in letters if o.record and o.error]
-                routed = await feedback.dead_letter(items, budget)
-            for i, outcome in letters:
-                if outcome.message_id not in routed:
-                    fates[i] = disposition(outcome, self.policy, dead_letter_failed=True)
-        delays = [
-            (o.record, f.delay)
-            for o, f in zip(result.errors, fates, strict=True)
-            if isinstance(f, Retry) and f.delay is not None and o.record is not None
-        ]
-        if delays and feedback is not None:
-            await feedback.delay(delays, budget)
-        return fates
+    async def _suppression(
+        self, records: list[Any], adapters: Adapters, deadline: Deadline | None
+    ) -> SuppressionCheck | None:
+        """The batch's suppression check, with every address the records name read at once
+        (within the cutoff: a slow list must not eat the records' time)."""
+        if adapters.suppression is None:
+            return None
+        check = SuppressionCheck(adapters.suppression)
+        addresses = set()
+        for raw in records:
+            body = raw.get("body") if isinstance(raw, dict) else None
+            with contextlib.suppress(NotifierError):
+                email = parse_body(body).email if isinstance(body, str) else None
+                if email is not None:
+                    addresses.add(email)
+        cutoff = deadline.cutoff if deadline is not None else None
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout_at(cutoff):
+                await check.preload(addresses)
+        return check
 
 
-def _records(event: Any) -> list[Any]:
+def records_of(event: Any) -> list[Any]:
+    """The records of a Lambda SQS event (none when it has no Records list)."""
     records = event.get("Records") if isinstance(event, dict) else None
     if not isinstance(records, list):
         log.warning("event has no Records list; nothing to do")

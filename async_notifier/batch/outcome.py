@@ -16,7 +16,8 @@ from typing import Literal
 from ..errors import NotifierError
 from ..messages import SqsRecord
 
-Action = Literal["sent", "sent_link", "duplicate", "already_delivered"]
+# "recorded": an SES event written to the suppression list (the second entry point).
+Action = Literal["sent", "sent_link", "duplicate", "already_delivered", "recorded"]
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..errors import RecipientUnverified
+from ..errors import RecipientSuppressed, RecipientUnverified
 from ..logs import request_id
 from ..metrics import InvocationMetrics
 from .outcome import BatchResult
@@ -45,6 +45,8 @@ def metrics_from_batch(
     metrics.set("InvocationDuration", duration_s * 1000.0, "Milliseconds")
     unverified = sum(isinstance(o.error, RecipientUnverified) for o in errors)
     metrics.set("RecipientsUnverified", unverified, "Count")
+    suppressed = sum(isinstance(o.error, RecipientSuppressed) for o in errors)
+    metrics.set("RecordsSuppressed", suppressed, "Count")
     for outcome in errors:
         assert outcome.error is not None
         metrics.add("RecordsFailed", dimensions={"ErrorClass": outcome.error.kind})

@@ -1,0 +1,48 @@
+"""A settled batch: each failure's fate decided (`disposition`) and carried out."""
+
+from __future__ import annotations
+
+from ..after_cutoff import AfterCutoff
+from ..deadline import Deadline
+from ..ports import Adapters
+from .disposition import Policy, disposition
+from .outcome import BatchResult, DeadLetter, Disposition, Retry
+
+
+async def settle(
+    result: BatchResult, adapters: Adapters, policy: Policy, deadline: Deadline | None
+) -> list[Disposition]:
+    """Each failure's fate, carried out: dead letters copied (one that did not arrive
+    stays in the queue as a retry), then retries given their back-off.
+
+    Both run after the records, within what is left until `deadline.end` (see
+    `AfterCutoff`); without time left no call is made, not even the client is made.
+    """
+    fates = [disposition(o, policy) for o in result.errors]
+    letters = [
+        (i, o)
+        for i, (o, f) in enumerate(zip(result.errors, fates, strict=True))
+        if isinstance(f, DeadLetter)
+    ]
+    budget = AfterCutoff(deadline)
+    feedback = None
+    if budget.remaining() > 0 and any(
+        isinstance(f, DeadLetter) or (isinstance(f, Retry) and f.delay is not None) for f in fates
+    ):
+        feedback = await adapters.feedback()
+    if letters:
+        routed: set[str] = set()
+        if feedback is not None:
+            items = [(o.record, o.error) for _, o in letters if o.record and o.error]
+            routed = await feedback.dead_letter(items, budget)
+        for i, outcome in letters:
+            if outcome.message_id not in routed:
+                fates[i] = disposition(outcome, policy, dead_letter_failed=True)
+    delays = [
+        (o.record, f.delay)
+        for o, f in zip(result.errors, fates, strict=True)
+        if isinstance(f, Retry) and f.delay is not None and o.record is not None
+    ]
+    if delays and feedback is not None:
+        await feedback.delay(delays, budget)
+    return fates
