@@ -93,7 +93,6 @@ class DynamoSuppressionList:
             ":now": {"N": str(now)},
             ":reason": {"S": event.reason},
             ":kind": {"S": event.kind},
-            ":no": {"BOOL": False},
         }
         sets = [
             "first_seen = if_not_exists(first_seen, :now)",
@@ -115,6 +114,7 @@ class DynamoSuppressionList:
             return
         # Soft: counted; it expires unless the address is (or becomes) suppressed.
         sets.append("suppressed = if_not_exists(suppressed, :no)")
+        values[":no"] = {"BOOL": False}
         values[":expires"] = {"N": str(now + self._soft_ttl)}
         update = f"SET {', '.join(sets)}, expires_at = :expires ADD event_count :one"
         try:

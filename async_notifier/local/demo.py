@@ -1,11 +1,14 @@
 """`make run-local`: the worker's whole job, end to end, on this machine.
 
 A new user should see the real thing within a minute, with nothing but Python installed:
-moto (or any endpoint already running, such as LocalStack) serves S3 and SQS, a mail catcher
-files what the worker sends under the outbox, and the SQS runner — the same batch code as the
-Lambda function — drains a queue holding good and bad notifications. The report says, per
-message, what happened and where its email is, and the exit status says whether every
-message ended where it should (emailed, or in the dead-letter queue after its retries).
+moto (or any endpoint already running, such as LocalStack) serves S3, SQS and DynamoDB, a
+mail catcher files what the worker sends under the outbox, and the SQS runner — the same
+batch code as the Lambda function — drains a queue holding good and bad notifications. Then
+SES reports that one of the demo's recipients bounced (a notification on the SES events
+queue, recorded in the suppression table by the second entry point), and the next message
+to that recipient is suppressed. The report says, per message, what happened and where its
+email is, and the exit status says whether every message ended where it should (emailed,
+recorded, or in the dead-letter queue).
 """
 
 from __future__ import annotations
@@ -27,18 +30,21 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal, TextIO
 
+from ..aws.suppression import create_table as create_suppression_table
 from ..batch.outcome import BatchResult
 from ..config import Settings
 from ..logs import JsonFormatter, configure
-from ..runner import RunnerStats
+from ..runner import BatchProcessor, RunnerStats
 from ..runner import run as run_queue
-from ..wiring import build_notifier
+from ..wiring import build_notifier, build_ses_recorder
 from .mailcatcher import CaughtMail, MailCatcher, clear_outbox
 from .moto import MotoProcess
 
 REGION = "us-east-1"
 LOG_NAME = "worker.log"
-Expect = Literal["sent", "dlq"]
+Expect = Literal["sent", "dlq", "recorded"]
+# The recipient SES reports as bounced in the demo's second part.
+BOUNCING = "ana.souza@example.com"
 
 
 @dataclass(frozen=True)
@@ -68,11 +74,14 @@ class Sample:
     error: str | None = None
     emails: list[CaughtMail] = field(default_factory=list)
     in_dlq: bool = False
+    recorded: bool = False  # an SES event the second entry point wrote down
 
     @property
     def result(self) -> str:
         if self.emails:
             return "sent"
+        if self.recorded:
+            return "recorded"
         if self.in_dlq:
             return "moved to DLQ"
         if self.tries == 0:
@@ -81,7 +90,11 @@ class Sample:
 
     @property
     def as_expected(self) -> bool:
-        return bool(self.emails) if self.expect == "sent" else self.in_dlq and not self.emails
+        if self.expect == "sent":
+            return bool(self.emails)
+        if self.expect == "recorded":
+            return self.recorded
+        return self.in_dlq and not self.emails
 
 
 @dataclass
@@ -195,7 +208,50 @@ def build_samples(count: int, bucket: str) -> list[Sample]:
     return samples
 
 
+def bounce_samples(first_number: int, bucket: str) -> tuple[Sample, Sample]:
+    """SES reports a permanent bounce for a demo recipient; then a message to them."""
+    ses_event = {
+        "eventType": "Bounce",
+        "mail": {"messageId": "demo-ses-0001", "destination": [BOUNCING]},
+        "bounce": {
+            "bounceType": "Permanent",
+            "bounceSubType": "General",
+            "bouncedRecipients": [{"emailAddress": BOUNCING, "status": "5.1.1"}],
+            "timestamp": datetime.now(UTC).isoformat(timespec="seconds"),
+        },
+    }
+    # What SNS puts on the queue without raw message delivery.
+    envelope = {
+        "Type": "Notification",
+        "MessageId": str(uuid.uuid4()),
+        "Message": json.dumps(ses_event),
+    }
+    bounce = Sample(first_number, "SES: bounce, permanent", json.dumps(envelope), "recorded")
+    video_id = f"demo-{first_number + 1:04d}"
+    name, address, file_name = _PEOPLE["pt-BR"]
+    message = {
+        "video_id": video_id,
+        "status": "FAILED",
+        "email": address,
+        "name": name,
+        "file_name": file_name,
+        "message": "a second try, after the bounce",
+        "timestamp": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    again = Sample(
+        first_number + 1, "FAILED pt-BR, to the bounced", json.dumps(message), "dlq", video_id
+    )
+    return bounce, again
+
+
 # --------------------------------------------------------------------------- the run
+
+
+def resource_environment(name: str, dlq_url: str) -> dict[str, str]:
+    """The demo's own resources: its bucket is the one bucket allowed, its table the
+    suppression list, and permanent failures go straight to the dead-letter queue (with
+    their reason), as a deployed stack does."""
+    return {"ALLOWED_BUCKETS": name, "SUPPRESSION_TABLE": name, "DEAD_LETTER_QUEUE_URL": dlq_url}
 
 
 def worker_environment(endpoint_url: str, smtp_port: int) -> dict[str, str]:
@@ -226,9 +282,9 @@ _UNSET = (
     "SMTP_USER",
     "SMTP_PASSWORD",
     "SMTP_CA_FILE",
-    "ALLOWED_BUCKETS",
-    "DEAD_LETTER_QUEUE_URL",
     "IDEMPOTENCY_TABLE",
+    "ALLOWED_KEY_PREFIX",
+    "LINK_SIGNING_SECRET_ID",
 )
 
 
@@ -277,40 +333,101 @@ def _drop(record: logging.LogRecord) -> bool:
     return False
 
 
+@dataclass(frozen=True)
+class _Resources:
+    name: str  # the bucket's, the suppression table's and the queue's (DLQ: "-dlq")
+    queue_url: str
+    dlq_url: str
+    ses_queue_url: str  # SES events (bounces, complaints), as the SNS subscription fills it
+
+
 @contextlib.asynccontextmanager
 async def _resources(
-    sqs: Any, s3: Any, options: Options, *, cleanup: bool
-) -> AsyncIterator[tuple[str, str, str]]:
-    """A bucket, a queue and its DLQ with unique names; removed afterwards when asked."""
+    sqs: Any, s3: Any, dynamodb: Any, options: Options, *, cleanup: bool
+) -> AsyncIterator[_Resources]:
+    """A bucket, the queues and the suppression table, with unique names; removed
+    afterwards when asked."""
     name = f"async-notifier-demo-{uuid.uuid4().hex[:8]}"
-    bucket = name
-    await s3.create_bucket(Bucket=bucket)
+    await s3.create_bucket(Bucket=name)
     dlq_url = (await sqs.create_queue(QueueName=f"{name}-dlq"))["QueueUrl"]
     dlq_arn = (await sqs.get_queue_attributes(QueueUrl=dlq_url, AttributeNames=["QueueArn"]))[
         "Attributes"
     ]["QueueArn"]
     redrive = {"deadLetterTargetArn": dlq_arn, "maxReceiveCount": str(options.max_receive_count)}
-    queue_url = (
-        await sqs.create_queue(
-            QueueName=name,
-            Attributes={
-                "VisibilityTimeout": str(options.visibility_timeout),
-                "RedrivePolicy": json.dumps(redrive),
-            },
-        )
-    )["QueueUrl"]
+    attributes = {
+        "VisibilityTimeout": str(options.visibility_timeout),
+        "RedrivePolicy": json.dumps(redrive),
+    }
+    queue_url = (await sqs.create_queue(QueueName=name, Attributes=attributes))["QueueUrl"]
+    ses_url = (await sqs.create_queue(QueueName=f"{name}-ses", Attributes=attributes))["QueueUrl"]
+    await create_suppression_table(dynamodb, name)
     try:
-        yield bucket, queue_url, dlq_url
+        yield _Resources(name, queue_url, dlq_url, ses_url)
     finally:
         if cleanup:
+            for url in (queue_url, ses_url, dlq_url):
+                with contextlib.suppress(Exception):
+                    await sqs.delete_queue(QueueUrl=url)
             with contextlib.suppress(Exception):
-                await sqs.delete_queue(QueueUrl=queue_url)
-                await sqs.delete_queue(QueueUrl=dlq_url)
+                await dynamodb.delete_table(TableName=name)
             with contextlib.suppress(Exception):
-                listing = await s3.list_objects_v2(Bucket=bucket)
+                listing = await s3.list_objects_v2(Bucket=name)
                 for item in listing.get("Contents", []):
-                    await s3.delete_object(Bucket=bucket, Key=item["Key"])
-                await s3.delete_bucket(Bucket=bucket)
+                    await s3.delete_object(Bucket=name, Key=item["Key"])
+                await s3.delete_bucket(Bucket=name)
+
+
+async def _send(sqs: Any, queue_url: str, samples: list[Sample]) -> None:
+    for sample in samples:
+        response = await sqs.send_message(
+            QueueUrl=queue_url,
+            MessageBody=sample.body,
+            MessageAttributes={
+                "sample": {"DataType": "String", "StringValue": sample.label},
+                "sample_number": {"DataType": "Number", "StringValue": str(sample.number)},
+            },
+        )
+        sample.message_id = response["MessageId"]
+
+
+async def _drain(
+    worker: BatchProcessor,
+    settings: Settings,
+    queue_url: str,
+    samples: list[Sample],
+    options: Options,
+    stop: asyncio.Event,
+    out: TextIO,
+) -> RunnerStats:
+    """Run the SQS runner on `queue_url` until it is empty, noting what each sample became."""
+    by_id = {sample.message_id: sample for sample in samples}
+
+    def on_batch(records: list[dict[str, Any]], result: BatchResult) -> None:
+        errors = {outcome.message_id: outcome for outcome in result.errors}
+        for record in records:
+            sample = by_id.get(record["messageId"])
+            if sample is None:
+                continue
+            sample.tries += 1
+            outcome = errors.get(record["messageId"])
+            if outcome is not None and outcome.error is not None:
+                sample.error = f"{outcome.error.kind}: {outcome.error.reason}"
+            elif sample.expect == "recorded":
+                sample.recorded = True
+        failed = len(result.failures) + len(result.dead_lettered)
+        _print(out, f"  batch of {len(records)}: {len(records) - failed} ok, {failed} failed")
+
+    return await run_queue(
+        settings,
+        queue_url,
+        notifier=worker,
+        batch_size=10,
+        batch_window=0.2,
+        wait_time=options.wait_time,
+        drain=True,
+        stop=stop,
+        on_batch=on_batch,
+    )
 
 
 async def _dead_letters(sqs: Any, dlq_url: str) -> tuple[set[str], set[str]]:
@@ -354,8 +471,7 @@ async def run_local(
             endpoint_url = moto.endpoint_url
         catcher = stack.enter_context(MailCatcher(outbox))
         apply_environment(worker_environment(endpoint_url, catcher.port))
-        settings = Settings.from_env()
-        stack.enter_context(_worker_log(log_file, settings.log_level))
+        stack.enter_context(_worker_log(log_file, os.environ.get("LOG_LEVEL") or "INFO"))
         where = f"moto, started for this run, pid {moto.pid}" if moto else "already running"
         _print(out, f"S3 + SQS:     {endpoint_url} ({where})")
         _print(out, f"mail catcher: smtp://127.0.0.1:{catcher.port} → {_show(outbox)}/")
@@ -364,74 +480,61 @@ async def run_local(
         async with (
             _client("sqs", endpoint_url) as sqs,
             _client("s3", endpoint_url) as s3,
-            _resources(sqs, s3, options, cleanup=moto is None) as (bucket, queue_url, dlq_url),
+            _client("dynamodb", endpoint_url) as dynamodb,
+            _resources(sqs, s3, dynamodb, options, cleanup=moto is None) as made,
         ):
-            report.resource_name = bucket
+            os.environ.update(resource_environment(made.name, made.dlq_url))
+            settings = Settings.from_env()
+            report.resource_name = bucket = made.name
             report.samples = samples = build_samples(options.messages, bucket)
             for sample in samples:
                 if sample.zip_key:
                     body = make_zip(options.zip_size, seed=sample.number)
                     await s3.put_object(Bucket=bucket, Key=sample.zip_key, Body=body)
-            for sample in samples:
-                response = await sqs.send_message(
-                    QueueUrl=queue_url,
-                    MessageBody=sample.body,
-                    MessageAttributes={
-                        "sample": {"DataType": "String", "StringValue": sample.label},
-                        "sample_number": {"DataType": "Number", "StringValue": str(sample.number)},
-                    },
-                )
-                sample.message_id = response["MessageId"]
+            await _send(sqs, made.queue_url, samples)
             zips = sum(1 for s in samples if s.zip_key)
             _print(
                 out,
-                f"queue:        {queue_url.rsplit('/', 1)[-1]} (VisibilityTimeout "
+                f"queue:        {made.queue_url.rsplit('/', 1)[-1]} (VisibilityTimeout "
                 f"{options.visibility_timeout} s, DLQ after {options.max_receive_count} "
                 f"receives), bucket {bucket} ({zips} ZIPs of {_size(options.zip_size)})",
             )
             _print(
                 out,
                 f"sent {len(samples)} messages; running the SQS runner until the queue is "
-                "drained (failed messages come back until they reach the DLQ)...",
+                "drained (bad ones go to the dead-letter queue, failed ones come back)...",
             )
-            by_id = {sample.message_id: sample for sample in samples}
-
-            def on_batch(records: list[dict[str, Any]], result: BatchResult) -> None:
-                errors = {outcome.message_id: outcome for outcome in result.errors}
-                for record in records:
-                    sample = by_id.get(record["messageId"])
-                    if sample is None:
-                        continue
-                    sample.tries += 1
-                    outcome = errors.get(record["messageId"])
-                    if outcome is not None and outcome.error is not None:
-                        sample.error = f"{outcome.error.kind}: {outcome.error.reason}"
-                failed = len(result.failures)
-                _print(
-                    out,
-                    f"  batch of {len(records)}: {len(records) - failed} ok, {failed} failed",
-                )
-
             watchdog = asyncio.get_running_loop().call_later(options.timeout, stop.set)
             try:
                 async with build_notifier(settings) as notifier:
-                    report.stats = await run_queue(
-                        settings,
-                        queue_url,
-                        notifier=notifier,
-                        batch_size=10,
-                        batch_window=0.2,
-                        wait_time=options.wait_time,
-                        drain=True,
-                        stop=stop,
-                        on_batch=on_batch,
+                    report.stats = await _drain(
+                        notifier, settings, made.queue_url, samples, options, stop, out
                     )
+                    if report.stats.drained:
+                        bounce, again = bounce_samples(len(samples) + 1, bucket)
+                        samples += [bounce, again]
+                        _print(
+                            out,
+                            f"SES reports that {BOUNCING} bounced (permanent); recording it "
+                            "in the suppression table, then mailing them again...",
+                        )
+                        await _send(sqs, made.ses_queue_url, [bounce])
+                        ses_settings = Settings.from_env(sending=False)
+                        async with build_ses_recorder(ses_settings) as recorder:
+                            ses_queue = made.ses_queue_url
+                            await _drain(
+                                recorder, settings, ses_queue, [bounce], options, stop, out
+                            )
+                        await _send(sqs, made.queue_url, [again])
+                        report.stats = await _drain(
+                            notifier, settings, made.queue_url, [again], options, stop, out
+                        )
             finally:
                 watchdog.cancel()
             if not report.stats.drained:
                 report.timed_out = time.monotonic() - started >= options.timeout
                 report.interrupted = not report.timed_out
-            ids, originals = await _dead_letters(sqs, dlq_url)
+            ids, originals = await _dead_letters(sqs, made.dlq_url)
             for sample in samples:
                 sample.in_dlq = sample.message_id in ids or sample.message_id in originals
                 sample.emails = [m for m in catcher.messages if m.video_id == sample.video_id]
@@ -462,9 +565,10 @@ def print_report(report: Report, options: Options, out: TextIO) -> None:
     _print(out, "")
     sent = sum(1 for s in report.samples if s.emails)
     dead = sum(1 for s in report.samples if s.in_dlq)
+    recorded = sum(1 for s in report.samples if s.recorded)
     summary = (
-        f"{len(report.samples)} messages: {sent} emailed, {dead} in the dead-letter queue"
-        f" ({report.seconds:.1f} s)."
+        f"{len(report.samples)} messages: {sent} emailed, {recorded} SES event recorded, "
+        f"{dead} in the dead-letter queue ({report.seconds:.1f} s)."
     )
     if report.interrupted:
         summary += " Interrupted before the queue was drained."

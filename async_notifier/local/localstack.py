@@ -3,7 +3,7 @@
 LocalStack normally runs in Docker; CI and a plain laptop may have none, yet the promise that
 the worker runs against LocalStack has to be proven on every change. So LocalStack runs
 from its own virtualenv (`localstack-core[runtime]`), in the background, bound to 127.0.0.1
-only, with the S3/SQS/Secrets Manager services alone and its state under the project's
+only, with the S3/SQS/Secrets Manager/DynamoDB services alone and its state under the project's
 ignored `.localstack/`. Standard library only: this runs before the project venv exists.
 
     python -m async_notifier.local.localstack start --venv .localstack/venv --root .localstack
@@ -26,7 +26,7 @@ from pathlib import Path
 
 HOST = "127.0.0.1"
 PORT = 4566
-SERVICES = ("s3", "sqs", "secretsmanager")
+SERVICES = ("s3", "sqs", "secretsmanager", "dynamodb")
 READY_STATES = ("available", "running")
 
 
@@ -62,7 +62,7 @@ def ready(document: dict[str, object] | None) -> bool:
     services = document.get("services") if document else None
     if not isinstance(services, dict):
         return False
-    return all(services.get(name) in READY_STATES for name in ("s3", "sqs"))
+    return all(services.get(name) in READY_STATES for name in ("s3", "sqs", "dynamodb"))
 
 
 def _alive(pid: int) -> bool:
