@@ -77,6 +77,8 @@ class SmtpFaults:
     tempfail_every: int | None = None
     #: Recipients refused at RCPT with `550 5.1.1` (case-insensitive).
     reject: AbstractSet[str] = frozenset()  # stored as a casefolded frozenset
+    #: The refusal's text, `{address}` replaced by the recipient (as many servers echo it).
+    reject_reply: str = REPLY_REJECT
     #: (every, length): MAIL commands are counted server-wide; `every` of them pass, then
     #: `length` are refused with `454 4.7.0 Throttling failure...`, and so on. (0, 1) refuses
     #: every MAIL.
@@ -338,7 +340,7 @@ class _FaultyHandler(_Handler):
     ) -> str:
         if address.casefold() in self.sink.faults.reject:
             self.sink._injected(server._event(SmtpFault.REJECT, "RCPT", rcpt_tos=[address]))
-            return REPLY_REJECT
+            return self.sink.faults.reject_reply.format(address=address)
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(rcpt_options)
         return "250 OK"
