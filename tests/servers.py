@@ -282,6 +282,7 @@ class SmtpSink(Service):
         self._opened = 0
         self._open = 0
         self._quits = 0
+        self._auth_failures = 0
         self._controller: _SinkController | None = None
 
     # -- hooks called from the server thread
@@ -322,6 +323,9 @@ class SmtpSink(Service):
             and auth_data.login == user.encode()
             and auth_data.password == password.encode()
         )
+        if not ok:
+            with self._cond:
+                self._auth_failures += 1
         return AuthResult(success=ok, handled=False)
 
     # -- observations
@@ -348,6 +352,12 @@ class SmtpSink(Service):
     def connections_open(self) -> int:
         with self._cond:
             return self._open
+
+    @property
+    def auth_failures(self) -> int:
+        """Logins the server refused since start."""
+        with self._cond:
+            return self._auth_failures
 
     @property
     def quit_count(self) -> int:

@@ -51,11 +51,10 @@ HOST_PYTHON = f"{sys.version_info.major}.{sys.version_info.minor}"
 FUNCTION_TIMEOUT = 120
 ANSWER_WITHIN = 180.0
 
-# Where a bad setting surfaces. Today handler.py parses the settings at the first invocation,
-# so the runtime client posts an invocation error and keeps polling. Once handler.py parses
-# them at import when AWS_LAMBDA_FUNCTION_NAME is set (Lambda's init phase), it becomes an init
-# error and the process exits. Tighten to {"init"} when that lands.
-BAD_SETTING_REPORTED_AS = {"init", "error"}
+# Where a bad setting surfaces: handler.py parses the settings at import when
+# AWS_LAMBDA_FUNCTION_NAME is set (Lambda's init phase), so it is an init error and the
+# runtime client exits.
+BAD_SETTING_REPORTED_AS = {"init"}
 
 
 @dataclass(frozen=True)
