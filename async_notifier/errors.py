@@ -99,6 +99,11 @@ class SmtpUnavailable(TransientError):
     kind = "smtp_unavailable"
 
 
+class CircuitOpen(SmtpUnavailable):
+    """Connections to the SMTP server keep failing: the pool tries none until its cool-down
+    is over (reported as smtp_unavailable; retrying within the invocation cannot help)."""
+
+
 class SmtpThrottled(SmtpUnavailable):
     """The provider asked us to slow down (454, or 421 with a rate message)."""
 

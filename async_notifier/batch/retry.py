@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from ..deadline import Deadline
-from ..errors import DeliveryUnknown, NotifierError
+from ..errors import CircuitOpen, DeliveryUnknown, NotifierError
 
 T = TypeVar("T")
 
@@ -31,7 +31,7 @@ class RetryPolicy:
         return random.uniform(0, min(self.max_delay, self.base_delay * 2 ** (attempt - 1)))
 
     def should_retry(self, error: NotifierError) -> bool:
-        return error.transient and not isinstance(error, DeliveryUnknown)
+        return error.transient and not isinstance(error, DeliveryUnknown | CircuitOpen)
 
 
 class Retrier:

@@ -56,10 +56,11 @@ class CircuitBreaker:
 
     def may_connect(self, connecting: int) -> bool:
         """Whether a new connection attempt may start now, `connecting` being under way:
-        any number when closed, one probe when half open, none when open."""
+        any number while connections succeed; after a failure one at a time (the attempts
+        in flight will tell), one probe when half open, none when open."""
         state = self.state
         if state is BreakerState.CLOSED:
-            return True
+            return self._failures == 0 or connecting == 0
         return state is BreakerState.HALF_OPEN and connecting == 0
 
     def attempt_started(self) -> None:

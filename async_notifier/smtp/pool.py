@@ -32,6 +32,7 @@ from aiosmtplib.errors import SMTPAuthenticationError
 from ..config import Settings
 from ..errors import (
     AttachmentUnreadable,
+    CircuitOpen,
     DeliveryUnknown,
     NotifierError,
     RecipientRejected,
@@ -363,8 +364,8 @@ class SmtpPool:
             c.state in (State.READY, State.CONNECTING) for c in self._connections
         )
 
-    def _circuit_error(self) -> SmtpUnavailable:
-        return SmtpUnavailable(
+    def _circuit_error(self) -> CircuitOpen:
+        return CircuitOpen(
             f"SMTP circuit open: {self.breaker.threshold} connection attempts in a row "
             f"failed; next attempt in {self.breaker.retry_in():.0f} s"
         )
