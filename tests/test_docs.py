@@ -1,0 +1,288 @@
+"""The docs hold together: every relative link and anchor resolves, quoted paths exist.
+
+A newcomer follows the README into `docs/`; a link to a page that moved or a heading that
+was renamed is a dead end, and a path to a module that no longer exists sends them looking
+for it. The README also has to stay short and open on the two commands.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
+MAX_README_LINES = 250
+# "Near the top": the two commands come before anything a newcomer must read first.
+TOP_LINES = 30
+
+_FENCE = re.compile(r"^\s*(```|~~~)")
+_HEADING = re.compile(r"^ {0,3}(#{1,6})\s+(.*?)\s*#*\s*$")
+_CODE_SPAN = re.compile(r"(`+)(.+?)\1")
+# [text](target) and ![alt](target); the text may hold one level of [brackets].
+_INLINE_LINK = re.compile(r"!?\[(?:[^\[\]]|\[[^\[\]]*\])*\]\(\s*(<[^>]*>|[^)\s]+)[^)]*\)")
+_REFERENCE_DEF = re.compile(r"^ {0,3}\[[^\]]+\]:\s*(<[^>]*>|\S+)")
+_NOT_SOURCE = {"build", "dist", "outbox", "preview", "out", "__pycache__"}
+_EXTERNAL = re.compile(r"^(https?:|mailto:)", re.IGNORECASE)
+# A repository path quoted as code: `async_notifier/mail/render.py`, `tests/servers.py`.
+_QUOTED_PATH = re.compile(
+    r"^(?:async_notifier|tests|bench|scripts|templates|docs)/[\w./-]*$|^[\w-]+\.(?:py|md|yaml)$"
+)
+
+
+def documents() -> list[Path]:
+    """The Markdown a reader can reach from the README."""
+    pages = [README, *sorted((ROOT / "docs").glob("**/*.md")), *sorted(ROOT.glob("bench/*.md"))]
+    pages += [ROOT / name for name in ("CONTRIBUTING.md", "CHANGELOG.md") if (ROOT / name).exists()]
+    return pages
+
+
+def prose_lines(text: str) -> Iterator[tuple[int, str]]:
+    """(line number, line) outside fenced code blocks, with code spans blanked out."""
+    fence: str | None = None
+    for number, line in enumerate(text.splitlines(), 1):
+        match = _FENCE.match(line)
+        if match:
+            if fence is None:
+                fence = match[1]
+            elif match[1] == fence:
+                fence = None
+            continue
+        if fence is None:
+            yield number, line
+
+
+def slug(heading: str) -> str:
+    """GitHub's anchor for a heading: lower case, punctuation dropped, spaces to hyphens."""
+    text = re.sub(r"!?\[([^\]]*)\]\([^)]*\)", r"\1", heading)  # a link's text only
+    text = re.sub(r"<[^>]+>", "", text)  # inline HTML tags
+    text = text.strip().lower()
+    text = re.sub(r"[^\w\- ]", "", text)  # \w keeps letters (any script), digits and _
+    return text.replace(" ", "-")
+
+
+def anchors(path: Path) -> set[str]:
+    """Every heading anchor of a Markdown file, repeats numbered as GitHub does (-1, -2)."""
+    seen: dict[str, int] = {}
+    found: set[str] = set()
+    for _, line in prose_lines(path.read_text(encoding="utf-8")):
+        match = _HEADING.match(line)
+        if not match:
+            continue
+        base = slug(match[2])
+        count = seen.get(base, 0)
+        seen[base] = count + 1
+        found.add(base if count == 0 else f"{base}-{count}")
+    return found
+
+
+@dataclass(frozen=True)
+class Link:
+    source: Path
+    line: int
+    target: str
+
+    def __str__(self) -> str:
+        return f"{self.source.relative_to(ROOT)}:{self.line}: ({self.target})"
+
+
+def links(path: Path) -> Iterator[Link]:
+    for number, line in prose_lines(path.read_text(encoding="utf-8")):
+        line = _CODE_SPAN.sub(lambda m: " " * len(m[0]), line)
+        targets = [m[1] for m in _INLINE_LINK.finditer(line)]
+        definition = _REFERENCE_DEF.match(line)
+        if definition:
+            targets.append(definition[1])
+        for target in targets:
+            yield Link(path, number, target.strip("<>"))
+
+
+def broken(link: Link, root: Path = ROOT) -> str | None:
+    """Why `link` does not resolve, or None when it does (external links are not fetched)."""
+    if _EXTERNAL.match(link.target):
+        return None
+    target, _, anchor = link.target.partition("#")
+    if target.startswith("/"):
+        return "absolute path: write it relative to the document"
+    path = (link.source.parent / target).resolve() if target else link.source
+    if not path.is_relative_to(root.resolve()):
+        return "points outside the repository"
+    if not path.exists():
+        return "no such file"
+    if anchor:
+        if path.suffix != ".md":
+            return "an anchor into a file that is not Markdown cannot be checked"
+        if anchor not in anchors(path):
+            return f"no heading with anchor #{anchor} in {path.relative_to(root.resolve())}"
+    return None
+
+
+@functools.cache
+def repository_file_names() -> frozenset[str]:
+    """Names of the files in the repository, outside hidden, build and cache directories."""
+    names: set[str] = set()
+    for _folder, dirs, files in os.walk(ROOT):
+        dirs[:] = [d for d in dirs if not d.startswith(".") and d not in _NOT_SOURCE]
+        names.update(files)
+    return frozenset(names)
+
+
+def path_exists(quoted: str, document: Path) -> bool:
+    """A path with a folder is relative to the repository (or the document); a bare file
+    name, as in "`wiring.py` builds the adapters", must be some file of the repository."""
+    if "/" not in quoted.rstrip("/"):
+        return quoted in repository_file_names() or (ROOT / quoted).exists()
+    return (ROOT / quoted).exists() or (document.parent / quoted).exists()
+
+
+def quoted_paths(path: Path) -> Iterator[tuple[int, str]]:
+    """Repository paths written as code spans in the prose of `path`."""
+    for number, line in prose_lines(path.read_text(encoding="utf-8")):
+        for match in _CODE_SPAN.finditer(line):
+            text = match[2].strip()
+            if _QUOTED_PATH.match(text):
+                yield number, text
+
+
+def config_variables() -> set[str]:
+    """Every environment variable `Settings.from_env` reads."""
+    source = (ROOT / "async_notifier" / "config.py").read_text(encoding="utf-8")
+    return set(re.findall(r"env\.\w+\(\s*\"([A-Z][A-Z0-9_]*)\"", source))
+
+
+def readme_settings_table() -> str:
+    text = README.read_text(encoding="utf-8")
+    start = text.index("\n## Configuration\n")
+    end = text.find("\n## ", start + 1)
+    return text[start : end if end != -1 else None]
+
+
+# --------------------------------------------------------------------------- the repository's docs
+
+
+@pytest.mark.parametrize("document", documents(), ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_relative_link_resolves(document: Path) -> None:
+    problems = [f"{link}: {why}" for link in links(document) if (why := broken(link))]
+    assert not problems, "\n".join(problems)
+
+
+def test_the_docs_link_to_each_other() -> None:
+    """The checks above have something to check: the README links into docs/ with anchors."""
+    targets = [link.target for link in links(README)]
+    assert any(t.startswith("docs/") and "#" in t for t in targets), targets
+    assert len(documents()) >= 8
+
+
+def current_documents() -> list[Path]:
+    """The pages that describe the code as it is (the changelog and the benchmark's results
+    are records of their time: their file names may be old ones)."""
+    return [p for p in documents() if p.name != "CHANGELOG.md" and p.parent.name != "bench"]
+
+
+@pytest.mark.parametrize("document", current_documents(), ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_quoted_repository_path_exists(document: Path) -> None:
+    """`async_notifier/x.py` in the docs names a file that is there (layouts change)."""
+    missing = [
+        f"{document.relative_to(ROOT)}:{number}: `{quoted}`"
+        for number, quoted in quoted_paths(document)
+        if not path_exists(quoted, document)
+    ]
+    assert not missing, "\n".join(missing)
+
+
+def test_readme_is_short() -> None:
+    lines = len(README.read_text(encoding="utf-8").splitlines())
+    assert lines <= MAX_README_LINES, f"README.md has {lines} lines; move detail to docs/"
+
+
+def test_readme_opens_on_the_two_commands() -> None:
+    top = README.read_text(encoding="utf-8").splitlines()[:TOP_LINES]
+    commands = {line.split("#")[0].strip() for line in top}
+    assert {"make run-local", "make test"} <= commands, (
+        f"`make run-local` and `make test` must each start a line in README's first "
+        f"{TOP_LINES} lines"
+    )
+
+
+def test_readme_lists_every_setting() -> None:
+    table = readme_settings_table()
+    variables = config_variables()
+    assert len(variables) >= 40
+    missing = sorted(name for name in variables if f"`{name}`" not in table)
+    assert not missing, f"settings read by config.py but not in README's table: {missing}"
+
+
+# --------------------------------------------------------------------------- the checker itself
+
+
+def test_slugs_follow_github() -> None:
+    assert slug("Failure handling and guarantees") == "failure-handling-and-guarantees"
+    assert slug("The budget after the cutoff") == "the-budget-after-the-cutoff"
+    assert (
+        slug("Showing that a change does not regress: `--vs REF`")
+        == "showing-that-a-change-does-not-regress---vs-ref"
+    )
+    assert slug("Run 3 (one round trip per email, and a warm row): the final numbers") == (
+        "run-3-one-round-trip-per-email-and-a-warm-row-the-final-numbers"
+    )
+    assert slug("[Linked](x.md) heading") == "linked-heading"
+    assert slug("Ação & ñ") == "ação--ñ"
+
+
+def test_the_checker_finds_broken_links(tmp_path: Path) -> None:
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "page.md").write_text("# Page\n\n## A section\n\n## A section\n")
+    readme = tmp_path / "README.md"
+    readme.write_text(
+        "\n".join(
+            [
+                "# Title",
+                "[ok](docs/page.md) [ok](docs/page.md#a-section) [ok](docs/page.md#a-section-1)",
+                "[ok](#title) [ok](https://example.com/x#y) [ok](mailto:a@example.com)",
+                "[gone](docs/missing.md)",
+                "[bad anchor](docs/page.md#no-such-section)",
+                "[bad local anchor](#nowhere)",
+                "[escapes](../outside.md)",
+                "`[not a link](in-code.md)`",
+                "```",
+                "[not a link](in-a-fence.md)",
+                "```",
+                "[ref]: docs/also-missing.md",
+            ]
+        )
+    )
+    found = {link.target: broken(link, tmp_path) for link in links(readme)}
+    assert {t for t, why in found.items() if why is None} == {
+        "docs/page.md",
+        "docs/page.md#a-section",
+        "docs/page.md#a-section-1",
+        "#title",
+        "https://example.com/x#y",
+        "mailto:a@example.com",
+    }
+    assert found["docs/missing.md"] == "no such file"
+    assert found["docs/also-missing.md"] == "no such file"
+    assert "#no-such-section" in (found["docs/page.md#no-such-section"] or "")
+    assert "#nowhere" in (found["#nowhere"] or "")
+    assert found["../outside.md"] == "points outside the repository"
+    assert "in-code.md" not in found
+    assert "in-a-fence.md" not in found
+
+
+def test_quoted_paths_are_found_outside_fences(tmp_path: Path) -> None:
+    page = tmp_path / "page.md"
+    page.write_text(
+        "See `async_notifier/render.py` and `handler.py`, not `SMTP_SERVER`.\n"
+        "```\nasync_notifier/in_a_fence.py `async_notifier/fenced.py`\n```\n"
+    )
+    assert list(quoted_paths(page)) == [(1, "async_notifier/render.py"), (1, "handler.py")]
+    assert not path_exists("async_notifier/render.py", page)  # moved to mail/render.py
+    assert path_exists("async_notifier/mail/render.py", page)
+    assert path_exists("wiring.py", page)  # a bare name: some file of the repository
+    assert not path_exists("smtp_pool.py", page)
