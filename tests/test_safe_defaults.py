@@ -155,6 +155,12 @@ def test_only_allowed_objects_are_mailed(
         ),
         sqs_record(completed("v3", "users/u1/v.zip", email="x@evil-corp.com"), "no-owner"),
         sqs_record(
+            {**completed("v5", "users/u1/../u2/v.zip"), "cognito_user_id": "u1"}, "dot-segments"
+        ),
+        sqs_record(
+            {**completed("v6", "users/u1/x/v.zip"), "cognito_user_id": "u1/x"}, "slash-in-owner"
+        ),
+        sqs_record(
             {**completed("v4", "secret.zip", email="a@example.com"), "bucket": "private-data"},
             "other-bucket",
         ),
@@ -165,10 +171,14 @@ def test_only_allowed_objects_are_mailed(
         "someone-elses-key": "key_not_allowed",
         "own-key-but-own-email": "key_not_allowed",
         "no-owner": "key_not_allowed",
+        "dot-segments": "key_not_allowed",
+        "slash-in-owner": "key_not_allowed",
         "other-bucket": "bucket_not_allowed",
     }
     assert all(f["transient"] is False for f in found.values())
     assert "users/u1/" in found["someone-elses-key"]["reason"]
+    assert "'..' segments" in found["dot-segments"]["reason"]
+    assert "must not contain '/'" in found["slash-in-owner"]["reason"]
     assert smtp_sink.messages == []
 
 

@@ -17,6 +17,10 @@ from ..config import ANY_BUCKET, Settings
 from ..errors import BucketNotAllowed, KeyNotAllowed
 from ..messages import Notification
 
+# S3 takes keys literally, but S3-compatible stores and proxies may not: a key that walks
+# out of its prefix is refused rather than trusted to be read literally.
+_DOT_SEGMENTS = frozenset({".", ".."})
+
 
 def check_location(notification: Notification, settings: Settings) -> None:
     """Raise BucketNotAllowed or KeyNotAllowed unless the message may have its ZIP mailed."""
@@ -39,6 +43,11 @@ def check_location(notification: Notification, settings: Settings) -> None:
         raise KeyNotAllowed(
             f"ALLOWED_KEY_PREFIX needs {', '.join(missing)}, which the message does not carry"
         )
+    bent = sorted(name for name in fields if "/" in (values[name] or ""))
+    if bent:
+        raise KeyNotAllowed(f"{', '.join(bent)} must not contain '/' (ALLOWED_KEY_PREFIX)")
+    if any(segment in _DOT_SEGMENTS for segment in key.split("/")):
+        raise KeyNotAllowed("a key with '.' or '..' segments is refused (ALLOWED_KEY_PREFIX)")
     if "cognito_user_id" in fields and notification.email is not None:
         raise KeyNotAllowed(
             "ALLOWED_KEY_PREFIX ties keys to the Cognito user, so the recipient must be that "
