@@ -25,7 +25,10 @@ from samtranslator.translator.translator import Translator
 from servers import CapturedLogs, FakeLambdaContext, MotoServer, failed_ids, sqs_event, sqs_record
 
 import handler
+from async_notifier.batch.outcome import BatchResult, DeadLetter, Outcome, Retry
+from async_notifier.batch.report import metrics_from_batch
 from async_notifier.config import ConfigError, Settings
+from async_notifier.errors import RecipientSuppressed, SmtpUnavailable
 
 ROOT = Path(__file__).resolve().parent.parent
 TEMPLATE_PATH = ROOT / "template.yaml"
@@ -253,6 +256,9 @@ def test_sam_translation_is_lint_clean_and_adds_no_broad_policy() -> None:
             "AWS::IAM::Role",
             "AWS::Lambda::Function",
             "AWS::Lambda::EventSourceMapping",
+            # Operations.
+            *["AWS::CloudWatch::Alarm"] * 10,
+            "AWS::CloudWatch::Dashboard",
         ]
     )
     # Our own roles: SAM attached no AWSLambdaSQSQueueExecutionRole (Resource "*") to them.
@@ -588,6 +594,7 @@ def test_outputs_give_the_queues_and_the_function() -> None:
         assert outputs[name]["Condition"] == "UseSuppression"
     configuration_set = Stack().eval(outputs["SesConfigurationSetName"]["Value"])
     assert configuration_set == "<Ref EmailConfigurationSet>"
+    assert "#dashboards:name=${Dashboard}" in outputs["DashboardUrl"]["Value"]["Fn::Sub"]
 
 
 def test_snapstart_is_a_parameter_on_published_versions() -> None:
@@ -958,3 +965,204 @@ def test_ses_events_function_records_bounces_with_the_template_environment(
     for address in ("gone@example.com", "full@example.com", "angry@example.com"):
         assert address not in ses_events_run.logged
     assert document["SesEventsFailed"] == 0
+
+
+# --------------------------------------------------------------------------- alarms and dashboard
+
+ALARM_TOPIC = f"arn:aws:sns:{REGION}:{ACCOUNT}:on-call"
+# Metric name -> the dimension sets it is emitted with, per function (logical id).
+Emitted = dict[str, dict[str, set[frozenset[str]]]]
+
+
+def _emitted(documents: list[dict[str, Any]], function_name: str) -> dict[str, set[frozenset[str]]]:
+    """What EMF documents make CloudWatch store, checked to be in NAMESPACE and to carry
+    the function's name as FunctionName."""
+    found: dict[str, set[frozenset[str]]] = {}
+    for document in documents:
+        for directive in document["_aws"]["CloudWatchMetrics"]:
+            assert directive["Namespace"] == NAMESPACE
+            for dimensions in directive["Dimensions"]:
+                assert "FunctionName" in dimensions
+                assert document["FunctionName"] == function_name
+                for metric in directive["Metrics"]:
+                    found.setdefault(metric["Name"], set()).add(frozenset(dimensions))
+    return found
+
+
+def _notifier_metrics() -> dict[str, set[frozenset[str]]]:
+    """The notifier's metrics, from its own builder on a settled sample batch."""
+    outcomes = [
+        Outcome("m-sent", action="sent", bytes=1000),
+        Outcome("m-link", action="sent_link", retries=1),
+        Outcome("m-suppressed", error=RecipientSuppressed("bounce:Permanent:General")),
+        Outcome("m-smtp", error=SmtpUnavailable("circuit open"), retries=2),
+    ]
+    result = BatchResult.of(outcomes)
+    result.fates = [DeadLetter("suppressed"), Retry(30)]
+    metrics = metrics_from_batch(
+        result,
+        duration_s=1.5,
+        connections_opened=2,
+        circuit_opened=1,
+        namespace=NAMESPACE,
+        function_name="notifier-NotifierFunction-AbC",
+    )
+    assert metrics.value("RecordsSuppressed") == 1
+    assert metrics.value("RecordsFailed", {"ErrorClass": "smtp_unavailable"}) == 1
+    return _emitted(metrics.documents(), "notifier-NotifierFunction-AbC")
+
+
+def _ref_target(value: str) -> str:
+    match = re.fullmatch(r"<Ref (\w+)>", value)
+    assert match, value
+    return match[1]
+
+
+def _queue_name_of(value: str) -> str:
+    match = re.fullmatch(r"<GetAtt (\w+)\.QueueName>", value)
+    assert match, value
+    return match[1]
+
+
+def _watched(
+    namespace: str, metric: str, dimensions: dict[str, str], emitted: Emitted, stack: Stack
+) -> tuple[str, str, str]:
+    """(namespace, metric, logical id of what it measures), checked against the stack and,
+    for the worker's own metrics, against what the code emits."""
+    resources = stack.resources()
+    if namespace == "AWS/SQS":
+        assert metric.startswith("Approximate"), metric
+        assert set(dimensions) == {"QueueName"}
+        queue = _queue_name_of(dimensions["QueueName"])
+        assert resources[queue]["Type"] == "AWS::SQS::Queue"
+        return namespace, metric, queue
+    if namespace == "AWS/Lambda":
+        assert set(dimensions) == {"FunctionName"}
+        function = _ref_target(dimensions["FunctionName"])
+        assert resources[function]["Type"] == "AWS::Lambda::Function"
+        return namespace, metric, function
+    assert namespace == stack.params["MetricsNamespace"] == NAMESPACE
+    function = _ref_target(dimensions["FunctionName"])
+    assert resources[function]["Type"] == "AWS::Lambda::Function"
+    assert function in emitted, f"{function} emits no metrics of its own"
+    assert metric in emitted[function], f"{function}'s code never emits {metric}"
+    assert frozenset(dimensions) in emitted[function][metric], (
+        f"{metric} of {function} is emitted with the dimensions "
+        f"{[sorted(d) for d in emitted[function][metric]]}, not {sorted(dimensions)}"
+    )
+    return "custom", metric, function
+
+
+def _code_metrics(run: SesEventsRun) -> Emitted:
+    """Both functions' metrics, as their code emits them (whatever became of the records)."""
+    return {
+        "NotifierFunction": _notifier_metrics(),
+        "SesEventsFunction": _emitted(run.documents, "notifier-SesEventsFunction-AbC"),
+    }
+
+
+def test_alarms_watch_what_the_code_and_aws_emit(ses_events_run: SesEventsRun) -> None:
+    emitted = _code_metrics(ses_events_run)
+    translated = _translate(MetricsNamespace=NAMESPACE)
+    stack = Stack(translated, MetricsNamespace=NAMESPACE)
+    alarms = {
+        name: resource["Properties"]
+        for name, resource in stack.resources().items()
+        if resource["Type"] == "AWS::CloudWatch::Alarm"
+    }
+    watched = set()
+    for name, alarm in alarms.items():
+        dimensions = {d["Name"]: d["Value"] for d in alarm["Dimensions"]}
+        watched.add(_watched(alarm["Namespace"], alarm["MetricName"], dimensions, emitted, stack))
+        # Each threshold is a parameter of its own kind; no action without a topic.
+        threshold = translated["Resources"][name]["Properties"]["Threshold"]
+        assert threshold["Ref"] in PARAMETERS, name
+        assert alarm["ComparisonOperator"] == "GreaterThanThreshold", name
+        assert alarm["TreatMissingData"] == "notBreaching", name
+        assert "AlarmActions" not in alarm, name
+        assert "OKActions" not in alarm, name
+    assert watched == {
+        ("AWS/SQS", "ApproximateNumberOfMessagesVisible", "DeadLetterQueue"),
+        ("AWS/SQS", "ApproximateNumberOfMessagesVisible", "SesEventsDeadLetterQueue"),
+        ("AWS/SQS", "ApproximateAgeOfOldestMessage", "NotificationQueue"),
+        ("AWS/Lambda", "Errors", "NotifierFunction"),
+        ("AWS/Lambda", "Throttles", "NotifierFunction"),
+        ("AWS/Lambda", "Errors", "SesEventsFunction"),
+        ("AWS/Lambda", "Throttles", "SesEventsFunction"),
+        ("custom", "RecordsFailed", "NotifierFunction"),
+        ("custom", "RecordsSuppressed", "NotifierFunction"),
+        ("custom", "SmtpCircuitOpened", "NotifierFunction"),
+    }
+    assert len(alarms) == len(watched)
+
+
+def test_alarms_notify_the_topic_when_one_is_given() -> None:
+    for suppression in ("true", "false"):
+        stack = Stack(AlarmTopicArn=ALARM_TOPIC, EnableSuppression=suppression)
+        alarms = [r for r in stack.resources().values() if r["Type"] == "AWS::CloudWatch::Alarm"]
+        assert len(alarms) == (10 if suppression == "true" else 6)
+        for alarm in alarms:
+            assert alarm["Properties"]["AlarmActions"] == [ALARM_TOPIC]
+            assert alarm["Properties"]["OKActions"] == [ALARM_TOPIC]
+    pattern = PARAMETERS["AlarmTopicArn"]["AllowedPattern"]
+    assert re.fullmatch(pattern, ALARM_TOPIC)
+    assert re.fullmatch(pattern, "")
+    assert not re.fullmatch(pattern, f"arn:aws:sqs:{REGION}:{ACCOUNT}:queue")
+
+
+def _dashboard_metrics(widget: dict[str, Any]) -> list[tuple[str, str, dict[str, str]]]:
+    """(namespace, metric, dimensions) of a metric widget, a SEARCH expression included."""
+    found = []
+    for entry in widget["properties"]["metrics"]:
+        if isinstance(entry[0], dict):
+            (query,) = entry
+            match = re.fullmatch(
+                r"SEARCH\('\{([^,]+),([^}]+)\} MetricName=\"(\w+)\" FunctionName=\"([^\"]+)\"'"
+                r", '\w+', \d+\)",
+                query["expression"],
+            )
+            assert match, query["expression"]
+            namespace, schema, metric, function = match.groups()
+            dimensions = {name: "" for name in schema.split(",")}
+            dimensions["FunctionName"] = function
+            found.append((namespace, metric, dimensions))
+            continue
+        names = [part for part in entry if isinstance(part, str)]
+        assert len(names) % 2 == 0, entry
+        assert len(names) >= 4, entry
+        namespace, metric, *pairs = names
+        found.append((namespace, metric, dict(zip(pairs[::2], pairs[1::2], strict=True))))
+    return found
+
+
+@pytest.mark.parametrize("suppression", ["true", "false"])
+def test_dashboard_shows_what_the_code_and_aws_emit(
+    suppression: str, ses_events_run: SesEventsRun
+) -> None:
+    emitted = _code_metrics(ses_events_run)
+    stack = Stack(
+        _translate(MetricsNamespace=NAMESPACE, EnableSuppression=suppression),
+        MetricsNamespace=NAMESPACE,
+        EnableSuppression=suppression,
+    )
+    body = json.loads(stack.resources()["Dashboard"]["Properties"]["DashboardBody"])
+    shown = set()
+    for widget in body["widgets"]:
+        assert widget["type"] == "metric"
+        assert widget["properties"]["region"] == REGION
+        for namespace, metric, dimensions in _dashboard_metrics(widget):
+            shown.add(_watched(namespace, metric, dimensions, emitted, stack))
+    notifier = {
+        "RecordsSent",
+        "RecordsFailed",
+        "RecordsRetried",
+        "RecordsDeadLettered",
+        "RecordsSuppressed",
+        "SmtpConnectionsOpened",
+        "SmtpCircuitOpened",
+        "InvocationDuration",
+    }
+    assert {("custom", metric, "NotifierFunction") for metric in notifier} <= shown
+    ses_events = {("custom", m, "SesEventsFunction") for m in ("HardBounces", "Complaints")}
+    assert (ses_events <= shown) is (suppression == "true")
+    assert not [w for w in shown if "SesEvents" in w[2]] or suppression == "true"
