@@ -11,6 +11,8 @@ from __future__ import annotations
 import ast
 import json
 import re
+from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +22,13 @@ from cfnlint.api import lint
 from cfnlint.decode import decode_str
 from samtranslator.parser.parser import Parser
 from samtranslator.translator.translator import Translator
+from servers import CapturedLogs, FakeLambdaContext, MotoServer, failed_ids, sqs_event, sqs_record
 
-from async_notifier.config import Settings
+import handler
+from async_notifier.batch.outcome import BatchResult, DeadLetter, Outcome, Retry
+from async_notifier.batch.report import metrics_from_batch
+from async_notifier.config import ConfigError, Settings
+from async_notifier.errors import RecipientSuppressed, SmtpUnavailable
 
 ROOT = Path(__file__).resolve().parent.parent
 TEMPLATE_PATH = ROOT / "template.yaml"
@@ -73,18 +80,21 @@ PARAMETERS: dict[str, Any] = TEMPLATE["Parameters"]
 
 
 class Stack:
-    """The template with its parameters and conditions resolved; resources stay symbolic."""
+    """The template (or SAM's translation of it, given first) with its parameters and
+    conditions resolved; resources stay symbolic."""
 
-    def __init__(self, **overrides: str) -> None:
+    def __init__(self, template: dict[str, Any] | None = None, /, **overrides: str) -> None:
+        self.template = TEMPLATE if template is None else template
+        parameters: dict[str, Any] = self.template["Parameters"]
         self.params: dict[str, str] = {
-            name: str(spec["Default"]) for name, spec in PARAMETERS.items() if "Default" in spec
+            name: str(spec["Default"]) for name, spec in parameters.items() if "Default" in spec
         }
         self.params.update(REQUIRED)
         self.params.update(overrides)
-        missing = set(PARAMETERS) - set(self.params)
+        missing = set(parameters) - set(self.params)
         assert not missing, f"no value for {missing}"
         self.conditions: dict[str, bool] = {}
-        for name, expression in TEMPLATE.get("Conditions", {}).items():
+        for name, expression in self.template.get("Conditions", {}).items():
             self.conditions[name] = bool(self.eval(expression))
 
     def ref(self, name: str) -> str:
@@ -92,7 +102,11 @@ class Stack:
             return self.params[name]
         if name in PSEUDO:
             return PSEUDO[name]
-        assert name in RESOURCES, f"Ref to unknown {name}"
+        if "." in name:  # ${Resource.Attribute} in a Sub
+            resource, attribute = name.split(".", 1)
+            assert resource in self.template["Resources"], f"GetAtt of unknown {resource}"
+            return f"<GetAtt {resource}.{attribute}>"
+        assert name in self.template["Resources"], f"Ref to unknown {name}"
         return f"<Ref {name}>"
 
     def eval(self, node: Any) -> Any:
@@ -107,7 +121,7 @@ class Stack:
                 return _NO_VALUE if arg == "AWS::NoValue" else self.ref(arg)
             if key == "Fn::GetAtt":
                 resource, attribute = arg if isinstance(arg, list) else arg.split(".", 1)
-                assert resource in RESOURCES, f"GetAtt of unknown {resource}"
+                assert resource in self.template["Resources"], f"GetAtt of unknown {resource}"
                 return f"<GetAtt {resource}.{attribute}>"
             if key == "Fn::Sub":
                 text, variables = (arg, {}) if isinstance(arg, str) else arg
@@ -126,7 +140,7 @@ class Stack:
                 return self.eval(arg[1])[int(self.eval(arg[0]))]
             if key == "Fn::FindInMap":
                 name, top, second = (self.eval(part) for part in arg)
-                return TEMPLATE["Mappings"][name][top][second]
+                return self.template["Mappings"][name][top][second]
             if key == "Fn::If":
                 return self.eval(arg[1] if self.conditions[arg[0]] else arg[2])
             if key == "Fn::Equals":
@@ -146,23 +160,23 @@ class Stack:
     def resources(self) -> dict[str, Any]:
         return {
             name: self.eval(resource)
-            for name, resource in RESOURCES.items()
+            for name, resource in self.template["Resources"].items()
             if "Condition" not in resource or self.conditions[resource["Condition"]]
         }
 
-    def statements(self) -> list[dict[str, Any]]:
-        role = self.resources()["NotifierRole"]["Properties"]
-        assert "ManagedPolicyArns" not in role
+    def statements(self, role: str = "NotifierRole") -> list[dict[str, Any]]:
+        properties = self.resources()[role]["Properties"]
+        assert "ManagedPolicyArns" not in properties
         return [
             statement
-            for policy in role["Policies"]
+            for policy in properties["Policies"]
             for statement in policy["PolicyDocument"]["Statement"]
         ]
 
-    def grants(self) -> dict[str, set[str]]:
+    def grants(self, role: str = "NotifierRole") -> dict[str, set[str]]:
         """Action -> the resources it is allowed on."""
         grants: dict[str, set[str]] = {}
-        for statement in self.statements():
+        for statement in self.statements(role):
             assert statement["Effect"] == "Allow"
             assert "NotAction" not in statement
             assert "NotResource" not in statement
@@ -173,14 +187,14 @@ class Stack:
                     grants.setdefault(action, set()).add(resource)
         return grants
 
-    def environment(self) -> dict[str, str]:
-        function = self.resources()["NotifierFunction"]["Properties"]
-        variables: dict[str, str] = function["Environment"]["Variables"]
+    def environment(self, function: str = "NotifierFunction") -> dict[str, str]:
+        properties = self.resources()[function]["Properties"]
+        variables: dict[str, str] = properties["Environment"]["Variables"]
         return variables
 
 
-def _function() -> dict[str, Any]:
-    return RESOURCES["NotifierFunction"]["Properties"]  # type: ignore[no-any-return]
+def _function(name: str = "NotifierFunction") -> dict[str, Any]:
+    return RESOURCES[name]["Properties"]  # type: ignore[no-any-return]
 
 
 def _event() -> dict[str, Any]:
@@ -200,10 +214,12 @@ def test_cfn_lint_reports_nothing() -> None:
 def _translate(**overrides: str) -> dict[str, Any]:
     """The CloudFormation that SAM makes of the template (what `sam deploy` submits)."""
     template = json.loads(json.dumps(TEMPLATE))
-    # sam deploy uploads the zip and puts its S3 location here.
-    template["Resources"]["NotifierFunction"]["Properties"]["CodeUri"] = (
-        "s3://deployment-artifacts/async-notifier/deployment-package.zip"
-    )
+    # sam deploy uploads the zip and puts its S3 location here (one zip, both functions).
+    for resource in template["Resources"].values():
+        if resource["Type"] == "AWS::Serverless::Function":
+            resource["Properties"]["CodeUri"] = (
+                "s3://deployment-artifacts/async-notifier/deployment-package.zip"
+            )
     translator = Translator({}, Parser(), boto_session=boto3.Session(region_name=REGION))
     translated: dict[str, Any] = translator.translate(
         template, parameter_values={**REQUIRED, **overrides}, get_managed_policy_map=dict
@@ -226,19 +242,55 @@ def test_sam_translation_is_lint_clean_and_adds_no_broad_policy() -> None:
             "AWS::Lambda::Version",
             "AWS::Lambda::Alias",
             "AWS::Lambda::EventSourceMapping",
+            # Bounces and complaints (EnableSuppression, conditions kept by SAM).
+            "AWS::DynamoDB::Table",
+            "AWS::SES::ConfigurationSet",
+            "AWS::SES::ConfigurationSetEventDestination",
+            "AWS::SNS::Topic",
+            "AWS::SNS::TopicPolicy",
+            "AWS::SNS::Subscription",
+            "AWS::SQS::Queue",
+            "AWS::SQS::Queue",
+            "AWS::SQS::QueuePolicy",
+            "AWS::Logs::LogGroup",
+            "AWS::IAM::Role",
+            "AWS::Lambda::Function",
+            "AWS::Lambda::EventSourceMapping",
+            # Operations.
+            *["AWS::CloudWatch::Alarm"] * 10,
+            "AWS::CloudWatch::Dashboard",
         ]
     )
-    # Our own role: SAM attached no AWSLambdaSQSQueueExecutionRole (Resource "*") to it.
+    # Our own roles: SAM attached no AWSLambdaSQSQueueExecutionRole (Resource "*") to them.
     assert "ManagedPolicyArns" not in resources["NotifierRole"]["Properties"]
-    (mapping,) = (r for r in resources.values() if r["Type"] == "AWS::Lambda::EventSourceMapping")
-    properties = mapping["Properties"]
+    assert "ManagedPolicyArns" not in resources["SesEventsRole"]["Properties"]
+    mappings = [
+        resource["Properties"]
+        for resource in resources.values()
+        if resource["Type"] == "AWS::Lambda::EventSourceMapping"
+    ]
     # The queue invokes the published version behind the alias (what SnapStart snapshots).
     (alias,) = (n for n, r in resources.items() if r["Type"] == "AWS::Lambda::Alias")
-    assert properties["FunctionName"] == {"Ref": alias}
+    (properties,) = (m for m in mappings if m["FunctionName"] == {"Ref": alias})
+    assert properties["EventSourceArn"] == {"Fn::GetAtt": ["NotificationQueue", "Arn"]}
     assert properties["FunctionResponseTypes"] == ["ReportBatchItemFailures"]
     assert properties["ScalingConfig"] == {"MaximumConcurrency": {"Ref": "MaximumConcurrency"}}
+    (ses_events,) = (m for m in mappings if m is not properties)
+    assert ses_events["FunctionName"] == {"Ref": "SesEventsFunction"}
+    assert ses_events["EventSourceArn"] == {"Fn::GetAtt": ["SesEventsQueue", "Arn"]}
+    assert ses_events["FunctionResponseTypes"] == ["ReportBatchItemFailures"]
     matches = lint(json.dumps(translated))
     assert [str(match) for match in matches] == []
+
+
+def test_a_stack_without_ses_translates_lint_clean_and_has_no_ses_part() -> None:
+    translated = _translate(EnableSuppression="false")
+    assert [str(match) for match in lint(json.dumps(translated))] == []
+    resources = Stack(translated, EnableSuppression="false").resources()
+    types = {resource["Type"] for resource in resources.values()}
+    assert not {t for t in types if t.startswith(("AWS::SES::", "AWS::SNS::"))}
+    assert not [name for name in resources if name.startswith(("Ses", "Suppression"))]
+    assert Counter(r["Type"] for r in resources.values())["AWS::Lambda::Function"] == 1
 
 
 # --------------------------------------------------------------------------- function
@@ -361,6 +413,7 @@ def test_iam_defaults_name_every_resource() -> None:
         "dynamodb:PutItem": {"<GetAtt IdempotencyTable.Arn>"},
         "dynamodb:UpdateItem": {"<GetAtt IdempotencyTable.Arn>"},
         "dynamodb:DeleteItem": {"<GetAtt IdempotencyTable.Arn>"},
+        "dynamodb:BatchGetItem": {"<GetAtt SuppressionTable.Arn>"},
     }
 
 
@@ -394,12 +447,14 @@ def test_iam_with_every_option(tmp_path: Path) -> None:
 
 
 def test_iam_without_options_has_no_optional_grants() -> None:
-    stack = Stack(EnableIdempotency="false")
+    stack = Stack(EnableIdempotency="false", EnableSuppression="false")
     grants = stack.grants()
     for prefix in ("dynamodb:", "secretsmanager:", "cognito-idp:", "kms:"):
         assert not [action for action in grants if action.startswith(prefix)]
     assert "IdempotencyTable" not in stack.resources()
+    assert "SuppressionTable" not in stack.resources()
     assert stack.environment()["IDEMPOTENCY_TABLE"] == ""
+    assert stack.environment()["SUPPRESSION_TABLE"] == ""
 
 
 def test_five_buckets_are_the_most_and_each_is_granted() -> None:
@@ -444,11 +499,19 @@ def test_every_worker_setting_is_a_parameter_or_has_a_value() -> None:
 
 
 def _worker_env(stack: Stack, tmp_path: Path) -> dict[str, str]:
+    return _resolved(stack.environment(), tmp_path)
+
+
+def _resolved(environment: dict[str, str], tmp_path: Path) -> dict[str, str]:
+    """A function's environment with the names and URLs CloudFormation would fill in."""
     placeholders = {
         "<Ref DeadLetterQueue>": f"https://sqs.{REGION}.amazonaws.com/{ACCOUNT}/dlq",
         "<Ref IdempotencyTable>": "notifier-IdempotencyTable-1",
+        "<Ref SuppressionTable>": "notifier-SuppressionTable-1",
+        "<Ref EmailConfigurationSet>": "EmailConfigurationSet-AbCdEf123456",
+        "<Ref SesEventsDeadLetterQueue>": f"https://sqs.{REGION}.amazonaws.com/{ACCOUNT}/ses-dlq",
     }
-    env = {name: placeholders.get(value, value) for name, value in stack.environment().items()}
+    env = {name: placeholders.get(value, value) for name, value in environment.items()}
     assert not [value for value in env.values() if value.startswith("<")]
     return {**env, "TMP_DIR": str(tmp_path)}
 
@@ -499,7 +562,8 @@ def test_max_tmp_bytes_follows_ephemeral_storage(storage: int, tmp_path: Path) -
     # Within /tmp whether Lambda's "MB" means 10^6 or 2^20 bytes, with ~88 MiB to spare.
     assert max_tmp == storage * 1000 * 1000 - 92_569_600
     if storage == 512:
-        defaults = Settings.from_env({"SMTP_SERVER": "x", "EMAIL_FROM": "a@example.com"})
+        required = {"SMTP_SERVER": "x", "EMAIL_FROM": "a@example.com", "ALLOWED_BUCKETS": "b"}
+        defaults = Settings.from_env(required)
         assert max_tmp == defaults.max_tmp_bytes
     assert Settings.from_env(env).max_tmp_bytes == max_tmp
 
@@ -526,6 +590,11 @@ def test_outputs_give_the_queues_and_the_function() -> None:
     assert outputs["QueueArn"]["Value"] == {"Fn::GetAtt": ["NotificationQueue", "Arn"]}
     assert outputs["DeadLetterQueueUrl"]["Value"] == {"Ref": "DeadLetterQueue"}
     assert outputs["FunctionArn"]["Value"] == {"Fn::GetAtt": ["NotifierFunction", "Arn"]}
+    for name in ("SuppressionTableName", "SesConfigurationSetName", "SesEventsDeadLetterQueueUrl"):
+        assert outputs[name]["Condition"] == "UseSuppression"
+    configuration_set = Stack().eval(outputs["SesConfigurationSetName"]["Value"])
+    assert configuration_set == "<Ref EmailConfigurationSet>"
+    assert "#dashboards:name=${Dashboard}" in outputs["DashboardUrl"]["Value"]["Fn::Sub"]
 
 
 def test_snapstart_is_a_parameter_on_published_versions() -> None:
@@ -535,3 +604,565 @@ def test_snapstart_is_a_parameter_on_published_versions() -> None:
         "ApplyOn": {"Fn::If": ["UseSnapStart", "PublishedVersions", "None"]}
     }
     assert PARAMETERS["EnableSnapStart"]["Default"] == "false"
+
+
+# --------------------------------------------------------------------------- bounces and complaints
+
+# Settings the SES events function does not use: it mails nothing, reads no ZIP, looks no
+# one up. Every setting the worker reads is either here, in its environment, or unset on
+# purpose, so a new setting must be decided for this function as well.
+NOT_FOR_SES_EVENTS = {
+    *(f"SMTP_{name}" for name in ("SERVER", "PORT", "TLS", "USER", "PASSWORD_SECRET_ID")),
+    *(f"SMTP_{name}" for name in ("CA_FILE", "TIMEOUT", "DATA_TIMEOUT", "LOCAL_HOSTNAME")),
+    *(f"SMTP_{name}" for name in ("POOL_SIZE", "MAX_MESSAGES_PER_CONNECTION", "PIPELINING")),
+    *(f"SMTP_{name}" for name in ("MAX_CONNECTION_AGE", "IDLE_CHECK_SECONDS", "CHUNK_BYTES")),
+    *(f"SMTP_{name}" for name in ("RATE_LIMIT", "SECRET_TTL_SECONDS", "BREAKER_THRESHOLD")),
+    "SMTP_BREAKER_COOLDOWN_SECONDS",
+    "EMAIL_FROM",
+    "REPLY_TO",
+    "SES_CONFIGURATION_SET",
+    "DEFAULT_LOCALE",
+    "ALLOWED_BUCKETS",
+    "ALLOWED_KEY_PREFIX",
+    "DOWNLOAD_CHUNK_BYTES",
+    "MAX_ATTACHMENT_BYTES",
+    "MAX_TMP_BYTES",
+    "LINK_EXPIRY_SECONDS",
+    "LINK_SIGNING_SECRET_ID",
+    "COGNITO_USER_POOL_ID",
+    "ALLOW_UNVERIFIED_EMAIL",
+    "IDEMPOTENCY_TABLE",
+    "IDEMPOTENCY_TTL_SECONDS",
+    "RETRY_ATTEMPTS",
+    "RETRY_BASE_DELAY",
+}
+SUPPRESSION_TABLE_ARN = "<GetAtt SuppressionTable.Arn>"
+
+
+def test_ses_events_function_runs_the_other_entry_point_of_the_same_zip() -> None:
+    notifier, ses_events = _function(), _function("SesEventsFunction")
+    assert RESOURCES["SesEventsFunction"]["Condition"] == "UseSuppression"
+    assert ses_events["Handler"] == "handler.ses_events_handler"
+    for same in ("CodeUri", "Runtime", "Architectures"):
+        assert ses_events[same] == notifier[same], same
+    assert ses_events["Role"] == {"Fn::GetAtt": ["SesEventsRole", "Arn"]}
+    assert "Policies" not in ses_events
+    assert ses_events["LoggingConfig"] == {"LogGroup": {"Ref": "SesEventsLogGroup"}}
+    (event,) = ses_events["Events"].values()
+    assert event["Type"] == "SQS"
+    assert event["Properties"]["Queue"] == {"Fn::GetAtt": ["SesEventsQueue", "Arn"]}
+    assert event["Properties"]["FunctionResponseTypes"] == ["ReportBatchItemFailures"]
+    assert "ses_events_handler" in {
+        node.name
+        for node in ast.parse((ROOT / "handler.py").read_text()).body
+        if isinstance(node, ast.FunctionDef)
+    }
+    # Its queue: SNS's messages, dead letters after MaxReceiveCount, visibility from its timeout.
+    resources = Stack().resources()
+    queue = resources["SesEventsQueue"]["Properties"]
+    assert queue["RedrivePolicy"] == {
+        "deadLetterTargetArn": "<GetAtt SesEventsDeadLetterQueue.Arn>",
+        "maxReceiveCount": "5",
+    }
+    longest_window = event["Properties"]["MaximumBatchingWindowInSeconds"]
+    assert queue["VisibilityTimeout"] >= 6 * ses_events["Timeout"] + longest_window
+    assert queue["MessageRetentionPeriod"] == 1209600
+    assert queue["SqsManagedSseEnabled"] is True
+    dead_letters = resources["SesEventsDeadLetterQueue"]["Properties"]
+    assert dead_letters["MessageRetentionPeriod"] == 1209600
+
+
+def test_ses_events_environment_is_valid_and_decides_every_setting(tmp_path: Path) -> None:
+    stack = Stack()
+    environment = stack.environment("SesEventsFunction")
+    assert environment["SUPPRESSION_TABLE"] == "<Ref SuppressionTable>"
+    assert environment["DEAD_LETTER_QUEUE_URL"] == "<Ref SesEventsDeadLetterQueue>"
+    # The soft-bounce TTL is one parameter for both functions.
+    assert (
+        environment["SUPPRESSION_SOFT_TTL_SECONDS"]
+        == stack.environment()["SUPPRESSION_SOFT_TTL_SECONDS"]
+        == stack.params["SuppressionSoftTtlSeconds"]
+    )
+    read = _config_variables()
+    variables = set(_function("SesEventsFunction")["Environment"]["Variables"])
+    undecided = read - variables - NOT_FOR_SES_EVENTS - DELIBERATELY_UNSET
+    assert not undecided, (
+        f"settings read by async_notifier/config.py that the SES events function neither gets "
+        f"nor is said not to use: {undecided}; add each to its Environment.Variables in "
+        "template.yaml or to NOT_FOR_SES_EVENTS"
+    )
+    assert not NOT_FOR_SES_EVENTS - read, f"not settings (any more): {NOT_FOR_SES_EVENTS - read}"
+    assert not NOT_FOR_SES_EVENTS & variables
+    assert not DELIBERATELY_UNSET & variables
+
+    env = _resolved(environment, tmp_path)
+    settings = Settings.from_env(env, sending=False)
+    assert settings.suppression_table == "notifier-SuppressionTable-1"
+    assert settings.dead_letter_queue_url == f"https://sqs.{REGION}.amazonaws.com/{ACCOUNT}/ses-dlq"
+    assert settings.suppression_soft_ttl == 30 * 24 * 3600
+    assert settings.metrics_namespace == "AsyncNotifier"
+    # Its written-out values are the worker's defaults too.
+    literals = {
+        name
+        for name, value in _function("SesEventsFunction")["Environment"]["Variables"].items()
+        if isinstance(value, str)
+    }
+    assert literals
+    without = {name: value for name, value in env.items() if name not in literals}
+    assert Settings.from_env(env, sending=False) == Settings.from_env(without, sending=False)
+    # And the function refuses to start without its table (it would record nothing).
+    with pytest.raises(ConfigError, match="SUPPRESSION_TABLE is required"):
+        Settings.from_env({**env, "SUPPRESSION_TABLE": ""}, sending=False)
+
+
+def test_ses_events_role_names_every_resource() -> None:
+    grants = Stack().grants("SesEventsRole")
+    _assert_scoped(grants)
+    queue = {"<GetAtt SesEventsQueue.Arn>"}
+    assert grants == {
+        "logs:CreateLogStream": {"<GetAtt SesEventsLogGroup.Arn>"},
+        "logs:PutLogEvents": {"<GetAtt SesEventsLogGroup.Arn>"},
+        "sqs:ReceiveMessage": queue,
+        "sqs:DeleteMessage": queue,
+        "sqs:GetQueueAttributes": queue,
+        "sqs:ChangeMessageVisibility": queue,
+        "sqs:SendMessage": {"<GetAtt SesEventsDeadLetterQueue.Arn>"},
+        "dynamodb:UpdateItem": {SUPPRESSION_TABLE_ARN},
+    }
+
+
+def test_the_notifier_only_reads_the_suppression_list_and_ses_events_only_writes_it() -> None:
+    stack = Stack()
+    resources = stack.resources()
+    roles = [name for name, r in resources.items() if r["Type"] == "AWS::IAM::Role"]
+    assert sorted(roles) == ["NotifierRole", "SesEventsRole"]
+    on_table = {
+        role: {action for action, on in stack.grants(role).items() if SUPPRESSION_TABLE_ARN in on}
+        for role in roles
+    }
+    assert on_table == {
+        "NotifierRole": {"dynamodb:BatchGetItem"},
+        "SesEventsRole": {"dynamodb:UpdateItem"},
+    }
+    assert stack.environment()["SUPPRESSION_TABLE"] == "<Ref SuppressionTable>"
+    # Neither may touch the other's tables.
+    assert "dynamodb:BatchGetItem" not in stack.grants("SesEventsRole")
+    assert stack.grants()["dynamodb:UpdateItem"] == {"<GetAtt IdempotencyTable.Arn>"}
+
+
+def test_suppression_table_matches_the_code_and_outlives_the_stack() -> None:
+    resource = Stack().resources()["SuppressionTable"]
+    table = resource["Properties"]
+    assert table["BillingMode"] == "PAY_PER_REQUEST"
+    assert table["KeySchema"] == [{"AttributeName": "id", "KeyType": "HASH"}]
+    assert table["AttributeDefinitions"] == [{"AttributeName": "id", "AttributeType": "S"}]
+    assert table["TimeToLiveSpecification"] == {"AttributeName": "expires_at", "Enabled": True}
+    assert resource["DeletionPolicy"] == resource["UpdateReplacePolicy"] == "Retain"
+    # That the code works with this very table: test_ses_events_function_records_bounces_...
+
+
+def test_the_ses_events_queue_admits_only_the_topic() -> None:
+    resources = Stack().resources()
+    policy = resources["SesEventsQueuePolicy"]["Properties"]
+    assert policy["Queues"] == ["<Ref SesEventsQueue>"]
+    assert policy["PolicyDocument"]["Statement"] == [
+        {
+            "Sid": "TopicSends",
+            "Effect": "Allow",
+            "Principal": {"Service": "sns.amazonaws.com"},
+            "Action": "sqs:SendMessage",
+            "Resource": "<GetAtt SesEventsQueue.Arn>",
+            "Condition": {"ArnEquals": {"aws:SourceArn": "<Ref SesEventsTopic>"}},
+        }
+    ]
+    queue_policies = [r for r in resources.values() if r["Type"] == "AWS::SQS::QueuePolicy"]
+    assert len(queue_policies) == 1  # the notification queues keep their owner-only access
+    subscription = resources["SesEventsSubscription"]["Properties"]
+    assert subscription["TopicArn"] == "<Ref SesEventsTopic>"
+    assert subscription["Protocol"] == "sqs"
+    assert subscription["Endpoint"] == "<GetAtt SesEventsQueue.Arn>"
+
+
+@pytest.mark.parametrize("raw", ["true", "false"])
+def test_raw_message_delivery_is_a_parameter(raw: str) -> None:
+    subscription = Stack(SesEventsRawDelivery=raw).resources()["SesEventsSubscription"]
+    assert subscription["Properties"]["RawMessageDelivery"] is (raw == "true")
+    assert PARAMETERS["SesEventsRawDelivery"]["AllowedValues"] == ["true", "false"]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "configuration_set", "created"),
+    [
+        ({}, "<Ref EmailConfigurationSet>", True),
+        ({"SesConfigurationSet": "existing-set"}, "existing-set", False),
+    ],
+)
+def test_bounces_and_complaints_of_the_configuration_set_reach_the_topic(
+    overrides: dict[str, str], configuration_set: str, created: bool
+) -> None:
+    stack = Stack(**overrides)
+    resources = stack.resources()
+    assert ("EmailConfigurationSet" in resources) is created
+    assert stack.environment()["SES_CONFIGURATION_SET"] == configuration_set
+    destination = resources["SesEventsDestination"]["Properties"]
+    assert destination["ConfigurationSetName"] == configuration_set
+    event_destination = destination["EventDestination"]
+    assert event_destination["Enabled"] is True
+    assert {"bounce", "complaint"} <= set(event_destination["MatchingEventTypes"])
+    assert event_destination["SnsDestination"] == {"TopicARN": "<Ref SesEventsTopic>"}
+    # SES may publish to the topic for this configuration set of this account only.
+    policy = resources["SesEventsTopicPolicy"]["Properties"]
+    assert policy["Topics"] == ["<Ref SesEventsTopic>"]
+    (statement,) = policy["PolicyDocument"]["Statement"]
+    assert statement["Principal"] == {"Service": "ses.amazonaws.com"}
+    assert statement["Action"] == "sns:Publish"
+    assert statement["Resource"] == "<Ref SesEventsTopic>"
+    source = f"arn:aws:ses:{REGION}:{ACCOUNT}:configuration-set/{configuration_set}"
+    assert statement["Condition"] == {
+        "StringEquals": {"aws:SourceAccount": ACCOUNT, "aws:SourceArn": source}
+    }
+
+
+@pytest.mark.parametrize("configuration_set", ["", "tracking-only"])
+def test_without_suppression_the_stack_has_no_ses_part(configuration_set: str) -> None:
+    stack = Stack(EnableSuppression="false", SesConfigurationSet=configuration_set)
+    resources = stack.resources()
+    assert not [r for r in resources.values() if r["Type"].startswith(("AWS::SES", "AWS::SNS"))]
+    assert not [name for name in resources if name.startswith(("Ses", "Suppression"))]
+    assert "dynamodb:BatchGetItem" not in stack.grants()
+    env = stack.environment()
+    assert env["SUPPRESSION_TABLE"] == ""
+    # A set named anyway is still named in every email (SES's own tracking).
+    assert env["SES_CONFIGURATION_SET"] == configuration_set
+    assert PARAMETERS["EnableSuppression"]["Default"] == "true"
+
+
+NAMESPACE = "Videos/Notifier"  # not the default: what the code emits follows the parameter
+
+
+def _ses_notification(event_type: str, **detail: Any) -> dict[str, Any]:
+    """An SES event as configuration-set event publishing writes it."""
+    mail = {
+        "timestamp": "2026-01-01T00:00:00.000Z",
+        "source": "no-reply@example.com",
+        "messageId": "0100018c-0000-0000-0000-000000000000-000000",
+        "destination": ["someone@example.com"],
+    }
+    return {"eventType": event_type, "mail": mail, **detail}
+
+
+@dataclass
+class SesEventsRun:
+    response: dict[str, Any]
+    documents: list[dict[str, Any]]  # its EMF lines
+    dynamodb: Any  # a client for its table
+    logged: str  # every log record it made, fields and all
+
+
+@pytest.fixture
+def ses_events_run(
+    aws: MotoServer,
+    fresh_handler: None,
+    captured: CapturedLogs,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> SesEventsRun:
+    """The SES events entry point run once, with the template's environment for it, on
+    moto, on the table the template defines: a hard bounce, a soft one and a complaint (in
+    SNS's envelope)."""
+    dynamodb = boto3.client("dynamodb", endpoint_url=aws.endpoint_url, region_name=REGION)
+    sqs = boto3.client("sqs", endpoint_url=aws.endpoint_url, region_name=REGION)
+    table = "notifier-SuppressionTable-1"
+    definition = Stack().resources()["SuppressionTable"]["Properties"]
+    dynamodb.create_table(
+        TableName=table,
+        **{key: definition[key] for key in ("AttributeDefinitions", "KeySchema", "BillingMode")},
+    )
+    dynamodb.update_time_to_live(
+        TableName=table, TimeToLiveSpecification=definition["TimeToLiveSpecification"]
+    )
+    dead_letters = sqs.create_queue(QueueName="ses-dlq")["QueueUrl"]
+    source = sqs.create_queue(QueueName="ses-events")["QueueUrl"]
+    queue_arn = sqs.get_queue_attributes(QueueUrl=source, AttributeNames=["QueueArn"])
+    env = _resolved(Stack(MetricsNamespace=NAMESPACE).environment("SesEventsFunction"), tmp_path)
+    assert env["SUPPRESSION_TABLE"] == table
+    env["DEAD_LETTER_QUEUE_URL"] = dead_letters
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("AWS_LAMBDA_FUNCTION_NAME", raising=False)
+    hard = _ses_notification(
+        "Bounce",
+        bounce={
+            "bouncedRecipients": [{"emailAddress": "gone@example.com"}],
+            "bounceType": "Permanent",
+            "bounceSubType": "General",
+        },
+    )
+    soft = _ses_notification(
+        "Bounce",
+        bounce={
+            "bouncedRecipients": [{"emailAddress": "full@example.com"}],
+            "bounceType": "Transient",
+            "bounceSubType": "MailboxFull",
+        },
+    )
+    complaint = _ses_notification(
+        "Complaint",
+        complaint={
+            "complainedRecipients": [{"emailAddress": "angry@example.com"}],
+            "complaintFeedbackType": "abuse",
+        },
+    )
+    envelope = {
+        "Type": "Notification",
+        "MessageId": "5a1c8e4e-0000-0000-0000-000000000000",
+        "TopicArn": f"arn:aws:sns:{REGION}:{ACCOUNT}:ses-events",
+        "Message": json.dumps(complaint),
+        "Timestamp": "2026-01-01T00:00:01.000Z",
+    }
+    arn = queue_arn["Attributes"]["QueueArn"]
+    # Real messages of its queue, handed over as Lambda's event source mapping would.
+    for body in (hard, soft, envelope):
+        sqs.send_message(QueueUrl=source, MessageBody=json.dumps(body))
+    received = sqs.receive_message(QueueUrl=source, MaxNumberOfMessages=10)["Messages"]
+    assert len(received) == 3
+    records = [
+        {
+            **sqs_record(message["Body"], message["MessageId"], queue_arn=arn),
+            "receiptHandle": message["ReceiptHandle"],
+        }
+        for message in received
+    ]
+    context = FakeLambdaContext(60_000, function_name="notifier-SesEventsFunction-AbC")
+    response = handler.ses_events_handler(sqs_event(records), context)
+    documents = [
+        json.loads(record.getMessage())
+        for record in captured.records
+        if getattr(record, "raw_json", False)
+    ]
+    logged = "\n".join(str(vars(record)) for record in captured.records)
+    return SesEventsRun(response, documents, dynamodb, logged)
+
+
+def test_ses_events_function_records_bounces_with_the_template_environment(
+    ses_events_run: SesEventsRun,
+) -> None:
+    assert failed_ids(ses_events_run.response) == []
+    documents = ses_events_run.documents
+    items = ses_events_run.dynamodb.scan(TableName="notifier-SuppressionTable-1")["Items"]
+    assert sorted((item["kind"]["S"], item["suppressed"]["BOOL"]) for item in items) == [
+        ("bounce", False),
+        ("bounce", True),
+        ("complaint", True),
+    ]
+    # Only the soft bounce expires, by the attribute the table's TTL reads.
+    ttl = Stack().resources()["SuppressionTable"]["Properties"]["TimeToLiveSpecification"]
+    expiring = [item for item in items if ttl["AttributeName"] in item]
+    assert [item["suppressed"]["BOOL"] for item in expiring] == [False]
+    (document,) = documents
+    assert (document["HardBounces"], document["SoftBounces"], document["Complaints"]) == (1, 1, 1)
+    assert document["SesEventsReceived"] == 3
+    for address in ("gone@example.com", "full@example.com", "angry@example.com"):
+        assert address not in ses_events_run.logged
+    assert document["SesEventsFailed"] == 0
+
+
+# --------------------------------------------------------------------------- alarms and dashboard
+
+ALARM_TOPIC = f"arn:aws:sns:{REGION}:{ACCOUNT}:on-call"
+# Metric name -> the dimension sets it is emitted with, per function (logical id).
+Emitted = dict[str, dict[str, set[frozenset[str]]]]
+
+
+def _emitted(documents: list[dict[str, Any]], function_name: str) -> dict[str, set[frozenset[str]]]:
+    """What EMF documents make CloudWatch store, checked to be in NAMESPACE and to carry
+    the function's name as FunctionName."""
+    found: dict[str, set[frozenset[str]]] = {}
+    for document in documents:
+        for directive in document["_aws"]["CloudWatchMetrics"]:
+            assert directive["Namespace"] == NAMESPACE
+            for dimensions in directive["Dimensions"]:
+                assert "FunctionName" in dimensions
+                assert document["FunctionName"] == function_name
+                for metric in directive["Metrics"]:
+                    found.setdefault(metric["Name"], set()).add(frozenset(dimensions))
+    return found
+
+
+def _notifier_metrics() -> dict[str, set[frozenset[str]]]:
+    """The notifier's metrics, from its own builder on a settled sample batch."""
+    outcomes = [
+        Outcome("m-sent", action="sent", bytes=1000),
+        Outcome("m-link", action="sent_link", retries=1),
+        Outcome("m-suppressed", error=RecipientSuppressed("bounce:Permanent:General")),
+        Outcome("m-smtp", error=SmtpUnavailable("circuit open"), retries=2),
+    ]
+    result = BatchResult.of(outcomes)
+    result.fates = [DeadLetter("suppressed"), Retry(30)]
+    metrics = metrics_from_batch(
+        result,
+        duration_s=1.5,
+        connections_opened=2,
+        circuit_opened=1,
+        namespace=NAMESPACE,
+        function_name="notifier-NotifierFunction-AbC",
+    )
+    assert metrics.value("RecordsSuppressed") == 1
+    assert metrics.value("RecordsFailed", {"ErrorClass": "smtp_unavailable"}) == 1
+    return _emitted(metrics.documents(), "notifier-NotifierFunction-AbC")
+
+
+def _ref_target(value: str) -> str:
+    match = re.fullmatch(r"<Ref (\w+)>", value)
+    assert match, value
+    return match[1]
+
+
+def _queue_name_of(value: str) -> str:
+    match = re.fullmatch(r"<GetAtt (\w+)\.QueueName>", value)
+    assert match, value
+    return match[1]
+
+
+def _watched(
+    namespace: str, metric: str, dimensions: dict[str, str], emitted: Emitted, stack: Stack
+) -> tuple[str, str, str]:
+    """(namespace, metric, logical id of what it measures), checked against the stack and,
+    for the worker's own metrics, against what the code emits."""
+    resources = stack.resources()
+    if namespace == "AWS/SQS":
+        assert metric.startswith("Approximate"), metric
+        assert set(dimensions) == {"QueueName"}
+        queue = _queue_name_of(dimensions["QueueName"])
+        assert resources[queue]["Type"] == "AWS::SQS::Queue"
+        return namespace, metric, queue
+    if namespace == "AWS/Lambda":
+        assert set(dimensions) == {"FunctionName"}
+        function = _ref_target(dimensions["FunctionName"])
+        assert resources[function]["Type"] == "AWS::Lambda::Function"
+        return namespace, metric, function
+    assert namespace == stack.params["MetricsNamespace"] == NAMESPACE
+    function = _ref_target(dimensions["FunctionName"])
+    assert resources[function]["Type"] == "AWS::Lambda::Function"
+    assert function in emitted, f"{function} emits no metrics of its own"
+    assert metric in emitted[function], f"{function}'s code never emits {metric}"
+    assert frozenset(dimensions) in emitted[function][metric], (
+        f"{metric} of {function} is emitted with the dimensions "
+        f"{[sorted(d) for d in emitted[function][metric]]}, not {sorted(dimensions)}"
+    )
+    return "custom", metric, function
+
+
+def _code_metrics(run: SesEventsRun) -> Emitted:
+    """Both functions' metrics, as their code emits them (whatever became of the records)."""
+    return {
+        "NotifierFunction": _notifier_metrics(),
+        "SesEventsFunction": _emitted(run.documents, "notifier-SesEventsFunction-AbC"),
+    }
+
+
+def test_alarms_watch_what_the_code_and_aws_emit(ses_events_run: SesEventsRun) -> None:
+    emitted = _code_metrics(ses_events_run)
+    translated = _translate(MetricsNamespace=NAMESPACE)
+    stack = Stack(translated, MetricsNamespace=NAMESPACE)
+    alarms = {
+        name: resource["Properties"]
+        for name, resource in stack.resources().items()
+        if resource["Type"] == "AWS::CloudWatch::Alarm"
+    }
+    watched = set()
+    for name, alarm in alarms.items():
+        dimensions = {d["Name"]: d["Value"] for d in alarm["Dimensions"]}
+        watched.add(_watched(alarm["Namespace"], alarm["MetricName"], dimensions, emitted, stack))
+        # Each threshold is a parameter of its own kind; no action without a topic.
+        threshold = translated["Resources"][name]["Properties"]["Threshold"]
+        assert threshold["Ref"] in PARAMETERS, name
+        assert alarm["ComparisonOperator"] == "GreaterThanThreshold", name
+        assert alarm["TreatMissingData"] == "notBreaching", name
+        assert "AlarmActions" not in alarm, name
+        assert "OKActions" not in alarm, name
+    assert watched == {
+        ("AWS/SQS", "ApproximateNumberOfMessagesVisible", "DeadLetterQueue"),
+        ("AWS/SQS", "ApproximateNumberOfMessagesVisible", "SesEventsDeadLetterQueue"),
+        ("AWS/SQS", "ApproximateAgeOfOldestMessage", "NotificationQueue"),
+        ("AWS/Lambda", "Errors", "NotifierFunction"),
+        ("AWS/Lambda", "Throttles", "NotifierFunction"),
+        ("AWS/Lambda", "Errors", "SesEventsFunction"),
+        ("AWS/Lambda", "Throttles", "SesEventsFunction"),
+        ("custom", "RecordsFailed", "NotifierFunction"),
+        ("custom", "RecordsSuppressed", "NotifierFunction"),
+        ("custom", "SmtpCircuitOpened", "NotifierFunction"),
+    }
+    assert len(alarms) == len(watched)
+
+
+def test_alarms_notify_the_topic_when_one_is_given() -> None:
+    for suppression in ("true", "false"):
+        stack = Stack(AlarmTopicArn=ALARM_TOPIC, EnableSuppression=suppression)
+        alarms = [r for r in stack.resources().values() if r["Type"] == "AWS::CloudWatch::Alarm"]
+        assert len(alarms) == (10 if suppression == "true" else 6)
+        for alarm in alarms:
+            assert alarm["Properties"]["AlarmActions"] == [ALARM_TOPIC]
+            assert alarm["Properties"]["OKActions"] == [ALARM_TOPIC]
+    pattern = PARAMETERS["AlarmTopicArn"]["AllowedPattern"]
+    assert re.fullmatch(pattern, ALARM_TOPIC)
+    assert re.fullmatch(pattern, "")
+    assert not re.fullmatch(pattern, f"arn:aws:sqs:{REGION}:{ACCOUNT}:queue")
+
+
+def _dashboard_metrics(widget: dict[str, Any]) -> list[tuple[str, str, dict[str, str]]]:
+    """(namespace, metric, dimensions) of a metric widget, a SEARCH expression included."""
+    found = []
+    for entry in widget["properties"]["metrics"]:
+        if isinstance(entry[0], dict):
+            (query,) = entry
+            match = re.fullmatch(
+                r"SEARCH\('\{([^,]+),([^}]+)\} MetricName=\"(\w+)\" FunctionName=\"([^\"]+)\"'"
+                r", '\w+', \d+\)",
+                query["expression"],
+            )
+            assert match, query["expression"]
+            namespace, schema, metric, function = match.groups()
+            dimensions = {name: "" for name in schema.split(",")}
+            dimensions["FunctionName"] = function
+            found.append((namespace, metric, dimensions))
+            continue
+        names = [part for part in entry if isinstance(part, str)]
+        assert len(names) % 2 == 0, entry
+        assert len(names) >= 4, entry
+        namespace, metric, *pairs = names
+        found.append((namespace, metric, dict(zip(pairs[::2], pairs[1::2], strict=True))))
+    return found
+
+
+@pytest.mark.parametrize("suppression", ["true", "false"])
+def test_dashboard_shows_what_the_code_and_aws_emit(
+    suppression: str, ses_events_run: SesEventsRun
+) -> None:
+    emitted = _code_metrics(ses_events_run)
+    stack = Stack(
+        _translate(MetricsNamespace=NAMESPACE, EnableSuppression=suppression),
+        MetricsNamespace=NAMESPACE,
+        EnableSuppression=suppression,
+    )
+    body = json.loads(stack.resources()["Dashboard"]["Properties"]["DashboardBody"])
+    shown = set()
+    for widget in body["widgets"]:
+        assert widget["type"] == "metric"
+        assert widget["properties"]["region"] == REGION
+        for namespace, metric, dimensions in _dashboard_metrics(widget):
+            shown.add(_watched(namespace, metric, dimensions, emitted, stack))
+    notifier = {
+        "RecordsSent",
+        "RecordsFailed",
+        "RecordsRetried",
+        "RecordsDeadLettered",
+        "RecordsSuppressed",
+        "SmtpConnectionsOpened",
+        "SmtpCircuitOpened",
+        "InvocationDuration",
+    }
+    assert {("custom", metric, "NotifierFunction") for metric in notifier} <= shown
+    ses_events = {("custom", m, "SesEventsFunction") for m in ("HardBounces", "Complaints")}
+    assert (ses_events <= shown) is (suppression == "true")
+    assert not [w for w in shown if "SesEvents" in w[2]] or suppression == "true"
