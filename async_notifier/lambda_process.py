@@ -1,0 +1,100 @@
+"""The process Lambda keeps warm: one event loop for every invocation, each entry point's
+worker made once, and what SnapStart needs around a snapshot.
+
+Lambda runs `handler.py`'s functions synchronously, many times in one process, with
+freezes in between. The SMTP pool and the AWS clients belong to the event loop that made
+them, so one `asyncio.Runner` serves the whole process instead of a loop per invocation.
+`start` makes a worker (settings parsed, templates compiled, clients made, nothing
+connected): `handler.py` calls it at import in Lambda, so that work is the init phase;
+elsewhere the first invocation calls it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import random
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+from .batch.notifier import Notifier
+from .batch.ses_recorder import SesEventsRecorder
+from .config import Settings
+from .logs import request_id
+from .wiring import build_notifier, build_ses_recorder
+
+T = TypeVar("T")
+Worker = Notifier | SesEventsRecorder
+BatchResponse = dict[str, list[dict[str, str]]]
+
+
+class LambdaProcess:
+    """The warm process's state. `notifier` and `ses_recorder` are None until started."""
+
+    def __init__(self) -> None:
+        self.notifier: Notifier | None = None
+        self.ses_recorder: SesEventsRecorder | None = None
+        self._loop: asyncio.Runner | None = None
+
+    def invoke(self, event: Any, context: Any, *, ses_events: bool) -> BatchResponse:
+        """One invocation of an entry point, on the process's loop, with its request id."""
+        worker = self.start(ses_events=ses_events)
+        token = request_id.set(getattr(context, "aws_request_id", None))
+        try:
+            # Runner.run would otherwise use the context captured when the loop was made.
+            return self._runner().run(
+                worker.handle(event, context), context=contextvars.copy_context()
+            )
+        finally:
+            request_id.reset(token)
+
+    def start(self, *, ses_events: bool) -> Worker:
+        """The entry point's worker, made once (ConfigError on a broken setting)."""
+        if ses_events:
+            if self.ses_recorder is None:
+                recorder = build_ses_recorder(Settings.from_env(sending=False))
+                self.run(recorder.prepare())
+                self.ses_recorder = recorder
+            return self.ses_recorder
+        if self.notifier is None:
+            notifier = build_notifier(Settings.from_env())
+            self.run(notifier.prepare())
+            self.notifier = notifier
+        return self.notifier
+
+    def run(self, coroutine: Coroutine[Any, Any, T]) -> T:
+        """Run `coroutine` on the process's loop (the hooks, and tests, use it)."""
+        return self._runner().run(coroutine)
+
+    def reset(self) -> None:
+        """Close the warm clients, forget the settings and close the loop (tests change the
+        environment between cases)."""
+        for worker in self._workers():
+            self.run(worker.aclose())
+        self.notifier = self.ses_recorder = None
+        if self._loop is not None:
+            self._loop.close()
+            self._loop = None
+
+    def before_snapshot(self) -> None:
+        """SnapStart: no socket goes into the snapshot (SMTP connections say QUIT, AWS
+        clients close their HTTP connections); every copy restored from it connects afresh."""
+        for worker in self._workers():
+            self.run(worker.aclose())
+
+    def after_restore(self) -> None:
+        """SnapStart: the copies of one snapshot must not share what was made before it: the
+        random state (MIME boundaries, retry jitter) is seeded anew, secrets that may have
+        rotated are read again, and new clients are made (still connecting nothing)."""
+        random.seed()
+        for worker in self._workers():
+            worker.forget_secrets()
+            self.run(worker.prepare())
+
+    def _workers(self) -> list[Worker]:
+        return [w for w in (self.notifier, self.ses_recorder) if w is not None]
+
+    def _runner(self) -> asyncio.Runner:
+        if self._loop is None:
+            self._loop = asyncio.Runner()
+        return self._loop
