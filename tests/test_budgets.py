@@ -285,7 +285,14 @@ def test_the_scratch_dir_of_a_killed_invocation_is_swept_by_the_next(
     def start(remaining_ms: int, name: str) -> subprocess.Popen[bytes]:
         with open(tmp_path / f"{name}.log", "wb") as output:
             worker = subprocess.Popen(
-                [sys.executable, "-c", WORKER, event, str(remaining_ms), str(ROOT / "tests")],
+                [
+                    sys.executable,
+                    "-c",
+                    WORKER,
+                    event,
+                    str(remaining_ms),
+                    str(ROOT / "tests" / "support"),
+                ],
                 cwd=ROOT,
                 stdout=output,
                 stderr=subprocess.STDOUT,

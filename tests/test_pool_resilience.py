@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from faults import FaultySmtp, SmtpFault, SmtpFaults
-from test_smtp_pool import expected_subjects, outgoing, settings, subjects
+from pool_emails import expected_subjects, outgoing, settings, subjects
 
 from async_notifier.config import Settings
 from async_notifier.errors import AttachmentUnreadable, DeliveryUnknown, RecipientRejected

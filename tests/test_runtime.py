@@ -2,8 +2,8 @@
 
 Lambda's python3.13 runtime starts `python -m awslambdaric handler.lambda_handler` in the
 unpacked zip, and awslambdaric polls the Runtime API for events. Here the Runtime API is an
-emulator on 127.0.0.1 (tests/runtime_api.py) and awslambdaric is installed beside the zip,
-not in it, as Lambda provides it (tests/lambda_sandbox.py). Real SQS events go through it to
+emulator on 127.0.0.1 (tests/support/runtime_api.py) and awslambdaric is installed beside the zip,
+not in it, as Lambda provides it (tests/support/lambda_sandbox.py). Real SQS events go through it to
 moto and an SMTP sink, on one warm process; a broken setting must come back as an error the
 runtime client reports.
 

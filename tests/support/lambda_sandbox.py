@@ -3,7 +3,7 @@
 Lambda unpacks the zip into /var/task (read-only), puts its runtime interface client in
 /var/runtime, sets a fixed environment and runs `python -m awslambdaric <_HANDLER>` in the task
 root, which then polls the Runtime API. `LambdaProcess` does the same against a `RuntimeApi`
-emulator (tests/runtime_api.py):
+emulator (tests/support/runtime_api.py):
 
 - on this machine's interpreter (`rootfs=None`): the base interpreter, not the venv's, with
   `-S` so that no site-packages of this machine can hide a module missing from the zip;
@@ -31,7 +31,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 PACKAGE_SCRIPT = ROOT / "scripts" / "package.py"
 ROOTFS_SCRIPT = ROOT / "scripts" / "rootfs.py"
 RUNTIME_CLIENT_REQUIREMENTS = Path(__file__).with_name("requirements-lambda-runtime.txt")
@@ -125,7 +125,7 @@ def runtime_client(*, arch: str, python_version: str) -> Path:
     """awslambdaric for the target interpreter and architecture, installed outside the zip.
 
     The same cached, binary-only `pip install --platform --target` that builds the zip's
-    dependencies, from tests/requirements-lambda-runtime.txt.
+    dependencies, from tests/support/requirements-lambda-runtime.txt.
     """
     path: Path = package_script().install_dependencies(
         RUNTIME_CLIENT_REQUIREMENTS,
