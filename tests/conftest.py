@@ -90,7 +90,7 @@ def worker_env(
 
 
 # --------------------------------------------------------------------------- fault injection
-# (see tests/faults.py; the reliability tests point the worker at these instead of the sink)
+# (see tests/support/faults.py; the reliability tests point the worker at these instead of the sink)
 
 
 @pytest.fixture
