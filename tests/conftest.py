@@ -9,10 +9,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 from faults import FaultySmtp, S3FaultProxy
 from servers import CapturedLogs, MotoServer, SmtpSink, TlsFiles, make_tls_files, s3_client
+
+if TYPE_CHECKING:
+    from async_notifier.mail.render import Renderer
 
 BUCKET = "videos-zip"
 
@@ -166,6 +170,15 @@ def captured() -> Iterator[CapturedLogs]:
     finally:
         logger.removeHandler(handler)
         logger.setLevel(level)
+
+
+@pytest.fixture(scope="module")
+def renderer() -> Renderer:
+    """One renderer over the shipped templates per test module: it keeps nothing between renders."""
+    from async_notifier.config import DEFAULT_TEMPLATES_DIR
+    from async_notifier.mail.render import Renderer
+
+    return Renderer(DEFAULT_TEMPLATES_DIR)
 
 
 def _forget_handler() -> None:
