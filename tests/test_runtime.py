@@ -23,7 +23,6 @@ import json
 import platform
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -102,17 +101,6 @@ def deployment(
         task=unpack(archive, directory / "task"),
         runtime=runtime_client(arch=target.arch, python_version=target.python_version),
     )
-
-
-@pytest.fixture
-def runtime_api() -> Iterator[RuntimeApi]:
-    api = RuntimeApi()
-    api.start()
-    try:
-        yield api
-    finally:
-        api.stop()
-    assert api.errors == []
 
 
 def _settings(aws: MotoServer, smtp_sink: SmtpSink, bucket: str) -> dict[str, str]:

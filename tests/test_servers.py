@@ -264,3 +264,19 @@ def test_worker_env(worker_env: dict[str, str], smtp_sink: SmtpSink) -> None:
     assert Path(worker_env["TMP_DIR"]).is_dir()
     assert "SMTP_USER" not in os.environ
     assert os.environ["AWS_ENDPOINT_URL"].startswith("http://127.0.0.1:")
+
+
+@pytest.fixture
+def exported(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Settings the shell running the tests might export (set before `worker_env` runs)."""
+    names = ["LOG_LEVEL", "RETRY_ATTEMPTS", "DEAD_LETTER_QUEUE_URL", "SMTP_PASSWORD_SECRET_ID"]
+    for name in names:
+        monkeypatch.setenv(name, "exported-by-the-shell")
+    return names
+
+
+def test_worker_env_leaves_no_exported_setting_behind(
+    exported: list[str], worker_env: dict[str, str]
+) -> None:
+    assert [name for name in exported if name in os.environ] == []
+    assert os.environ["SMTP_POOL_SIZE"] == worker_env["SMTP_POOL_SIZE"]
