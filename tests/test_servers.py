@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import smtplib
+import socket
 import ssl
 import threading
 import zipfile
@@ -13,11 +14,14 @@ from pathlib import Path
 
 import aiosmtplib
 import pytest
+from runtime_api import peer_pid
 from servers import (
+    LOOPBACK,
     FakeLambdaContext,
     MotoServer,
     SmtpSink,
     TlsFiles,
+    free_port,
     make_zip,
     s3_client,
     seed_objects,
@@ -280,3 +284,31 @@ def test_worker_env_leaves_no_exported_setting_behind(
 ) -> None:
     assert [name for name in exported if name in os.environ] == []
     assert os.environ["SMTP_POOL_SIZE"] == worker_env["SMTP_POOL_SIZE"]
+
+
+def _bound_to(port: int) -> socket.socket:
+    client = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # beside TIME_WAIT ends
+    client.bind((LOOPBACK, port))
+    return client
+
+
+def test_the_runtime_api_names_a_client_by_both_ends_of_its_connection() -> None:
+    """Connections from the same client port to other servers that closed and wait out
+    TIME_WAIT belong to no process: the emulator must not take one of them for the client."""
+    servers = [socket.create_server((LOOPBACK, 0)) for _ in range(10)]
+    port = free_port()
+    try:
+        for server in servers[:-1]:
+            with _bound_to(port) as client:
+                client.connect(server.getsockname())
+                accepted, _ = server.accept()
+            accepted.close()  # the client closed first: its end waits out TIME_WAIT
+        with _bound_to(port) as client:
+            client.connect(servers[-1].getsockname())
+            accepted, _ = servers[-1].accept()
+            with accepted:
+                assert peer_pid(client.getsockname(), servers[-1].getsockname()) == os.getpid()
+    finally:
+        for server in servers:
+            server.close()
