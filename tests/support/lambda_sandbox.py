@@ -31,6 +31,8 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+from package_cache import one_build_at_a_time
+
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGE_SCRIPT = ROOT / "scripts" / "package.py"
 ROOTFS_SCRIPT = ROOT / "scripts" / "rootfs.py"
@@ -89,22 +91,23 @@ def rootfs_script() -> Any:
 
 def build_zip(*, arch: str, python_version: str, output: Path) -> Path:
     """`scripts/package.py` as `make package` runs it; fails the test with its output."""
-    completed = subprocess.run(
-        [
-            sys.executable,
-            str(PACKAGE_SCRIPT),
-            "--arch",
-            arch,
-            "--python-version",
-            python_version,
-            "--output",
-            str(output),
-        ],
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=600,
-    )
+    with one_build_at_a_time():
+        completed = subprocess.run(
+            [
+                sys.executable,
+                str(PACKAGE_SCRIPT),
+                "--arch",
+                arch,
+                "--python-version",
+                python_version,
+                "--output",
+                str(output),
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=600,
+        )
     assert completed.returncode == 0, completed.stdout + completed.stderr
     return output
 
@@ -127,12 +130,13 @@ def runtime_client(*, arch: str, python_version: str) -> Path:
     The same cached, binary-only `pip install --platform --target` that builds the zip's
     dependencies, from tests/support/requirements-lambda-runtime.txt.
     """
-    path: Path = package_script().install_dependencies(
-        RUNTIME_CLIENT_REQUIREMENTS,
-        arch=arch,
-        python_version=python_version,
-        cache_root=RUNTIME_CLIENT_CACHE,
-    )
+    with one_build_at_a_time():
+        path: Path = package_script().install_dependencies(
+            RUNTIME_CLIENT_REQUIREMENTS,
+            arch=arch,
+            python_version=python_version,
+            cache_root=RUNTIME_CLIENT_CACHE,
+        )
     return path
 
 
