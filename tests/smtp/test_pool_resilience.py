@@ -31,8 +31,17 @@ def server_settings(server: FaultySmtp, **extra: str) -> Settings:
 
 
 async def assert_quiet(pool: SmtpPool, server: FaultySmtp) -> None:
-    """The invariant, plus: nothing running, and the server, once it has seen the closes
-    (it notices them a moment later), holds no more connections than the pool counts."""
+    """The invariant, plus: nothing busy or waiting once the sends are over; nothing
+    connecting either once the batch is finished, and the server, once it has seen the
+    closes (it notices them a moment later), holds no more connections than the pool counts.
+
+    A connection opened for a send that another one served meanwhile goes on connecting in
+    the background (it is kept for the next send): only `finish_batch`, which ends every
+    invocation, promises that nothing the batch started is still running.
+    """
+    state = pool.check()
+    assert (state.busy, state.waiting) == (0, 0), state
+    await pool.finish_batch()
     state = pool.check()
     assert (state.busy, state.waiting, state.connecting) == (0, 0, 0), state
     for _ in range(500):
