@@ -37,7 +37,7 @@ PYTHON_VERSION = 3.13
 	bench bench-quick clean distclean package test-runtime cfn-lint
 
 help:
-	@echo "make test        create the venv, install, run the whole test suite"
+	@echo "make test        create the venv, install, run the whole test suite (2 processes)"
 	@echo "make run-local   run the worker end to end on a local S3/SQS + mail catcher"
 	@echo "                 options: MESSAGES=8 ZIP_SIZE=262144 OUTBOX=outbox, and"
 	@echo "                 AWS_ENDPOINT_URL=http://127.0.0.1:4566 to use a running endpoint"
@@ -69,8 +69,11 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 
 venv: $(STAMP)
 
+# Two worker processes (pytest-xdist), each with its own moto; --dist loadfile gives a worker
+# a whole module at a time, so module-scoped set-up (the benchmark run, the package builds)
+# happens once. PYTEST_ARGS comes last: PYTEST_ARGS='-n 0' runs the suite in one process.
 test: $(STAMP)
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n 2 --dist loadfile $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check async_notifier handler.py tests bench scripts

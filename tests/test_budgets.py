@@ -72,28 +72,6 @@ def undone(out: str) -> dict[str, list[str]]:
     return {line["step"]: line["messageIds"] for line in lines}
 
 
-@pytest.fixture
-def env(
-    worker_env: dict[str, str], monkeypatch: pytest.MonkeyPatch, fresh_handler: None
-) -> dict[str, str]:
-    """`worker_env` with short in-invocation retries; the handler's caches reset around it."""
-    monkeypatch.setenv("RETRY_BASE_DELAY", "0.01")
-    for name in (
-        "DEAD_LETTER_QUEUE_URL",
-        "RETRY_BACKOFF",
-        "IDEMPOTENCY_TABLE",
-        "MAX_ATTACHMENT_BYTES",
-        "MAX_TMP_BYTES",
-        "DEADLINE_MARGIN_SECONDS",
-        "RETRY_ATTEMPTS",
-        "SMTP_TIMEOUT",
-        "S3_TIMEOUT",
-        "LOG_LEVEL",
-    ):
-        monkeypatch.delenv(name, raising=False)
-    return worker_env
-
-
 def use(monkeypatch: pytest.MonkeyPatch, *, smtp: SmtpSink | None = None, aws: str = "") -> None:
     if smtp is not None:
         monkeypatch.setenv("SMTP_SERVER", smtp.host)
@@ -127,7 +105,7 @@ def delay_proxy(upstream: MotoServer, delay: float) -> Iterator[str]:
 
 
 def test_a_slow_sqs_after_the_cutoff_does_not_make_the_handler_overrun(
-    env: dict[str, str],
+    lambda_env: dict[str, str],
     aws: MotoServer,
     faulty_smtp: FaultySmtp,
     monkeypatch: pytest.MonkeyPatch,
@@ -184,7 +162,7 @@ def test_a_slow_sqs_after_the_cutoff_does_not_make_the_handler_overrun(
 
 
 def test_a_release_that_cannot_complete_does_not_make_the_handler_overrun(
-    env: dict[str, str],
+    lambda_env: dict[str, str],
     aws: MotoServer,
     faulty_smtp: FaultySmtp,
     s3_proxy: S3FaultProxy,
@@ -265,7 +243,7 @@ def wait_for_download(tmp_dir: Path, known: set[Path], worker: subprocess.Popen[
 
 
 def test_the_scratch_dir_of_a_killed_invocation_is_swept_by_the_next(
-    env: dict[str, str],
+    lambda_env: dict[str, str],
     aws: MotoServer,
     smtp_sink: SmtpSink,
     s3_proxy: S3FaultProxy,
@@ -273,7 +251,7 @@ def test_the_scratch_dir_of_a_killed_invocation_is_swept_by_the_next(
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    tmp_dir = Path(env["TMP_DIR"])
+    tmp_dir = Path(lambda_env["TMP_DIR"])
     # 1 MiB trickled at 40 KiB/s: each worker is still downloading when it is looked at.
     seed_objects(s3_client(aws.endpoint_url), BUCKET, {"slow.zip": make_zip(MIB, seed=5)})
     s3_proxy.set_rules(S3Rule(S3Action.SLOW, match=f"/{BUCKET}/", slow_chunk=4096, slow_delay=0.1))
@@ -285,7 +263,14 @@ def test_the_scratch_dir_of_a_killed_invocation_is_swept_by_the_next(
     def start(remaining_ms: int, name: str) -> subprocess.Popen[bytes]:
         with open(tmp_path / f"{name}.log", "wb") as output:
             worker = subprocess.Popen(
-                [sys.executable, "-c", WORKER, event, str(remaining_ms), str(ROOT / "tests")],
+                [
+                    sys.executable,
+                    "-c",
+                    WORKER,
+                    event,
+                    str(remaining_ms),
+                    str(ROOT / "tests" / "support"),
+                ],
                 cwd=ROOT,
                 stdout=output,
                 stderr=subprocess.STDOUT,
@@ -372,7 +357,10 @@ def link_in(sink: SmtpSink, video_id: str) -> str:
 
 @pytest.fixture
 def unannounced(
-    env: dict[str, str], aws: MotoServer, s3_proxy: S3FaultProxy, monkeypatch: pytest.MonkeyPatch
+    lambda_env: dict[str, str],
+    aws: MotoServer,
+    s3_proxy: S3FaultProxy,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> S3FaultProxy:
     """S3 through the proxy, every GET of the bucket answered without a Content-Length."""
     s3_proxy.set_rules(

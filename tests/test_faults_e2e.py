@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 import boto3
-import botocore.retries.standard
 import pytest
 from faults import (
     FaultySmtp,
@@ -62,47 +61,10 @@ DOMAIN = "example.com"  # EMAIL_FROM's domain: the worker's Message-IDs end with
 SDK_ATTEMPTS = 4
 TRANSIENT = {"download_failed", "smtp_unavailable", "smtp_throttled", "delivery_unknown"}
 Record = dict[str, Any]
+pytestmark = pytest.mark.usefixtures("bucket")  # every scenario reads its ZIPs from it
 
 
 # --------------------------------------------------------------------------- fixtures
-
-
-@pytest.fixture
-def env(
-    faulty_worker_env: dict[str, str],
-    bucket: str,
-    monkeypatch: pytest.MonkeyPatch,
-    fresh_handler: None,
-) -> dict[str, str]:
-    """The worker on `faulty_smtp` and `s3_proxy`, short back-offs, caches reset around it.
-
-    RETRY_BACKOFF is off: the records are synthetic (no real source queue to change the
-    visibility of), and the back-off is not what these tests are about.
-    """
-    monkeypatch.setenv("RETRY_BASE_DELAY", "0.01")
-    monkeypatch.setenv("RETRY_BACKOFF", "false")
-    # The SDK's own retries keep their number, but sleep a hundredth of their jittered
-    # 1 s, 2 s, 4 s: several seconds per S3 fault would make these tests slow, not stricter.
-    backoff = botocore.retries.standard.ExponentialBackoff
-    original_delay = backoff.delay_amount
-    monkeypatch.setattr(
-        backoff, "delay_amount", lambda self, context: original_delay(self, context) / 100
-    )
-    for name in (
-        "DEAD_LETTER_QUEUE_URL",
-        "IDEMPOTENCY_TABLE",
-        "DEADLINE_MARGIN_SECONDS",
-        "RETRY_ATTEMPTS",
-        "SMTP_TIMEOUT",
-        "S3_TIMEOUT",
-        "MAX_ATTACHMENT_BYTES",
-        "MAX_TMP_BYTES",
-        "SMTP_RATE_LIMIT",
-        "SMTP_MAX_MESSAGES_PER_CONNECTION",
-        "LOG_LEVEL",
-    ):
-        monkeypatch.delenv(name, raising=False)
-    return faulty_worker_env
 
 
 @pytest.fixture(params=[False, True], ids=["lockstep", "pipelining"])
@@ -333,7 +295,7 @@ def small_batch(count: int, prefix: str = "m") -> list[dict[str, Any]]:
 
 
 def test_421_after_n_messages_replaces_connections_and_delivers_all(
-    env: dict[str, str],
+    faulty_lambda_env: dict[str, str],
     aws: MotoServer,
     faulty_smtp: FaultySmtp,
     pipelining: bool,
@@ -355,11 +317,11 @@ def test_421_after_n_messages_replaces_connections_and_delivers_all(
     assert faulty_smtp.counts[SmtpFault.CLOSE_AFTER] >= 1
     # 20 emails at 3 per connection: the closed connections were replaced, not given up on.
     assert faulty_smtp.connections_opened >= 20 // 3
-    assert tmp_files(env) == []
+    assert tmp_files(faulty_lambda_env) == []
 
 
 def test_451_on_every_kth_message_is_retried_within_the_invocation(
-    env: dict[str, str],
+    faulty_lambda_env: dict[str, str],
     aws: MotoServer,
     faulty_smtp: FaultySmtp,
     pipelining: bool,
@@ -391,7 +353,7 @@ def test_451_on_every_kth_message_is_retried_within_the_invocation(
 
 
 def test_550_for_one_recipient_fails_that_record_permanently_without_retry(
-    env: dict[str, str],
+    faulty_lambda_env: dict[str, str],
     aws: MotoServer,
     faulty_smtp: FaultySmtp,
     pipelining: bool,
@@ -414,13 +376,13 @@ def test_550_for_one_recipient_fails_that_record_permanently_without_retry(
     assert (line["error_class"], line["transient"], line["retries"]) == ("smtp_rejected", False, 0)
     # Refused once at RCPT, never offered again within the invocation.
     assert [e.rcpt_tos for e in fault_events(faulty_smtp, SmtpFault.REJECT)] == [(gone,)]
-    assert tmp_files(env) == []
+    assert tmp_files(faulty_lambda_env) == []
 
 
 @pytest.mark.parametrize("close", [False, True], ids=["454", "421-rate-close"])
 def test_throttling_pauses_the_pool_and_everything_is_delivered(
     close: bool,
-    env: dict[str, str],
+    faulty_lambda_env: dict[str, str],
     aws: MotoServer,
     faulty_smtp: FaultySmtp,
     pipelining: bool,
@@ -450,7 +412,7 @@ def test_throttling_pauses_the_pool_and_everything_is_delivered(
 
 
 def test_drop_in_the_middle_of_data_is_resent_and_delivered_once(
-    env: dict[str, str], aws: MotoServer, faulty_smtp: FaultySmtp, pipelining: bool
+    faulty_lambda_env: dict[str, str], aws: MotoServer, faulty_smtp: FaultySmtp, pipelining: bool
 ) -> None:
     # Big enough that the worker is still writing the body when the server hangs up, so it
     # knows the end-of-data mark never went out: nothing can have been delivered. (Loopback
@@ -476,11 +438,11 @@ def test_drop_in_the_middle_of_data_is_resent_and_delivered_once(
     dropped = parse(drop.data)["Message-ID"]
     assert str(dropped).strip() in ledger.by_message_id  # one of ours, and accepted once later
     assert len(faulty_smtp.accepted) == 2
-    assert tmp_files(env) == []
+    assert tmp_files(faulty_lambda_env) == []
 
 
 def test_drop_after_data_is_reported_failed_and_never_resent(
-    env: dict[str, str],
+    faulty_lambda_env: dict[str, str],
     aws: MotoServer,
     faulty_smtp: FaultySmtp,
     pipelining: bool,
@@ -502,7 +464,7 @@ def test_drop_after_data_is_reported_failed_and_never_resent(
     assert len(faulty_smtp.accepted) == 6
     classes = error_classes(outcome_lines(capsys.readouterr().out))
     assert classes == dict.fromkeys(ledger.ambiguous, "delivery_unknown")
-    assert tmp_files(env) == []
+    assert tmp_files(faulty_lambda_env) == []
 
 
 @pytest.mark.parametrize(
@@ -512,7 +474,7 @@ def test_drop_after_data_is_reported_failed_and_never_resent(
 def test_a_stalled_server_fails_records_transiently_and_the_handler_returns(
     stall_on: str,
     error_class: str,
-    env: dict[str, str],
+    faulty_lambda_env: dict[str, str],
     aws: MotoServer,
     faulty_smtp: FaultySmtp,
     monkeypatch: pytest.MonkeyPatch,
@@ -537,7 +499,7 @@ def test_a_stalled_server_fails_records_transiently_and_the_handler_returns(
         failures, error_class
     )
     assert all(line["transient"] for line in lines.values())
-    assert tmp_files(env) == []
+    assert tmp_files(faulty_lambda_env) == []
 
 
 # --------------------------------------------------------------------------- 2. deadline
@@ -546,7 +508,7 @@ def test_a_stalled_server_fails_records_transiently_and_the_handler_returns(
 @pytest.mark.parametrize("stall_on", ["data", "greeting"])
 def test_the_deadline_cancels_stalled_sends_and_returns_in_time(
     stall_on: str,
-    env: dict[str, str],
+    faulty_lambda_env: dict[str, str],
     aws: MotoServer,
     faulty_smtp: FaultySmtp,
     monkeypatch: pytest.MonkeyPatch,
@@ -576,10 +538,11 @@ def test_the_deadline_cancels_stalled_sends_and_returns_in_time(
     # are logged as ambiguous, like delivery_unknown; stalled at the greeting, none are.
     ambiguous = {mid for mid, line in lines.items() if line.get("maybe_delivered")}
     if stall_on == "data":
-        assert 1 <= len(ambiguous) <= int(env["SMTP_POOL_SIZE"])
+        assert 1 <= len(ambiguous) <= int(faulty_lambda_env["SMTP_POOL_SIZE"])
     else:
         assert ambiguous == set()
-    assert tmp_files(env) == []  # downloads of cancelled records removed, scratch dir too
+    # The downloads of cancelled records are removed, and the scratch dir too.
+    assert tmp_files(faulty_lambda_env) == []
 
 
 # --------------------------------------------------------------------------- 3. S3 faults
@@ -603,7 +566,7 @@ def gets(proxy: S3FaultProxy, key: str = OBJECT_KEY) -> list[S3Action | None]:
 @pytest.mark.parametrize("action", [S3Action.INTERNAL_ERROR, S3Action.SLOW_DOWN, S3Action.DROP])
 def test_s3_errors_beyond_the_sdk_retries_fail_the_record_transiently(
     action: S3Action,
-    env: dict[str, str],
+    faulty_lambda_env: dict[str, str],
     aws: MotoServer,
     faulty_smtp: FaultySmtp,
     s3_proxy: S3FaultProxy,
@@ -626,11 +589,11 @@ def test_s3_errors_beyond_the_sdk_retries_fail_the_record_transiently(
     # an idempotent GET again, once, when the connection drops without a response.)
     per_attempt = 2 if action is S3Action.DROP else 1
     assert gets(s3_proxy) == [action] * (2 * SDK_ATTEMPTS * per_attempt)
-    assert tmp_files(env) == []
+    assert tmp_files(faulty_lambda_env) == []
 
 
 def test_s3_errors_fewer_than_the_attempts_are_ridden_out(
-    env: dict[str, str],
+    faulty_lambda_env: dict[str, str],
     aws: MotoServer,
     faulty_smtp: FaultySmtp,
     s3_proxy: S3FaultProxy,
@@ -658,7 +621,7 @@ def test_s3_errors_fewer_than_the_attempts_are_ridden_out(
 def test_a_cut_body_is_never_mailed_truncated(
     times: int | None,
     fraction: float,
-    env: dict[str, str],
+    faulty_lambda_env: dict[str, str],
     aws: MotoServer,
     faulty_smtp: FaultySmtp,
     s3_proxy: S3FaultProxy,
@@ -690,11 +653,11 @@ def test_a_cut_body_is_never_mailed_truncated(
             True,
         )
         assert gets(s3_proxy) == [S3Action.CUT] * 3  # RETRY_ATTEMPTS
-    assert tmp_files(env) == []
+    assert tmp_files(faulty_lambda_env) == []
 
 
 def test_a_slow_body_is_delivered_intact(
-    env: dict[str, str],
+    faulty_lambda_env: dict[str, str],
     aws: MotoServer,
     faulty_smtp: FaultySmtp,
     s3_proxy: S3FaultProxy,
@@ -716,7 +679,7 @@ def test_a_slow_body_is_delivered_intact(
 
 
 def test_a_missing_object_is_a_permanent_failure_without_retry(
-    env: dict[str, str],
+    faulty_lambda_env: dict[str, str],
     aws: MotoServer,
     faulty_smtp: FaultySmtp,
     s3_proxy: S3FaultProxy,
@@ -743,7 +706,7 @@ def test_a_missing_object_is_a_permanent_failure_without_retry(
 
 
 def test_a_stalled_s3_with_a_short_timeout_fails_the_record_transiently(
-    env: dict[str, str],
+    faulty_lambda_env: dict[str, str],
     aws: MotoServer,
     faulty_smtp: FaultySmtp,
     s3_proxy: S3FaultProxy,
@@ -764,7 +727,7 @@ def test_a_stalled_s3_with_a_short_timeout_fails_the_record_transiently(
     line = outcome_lines(capsys.readouterr().out)["zip"]
     assert (line["error_class"], line["transient"]) == ("download_failed", True)
     assert gets(s3_proxy) == [S3Action.STALL] * SDK_ATTEMPTS
-    assert tmp_files(env) == []
+    assert tmp_files(faulty_lambda_env) == []
 
 
 # --------------------------------------------------------------------------- 4. the invariant
@@ -804,7 +767,7 @@ def bulk_batch() -> tuple[list[dict[str, Any]], dict[str, str]]:
 
 
 def test_every_record_is_accounted_for_exactly_once_under_random_faults(
-    env: dict[str, str],
+    faulty_lambda_env: dict[str, str],
     aws: MotoServer,
     faulty_smtp: FaultySmtp,
     s3_proxy: S3FaultProxy,
@@ -884,11 +847,11 @@ def test_every_record_is_accounted_for_exactly_once_under_random_faults(
     # Retried in the invocation and delivered: most of the faults were ridden out.
     assert sum(line["retries"] for line in lines.values()) > 0
     assert len(ledger.delivered) > 0.9 * BULK_RECORDS
-    assert tmp_files(env) == []
+    assert tmp_files(faulty_lambda_env) == []
 
 
 def test_a_send_cancelled_after_its_data_keeps_its_idempotency_claim(
-    env: dict[str, str],
+    faulty_lambda_env: dict[str, str],
     aws: MotoServer,
     faulty_smtp: FaultySmtp,
     monkeypatch: pytest.MonkeyPatch,

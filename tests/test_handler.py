@@ -32,12 +32,6 @@ from async_notifier.config import ConfigError
 Body = dict[str, Any]
 
 
-@pytest.fixture
-def lambda_env(worker_env: dict[str, str], fresh_handler: None) -> dict[str, str]:
-    """`worker_env`, with the handler's cached settings and loop forgotten before and after."""
-    return worker_env
-
-
 def invoke(records: list[dict[str, Any]]) -> dict[str, Any]:
     result = handler.lambda_handler(sqs_event(records), FakeLambdaContext())
     assert isinstance(result, dict)

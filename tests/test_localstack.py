@@ -15,8 +15,6 @@ from typing import Any
 
 import pytest
 from queues import (
-    REDRIVE_ENV,
-    REDRIVE_UNSET,
     client,
     counts,
     create_queues,
@@ -30,22 +28,8 @@ from servers import SmtpSink, make_zip
 from async_notifier.batch.outcome import BatchResult
 from async_notifier.config import Settings
 from async_notifier.local.demo import Options, run_local
-from async_notifier.local.localstack import health, ready
 
 pytestmark = pytest.mark.localstack
-
-ENDPOINT = os.environ.get("LOCALSTACK_ENDPOINT", "http://127.0.0.1:4566")
-
-
-@pytest.fixture(scope="module")
-def localstack() -> str:
-    document = health(ENDPOINT)
-    if not ready(document):
-        pytest.fail(
-            f"LocalStack is not running (or S3/SQS not ready) at {ENDPOINT}: "
-            f"start it with `make localstack`. Health: {document}"
-        )
-    return ENDPOINT
 
 
 @pytest.fixture
@@ -57,31 +41,6 @@ def restore_environ() -> Iterator[None]:
     finally:
         os.environ.clear()
         os.environ.update(saved)
-
-
-@pytest.fixture
-def localstack_env(
-    localstack: str, smtp_sink: SmtpSink, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> str:
-    values = {
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_REGION": "us-east-1",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_ENDPOINT_URL": localstack,
-        "SMTP_SERVER": smtp_sink.host,
-        "SMTP_PORT": str(smtp_sink.port),
-        "SMTP_TLS": "none",
-        "EMAIL_FROM": "Async Notifier <no-reply@example.com>",
-        "TMP_DIR": str(tmp_path),
-        **REDRIVE_ENV,
-    }
-    for name, value in values.items():
-        monkeypatch.setenv(name, value)
-    unset = ("AWS_SESSION_TOKEN", "AWS_PROFILE", "SMTP_USER", "SMTP_PASSWORD", "SMTP_CA_FILE")
-    for name in (*unset, "ALLOWED_BUCKETS", *REDRIVE_UNSET):
-        monkeypatch.delenv(name, raising=False)
-    return localstack
 
 
 async def test_run_local_flow_against_localstack(

@@ -29,11 +29,6 @@ OLD_PASSWORD = "pw-OLD-7f3a91"
 NEW_PASSWORD = "pw-NEW-91c2e4"
 
 
-@pytest.fixture
-def lambda_env(worker_env: dict[str, str], fresh_handler: None) -> dict[str, str]:
-    return worker_env
-
-
 def invoke(records: list[dict[str, Any]], **context: Any) -> list[str]:
     result = handler.lambda_handler(sqs_event(records), FakeLambdaContext(**context))
     assert list(result) == ["batchItemFailures"]

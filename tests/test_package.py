@@ -25,6 +25,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 import pytest
+from package_cache import one_build_at_a_time
 from servers import MotoServer, SmtpSink, make_zip, s3_client, seed_objects, sqs_record
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -71,22 +72,23 @@ class Build:
 
 
 def _build(output: Path) -> Build:
-    completed = subprocess.run(
-        [
-            sys.executable,
-            str(SCRIPT),
-            "--arch",
-            str(ARCH),
-            "--python-version",
-            PYTHON_VERSION,
-            "--output",
-            str(output),
-        ],
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=600,
-    )
+    with one_build_at_a_time():
+        completed = subprocess.run(
+            [
+                sys.executable,
+                str(SCRIPT),
+                "--arch",
+                str(ARCH),
+                "--python-version",
+                PYTHON_VERSION,
+                "--output",
+                str(output),
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=600,
+        )
     assert completed.returncode == 0, completed.stdout + completed.stderr
     printed = [
         line.split()[-1] for line in completed.stdout.splitlines() if line.startswith("sha256:")
@@ -264,13 +266,14 @@ _ELF_MACHINE = {"x86_64": 62, "arm64": 183}
 def test_lambda_target_carries_only_its_own_binaries(arch: str, tmp_path: Path) -> None:
     """The real target (CPython 3.13, Linux, arch): every extension module is built for it."""
     output = tmp_path / f"{arch}.zip"
-    completed = subprocess.run(
-        [sys.executable, str(SCRIPT), "--arch", arch, "--output", str(output)],
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=600,
-    )
+    with one_build_at_a_time():
+        completed = subprocess.run(
+            [sys.executable, str(SCRIPT), "--arch", arch, "--output", str(output)],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=600,
+        )
     assert completed.returncode == 0, completed.stdout + completed.stderr
     machine = {"x86_64": "x86_64", "arm64": "aarch64"}[arch]
     with zipfile.ZipFile(output) as archive:
@@ -298,7 +301,10 @@ def test_build_fails_over_lambda_limits(
     package = _load_script()
     monkeypatch.setattr(package, "MAX_UNZIPPED_BYTES", 1024 * 1024)
     output = tmp_path / "too-big.zip"
-    with pytest.raises(package.PackageError, match=r"unzipped package is .* over Lambda's"):
+    with (
+        one_build_at_a_time(),
+        pytest.raises(package.PackageError, match=r"unzipped package is .* over Lambda's"),
+    ):
         package.build(
             arch=ARCH,
             python_version=PYTHON_VERSION,

@@ -59,29 +59,6 @@ MIB = 1024 * 1024
 # --------------------------------------------------------------------------- helpers
 
 
-@pytest.fixture
-def lambda_env(
-    worker_env: dict[str, str], monkeypatch: pytest.MonkeyPatch, fresh_handler: None
-) -> dict[str, str]:
-    """`worker_env` with short in-invocation retries; the handler's caches reset around it."""
-    monkeypatch.setenv("RETRY_BASE_DELAY", "0.01")
-    for name in (
-        "DEAD_LETTER_QUEUE_URL",
-        "RETRY_BACKOFF",
-        "IDEMPOTENCY_TABLE",
-        "MAX_ATTACHMENT_BYTES",
-        "MAX_TMP_BYTES",
-        "DEADLINE_MARGIN_SECONDS",
-        "LINK_EXPIRY_SECONDS",
-        "IDEMPOTENCY_TTL_SECONDS",
-        "RETRY_ATTEMPTS",
-        "SMTP_RATE_LIMIT",
-        "LOG_LEVEL",  # the assertions read INFO lines
-    ):
-        monkeypatch.delenv(name, raising=False)
-    return worker_env
-
-
 def invoke(records: list[Any], context: Any = None) -> dict[str, Any]:
     # Not `sqs_event`: the property tests hand over records that are not even objects.
     result = handler.lambda_handler({"Records": list(records)}, context or FakeLambdaContext())

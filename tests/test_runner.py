@@ -27,8 +27,6 @@ import pytest
 from faults import FaultySmtp, SmtpFaults
 from queues import (
     LAMBDA_RECORD_KEYS,
-    REDRIVE_ENV,
-    REDRIVE_UNSET,
     Competitor,
     Queues,
     SqsRecorder,
@@ -50,15 +48,6 @@ from async_notifier.runner import HEARTBEAT_TASK_NAME, MIN_EXTENSION
 from async_notifier.wiring import AwsBackend
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture
-def runner_env(worker_env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
-    for name, value in REDRIVE_ENV.items():
-        monkeypatch.setenv(name, value)
-    for name in REDRIVE_UNSET:
-        monkeypatch.delenv(name, raising=False)
-    return {**worker_env, **REDRIVE_ENV}
 
 
 @pytest.fixture

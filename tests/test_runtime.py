@@ -2,8 +2,8 @@
 
 Lambda's python3.13 runtime starts `python -m awslambdaric handler.lambda_handler` in the
 unpacked zip, and awslambdaric polls the Runtime API for events. Here the Runtime API is an
-emulator on 127.0.0.1 (tests/runtime_api.py) and awslambdaric is installed beside the zip,
-not in it, as Lambda provides it (tests/lambda_sandbox.py). Real SQS events go through it to
+emulator on 127.0.0.1 (tests/support/runtime_api.py) and awslambdaric is installed beside the zip,
+not in it, as Lambda provides it (tests/support/lambda_sandbox.py). Real SQS events go through it to
 moto and an SMTP sink, on one warm process; a broken setting must come back as an error the
 runtime client reports.
 
@@ -23,7 +23,6 @@ import json
 import platform
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -101,17 +100,6 @@ def deployment(
         task=unpack(archive, directory / "task"),
         runtime=runtime_client(arch=target.arch, python_version=target.python_version),
     )
-
-
-@pytest.fixture
-def runtime_api() -> Iterator[RuntimeApi]:
-    api = RuntimeApi()
-    api.start()
-    try:
-        yield api
-    finally:
-        api.stop()
-    assert api.errors == []
 
 
 def _settings(aws: MotoServer, smtp_sink: SmtpSink, bucket: str) -> dict[str, str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import smtplib
+import socket
 import ssl
 import threading
 import zipfile
@@ -13,11 +14,14 @@ from pathlib import Path
 
 import aiosmtplib
 import pytest
+from runtime_api import peer_pid
 from servers import (
+    LOOPBACK,
     FakeLambdaContext,
     MotoServer,
     SmtpSink,
     TlsFiles,
+    free_port,
     make_zip,
     s3_client,
     seed_objects,
@@ -264,3 +268,47 @@ def test_worker_env(worker_env: dict[str, str], smtp_sink: SmtpSink) -> None:
     assert Path(worker_env["TMP_DIR"]).is_dir()
     assert "SMTP_USER" not in os.environ
     assert os.environ["AWS_ENDPOINT_URL"].startswith("http://127.0.0.1:")
+
+
+@pytest.fixture
+def exported(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Settings the shell running the tests might export (set before `worker_env` runs)."""
+    names = ["LOG_LEVEL", "RETRY_ATTEMPTS", "DEAD_LETTER_QUEUE_URL", "SMTP_PASSWORD_SECRET_ID"]
+    for name in names:
+        monkeypatch.setenv(name, "exported-by-the-shell")
+    return names
+
+
+def test_worker_env_leaves_no_exported_setting_behind(
+    exported: list[str], worker_env: dict[str, str]
+) -> None:
+    assert [name for name in exported if name in os.environ] == []
+    assert os.environ["SMTP_POOL_SIZE"] == worker_env["SMTP_POOL_SIZE"]
+
+
+def _bound_to(port: int) -> socket.socket:
+    client = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # beside TIME_WAIT ends
+    client.bind((LOOPBACK, port))
+    return client
+
+
+def test_the_runtime_api_names_a_client_by_both_ends_of_its_connection() -> None:
+    """Connections from the same client port to other servers that closed and wait out
+    TIME_WAIT belong to no process: the emulator must not take one of them for the client."""
+    servers = [socket.create_server((LOOPBACK, 0)) for _ in range(10)]
+    port = free_port()
+    try:
+        for server in servers[:-1]:
+            with _bound_to(port) as client:
+                client.connect(server.getsockname())
+                accepted, _ = server.accept()
+            accepted.close()  # the client closed first: its end waits out TIME_WAIT
+        with _bound_to(port) as client:
+            client.connect(servers[-1].getsockname())
+            accepted, _ = servers[-1].accept()
+            with accepted:
+                assert peer_pid(client.getsockname(), servers[-1].getsockname()) == os.getpid()
+    finally:
+        for server in servers:
+            server.close()

@@ -8,7 +8,7 @@ a healthy server, delivers everything. After every invocation the pool's invaria
 
 from __future__ import annotations
 
-import time
+import contextlib
 from collections import Counter
 from typing import Any
 
@@ -19,18 +19,7 @@ from servers import FakeLambdaContext, sqs_record
 import handler
 
 POOL_SIZE = 2
-
-
-@pytest.fixture
-def env(
-    faulty_worker_env: dict[str, str], monkeypatch: pytest.MonkeyPatch, fresh_handler: None
-) -> dict[str, str]:
-    monkeypatch.setenv("SMTP_POOL_SIZE", str(POOL_SIZE))
-    monkeypatch.setenv("RETRY_BACKOFF", "false")  # synthetic records: no queue to change
-    monkeypatch.setenv("RETRY_BASE_DELAY", "0.01")
-    for name in ("DEAD_LETTER_QUEUE_URL", "IDEMPOTENCY_TABLE", "DEADLINE_MARGIN_SECONDS"):
-        monkeypatch.delenv(name, raising=False)
-    return faulty_worker_env
+pytestmark = pytest.mark.usefixtures("faulty_lambda_env")
 
 
 def batch(tag: str, count: int) -> list[dict[str, Any]]:
@@ -76,18 +65,19 @@ def delivered(server: FaultySmtp, tag: str) -> Counter[str]:
 
 def settled(server: FaultySmtp) -> int:
     """The server's open connections once it has seen the client's closes."""
-    deadline = time.monotonic() + 5
-    while server.connections_open > POOL_SIZE and time.monotonic() < deadline:
-        time.sleep(0.01)
+    with contextlib.suppress(TimeoutError):  # the caller's assertion reports the count
+        server.wait_open_at_most(POOL_SIZE, timeout=5)
     return server.connections_open
 
 
-@pytest.mark.usefixtures("env")
-def test_deadline_storms_never_wedge_a_warm_process(faulty_smtp: FaultySmtp) -> None:
+def test_deadline_storms_never_wedge_a_warm_process(
+    faulty_smtp: FaultySmtp, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Warm connections idle past SMTP_IDLE_CHECK_SECONDS, a provider that takes 4 s per
     NOOP and MAIL, and a 6 s invocation: the deadline cancels the sends mid-check. Then
     the provider is fast again, and the same process delivers the next batch in full.
     Three rounds in a row."""
+    monkeypatch.setenv("SMTP_POOL_SIZE", str(POOL_SIZE))
     faulty_smtp.pipelining = True
     handler_env = {"SMTP_IDLE_CHECK_SECONDS": "0", "SMTP_TIMEOUT": "30"}
     with pytest.MonkeyPatch.context() as patch:
@@ -111,10 +101,12 @@ def test_deadline_storms_never_wedge_a_warm_process(faulty_smtp: FaultySmtp) -> 
             assert settled(faulty_smtp) <= POOL_SIZE
 
 
-@pytest.mark.usefixtures("env")
-def test_a_restarted_smtp_server_costs_no_record(faulty_smtp: FaultySmtp) -> None:
+def test_a_restarted_smtp_server_costs_no_record(
+    faulty_smtp: FaultySmtp, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The server restarts between invocations (every pooled connection dropped): the
     next invocation notices, replaces them, and delivers every record."""
+    monkeypatch.setenv("SMTP_POOL_SIZE", str(POOL_SIZE))
     faulty_smtp.pipelining = True
     for round_ in range(3):
         records = batch(f"r{round_}", 6)

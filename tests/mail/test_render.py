@@ -44,11 +44,6 @@ SUBJECTS = {
 GREETINGS = {"pt-BR": "Olá, Maria", "en": "Hello Maria"}
 
 
-@pytest.fixture(scope="module")
-def renderer() -> Renderer:
-    return Renderer(DEFAULT_TEMPLATES_DIR)
-
-
 @pytest.fixture
 def zip_file(tmp_path: Path) -> Path:
     path = tmp_path / "download.zip"

@@ -3,65 +3,30 @@
 from __future__ import annotations
 
 import asyncio
-import email
-import email.policy
 import json
 import math
 import time
 from collections.abc import Callable
-from email.message import EmailMessage
 from pathlib import Path
 
 import pytest
 from faults import FaultySmtp, SmtpFaults
+from pool_emails import expected_subjects, outgoing, settings, subjects
 from servers import LOOPBACK, SmtpSink, TlsFiles, free_port, make_zip
 
 from async_notifier.config import DEFAULT_TEMPLATES_DIR, Settings
 from async_notifier.errors import RecipientRejected, SmtpUnavailable
-from async_notifier.mail.mime import StreamedEmail, build_streamed_email
+from async_notifier.mail.mime import build_streamed_email
 from async_notifier.mail.render import Renderer
 from async_notifier.messages import parse_body
 from async_notifier.smtp.pool import SmtpPool
 from bench.proxy import Route, start_route, stop_route
 
-SENDER = "no-reply@example.com"
 PASSWORD = "s3cret-pool-password"
-
-
-def settings(host: str, port: int, **extra: str) -> Settings:
-    env = {
-        "SMTP_SERVER": host,
-        "SMTP_PORT": str(port),
-        "SMTP_TLS": "none",
-        "EMAIL_FROM": f"Async Notifier <{SENDER}>",
-        "SMTP_TIMEOUT": "10",
-        **extra,
-    }
-    return Settings.from_env(env)
 
 
 def sink_settings(sink: SmtpSink, **extra: str) -> Settings:
     return settings(sink.host, sink.port, **extra)
-
-
-def outgoing(index: int, recipient: str | None = None) -> StreamedEmail:
-    """A small email in the form the pool sends (the pipeline builds the same type)."""
-    to = recipient or f"user{index}@example.com"
-    message = EmailMessage(policy=email.policy.SMTP)
-    message["From"] = SENDER
-    message["To"] = to
-    message["Subject"] = f"message {index}"
-    message["Message-ID"] = f"<m{index}@example.com>"
-    message.set_content(f"body {index}")
-    return StreamedEmail(
-        sender=SENDER,
-        recipient=to,
-        message_id=f"<m{index}@example.com>",
-        head=message.as_bytes(),
-        attachment=None,
-        attachment_size=0,
-        tail=b"",
-    )
 
 
 async def idle(sink: SmtpSink) -> None:
@@ -70,14 +35,6 @@ async def idle(sink: SmtpSink) -> None:
     Blocking the loop instead would stop the client from ever closing its sockets.
     """
     await asyncio.to_thread(sink.wait_idle)
-
-
-def subjects(sink: SmtpSink) -> list[str]:
-    return sorted(str(m["Subject"]) for m in sink.parsed())
-
-
-def expected_subjects(count: int) -> list[str]:
-    return sorted(f"message {i}" for i in range(count))
 
 
 def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:

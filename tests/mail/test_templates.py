@@ -33,11 +33,6 @@ TEMPLATE_TAGS = {
 }  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def renderer() -> Renderer:
-    return Renderer(DEFAULT_TEMPLATES_DIR)
-
-
 def notification(**fields: Any) -> Notification:
     data: dict[str, Any] = {
         "video_id": "298ce197-3627-4845-83d7-cd6c98a9df8c",

@@ -3,7 +3,7 @@
 Lambda unpacks the zip into /var/task (read-only), puts its runtime interface client in
 /var/runtime, sets a fixed environment and runs `python -m awslambdaric <_HANDLER>` in the task
 root, which then polls the Runtime API. `LambdaProcess` does the same against a `RuntimeApi`
-emulator (tests/runtime_api.py):
+emulator (tests/support/runtime_api.py):
 
 - on this machine's interpreter (`rootfs=None`): the base interpreter, not the venv's, with
   `-S` so that no site-packages of this machine can hide a module missing from the zip;
@@ -31,7 +31,9 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
+from package_cache import one_build_at_a_time
+
+ROOT = Path(__file__).resolve().parents[2]
 PACKAGE_SCRIPT = ROOT / "scripts" / "package.py"
 ROOTFS_SCRIPT = ROOT / "scripts" / "rootfs.py"
 RUNTIME_CLIENT_REQUIREMENTS = Path(__file__).with_name("requirements-lambda-runtime.txt")
@@ -89,22 +91,23 @@ def rootfs_script() -> Any:
 
 def build_zip(*, arch: str, python_version: str, output: Path) -> Path:
     """`scripts/package.py` as `make package` runs it; fails the test with its output."""
-    completed = subprocess.run(
-        [
-            sys.executable,
-            str(PACKAGE_SCRIPT),
-            "--arch",
-            arch,
-            "--python-version",
-            python_version,
-            "--output",
-            str(output),
-        ],
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=600,
-    )
+    with one_build_at_a_time():
+        completed = subprocess.run(
+            [
+                sys.executable,
+                str(PACKAGE_SCRIPT),
+                "--arch",
+                arch,
+                "--python-version",
+                python_version,
+                "--output",
+                str(output),
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=600,
+        )
     assert completed.returncode == 0, completed.stdout + completed.stderr
     return output
 
@@ -125,14 +128,15 @@ def runtime_client(*, arch: str, python_version: str) -> Path:
     """awslambdaric for the target interpreter and architecture, installed outside the zip.
 
     The same cached, binary-only `pip install --platform --target` that builds the zip's
-    dependencies, from tests/requirements-lambda-runtime.txt.
+    dependencies, from tests/support/requirements-lambda-runtime.txt.
     """
-    path: Path = package_script().install_dependencies(
-        RUNTIME_CLIENT_REQUIREMENTS,
-        arch=arch,
-        python_version=python_version,
-        cache_root=RUNTIME_CLIENT_CACHE,
-    )
+    with one_build_at_a_time():
+        path: Path = package_script().install_dependencies(
+            RUNTIME_CLIENT_REQUIREMENTS,
+            arch=arch,
+            python_version=python_version,
+            cache_root=RUNTIME_CLIENT_CACHE,
+        )
     return path
 
 

@@ -86,18 +86,21 @@ class _State:
     stopping: bool = False
 
 
-def peer_pid(peer: tuple[str, int]) -> int | None:
-    """The process holding the client end of a loopback TCP connection (from /proc).
+def peer_pid(peer: tuple[str, int], server: tuple[str, int]) -> int | None:
+    """The process holding the client end `peer` of a loopback TCP connection to `server`
+    (from /proc).
 
     Runtime clients in a chroot share the host's network namespace and /proc, so this names
-    the process the test started, whatever root directory or emulator it runs under.
+    the process the test started, whatever root directory or emulator it runs under. The
+    connection is found by both its ends: the client's port alone may also name connections
+    of other clients that closed and wait out TIME_WAIT (no process, inode 0), as many do
+    while other tests run beside this one.
     """
-    host, port = peer[0], peer[1]
-    wanted = f"{_hex_ipv4(host)}:{port:04X}"
+    wanted = (_endpoint(peer), _endpoint(server))
     inode = None
     for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
         fields = line.split()
-        if fields[1] == wanted:
+        if (fields[1], fields[2]) == wanted:
             inode = fields[9]
             break
     if inode is None or inode == "0":
@@ -122,9 +125,11 @@ def _readlink(path: Path) -> str | None:
         return None
 
 
-def _hex_ipv4(address: str) -> str:
-    # /proc/net/tcp prints the address as a 32-bit hex number in host (here little-endian) order.
-    return "".join(f"{int(part):02X}" for part in reversed(address.split(".")))
+def _endpoint(address: tuple[str, int]) -> str:
+    """An address as /proc/net/tcp prints it: the IPv4 address as a 32-bit hex number in host
+    (here little-endian) order, and the port in hex."""
+    host, port = address[0], address[1]
+    return "".join(f"{int(part):02X}" for part in reversed(host.split("."))) + f":{port:04X}"
 
 
 class RuntimeApi:
@@ -315,6 +320,9 @@ def _handler_class(api: RuntimeApi) -> type[BaseHTTPRequestHandler]:
             self.end_headers()
             self.wfile.write(data)
 
+        def _peer_pid(self) -> int | None:
+            return peer_pid(self.client_address, self.connection.getsockname())
+
         def _error(self, status: int, error_type: str, message: str) -> None:
             self._reply(status, {"errorMessage": message, "errorType": error_type})
 
@@ -323,7 +331,7 @@ def _handler_class(api: RuntimeApi) -> type[BaseHTTPRequestHandler]:
             if self.path != f"{PREFIX}/invocation/next":
                 self._error(404, "NotFound", f"no such path: {self.path}")
                 return
-            invocation = api._next(peer_pid(self.client_address))
+            invocation = api._next(self._peer_pid())
             if invocation is None:
                 self.close_connection = True
                 self._error(500, "Runtime.Stopping", "the emulator is stopping")
@@ -344,7 +352,7 @@ def _handler_class(api: RuntimeApi) -> type[BaseHTTPRequestHandler]:
             length = int(self.headers.get("Content-Length") or 0)
             raw = self.rfile.read(length)
             headers = {name.lower(): value for name, value in self.headers.items()}
-            pid = peer_pid(self.client_address)
+            pid = self._peer_pid()
             if self.path == f"{PREFIX}/init/error":
                 api._init_error(Posted(_json(raw), headers, pid))
                 self._reply(202, {"status": "OK"})

@@ -1,0 +1,158 @@
+"""The batch report: a real BatchResult's EMF metric lines, valid documents (checked against
+the spec's rules in support/emf.py), counted per outcome and per error class."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+from emf import directive_of, parse_lines, units_of
+
+from async_notifier.batch.outcome import Action, BatchResult, DeadLetter, Outcome, Retry
+from async_notifier.batch.report import metrics_from_batch
+from async_notifier.errors import (
+    BadMessage,
+    DownloadFailed,
+    InternalError,
+    NotifierError,
+    SmtpUnavailable,
+)
+from async_notifier.logs import configure, request_id
+
+NAMESPACE = "AsyncNotifier"
+
+
+def outcome(
+    message_id: str,
+    *,
+    error: NotifierError | None = None,
+    action: Action = "sent",
+    size: int = 0,
+    retries: int = 0,
+) -> Outcome:
+    return Outcome(
+        message_id,
+        error=error,
+        action=None if error else action,
+        video_id=f"v-{message_id}",
+        status="COMPLETED",
+        bytes=size,
+        retries=retries,
+        duration=0.01,
+    )
+
+
+@pytest.fixture
+def batch() -> BatchResult:
+    result = BatchResult.of(
+        [
+            outcome("1", size=1_000),
+            outcome("2", size=500, retries=2),
+            outcome("3", action="sent_link", size=30_000_000),
+            outcome("4", action="duplicate"),
+            outcome("5", action="already_delivered"),
+            outcome("6", error=BadMessage("not JSON")),
+            outcome("7", error=BadMessage("no email")),
+            # A failed record has no action: never counted as sent.
+            outcome("8", error=DownloadFailed("reset"), size=4_096, retries=3),
+            outcome("9", error=SmtpUnavailable("421")),
+            outcome("10", error=InternalError("KeyError: 'x'"), retries=1),
+        ]
+    )
+    # Settled: the two bad messages went to the dead-letter queue, the rest are retried.
+    result.fates = [
+        DeadLetter("bad_message") if o.message_id in ("6", "7") else Retry(30)
+        for o in result.errors
+    ]
+    return result
+
+
+def test_batch_metrics(batch: BatchResult) -> None:
+    metrics = metrics_from_batch(
+        batch,
+        duration_s=1.2345,
+        connections_opened=3,
+        namespace=NAMESPACE,
+        function_name="notifier-prod",
+    )
+    out = io.StringIO()
+    text = metrics.emit(out)
+    assert out.getvalue() == text
+    documents = parse_lines(text)
+    main, *by_class = documents
+
+    assert directive_of(main)["Namespace"] == NAMESPACE
+    assert directive_of(main)["Dimensions"] == [["FunctionName"]]
+    assert main["FunctionName"] == "notifier-prod"
+    expected = {
+        "RecordsReceived": 10,
+        "RecordsSent": 3,
+        "RecordsFailed": 5,
+        "BatchItemFailures": 3,
+        "RecordsDeadLettered": 2,
+        "RecordsRetried": 3,
+        "Retries": 6,
+        "BytesAttached": 1_500,
+        "LinksSent": 1,
+        "Duplicates": 1,
+        "AlreadyDelivered": 1,
+        "SmtpConnectionsOpened": 3,
+        "InvocationDuration": 1234.5,
+    }
+    assert {name: main[name] for name in units_of(main)} == expected
+    assert units_of(main)["BytesAttached"] == "Bytes"
+    assert units_of(main)["InvocationDuration"] == "Milliseconds"
+    assert units_of(main)["RecordsSent"] == "Count"
+
+    failed = {}
+    for document in by_class:
+        directive = directive_of(document)
+        assert directive["Dimensions"] == [["FunctionName", "ErrorClass"]]
+        assert units_of(document) == {"RecordsFailed": "Count"}
+        assert document["FunctionName"] == "notifier-prod"
+        failed[document["ErrorClass"]] = document["RecordsFailed"]
+    assert failed == {"bad_message": 2, "download_failed": 1, "smtp_unavailable": 1, "internal": 1}
+    assert sum(failed.values()) == main["RecordsFailed"]
+
+
+def test_emit_writes_raw_lines_to_stdout_through_the_package_logs(
+    batch: BatchResult, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Raw EMF lines on stdout, whatever LOG_LEVEL, and not wrapped in the JSON log format."""
+    logger = configure("ERROR")
+    try:
+        metrics = metrics_from_batch(
+            batch, duration_s=0.5, connections_opened=0, namespace=NAMESPACE, function_name=None
+        )
+        text = metrics.emit()
+        assert capsys.readouterr().out == text
+    finally:
+        for log_handler in list(logger.handlers):
+            logger.removeHandler(log_handler)
+    main, *by_class = parse_lines(text)
+    assert directive_of(main)["Dimensions"] == [[]]  # no dimensions: the namespace-wide metric
+    assert all(directive_of(d)["Dimensions"] == [["ErrorClass"]] for d in by_class)
+
+
+def test_all_good_batch_has_no_error_class_lines() -> None:
+    result = BatchResult.of([outcome("1", size=10), outcome("2", size=20)])
+    text = metrics_from_batch(
+        result, duration_s=0.1, connections_opened=1, namespace=NAMESPACE, function_name="f"
+    ).emit(io.StringIO())
+    (main,) = parse_lines(text)
+    assert main["RecordsFailed"] == 0
+    assert main["BytesAttached"] == 30
+    assert main["RecordsSent"] == 2
+
+
+def test_request_id_is_a_property(batch: BatchResult) -> None:
+    token = request_id.set("c6af9ac6-7b61-11e6-9a41-93e8deadbeef")
+    try:
+        metrics = metrics_from_batch(
+            batch, duration_s=0.1, connections_opened=0, namespace=NAMESPACE, function_name="f"
+        )
+    finally:
+        request_id.reset(token)
+    for document in parse_lines(metrics.emit(io.StringIO())):
+        assert document["request_id"] == "c6af9ac6-7b61-11e6-9a41-93e8deadbeef"
+        assert "request_id" not in units_of(document)
