@@ -14,11 +14,16 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from async_notifier.config import Settings
 from async_notifier.lambda_process import BatchResponse, LambdaProcess
+from async_notifier.wiring import build_notifier, build_ses_recorder
 
 SES_EVENTS_HANDLER = "handler.ses_events_handler"
 
-process = LambdaProcess()
+process = LambdaProcess(
+    notifier=lambda: build_notifier(Settings.from_env()),
+    ses_recorder=lambda: build_ses_recorder(Settings.from_env(sending=False)),
+)
 reset = process.reset  # tests change the environment between cases
 
 

@@ -30,6 +30,8 @@ TLS_MODES: tuple[TlsMode, ...] = ("starttls", "tls", "none")
 MIB = 1024 * 1024
 SUPPORTED_LOCALES: tuple[str, ...] = ("pt-BR", "en")
 DEFAULT_TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "templates"
+# S3's rules for a bucket's name (3-63 lower-case letters, digits, dots and hyphens).
+_BUCKET_NAME = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 ANY_BUCKET = "*"
 # What ALLOWED_KEY_PREFIX may name, filled in from each message.
 KEY_PREFIX_FIELDS = frozenset({"cognito_user_id", "video_id"})
@@ -328,8 +330,15 @@ class _Env:
             )
             return frozenset()
         buckets = frozenset(part.strip() for part in raw.split(",") if part.strip())
+        if not buckets:
+            self.problems.append(f"{name} names no bucket (use {ANY_BUCKET!r} for any bucket)")
         if ANY_BUCKET in buckets and len(buckets) > 1:
             self.problems.append(f"{name}: {ANY_BUCKET!r} allows any bucket; list none beside it")
+        bad = sorted(b for b in buckets - {ANY_BUCKET} if not _BUCKET_NAME.fullmatch(b))
+        if bad:
+            self.problems.append(
+                f"{name}: not S3 bucket names: {', '.join(repr(b[:70]) for b in bad)}"
+            )
         return buckets
 
     def key_prefix(self, name: str) -> str | None:

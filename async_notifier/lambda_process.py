@@ -4,9 +4,9 @@ worker made once, and what SnapStart needs around a snapshot.
 Lambda runs `handler.py`'s functions synchronously, many times in one process, with
 freezes in between. The SMTP pool and the AWS clients belong to the event loop that made
 them, so one `asyncio.Runner` serves the whole process instead of a loop per invocation.
-`start` makes a worker (settings parsed, templates compiled, clients made, nothing
-connected): `handler.py` calls it at import in Lambda, so that work is the init phase;
-elsewhere the first invocation calls it.
+`start` makes an entry point's worker with the factory `handler.py` wired in (settings
+parsed, templates compiled, clients made, nothing connected): `handler.py` calls it at
+import in Lambda, so that work is the init phase; elsewhere the first invocation calls it.
 """
 
 from __future__ import annotations
@@ -14,14 +14,12 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import random
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 from .batch.notifier import Notifier
 from .batch.ses_recorder import SesEventsRecorder
-from .config import Settings
 from .logs import request_id
-from .wiring import build_notifier, build_ses_recorder
 
 T = TypeVar("T")
 Worker = Notifier | SesEventsRecorder
@@ -31,7 +29,14 @@ BatchResponse = dict[str, list[dict[str, str]]]
 class LambdaProcess:
     """The warm process's state. `notifier` and `ses_recorder` are None until started."""
 
-    def __init__(self) -> None:
+    def __init__(
+        self,
+        *,
+        notifier: Callable[[], Notifier],
+        ses_recorder: Callable[[], SesEventsRecorder],
+    ) -> None:
+        self._make_notifier = notifier
+        self._make_ses_recorder = ses_recorder
         self.notifier: Notifier | None = None
         self.ses_recorder: SesEventsRecorder | None = None
         self._loop: asyncio.Runner | None = None
@@ -52,12 +57,12 @@ class LambdaProcess:
         """The entry point's worker, made once (ConfigError on a broken setting)."""
         if ses_events:
             if self.ses_recorder is None:
-                recorder = build_ses_recorder(Settings.from_env(sending=False))
+                recorder = self._make_ses_recorder()
                 self.run(recorder.prepare())
                 self.ses_recorder = recorder
             return self.ses_recorder
         if self.notifier is None:
-            notifier = build_notifier(Settings.from_env())
+            notifier = self._make_notifier()
             self.run(notifier.prepare())
             self.notifier = notifier
         return self.notifier

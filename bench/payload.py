@@ -1,6 +1,6 @@
 """What the benchmark feeds the targets: real ZIP objects in S3 and a real SQS event.
 
-`make_zip` and `sqs_record` follow `tests/servers.py` (copied, so `bench/` stands alone).
+`make_zip` and `sqs_record` follow `tests/support/servers.py` (copied, so `bench/` stands alone).
 """
 
 from __future__ import annotations

@@ -229,6 +229,8 @@ def _sink_settings(sink: SmtpSink) -> dict[str, str]:
         "SMTP_PORT": str(sink.port),
         "SMTP_TLS": "none",
         "EMAIL_FROM": "Async Notifier <no-reply@example.com>",
+        # Every test bucket, on purpose; the tests of ALLOWED_BUCKETS set their own.
+        "ALLOWED_BUCKETS": "*",
     }
 
 
@@ -312,7 +314,7 @@ def _forget_handler() -> None:
     from async_notifier.logs import LOGGER_NAME
 
     # Whatever the scenario did to the warm process, the pool's books still add up.
-    pool = handler._notifier.backend.pool if handler._notifier is not None else None
+    pool = handler.process.notifier.backend.pool if handler.process.notifier is not None else None
     if pool is not None:
         state = pool.check()
         assert (state.busy, state.waiting, state.connecting) == (0, 0, 0), state

@@ -8,7 +8,11 @@ import pytest
 
 from async_notifier.config import DEFAULT_TEMPLATES_DIR, ConfigError, Settings
 
-MINIMAL = {"SMTP_SERVER": "smtp.example.com", "EMAIL_FROM": "no-reply@example.com"}
+MINIMAL = {
+    "SMTP_SERVER": "smtp.example.com",
+    "EMAIL_FROM": "no-reply@example.com",
+    "ALLOWED_BUCKETS": "*",
+}
 PASSWORD = "pa55-w0rd-do-not-print"
 
 
@@ -36,7 +40,7 @@ def test_defaults() -> None:
     assert s.smtp_pool_size == 8
     assert s.smtp_max_messages_per_connection == 100
     assert s.max_concurrency == 32
-    assert s.allowed_buckets == frozenset()
+    assert s.allowed_buckets == frozenset({"*"})
     assert s.default_locale == "pt-BR"
     assert s.templates_dir == DEFAULT_TEMPLATES_DIR
     assert s.templates_dir.is_dir()
@@ -46,6 +50,7 @@ def test_defaults() -> None:
 def test_from_env_reads_the_process_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SMTP_SERVER", "mail.internal")
     monkeypatch.setenv("EMAIL_FROM", "x@example.org")
+    monkeypatch.setenv("ALLOWED_BUCKETS", "videos-zip")
     monkeypatch.setenv("SMTP_POOL_SIZE", "3")
     s = Settings.from_env()
     assert (s.smtp_server, s.smtp_pool_size) == ("mail.internal", 3)
@@ -166,12 +171,26 @@ def test_smtp_tls_rejects_anything_else(raw: str) -> None:
         ("videos-zip", {"videos-zip"}),
         ("videos-zip,other-zips", {"videos-zip", "other-zips"}),
         (" videos-zip , other-zips ,, ", {"videos-zip", "other-zips"}),
-        ("", set()),
-        (" , ", set()),
+        ("my.videos-2", {"my.videos-2"}),
     ],
 )
 def test_allowed_buckets_parsing(raw: str, expected: set[str]) -> None:
     assert settings(ALLOWED_BUCKETS=raw).allowed_buckets == frozenset(expected)
+
+
+@pytest.mark.parametrize(
+    ("raw", "problem"),
+    [
+        ("", "ALLOWED_BUCKETS is required"),
+        (" , ", "ALLOWED_BUCKETS names no bucket"),
+        ("videos,*", "list none beside it"),
+        ("arn:aws:s3:::videos", "not S3 bucket names: 'arn:aws:s3:::videos'"),
+        ("Videos_Zip,ok-bucket", "not S3 bucket names: 'Videos_Zip'"),
+        ("ab", "not S3 bucket names: 'ab'"),
+    ],
+)
+def test_allowed_buckets_refused(raw: str, problem: str) -> None:
+    assert problem in problems({**MINIMAL, "ALLOWED_BUCKETS": raw})
 
 
 def test_email_from_with_display_name() -> None:

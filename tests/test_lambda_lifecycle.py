@@ -58,7 +58,7 @@ def test_in_lambda_the_import_does_the_event_free_work(worker_env: dict[str, str
     nothing has connected to the SMTP server yet."""
     code = (
         "import sys\n"
-        "notifier = handler._notifier\n"
+        "notifier = handler.process.notifier\n"
         "assert notifier is not None, 'nothing prepared'\n"
         "adapters = notifier.backend._adapters\n"
         "assert adapters is not None, 'no clients made'\n"
@@ -75,7 +75,9 @@ def test_in_lambda_the_import_does_the_event_free_work(worker_env: dict[str, str
 
 def test_outside_lambda_the_import_stays_lazy(worker_env: dict[str, str]) -> None:
     env = {k: v for k, v in _lambda_env(worker_env).items() if k != "AWS_LAMBDA_FUNCTION_NAME"}
-    done = _run_import(env, "import sys\nprint(handler._notifier, 'aioboto3' in sys.modules)")
+    done = _run_import(
+        env, "import sys\nprint(handler.process.notifier, 'aioboto3' in sys.modules)"
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "None False"
 
@@ -99,7 +101,7 @@ def test_the_ses_events_function_prepares_its_own_entry_point(
         _HANDLER="handler.ses_events_handler",
         SUPPRESSION_TABLE="suppression",
     )
-    code = "print(type(handler._ses_recorder).__name__, handler._notifier)"
+    code = "print(type(handler.process.ses_recorder).__name__, handler.process.notifier)"
     done = _run_import(env, code)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "SesEventsRecorder None"
@@ -131,20 +133,20 @@ def test_snapstart_hooks_keep_nothing_from_before_the_snapshot(
 
     before = [f for f, _, _ in snapshot_restore_py.get_before_snapshot()]
     after = [f for f, _, _ in snapshot_restore_py.get_after_restore()]
-    assert handler.before_snapshot in before  # registered at import, as Lambda needs
-    assert handler.after_restore in after
+    assert handler.process.before_snapshot in before  # registered at import, as Lambda needs
+    assert handler.process.after_restore in after
 
     assert _failed([_record(1), _record(2)]) == []  # the init, then an invocation
     smtp_sink.wait_for(2)
     assert smtp_sink.connections_open >= 1  # warm connections are kept between invocations
-    pool = handler._notifier.backend.pool  # type: ignore[union-attr]
+    pool = handler.process.notifier.backend.pool  # type: ignore[union-attr]
     assert pool is not None
 
     # Lambda runs the hooks: before the snapshot (in reverse order of registration)...
     for hook in reversed(before):
         hook()
     smtp_sink.wait_idle()  # no socket goes into the snapshot
-    assert handler._notifier.backend.pool is None  # type: ignore[union-attr]
+    assert handler.process.notifier.backend.pool is None  # type: ignore[union-attr]
     assert pool.check().places == 0
     snapshot_state = random.getstate()
 
@@ -152,7 +154,7 @@ def test_snapstart_hooks_keep_nothing_from_before_the_snapshot(
     for hook in after:
         hook()
     assert random.getstate() != snapshot_state  # copies of one snapshot do not share it
-    fresh_pool = handler._notifier.backend.pool  # type: ignore[union-attr]
+    fresh_pool = handler.process.notifier.backend.pool  # type: ignore[union-attr]
     assert fresh_pool is not None
     assert fresh_pool is not pool
     assert fresh_pool.connections_opened == 0  # made anew, connecting nothing yet
@@ -186,15 +188,15 @@ def test_after_a_restore_secrets_are_read_again(
         }.items():
             monkeypatch.setenv(name, value)
         assert _failed([_record(1)]) == []
-        source = handler._notifier.backend.secret  # type: ignore[union-attr]
+        source = handler.process.notifier.backend.secret  # type: ignore[union-attr]
         assert source.fetches == 1
-        handler.before_snapshot()
+        handler.process.before_snapshot()
         # Rotated while the snapshot waited to be restored.
         secrets.put_secret_value(
             SecretId="smtp", SecretString=json.dumps({"username": "u", "password": "b"})
         )
         sink.auth = ("u", "b")
-        handler.after_restore()
+        handler.process.after_restore()
         assert _failed([_record(2)]) == []
         assert source.fetches == 2  # read again once...
         assert sink.auth_failures == 0  # ...before the login, which was right the first time

@@ -150,6 +150,7 @@ def user_pool(aws: MotoServer) -> str:
         Username="maria",
         UserAttributes=[
             {"Name": "email", "Value": "maria@example.com"},
+            {"Name": "email_verified", "Value": "true"},
             {"Name": "given_name", "Value": "Maria"},
         ],
         MessageAction="SUPPRESS",

@@ -796,7 +796,12 @@ def test_a_small_margin_lets_a_short_invocation_work(
 
 @pytest.mark.parametrize(("raw", "expected"), [("", None), ("0", 0.0), ("2.5", 2.5), (" 7 ", 7.0)])
 def test_deadline_margin_is_parsed(raw: str, expected: float | None) -> None:
-    env = {"SMTP_SERVER": "smtp.example.com", "EMAIL_FROM": SENDER, "DEADLINE_MARGIN_SECONDS": raw}
+    env = {
+        "SMTP_SERVER": "smtp.example.com",
+        "EMAIL_FROM": SENDER,
+        "ALLOWED_BUCKETS": "*",
+        "DEADLINE_MARGIN_SECONDS": raw,
+    }
     assert Settings.from_env(env).deadline_margin == expected
 
 

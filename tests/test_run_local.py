@@ -49,18 +49,30 @@ def test_make_run_local(tmp_path: Path) -> None:
     rows = {
         m["label"].strip(): m
         for m in re.finditer(
-            r"^\s*(?P<n>\d+)  (?P<label>.+?)  +(?P<result>sent|moved to DLQ)  +"
+            r"^\s*(?P<n>\d+)  (?P<label>.+?)  +(?P<result>sent|moved to DLQ|recorded)  +"
             r"(?P<tries>\d+)  (?P<detail>.*)$",
             output,
             re.MULTILINE,
         )
     }
-    assert set(rows) == {"COMPLETED pt-BR", "FAILED en", "bad: not JSON"}, output
+    assert set(rows) == {
+        "COMPLETED pt-BR",
+        "FAILED en",
+        "bad: not JSON",
+        "SES: bounce, permanent",
+        "FAILED pt-BR, to the bounced",
+    }, output
     assert rows["COMPLETED pt-BR"]["result"] == "sent"
     assert rows["FAILED en"]["result"] == "sent"
     assert rows["bad: not JSON"]["result"] == "moved to DLQ"
-    assert rows["bad: not JSON"]["tries"] == "5"  # maxReceiveCount receives, then the DLQ
+    assert rows["bad: not JSON"]["tries"] == "1"  # the worker dead-letters it at once
     assert "bad_message: body is not valid JSON" in rows["bad: not JSON"]["detail"]
+    # The bounce is recorded, and the next email to that recipient is suppressed.
+    assert rows["SES: bounce, permanent"]["result"] == "recorded"
+    bounced = rows["FAILED pt-BR, to the bounced"]
+    assert bounced["result"] == "moved to DLQ"
+    assert bounced["detail"].startswith("suppressed: addr-"), output
+    assert "@" not in bounced["detail"]
     assert "Every message ended where it should." in output
 
     # The files: an .eml and an .html per email, named in the table.

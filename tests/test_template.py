@@ -562,7 +562,7 @@ def test_max_tmp_bytes_follows_ephemeral_storage(storage: int, tmp_path: Path) -
     # Within /tmp whether Lambda's "MB" means 10^6 or 2^20 bytes, with ~88 MiB to spare.
     assert max_tmp == storage * 1000 * 1000 - 92_569_600
     if storage == 512:
-        required = {"SMTP_SERVER": "x", "EMAIL_FROM": "a@example.com", "ALLOWED_BUCKETS": "b"}
+        required = {"SMTP_SERVER": "x", "EMAIL_FROM": "a@example.com", "ALLOWED_BUCKETS": "videos"}
         defaults = Settings.from_env(required)
         assert max_tmp == defaults.max_tmp_bytes
     assert Settings.from_env(env).max_tmp_bytes == max_tmp

@@ -48,7 +48,7 @@ def invoke(records: list[dict[str, Any]], context: FakeLambdaContext) -> set[str
 
 
 def check_pool() -> None:
-    notifier = handler._notifier
+    notifier = handler.process.notifier
     assert notifier is not None
     pool = notifier.backend.pool  # type: ignore[attr-defined]
     assert pool is not None

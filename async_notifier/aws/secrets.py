@@ -138,7 +138,7 @@ class CachedSecret(Generic[T]):
             self._last = stale
             self._expires_at = self._clock() + min(self._ttl, STALE_RETRY_SECONDS)
             log.warning(
-                f"{self.label} refresh failed; using the cached value",
+                f"{self.label} refresh failed; using the cached credentials",
                 extra={"secret_id": self._secret_id, "reason": exc.reason},
             )
             return stale

@@ -8,7 +8,7 @@ stdlib to fold and encode every header that is not plain ASCII fitting a line
 (RFC 2047/2231 encoding stays the stdlib's, which also refuses CR/LF in header
 values, a second line of defence behind `messages`) and to quoted-printable-encode
 the bodies; the tests hold it, byte for byte, to a build done entirely by the
-stdlib (`tests/test_mime_stream.py`). The attachment is
+stdlib (`tests/mail/test_mime.py`). The attachment is
 base64-encoded from the file block by block while the message is sent, and
 the total size is known up front for SMTP's SIZE parameter.
 """
@@ -199,7 +199,7 @@ class StreamedEmail:
 # (To with a non-ASCII or quoted display name, Subject, a non-ASCII or long filename,
 # and anything unusual), and still quoted-printable-encodes the bodies; the tests hold
 # the result byte for byte to a build done entirely by the stdlib (the reference in
-# tests/test_mime_stream.py).
+# tests/mail/test_mime.py).
 
 _CRLF = "\r\n"
 # Values the stdlib would emit unchanged: no encoded words, quoting or folding needed.

@@ -20,7 +20,13 @@ from servers import REGION, MotoServer, free_port
 from async_notifier.aws.clients import aws_client
 from async_notifier.aws.cognito import CognitoRecipients, Recipient
 from async_notifier.config import Settings
-from async_notifier.errors import LookupFailed, PermanentError, RecipientUnknown, TransientError
+from async_notifier.errors import (
+    LookupFailed,
+    PermanentError,
+    RecipientUnknown,
+    RecipientUnverified,
+    TransientError,
+)
 
 
 class Clock:
@@ -83,6 +89,7 @@ async def client(aws: MotoServer) -> AsyncIterator[Any]:
         {
             "SMTP_SERVER": "smtp.example.com",
             "EMAIL_FROM": "no-reply@example.com",
+            "ALLOWED_BUCKETS": "*",
             "AWS_ENDPOINT_URL": aws.endpoint_url,
             "AWS_REGION": REGION,
         }
@@ -92,7 +99,9 @@ async def client(aws: MotoServer) -> AsyncIterator[Any]:
 
 
 def add_user(cognito: Any, pool_id: str, username: str, **attributes: str) -> str:
-    """Create a user; return its `sub`."""
+    """Create a user (with an email, verified unless said otherwise); return its `sub`."""
+    if "email" in attributes:
+        attributes.setdefault("email_verified", "true")
     response = cognito.admin_create_user(
         UserPoolId=pool_id,
         Username=username,
@@ -189,16 +198,19 @@ async def test_invalid_email_is_permanent(cognito: Any, pool_id: str, client: An
         await CognitoRecipients(client, pool_id).lookup("odd")
 
 
-async def test_unverified_email_when_verification_is_required(
+async def test_an_unverified_email_is_refused_unless_allowed(
     cognito: Any, pool_id: str, client: Any
 ) -> None:
     add_user(cognito, pool_id, "fresh", email="fresh@example.com", email_verified="false")
+    add_user(cognito, pool_id, "unsaid", email="unsaid@example.com", email_verified="")
     add_user(cognito, pool_id, "checked", email="checked@example.com", email_verified="true")
-    strict = CognitoRecipients(client, pool_id, require_verified_email=True)
-    with pytest.raises(RecipientUnknown, match="not verified"):
-        await strict.lookup("fresh")
+    strict = CognitoRecipients(client, pool_id)  # the default
+    for user in ("fresh", "unsaid"):
+        with pytest.raises(RecipientUnverified, match="not verified"):
+            await strict.lookup(user)
     assert (await strict.lookup("checked")).email == "checked@example.com"
-    assert (await CognitoRecipients(client, pool_id).lookup("fresh")).email == "fresh@example.com"
+    lenient = CognitoRecipients(client, pool_id, require_verified_email=False)
+    assert (await lenient.lookup("fresh")).email == "fresh@example.com"
 
 
 @pytest.mark.parametrize("user_id", ["", " maria", "ma ria", "a\nb", "x" * 129])

@@ -18,7 +18,6 @@ from async_notifier.aws.s3 import ObjectStore
 from async_notifier.batch.scratch import ScratchDir
 from async_notifier.config import Settings
 from async_notifier.errors import (
-    BucketNotAllowed,
     DownloadFailed,
     ObjectUnavailable,
     TooLarge,
@@ -32,6 +31,7 @@ def settings(endpoint_url: str, **extra: str) -> Settings:
         {
             "SMTP_SERVER": "smtp.invalid",
             "EMAIL_FROM": "no-reply@example.com",
+            "ALLOWED_BUCKETS": "*",
             "AWS_ENDPOINT_URL": endpoint_url,
             "AWS_REGION": "us-east-1",
             **extra,
@@ -40,11 +40,9 @@ def settings(endpoint_url: str, **extra: str) -> Settings:
 
 
 @contextlib.asynccontextmanager
-async def object_store(
-    endpoint_url: str, allowed: frozenset[str] = frozenset()
-) -> AsyncIterator[ObjectStore]:
+async def object_store(endpoint_url: str) -> AsyncIterator[ObjectStore]:
     async with aws_client("s3", settings(endpoint_url)) as client:
-        yield ObjectStore(client, chunk_size=CHUNK, allowed_buckets=allowed)
+        yield ObjectStore(client, chunk_size=CHUNK)
 
 
 @pytest.fixture
@@ -127,35 +125,6 @@ async def test_missing_bucket_is_permanent_object_unavailable(
         with pytest.raises(ObjectUnavailable, match="NoSuchBucket"):
             await store.download("no-such-bucket", "k.zip", dest)
     assert not dest.exists()
-
-
-async def test_bucket_outside_allowed_buckets_is_refused(
-    aws: MotoServer, bucket: str, scratch: ScratchDir
-) -> None:
-    client = s3_client(aws.endpoint_url)
-    seed_objects(client, "private-data", {"secrets.zip": b"PK secret"})
-    seed_objects(client, bucket, {"ok.zip": b"PK ok"})
-    allowed = frozenset({bucket})
-    async with object_store(aws.endpoint_url, allowed) as store:
-        dest = scratch.new_file()
-        with pytest.raises(BucketNotAllowed) as caught:
-            await store.download("private-data", "secrets.zip", dest)
-        assert caught.value.transient is False
-        assert "private-data" in caught.value.reason
-        assert not dest.exists()
-        with pytest.raises(BucketNotAllowed):
-            store.check_allowed("private-data")
-        # The allowed bucket still works through the same store.
-        ok = scratch.new_file()
-        assert await store.download(bucket, "ok.zip", ok) == len(b"PK ok")
-    assert files_under(scratch.path) == [ok]
-
-
-async def test_no_allowed_buckets_means_any_bucket(aws: MotoServer, scratch: ScratchDir) -> None:
-    seed_objects(s3_client(aws.endpoint_url), "anything-goes", {"a.zip": b"PK a"})
-    async with object_store(aws.endpoint_url) as store:
-        dest = scratch.new_file()
-        assert await store.download("anything-goes", "a.zip", dest) == 4
 
 
 # --------------------------------------------------------------------------- a broken stream

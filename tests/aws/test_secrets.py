@@ -59,6 +59,7 @@ def factory(aws: MotoServer) -> CountingFactory:
         {
             "SMTP_SERVER": "smtp.example.com",
             "EMAIL_FROM": "no-reply@example.com",
+            "ALLOWED_BUCKETS": "*",
             "AWS_ENDPOINT_URL": aws.endpoint_url,
             "AWS_REGION": REGION,
         }
@@ -232,6 +233,7 @@ async def test_unreachable_endpoint_is_unavailable(aws: MotoServer, clock: Clock
         {
             "SMTP_SERVER": "smtp.example.com",
             "EMAIL_FROM": "no-reply@example.com",
+            "ALLOWED_BUCKETS": "*",
             "AWS_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}",
             "S3_TIMEOUT": "1",
         }

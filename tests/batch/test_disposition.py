@@ -117,7 +117,7 @@ def test_a_failure_without_an_sqs_record_can_only_be_reported() -> None:
 
 
 def test_the_policy_comes_from_the_settings() -> None:
-    base = {"SMTP_SERVER": "smtp.test", "EMAIL_FROM": "a@example.com"}
+    base = {"SMTP_SERVER": "smtp.test", "EMAIL_FROM": "a@example.com", "ALLOWED_BUCKETS": "*"}
     assert Policy.from_settings(Settings.from_env(base)) == NO_DLQ
     with_dlq = {**base, "DEAD_LETTER_QUEUE_URL": "https://sqs/1/dlq", "RETRY_BACKOFF": "false"}
     assert Policy.from_settings(Settings.from_env(with_dlq)) == NO_BACKOFF

@@ -15,6 +15,8 @@ from async_notifier.errors import (
     DownloadFailed,
     InternalError,
     NotifierError,
+    RecipientSuppressed,
+    RecipientUnverified,
     SmtpUnavailable,
 )
 from async_notifier.logs import configure, request_id
@@ -57,11 +59,15 @@ def batch() -> BatchResult:
             outcome("8", error=DownloadFailed("reset"), size=4_096, retries=3),
             outcome("9", error=SmtpUnavailable("421")),
             outcome("10", error=InternalError("KeyError: 'x'"), retries=1),
+            outcome("11", error=RecipientUnverified("Cognito user 'u1' has not verified")),
+            outcome("12", error=RecipientSuppressed("addr-0123456789 is suppressed")),
         ]
     )
-    # Settled: the two bad messages went to the dead-letter queue, the rest are retried.
+    # Settled: the permanent failures went to the dead-letter queue, the rest are retried.
     result.fates = [
-        DeadLetter("bad_message") if o.message_id in ("6", "7") else Retry(30)
+        DeadLetter(o.error.kind if o.error else "")
+        if o.message_id in ("6", "7", "11", "12")
+        else Retry(30)
         for o in result.errors
     ]
     return result
@@ -74,6 +80,7 @@ def test_batch_metrics(batch: BatchResult) -> None:
         connections_opened=3,
         namespace=NAMESPACE,
         function_name="notifier-prod",
+        circuit_opened=1,
     )
     out = io.StringIO()
     text = metrics.emit(out)
@@ -85,11 +92,11 @@ def test_batch_metrics(batch: BatchResult) -> None:
     assert directive_of(main)["Dimensions"] == [["FunctionName"]]
     assert main["FunctionName"] == "notifier-prod"
     expected = {
-        "RecordsReceived": 10,
+        "RecordsReceived": 12,
         "RecordsSent": 3,
-        "RecordsFailed": 5,
+        "RecordsFailed": 7,
         "BatchItemFailures": 3,
-        "RecordsDeadLettered": 2,
+        "RecordsDeadLettered": 4,
         "RecordsRetried": 3,
         "Retries": 6,
         "BytesAttached": 1_500,
@@ -97,6 +104,9 @@ def test_batch_metrics(batch: BatchResult) -> None:
         "Duplicates": 1,
         "AlreadyDelivered": 1,
         "SmtpConnectionsOpened": 3,
+        "SmtpCircuitOpened": 1,
+        "RecipientsUnverified": 1,
+        "RecordsSuppressed": 1,
         "InvocationDuration": 1234.5,
     }
     assert {name: main[name] for name in units_of(main)} == expected
@@ -111,7 +121,14 @@ def test_batch_metrics(batch: BatchResult) -> None:
         assert units_of(document) == {"RecordsFailed": "Count"}
         assert document["FunctionName"] == "notifier-prod"
         failed[document["ErrorClass"]] = document["RecordsFailed"]
-    assert failed == {"bad_message": 2, "download_failed": 1, "smtp_unavailable": 1, "internal": 1}
+    assert failed == {
+        "bad_message": 2,
+        "download_failed": 1,
+        "smtp_unavailable": 1,
+        "internal": 1,
+        "recipient_unverified": 1,
+        "suppressed": 1,
+    }
     assert sum(failed.values()) == main["RecordsFailed"]
 
 

@@ -23,6 +23,7 @@ def settings(host: str, port: int, **extra: str) -> Settings:
         "SMTP_PORT": str(port),
         "SMTP_TLS": "none",
         "EMAIL_FROM": f"Async Notifier <{SENDER}>",
+        "ALLOWED_BUCKETS": "*",
         "SMTP_TIMEOUT": "10",
         **extra,
     }

@@ -56,7 +56,7 @@ def classes(out: str) -> set[str]:
 
 
 def pool_stats() -> Any:
-    return handler._notifier.backend.pool  # type: ignore[union-attr]
+    return handler.process.notifier.backend.pool  # type: ignore[union-attr]
 
 
 class SilentServer:
@@ -107,7 +107,7 @@ def test_a_closed_port_fails_the_batch_at_once_with_few_attempts(
     pool = pool_stats()
     assert pool.breaker.state is BreakerState.OPEN
     assert pool.breaker.openings == 1
-    stats = handler._runner.run(pool.finish_batch())  # type: ignore[union-attr]
+    stats = handler.process.run(pool.finish_batch())  # type: ignore[union-attr]
     assert stats.connections_failed <= 10  # every connection attempt the batch made
     assert stats.circuit_opened == 1
 

@@ -311,7 +311,7 @@ def test_a_batch_of_1000_recipients_is_checked_in_a_handful_of_calls(
     ]
     result = handler.lambda_handler(sqs_event(records), FakeLambdaContext())
     assert len(result["batchItemFailures"]) == 990  # no dead-letter queue: reported failed
-    store = handler._notifier.backend._adapters.suppression  # type: ignore[union-attr]
+    store = handler.process.notifier.backend._adapters.suppression  # type: ignore[union-attr]
     assert store.calls == 10
     assert len(smtp_sink.messages) == 10
 
