@@ -231,20 +231,6 @@ def _address_header(name: str, address: Address) -> str:
     return _stdlib_header(name, address)
 
 
-@functools.lru_cache(maxsize=1024)
-def _to_template(display_name: str, local_len: int, domain_len: int) -> str | None:
-    """The To line for a plain address of these lengths, with "{}" where the address goes.
-
-    How the stdlib encodes a display name does not depend on a plain address, only on
-    its length (which decides folding): a line that did not fold is cached as a template.
-    """
-    placeholder = f"{'x' * local_len}@{'y' * domain_len}"
-    line = _stdlib_header("To", Address(display_name=display_name, addr_spec=placeholder))
-    if line.count(_CRLF) != 1 or line.count(placeholder) != 1 or "{" in line or "}" in line:
-        return None
-    return line.replace(placeholder, "{}")
-
-
 def _to_header(display_name: str, addr: str) -> str:
     if not _PLAIN_ADDR.fullmatch(addr):
         return _stdlib_header("To", Address(display_name=display_name, addr_spec=addr))
@@ -252,11 +238,7 @@ def _to_header(display_name: str, addr: str) -> str:
         return _header("To", addr, _PLAIN_ADDR)
     if _PLAIN_NAME.fullmatch(display_name):
         return _header("To", f"{display_name} <{addr}>", _ANY)
-    local, _, domain = addr.rpartition("@")
-    template = _to_template(display_name, len(local), len(domain))
-    if template is None:
-        return _stdlib_header("To", Address(display_name=display_name, addr_spec=addr))
-    return template.format(addr)
+    return _stdlib_header("To", Address(display_name=display_name, addr_spec=addr))
 
 
 def _subject_header(subject: str) -> str:
