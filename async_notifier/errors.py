@@ -28,6 +28,8 @@ def address_hash(address: str) -> str:
 
 def redact(text: str) -> str:
     """`text` with every email address replaced by its `address_hash`."""
+    if "@" not in text:  # most log lines: 0.1 us instead of the regex's 15 us
+        return text
     return _ADDRESS.sub(lambda match: address_hash(match.group(0)), text)
 
 
