@@ -404,7 +404,7 @@ class Bench:
         return row
 
     def _profile_path(self, scenario: Scenario, target: str, run: int) -> Path | None:
-        """Where `--profile` puts this run's profile: handler targets only, one file per run."""
+        """Where `--profile` puts this run's profile: handler targets only, one file per run (absolute: the target runs from its own tree)."""
         if not self.args.profile or target not in HANDLERS:
             return None
         name = f"profile-{scenario.name}"
@@ -412,7 +412,7 @@ class Bench:
             name += f"-{target}"
         if self.args.repeat > 1:
             name += f"-{run}"
-        profile: Path = self.args.out.parent / f"{name}.pstats"
+        profile: Path = self.args.out.parent.resolve() / f"{name}.pstats"
         profile.parent.mkdir(parents=True, exist_ok=True)
         return profile
 
