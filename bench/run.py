@@ -404,7 +404,9 @@ class Bench:
         return row
 
     def _profile_path(self, scenario: Scenario, target: str, run: int) -> Path | None:
-        """Where `--profile` puts this run's profile: handler targets only, one file per run (absolute: the target runs from its own tree)."""
+        """Where `--profile` puts this run's profile: handler targets only, one file per run.
+
+        Absolute, since the target runs from its own tree."""
         if not self.args.profile or target not in HANDLERS:
             return None
         name = f"profile-{scenario.name}"
