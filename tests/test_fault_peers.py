@@ -208,7 +208,7 @@ async def test_drop_after_data_is_delivered_but_unanswered(faulty_smtp: FaultySm
 
 async def test_stall_on_data_times_the_client_out(faulty_smtp: FaultySmtp) -> None:
     faulty_smtp.faults = SmtpFaults(stall_seconds=math.inf)
-    client = _client(faulty_smtp, timeout=0.3)
+    client = _client(faulty_smtp, timeout=1.0)
     await client.connect()
     with pytest.raises(aiosmtplib.SMTPTimeoutError):
         await client.send_message(_message())
@@ -228,7 +228,7 @@ async def test_short_stall_only_slows_down(faulty_smtp: FaultySmtp) -> None:
 
 async def test_stall_on_greeting(faulty_smtp: FaultySmtp) -> None:
     faulty_smtp.faults = SmtpFaults(stall_seconds=math.inf, stall_on="greeting")
-    client = _client(faulty_smtp, timeout=0.3)
+    client = _client(faulty_smtp, timeout=1.0)
     with pytest.raises(aiosmtplib.SMTPTimeoutError):
         await client.connect()
     await faulty_smtp.wait_idle_async()
@@ -519,11 +519,16 @@ async def test_rules_by_target_pick_one_json_operation(
 def test_slow_body_with_a_short_read_timeout_times_out(
     proxied: Any, bucket: str, s3_proxy: S3FaultProxy
 ) -> None:
-    s3_proxy.set_rules(S3Rule(S3Action.SLOW, match=KEY, slow_chunk=1024, slow_delay=1.0))
+    """The headers come at moto's pace, the body stalls: only the body read times out.
+
+    The timeout sits well above moto's latency on a loaded machine (0.2 s was not)
+    and well below the pause between body chunks.
+    """
+    s3_proxy.set_rules(S3Rule(S3Action.SLOW, match=KEY, slow_chunk=1024, slow_delay=10.0))
     impatient = boto3.client(
         "s3",
         endpoint_url=s3_proxy.endpoint_url,
-        config=Config(retries={"total_max_attempts": 1}, read_timeout=0.2),
+        config=Config(retries={"total_max_attempts": 1}, read_timeout=1.5),
         **CREDENTIALS,
     )
     try:
