@@ -19,12 +19,12 @@ from typing import Any
 from ..config import Settings
 from ..deadline import Deadline
 from ..errors import NotifierError
-from ..logs import configure, get_logger
+from ..logs import get_logger
 from ..mail.render import Renderer
 from ..messages import parse_body
 from ..ports import Adapters, Backend
 from .delivery import Delivery
-from .disposition import Policy
+from .entry_point import BatchEntryPoint
 from .outcome import BatchResult
 from .report import metrics_from_batch
 from .scratch import ByteBudget, ScratchDir
@@ -35,40 +35,10 @@ from .workers import run_batch
 log = get_logger()
 
 
-class Notifier:
+class Notifier(BatchEntryPoint):
     def __init__(self, settings: Settings, backend: Backend) -> None:
-        self.settings = settings
-        self.backend = backend
+        super().__init__(settings, backend)
         self.renderer = Renderer(settings.templates_dir, settings.default_locale)
-        self.policy = Policy.from_settings(settings)
-        configure(settings.log_level)
-
-    async def prepare(self) -> None:
-        """Make the clients now, connecting nothing: Lambda's init phase, off the clock of
-        the first invocation."""
-        await self.backend.prepare()
-
-    def forget_secrets(self) -> None:
-        self.backend.forget_secrets()
-
-    async def aclose(self) -> None:
-        """Close the clients and QUIT the pooled SMTP connections."""
-        await self.backend.aclose()
-
-    async def __aenter__(self) -> Notifier:
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.aclose()
-
-    async def handle(self, event: Any, context: Any = None) -> dict[str, list[dict[str, str]]]:
-        """Process one Lambda SQS event; return the partial batch response."""
-        deadline = Deadline.from_context(context, self.settings.deadline_margin)
-        function_name = getattr(context, "function_name", None)
-        result = await self.process(
-            records_of(event), deadline=deadline, function_name=function_name
-        )
-        return result.response()
 
     async def process(
         self,
@@ -139,12 +109,3 @@ class Notifier:
             async with asyncio.timeout_at(cutoff):
                 await check.preload(addresses)
         return check
-
-
-def records_of(event: Any) -> list[Any]:
-    """The records of a Lambda SQS event (none when it has no Records list)."""
-    records = event.get("Records") if isinstance(event, dict) else None
-    if not isinstance(records, list):
-        log.warning("event has no Records list; nothing to do")
-        return []
-    return records

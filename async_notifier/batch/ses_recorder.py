@@ -17,13 +17,12 @@ from typing import Any
 from ..config import Settings
 from ..deadline import Deadline
 from ..errors import DeadlineExceeded, NotifierError
-from ..logs import configure, get_logger
+from ..logs import get_logger
 from ..messages import SqsRecord
 from ..metrics import InvocationMetrics
 from ..ports import Backend, SuppressionList
 from ..ses_events import AddressEvent, parse_ses_event
-from .disposition import Policy
-from .notifier import records_of
+from .entry_point import BatchEntryPoint
 from .outcome import BatchResult, Outcome
 from .settle import settle
 from .workers import run_batch
@@ -31,38 +30,13 @@ from .workers import run_batch
 log = get_logger()
 
 
-class SesEventsRecorder:
+class SesEventsRecorder(BatchEntryPoint):
     """Records SES events in the suppression list; handed its adapters like `Notifier`."""
 
     def __init__(self, settings: Settings, backend: Backend) -> None:
         if not settings.suppression_table:
             raise ValueError("SES events are recorded in SUPPRESSION_TABLE, which is not set")
-        self.settings = settings
-        self.backend = backend
-        self.policy = Policy.from_settings(settings)
-        configure(settings.log_level)
-
-    async def prepare(self) -> None:
-        await self.backend.prepare()
-
-    def forget_secrets(self) -> None:
-        self.backend.forget_secrets()
-
-    async def aclose(self) -> None:
-        await self.backend.aclose()
-
-    async def __aenter__(self) -> SesEventsRecorder:
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.aclose()
-
-    async def handle(self, event: Any, context: Any = None) -> dict[str, list[dict[str, str]]]:
-        deadline = Deadline.from_context(context, self.settings.deadline_margin)
-        function_name = getattr(context, "function_name", None)
-        records = records_of(event)
-        result = await self.process(records, deadline=deadline, function_name=function_name)
-        return result.response()
+        super().__init__(settings, backend)
 
     async def process(
         self,

@@ -1,0 +1,74 @@
+"""What the two Lambda entry points share: the backend's lifecycle and the SQS event.
+
+`Notifier` (videos to email) and `SesEventsRecorder` (SES events to the suppression list)
+differ only in how they process a batch of records; both are made once per warm process,
+prepared in the init phase, and closed before a snapshot.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Self
+
+from ..config import Settings
+from ..deadline import Deadline
+from ..logs import configure, get_logger
+from ..ports import Backend
+from .disposition import Policy
+from .outcome import BatchResult
+
+log = get_logger()
+
+
+class BatchEntryPoint:
+    """One entry point's worker: handed its adapters, it turns an SQS event into a response."""
+
+    def __init__(self, settings: Settings, backend: Backend) -> None:
+        self.settings = settings
+        self.backend = backend
+        self.policy = Policy.from_settings(settings)
+        configure(settings.log_level)
+
+    async def prepare(self) -> None:
+        """Make the clients now, connecting nothing: Lambda's init phase, off the clock of
+        the first invocation."""
+        await self.backend.prepare()
+
+    def forget_secrets(self) -> None:
+        self.backend.forget_secrets()
+
+    async def aclose(self) -> None:
+        """Close the clients and QUIT the pooled SMTP connections."""
+        await self.backend.aclose()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def handle(self, event: Any, context: Any = None) -> dict[str, list[dict[str, str]]]:
+        """Process one Lambda SQS event; return the partial batch response."""
+        deadline = Deadline.from_context(context, self.settings.deadline_margin)
+        function_name = getattr(context, "function_name", None)
+        result = await self.process(
+            records_of(event), deadline=deadline, function_name=function_name
+        )
+        return result.response()
+
+    async def process(
+        self,
+        records: list[Any],
+        *,
+        deadline: Deadline | None = None,
+        function_name: str | None = None,
+    ) -> BatchResult:
+        raise NotImplementedError
+
+
+def records_of(event: Any) -> list[Any]:
+    """The records of a Lambda SQS event (none when it has no Records list)."""
+    records = event.get("Records") if isinstance(event, dict) else None
+    if not isinstance(records, list):
+        log.warning("event has no Records list; nothing to do")
+        return []
+    return records
