@@ -40,7 +40,8 @@ from servers import (
 )
 
 import handler
-from async_notifier.aws.idempotency import create_table, idempotency_key
+from async_notifier.aws.idempotency import idempotency_key
+from async_notifier.aws.tables import create_table
 from async_notifier.batch import notifier
 from async_notifier.batch.scratch import ByteBudget, stale_at
 from async_notifier.messages import parse_body

@@ -859,7 +859,8 @@ def test_a_send_cancelled_after_its_data_keeps_its_idempotency_claim(
 ) -> None:
     """Cancelled by the deadline while the server decides: maybe delivered, so the claim stays
     IN_PROGRESS (a retry waits for it to expire); claims of records that sent nothing go."""
-    from async_notifier.aws.idempotency import create_table, idempotency_key
+    from async_notifier.aws.idempotency import idempotency_key
+    from async_notifier.aws.tables import create_table
     from async_notifier.messages import parse_body
 
     async def make_table() -> None:

@@ -177,26 +177,3 @@ def _item(key: str, status: str, expires_at: float) -> dict[str, Any]:
         "status": {"S": status},
         "expires_at": {"N": _number(expires_at)},
     }
-
-
-async def create_table(client: Any, table: str) -> None:
-    """Create the idempotency table (on-demand) with TTL on `expires_at`; idempotent."""
-    try:
-        await client.create_table(
-            TableName=table,
-            AttributeDefinitions=[{"AttributeName": "id", "AttributeType": "S"}],
-            KeySchema=[{"AttributeName": "id", "KeyType": "HASH"}],
-            BillingMode="PAY_PER_REQUEST",
-        )
-    except Exception as exc:
-        if aws_error(exc).code != "ResourceInUseException":
-            raise
-    waiter = client.get_waiter("table_exists")
-    await waiter.wait(TableName=table, WaiterConfig={"Delay": 1, "MaxAttempts": 120})
-    described = await client.describe_time_to_live(TableName=table)
-    status = described.get("TimeToLiveDescription", {}).get("TimeToLiveStatus")
-    if status not in ("ENABLED", "ENABLING"):
-        await client.update_time_to_live(
-            TableName=table,
-            TimeToLiveSpecification={"Enabled": True, "AttributeName": "expires_at"},
-        )

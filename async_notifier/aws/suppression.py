@@ -161,22 +161,3 @@ class DynamoSuppressionList:
 
 class _AlreadySuppressed(Exception):
     pass
-
-
-async def create_table(client: Any, table: str) -> None:
-    """Create the suppression table (on-demand, TTL on `expires_at`); idempotent."""
-    try:
-        await client.create_table(
-            TableName=table,
-            AttributeDefinitions=[{"AttributeName": "id", "AttributeType": "S"}],
-            KeySchema=[{"AttributeName": "id", "KeyType": "HASH"}],
-            BillingMode="PAY_PER_REQUEST",
-        )
-    except Exception as exc:
-        if aws_error(exc).code != "ResourceInUseException":
-            raise
-    waiter = client.get_waiter("table_exists")
-    await waiter.wait(TableName=table, WaiterConfig={"Delay": 1, "MaxAttempts": 120})
-    await client.update_time_to_live(
-        TableName=table, TimeToLiveSpecification={"Enabled": True, "AttributeName": "expires_at"}
-    )

@@ -30,7 +30,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal, TextIO
 
-from ..aws.suppression import create_table as create_suppression_table
+from ..aws.tables import create_table
 from ..batch.outcome import BatchResult
 from ..config import Settings
 from ..logs import JsonFormatter, configure
@@ -360,7 +360,7 @@ async def _resources(
     }
     queue_url = (await sqs.create_queue(QueueName=name, Attributes=attributes))["QueueUrl"]
     ses_url = (await sqs.create_queue(QueueName=f"{name}-ses", Attributes=attributes))["QueueUrl"]
-    await create_suppression_table(dynamodb, name)
+    await create_table(dynamodb, name)
     try:
         yield _Resources(name, queue_url, dlq_url, ses_url)
     finally:

@@ -14,7 +14,8 @@ import pytest
 from aiobotocore.config import AioConfig
 from servers import REGION, MotoServer, free_port
 
-from async_notifier.aws.idempotency import DynamoIdempotencyStore, create_table, idempotency_key
+from async_notifier.aws.idempotency import DynamoIdempotencyStore, idempotency_key
+from async_notifier.aws.tables import create_table
 from async_notifier.errors import IdempotencyUnavailable
 
 TABLE = "notifier-idempotency"
