@@ -59,10 +59,13 @@ def health(url: str, timeout: float = 2.0) -> dict[str, object] | None:
 
 
 def ready(document: dict[str, object] | None) -> bool:
+    """S3 and SQS are up: what the worker needs. DynamoDB is not waited for: run on the
+    host, LocalStack serves it only where DynamoDB Local (Java) can be installed, and a
+    failed CreateTable turns its state to "error" for the rest of the run."""
     services = document.get("services") if document else None
     if not isinstance(services, dict):
         return False
-    return all(services.get(name) in READY_STATES for name in ("s3", "sqs", "dynamodb"))
+    return all(services.get(name) in READY_STATES for name in ("s3", "sqs"))
 
 
 def _alive(pid: int) -> bool:
