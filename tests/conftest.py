@@ -283,6 +283,18 @@ def fresh_handler() -> Iterator[None]:
 
 
 @pytest.fixture
+def restore_environ() -> Iterator[None]:
+    """For tests that run `run_local` in-process: it sets the worker's environment, as
+    `make run-local` does."""
+    saved = dict(os.environ)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+@pytest.fixture
 def captured() -> Iterator[CapturedLogs]:
     """The package's log records, straight from its logger (which does not propagate, so
     pytest's caplog would miss them once a Notifier has configured it)."""

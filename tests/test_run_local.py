@@ -12,6 +12,12 @@ import zipfile
 from email.message import EmailMessage
 from pathlib import Path
 
+from faults import S3Action, S3FaultProxy, S3Rule
+from queues import client
+from servers import MotoServer
+
+from async_notifier.local.demo import Options, run_local
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -101,3 +107,29 @@ def test_make_run_local(tmp_path: Path) -> None:
     moto_pid = re.search(r"pid (\d+)", output)
     assert moto_pid is not None, output
     assert not _alive(int(moto_pid[1]))
+
+
+async def test_an_endpoint_without_dynamodb_runs_the_rest_of_the_demo(
+    s3_proxy: S3FaultProxy, moto_server: MotoServer, restore_environ: None, tmp_path: Path
+) -> None:
+    """LocalStack without Docker serves no DynamoDB: the demo says what it skips, shows the
+    rest, and leaves nothing behind on the endpoint it was pointed at."""
+    s3_proxy.set_rules(S3Rule(S3Action.INTERNAL_ERROR, target="DynamoDB_20120810.CreateTable"))
+    out = io.StringIO()
+    options = Options(
+        messages=3, zip_size=20_000, outbox=tmp_path / "outbox", endpoint_url=s3_proxy.endpoint_url
+    )
+    report = await run_local(options, out=out)
+
+    output = out.getvalue()
+    assert report.ok, output
+    assert [s.label for s in report.samples] == ["COMPLETED pt-BR", "FAILED en", "bad: not JSON"]
+    assert [s.result for s in report.samples] == ["sent", "sent", "moved to DLQ"]
+    assert "Every message ended where it should." in output
+    assert f"Skipped bounce and suppression: {s3_proxy.endpoint_url} serves no DynamoDB" in output
+    assert "SUPPRESSION_TABLE" not in os.environ
+    assert s3_proxy.counts[S3Action.INTERNAL_ERROR] >= 1
+    sqs = client("sqs", moto_server.endpoint_url)
+    assert not sqs.list_queues(QueueNamePrefix=report.resource_name).get("QueueUrls")
+    buckets = client("s3", moto_server.endpoint_url).list_buckets()["Buckets"]
+    assert report.resource_name not in {b["Name"] for b in buckets}

@@ -30,6 +30,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal, TextIO
 
+from ..aws.errors import aws_error
 from ..aws.tables import create_table
 from ..batch.outcome import BatchResult
 from ..config import Settings
@@ -105,6 +106,7 @@ class Report:
     log_file: Path
     stats: RunnerStats | None = None
     resource_name: str = ""  # the bucket and the queue (its DLQ: +"-dlq")
+    skipped: str = ""  # a part of the demo this endpoint cannot show, and why
     interrupted: bool = False
     timed_out: bool = False
     seconds: float = 0.0
@@ -247,11 +249,14 @@ def bounce_samples(first_number: int, bucket: str) -> tuple[Sample, Sample]:
 # --------------------------------------------------------------------------- the run
 
 
-def resource_environment(name: str, dlq_url: str) -> dict[str, str]:
+def resource_environment(name: str, dlq_url: str, *, suppression: bool) -> dict[str, str]:
     """The demo's own resources: its bucket is the one bucket allowed, its table the
     suppression list, and permanent failures go straight to the dead-letter queue (with
     their reason), as a deployed stack does."""
-    return {"ALLOWED_BUCKETS": name, "SUPPRESSION_TABLE": name, "DEAD_LETTER_QUEUE_URL": dlq_url}
+    values = {"ALLOWED_BUCKETS": name, "DEAD_LETTER_QUEUE_URL": dlq_url}
+    if suppression:
+        values["SUPPRESSION_TABLE"] = name
+    return values
 
 
 def worker_environment(endpoint_url: str, smtp_port: int) -> dict[str, str]:
@@ -285,6 +290,7 @@ _UNSET = (
     "IDEMPOTENCY_TABLE",
     "ALLOWED_KEY_PREFIX",
     "LINK_SIGNING_SECRET_ID",
+    "SUPPRESSION_TABLE",
 )
 
 
@@ -339,6 +345,9 @@ class _Resources:
     queue_url: str
     dlq_url: str
     ses_queue_url: str  # SES events (bounces, complaints), as the SNS subscription fills it
+    #: Why the endpoint has no suppression table ("" when it has one): LocalStack run
+    #: without Docker serves no DynamoDB (its DynamoDB is DynamoDB Local, a Java download).
+    no_table: str = ""
 
 
 @contextlib.asynccontextmanager
@@ -346,7 +355,8 @@ async def _resources(
     sqs: Any, s3: Any, dynamodb: Any, options: Options, *, cleanup: bool
 ) -> AsyncIterator[_Resources]:
     """A bucket, the queues and the suppression table, with unique names; removed
-    afterwards when asked."""
+    afterwards when asked (on an endpoint the demo did not start). Such an endpoint may
+    serve no DynamoDB: the demo then runs without the suppression table."""
     name = f"async-notifier-demo-{uuid.uuid4().hex[:8]}"
     await s3.create_bucket(Bucket=name)
     dlq_url = (await sqs.create_queue(QueueName=f"{name}-dlq"))["QueueUrl"]
@@ -360,16 +370,23 @@ async def _resources(
     }
     queue_url = (await sqs.create_queue(QueueName=name, Attributes=attributes))["QueueUrl"]
     ses_url = (await sqs.create_queue(QueueName=f"{name}-ses", Attributes=attributes))["QueueUrl"]
-    await create_table(dynamodb, name)
+    no_table = ""
     try:
-        yield _Resources(name, queue_url, dlq_url, ses_url)
+        await create_table(dynamodb, name)
+    except Exception as exc:
+        if not cleanup:  # our own moto serves DynamoDB: a failure here is a bug
+            raise
+        no_table = aws_error(exc).describe()
+    try:
+        yield _Resources(name, queue_url, dlq_url, ses_url, no_table)
     finally:
         if cleanup:
             for url in (queue_url, ses_url, dlq_url):
                 with contextlib.suppress(Exception):
                     await sqs.delete_queue(QueueUrl=url)
-            with contextlib.suppress(Exception):
-                await dynamodb.delete_table(TableName=name)
+            if not no_table:
+                with contextlib.suppress(Exception):
+                    await dynamodb.delete_table(TableName=name)
             with contextlib.suppress(Exception):
                 listing = await s3.list_objects_v2(Bucket=name)
                 for item in listing.get("Contents", []):
@@ -483,7 +500,15 @@ async def run_local(
             _client("dynamodb", endpoint_url) as dynamodb,
             _resources(sqs, s3, dynamodb, options, cleanup=moto is None) as made,
         ):
-            os.environ.update(resource_environment(made.name, made.dlq_url))
+            suppression = not made.no_table
+            os.environ.update(
+                resource_environment(made.name, made.dlq_url, suppression=suppression)
+            )
+            if not suppression:
+                report.skipped = (
+                    f"bounce and suppression: {endpoint_url} serves no DynamoDB table "
+                    f"({_clip(made.no_table, 80)})"
+                )
             settings = Settings.from_env()
             report.resource_name = bucket = made.name
             report.samples = samples = build_samples(options.messages, bucket)
@@ -510,7 +535,7 @@ async def run_local(
                     report.stats = await _drain(
                         notifier, settings, made.queue_url, samples, options, stop, out
                     )
-                    if report.stats.drained:
+                    if report.stats.drained and suppression:
                         bounce, again = bounce_samples(len(samples) + 1, bucket)
                         samples += [bounce, again]
                         _print(
@@ -580,6 +605,8 @@ def print_report(report: Report, options: Options, out: TextIO) -> None:
         wrong = [str(s.number) for s in report.samples if not s.as_expected]
         summary += f" Unexpected result for message(s) {', '.join(wrong)}."
     _print(out, summary)
+    if report.skipped:
+        _print(out, f"Skipped {report.skipped}; `make run-local` on moto shows it.")
     _print(
         out,
         f"Open the .html files in a browser and the .eml files in a mail client; "
