@@ -25,6 +25,7 @@ from typing import Any
 import boto3
 import pytest
 from faults import FaultySmtp, S3Action, S3FaultProxy, S3Rule, SmtpFaults
+from queues import make_table
 from servers import (
     LOOPBACK,
     REGION,
@@ -41,7 +42,6 @@ from servers import (
 
 import handler
 from async_notifier.aws.idempotency import idempotency_key
-from async_notifier.aws.tables import create_table
 from async_notifier.batch import notifier
 from async_notifier.batch.scratch import ByteBudget, stale_at
 from async_notifier.messages import parse_body
@@ -173,15 +173,7 @@ def test_a_release_that_cannot_complete_does_not_make_the_handler_overrun(
     """Records cut off at the cutoff with their claims taken; DynamoDB never answers the
     release (the proxy stalls DeleteItem only: the claims are taken through it at once)."""
 
-    async def make_table() -> None:
-        import aioboto3
-
-        async with aioboto3.Session().client(
-            "dynamodb", region_name=REGION, endpoint_url=aws.endpoint_url
-        ) as client:
-            await create_table(client, "claims")
-
-    asyncio.run(make_table())
+    make_table(aws.endpoint_url, "claims")
     monkeypatch.setenv("IDEMPOTENCY_TABLE", "claims")
     monkeypatch.setenv("RETRY_BACKOFF", "false")
     # Without a bound of its own a release would wait out 4 SDK attempts of 10 s each.

@@ -14,7 +14,6 @@ No timing assertions, except that the deadline test returns before the context's
 
 from __future__ import annotations
 
-import asyncio
 import email
 import email.policy
 import json
@@ -38,6 +37,7 @@ from faults import (
     SmtpFaultEvent,
     SmtpFaults,
 )
+from queues import make_table
 from servers import (
     REGION,
     FakeLambdaContext,
@@ -860,18 +860,9 @@ def test_a_send_cancelled_after_its_data_keeps_its_idempotency_claim(
     """Cancelled by the deadline while the server decides: maybe delivered, so the claim stays
     IN_PROGRESS (a retry waits for it to expire); claims of records that sent nothing go."""
     from async_notifier.aws.idempotency import idempotency_key
-    from async_notifier.aws.tables import create_table
     from async_notifier.messages import parse_body
 
-    async def make_table() -> None:
-        import aioboto3
-
-        async with aioboto3.Session().client(
-            "dynamodb", region_name=REGION, endpoint_url=aws.endpoint_url
-        ) as client:
-            await create_table(client, "claims")
-
-    asyncio.run(make_table())
+    make_table(aws.endpoint_url, "claims")
     monkeypatch.setenv("IDEMPOTENCY_TABLE", "claims")
     monkeypatch.setenv("SMTP_TIMEOUT", "30")
     monkeypatch.setenv("DEADLINE_MARGIN_SECONDS", "3")

@@ -8,7 +8,6 @@ section promises is broken, not when an implementation detail changes.
 
 from __future__ import annotations
 
-import asyncio
 import html
 import json
 import re
@@ -19,11 +18,11 @@ from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
 
-import aioboto3
 import boto3
 import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
+from queues import make_table
 from servers import (
     LOOPBACK,
     REGION,
@@ -41,7 +40,6 @@ from servers import (
 
 import handler
 from async_notifier.aws.idempotency import idempotency_key
-from async_notifier.aws.tables import create_table
 from async_notifier.batch import notifier
 from async_notifier.batch.scratch import ByteBudget
 from async_notifier.config import ConfigError, Settings
@@ -485,13 +483,6 @@ def test_duplicates_of_a_failed_record_fail_with_it(
 # --------------------------------------------------------------------------- 5. idempotency table
 
 
-async def _create_table(endpoint_url: str, table: str) -> None:
-    async with aioboto3.Session().client(
-        "dynamodb", endpoint_url=endpoint_url, region_name=REGION
-    ) as client:
-        await create_table(client, table)
-
-
 def _dynamodb(aws: MotoServer) -> Any:
     return boto3.client("dynamodb", endpoint_url=aws.endpoint_url, region_name=REGION)
 
@@ -504,7 +495,7 @@ def _claim(body: Body) -> dict[str, Any]:
 def idempotency_table(
     lambda_env: dict[str, str], aws: MotoServer, monkeypatch: pytest.MonkeyPatch
 ) -> str:
-    asyncio.run(_create_table(aws.endpoint_url, TABLE))
+    make_table(aws.endpoint_url, TABLE)
     monkeypatch.setenv("IDEMPOTENCY_TABLE", TABLE)
     return TABLE
 

@@ -1,4 +1,5 @@
-"""SQS set-up and inspection for the runner tests, against any real endpoint (moto, LocalStack)."""
+"""SQS set-up and inspection for the runner tests, against any real endpoint (moto, LocalStack);
+and the DynamoDB tables the idempotency tests claim in."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from urllib.parse import urlsplit
 
 import boto3
 
+from async_notifier.aws.tables import create_table
 from async_notifier.batch.notifier import Notifier
 from async_notifier.config import Settings
 from async_notifier.local.service import Service
@@ -48,6 +50,21 @@ def client(service: str, endpoint_url: str) -> Any:
         aws_access_key_id="testing",
         aws_secret_access_key="testing",
     )
+
+
+def make_table(endpoint_url: str, name: str) -> None:
+    """A table as the worker's stores expect it (`aws.tables.create_table`), made through
+    the async client the worker uses."""
+
+    async def make() -> None:
+        import aioboto3
+
+        async with aioboto3.Session().client(
+            "dynamodb", region_name=REGION, endpoint_url=endpoint_url
+        ) as dynamodb:
+            await create_table(dynamodb, name)
+
+    asyncio.run(make())
 
 
 @dataclass(frozen=True)
