@@ -1,6 +1,7 @@
 """What the benchmark feeds the targets: real ZIP objects in S3 and a real SQS event.
 
-`make_zip` and `sqs_record` follow `tests/support/servers.py` (copied, so `bench/` stands alone).
+`bench/` stands alone (it imports nothing of the project): the tests use its `make_zip`, and
+`sqs_record` follows `tests/support/servers.py`.
 """
 
 from __future__ import annotations
@@ -29,8 +30,8 @@ _NAMES = ("Maria", "João", "Ana Luísa", "Pedro", "Chen", "Zoë")
 def make_zip(size: int, seed: int) -> bytes:
     """A real ZIP_STORED archive of fake JPEG frames, exactly `size` bytes when size allows.
 
-    Random bytes do not compress, so what crosses the wire is what was asked for, and every
-    seed gives a different archive.
+    Random bytes do not compress, so what crosses the wire is what was asked for; the same
+    seed always yields the same archive, and every seed a different one.
     """
     rng = random.Random(seed)
     count = max(1, -(-size // _FRAME_BYTES))

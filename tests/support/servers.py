@@ -15,17 +15,14 @@ import email
 import email.policy
 import hashlib
 import http.client
-import io
 import ipaddress
 import json
 import logging
-import random
 import socket
 import ssl
 import threading
 import time
 import uuid
-import zipfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from email.message import EmailMessage
@@ -42,6 +39,10 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from async_notifier.local.moto import MotoProcess
 from async_notifier.local.service import Service
+
+# One ZIP maker for the tests and the benchmark: bench/ stands alone (it runs against other
+# versions of the code), so the tests use its maker rather than keep a copy.
+from bench.payload import make_zip as make_zip
 
 LOOPBACK = "127.0.0.1"
 REGION = "us-east-1"
@@ -551,34 +552,6 @@ def make_tls_files(directory: Path) -> TlsFiles:
         )
     )
     return files
-
-
-# --------------------------------------------------------------------------- payloads
-
-_FRAME_BYTES = 64 * 1024
-_ZIP_EOCD = 22
-_ZIP_DATE = (2024, 1, 1, 0, 0, 0)
-
-
-def make_zip(size: int, seed: int) -> bytes:
-    """A real ZIP_STORED archive of fake JPEG frames, `size` bytes long when size allows.
-
-    Random bytes do not compress, so the size on the wire is what the test asked for, and the
-    same seed always yields the same archive.
-    """
-    rng = random.Random(seed)
-    count = max(1, -(-size // _FRAME_BYTES))
-    names = [f"frame_{i:04d}.jpg" for i in range(1, count + 1)]
-    # Per stored entry: a 30-byte local header and a 46-byte central record, each plus the name.
-    overhead = _ZIP_EOCD + sum(76 + 2 * len(name.encode()) for name in names)
-    payload = max(count, size - overhead)
-    share, extra = divmod(payload, count)
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_STORED) as archive:
-        for index, name in enumerate(names):
-            info = zipfile.ZipInfo(name, date_time=_ZIP_DATE)
-            archive.writestr(info, rng.randbytes(share + (1 if index < extra else 0)))
-    return buffer.getvalue()
 
 
 # --------------------------------------------------------------------------- Lambda
