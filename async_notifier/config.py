@@ -18,6 +18,9 @@ from pathlib import Path
 from typing import Literal, TypeVar, overload
 
 TlsMode = Literal["starttls", "tls", "none"]
+#: SMTP_RATE_LIMIT: the account's sends per second for the whole fleet, "auto" (read from
+#: SES), or None (no pacing).
+RateLimit = float | Literal["auto"] | None
 
 
 class ConfigError(Exception):
@@ -30,6 +33,13 @@ TLS_MODES: tuple[TlsMode, ...] = ("starttls", "tls", "none")
 MIB = 1024 * 1024
 SUPPORTED_LOCALES: tuple[str, ...] = ("pt-BR", "en")
 DEFAULT_TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "templates"
+# An SES SMTP endpoint: email-smtp.REGION.amazonaws.com, its FIPS twin, and an interface
+# VPC endpoint's own name.
+_SES_SMTP = re.compile(
+    r"(?:email-smtp(?:-fips)?|vpce-[a-z0-9-]+\.email-smtp)"
+    r"\.(?P<region>[a-z]{2}(?:-[a-z]+)+-\d+)\.(?:vpce\.)?amazonaws\.com\.?",
+    re.IGNORECASE,
+)
 # S3's rules for a bucket's name (3-63 lower-case letters, digits, dots and hyphens).
 _BUCKET_NAME = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 ANY_BUCKET = "*"
@@ -90,9 +100,15 @@ class Settings:
     s3_timeout: float = 30.0
     retry_attempts: int = 3
     retry_base_delay: float = 0.2
-    smtp_rate_limit: float | None = None
+    smtp_rate_limit: RateLimit = None
+    # The instances that share the account's rate (Lambda: the queue's MaximumConcurrency).
+    fleet_size: int = 1
     dead_letter_queue_url: str | None = None
     retry_backoff: bool = True
+    # A notification is retried until it is this old (SQS's SentTimestamp), then expires.
+    max_delivery_age: int = 24 * 3600
+    retry_backoff_base: int = 30
+    retry_backoff_cap: int = 300
     idempotency_table: str | None = None
     idempotency_ttl: int = 24 * 3600
     suppression_table: str | None = None
@@ -174,9 +190,19 @@ class Settings:
             s3_timeout=env.number("S3_TIMEOUT", 30.0, low=0.1),
             retry_attempts=env.integer("RETRY_ATTEMPTS", 3, low=1, high=20),
             retry_base_delay=env.number("RETRY_BASE_DELAY", 0.2, low=0.0),
-            smtp_rate_limit=env.optional_number("SMTP_RATE_LIMIT", low=0.001),
+            smtp_rate_limit=env.rate_limit(
+                "SMTP_RATE_LIMIT", ses=_is_ses(env.optional("SMTP_SERVER"))
+            ),
+            fleet_size=env.integer("FLEET_SIZE", 1, low=1, high=10000),
             dead_letter_queue_url=env.optional("DEAD_LETTER_QUEUE_URL"),
             retry_backoff=env.boolean("RETRY_BACKOFF", True),
+            # SQS keeps a message at most 14 days.
+            max_delivery_age=env.integer(
+                "MAX_DELIVERY_AGE", 24 * 3600, low=60, high=14 * 24 * 3600
+            ),
+            retry_backoff_base=env.integer("RETRY_BACKOFF_BASE_SECONDS", 30, low=1, high=43200),
+            # SQS's longest visibility timeout is 12 hours.
+            retry_backoff_cap=env.integer("RETRY_BACKOFF_CAP_SECONDS", 300, low=1, high=43200),
             idempotency_table=env.optional("IDEMPOTENCY_TABLE"),
             idempotency_ttl=env.integer("IDEMPOTENCY_TTL_SECONDS", 24 * 3600, low=60),
             suppression_table=(
@@ -233,6 +259,10 @@ class Settings:
                 "SMTP_USER is set with SMTP_TLS=none: the password would cross the network "
                 "in clear text"
             )
+        if settings.retry_backoff_cap < settings.retry_backoff_base:
+            env.problems.append(
+                "RETRY_BACKOFF_CAP_SECONDS must be at least RETRY_BACKOFF_BASE_SECONDS"
+            )
         if env.problems:
             raise ConfigError("invalid configuration: " + "; ".join(env.problems))
         return settings
@@ -240,6 +270,22 @@ class Settings:
     @property
     def sender_domain(self) -> str:
         return self.email_from.domain or "localhost"
+
+    @property
+    def ses_region(self) -> str | None:
+        """The region of the SES SMTP endpoint SMTP_SERVER names (None for another relay)."""
+        return ses_region(self.smtp_server)
+
+
+def ses_region(smtp_server: str | None) -> str | None:
+    """`eu-west-1` for `email-smtp.eu-west-1.amazonaws.com` (also the FIPS and VPC endpoint
+    names); None for any other host."""
+    match = _SES_SMTP.fullmatch((smtp_server or "").strip())
+    return match["region"].lower() if match else None
+
+
+def _is_ses(smtp_server: str | None) -> bool:
+    return ses_region(smtp_server) is not None
 
 
 class _Env:
@@ -307,6 +353,17 @@ class _Env:
         if self.optional(name) is None:
             return None
         return self.number(name, low, low=low)
+
+    def rate_limit(self, name: str, *, ses: bool) -> RateLimit:
+        """Sends per second, "auto" (the default when the relay is SES), or "none" (None)."""
+        raw = self.optional(name)
+        if raw is None:
+            return "auto" if ses else None
+        if raw.lower() == "auto":
+            return "auto"
+        if raw.lower() in ("none", "off"):
+            return None
+        return self.number(name, 1.0, low=0.001)
 
     def boolean(self, name: str, default: bool) -> bool:
         raw = self.optional(name)

@@ -101,9 +101,49 @@ class SmtpUnavailable(TransientError):
     kind = "smtp_unavailable"
 
 
-class CircuitOpen(SmtpUnavailable):
+class ProviderCondition(SmtpUnavailable):
+    """Something that holds for every message, not this one: the relay is down, the daily
+    quota is spent, the login or the sender is refused. While it holds, records go back to
+    the queue at once without an attempt (no retry within the invocation, no connection
+    storm) and come back after `retry_after` seconds, when the pool tries again.
+
+    `condition` names it in metrics (RecordsHeld by Condition) and alarms.
+    """
+
+    condition = "provider"
+
+    def __init__(self, reason: str, *, retry_after: float = 0.0) -> None:
+        super().__init__(reason)
+        self.retry_after = max(0.0, retry_after)
+
+
+class CircuitOpen(ProviderCondition):
     """Connections to the SMTP server keep failing: the pool tries none until its cool-down
     is over (reported as smtp_unavailable; retrying within the invocation cannot help)."""
+
+    condition = "circuit_open"
+
+
+class DailyQuotaExceeded(ProviderCondition):
+    """The provider's daily sending quota is spent (SES: "Daily message quota exceeded"):
+    it frees as the last 24 hours' sends age out, hours rather than seconds."""
+
+    kind = "smtp_daily_quota"
+    condition = "daily_quota"
+
+
+class LoginRefused(ProviderCondition):
+    """The relay refused our login: a configuration fault (expired password) until fixed."""
+
+    kind = "smtp_login_refused"
+    condition = "login_failed"
+
+
+class SenderRejected(ProviderCondition):
+    """The relay refused the sender (EMAIL_FROM): a configuration fault, not the recipient's."""
+
+    kind = "smtp_sender_rejected"
+    condition = "sender_rejected"
 
 
 class SmtpThrottled(SmtpUnavailable):
@@ -196,6 +236,14 @@ class GroupBlocked(TransientError):
     """An earlier record of the same FIFO group failed; order forbids going on."""
 
     kind = "fifo_group_blocked"
+
+
+class Expired(PermanentError):
+    """The notification is older than MAX_DELIVERY_AGE and still not delivered: it goes to
+    the dead-letter queue with its last error, where `async-notifier redrive` can bring it
+    back."""
+
+    kind = "expired"
 
 
 class InternalError(NotifierError):

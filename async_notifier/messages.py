@@ -51,6 +51,24 @@ class SqsRecord:
         return arn if isinstance(arn, str) and arn else None
 
     @property
+    def sent_at(self) -> float | None:
+        """When the message was first sent to the queue (SQS's SentTimestamp, epoch seconds):
+        the clock of MAX_DELIVERY_AGE. None when the record does not say."""
+        raw = self.attributes.get("SentTimestamp")
+        if not isinstance(raw, str | int) or isinstance(raw, bool):
+            return None
+        try:
+            millis = int(raw)
+        except ValueError:
+            return None
+        return millis / 1000.0 if millis > 0 else None
+
+    def age(self, now: float) -> float | None:
+        """Seconds since the message was sent (`now` is epoch time), None if unknown."""
+        sent = self.sent_at
+        return None if sent is None else max(0.0, now - sent)
+
+    @property
     def message_group_id(self) -> str | None:
         """Set on FIFO queues, where records of one group must stay in order."""
         group = self.attributes.get("MessageGroupId")

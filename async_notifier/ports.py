@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal, Protocol, TypeVar
 
 from .after_cutoff import AfterCutoff
-from .errors import NotifierError
+from .errors import NotifierError, ProviderCondition
 from .mail.mime import StreamedEmail
 from .messages import SqsRecord
 from .ses_events import AddressEvent
@@ -34,6 +34,28 @@ class PoolStats:
     connections_failed: int = 0
     connections_closed: int = 0
     circuit_opened: int = 0  # times the circuit breaker opened
+    throttled: int = 0  # "slow down" replies (SES: Maximum sending rate exceeded)
+    send_rate: float | None = None  # sends/s the instance paced at when the batch ended
+
+
+@dataclass(frozen=True)
+class SendQuota:
+    """The provider account's limits (SES GetSendQuota), shared by the whole fleet."""
+
+    max_send_rate: float  # messages per second
+    max_24_hour_send: float  # -1: unlimited
+    sent_last_24_hours: float
+
+    @property
+    def exhausted(self) -> bool:
+        """The daily quota is spent: nothing more goes out until old sends age out."""
+        return self.max_24_hour_send >= 0 and self.sent_last_24_hours >= self.max_24_hour_send
+
+
+class QuotaSource(Protocol):
+    """Where the account's quota is read (`aws/ses_quota.py`); raises when it cannot be."""
+
+    async def read(self) -> SendQuota: ...
 
 
 @dataclass(frozen=True)
@@ -62,6 +84,14 @@ class Sending(Protocol):
 class MailTransport(Protocol):
     async def transmit(self, email: StreamedEmail) -> Sending:
         """Send the email up to its end of data; nothing was delivered if this raises."""
+        ...
+
+    def held(self) -> ProviderCondition | None:
+        """The provider-wide condition that holds now (nothing can be sent), if any."""
+        ...
+
+    async def refresh_limits(self) -> None:
+        """Re-read the account's limits when they are due (bounded in time, never raises)."""
         ...
 
     async def server_size_limit(self) -> int | None: ...
@@ -193,6 +223,10 @@ class Backend(Protocol):
 
     def forget_secrets(self) -> None:
         """Drop cached secrets: the next use reads them again (after a SnapStart restore)."""
+        ...
+
+    def held(self) -> ProviderCondition | None:
+        """What holds for every message now (`MailTransport.held`), if the transport is made."""
         ...
 
     async def open(self, connections: int) -> Adapters:

@@ -18,11 +18,13 @@ from .aws.cognito import CognitoRecipients
 from .aws.idempotency import DynamoIdempotencyStore
 from .aws.s3 import LinkSigner, ObjectStore
 from .aws.secrets import KeyPairSource, SecretSource
+from .aws.ses_quota import SesQuotaReader
 from .aws.sqs import SqsFeedback
 from .aws.suppression import DynamoSuppressionList
 from .batch.notifier import Notifier
 from .batch.ses_recorder import SesEventsRecorder
 from .config import Settings
+from .errors import ProviderCondition
 from .smtp.pool import SmtpPool
 
 
@@ -101,6 +103,10 @@ class AwsBackend:
         await self._session.get_credentials()
         del adapters
 
+    def held(self) -> ProviderCondition | None:
+        adapters = self._adapters
+        return adapters.transport.held() if adapters is not None else None
+
     def forget_secrets(self) -> None:
         for source in (self.secret, self.link_keys):
             if source is not None:
@@ -108,6 +114,7 @@ class AwsBackend:
 
     async def open(self, connections: int) -> _Adapters:
         adapters = await self._adapters_of_this_loop(connections)
+        await adapters.transport.refresh_limits()  # the account's quota, when due
         adapters.transport.start_batch(connections)
         return adapters
 
@@ -131,6 +138,11 @@ class AwsBackend:
                 signer = LinkSigner(keys, lambda pair: aws_client("s3", s, session, keys=pair))
                 stack.push_async_callback(signer.aclose)
             objects = ObjectStore(s3, chunk_size=s.download_chunk_bytes, signer=signer)
+            if s.smtp_rate_limit == "auto":  # pace to the account's quota, read from SES
+                ses = await stack.enter_async_context(
+                    aws_client("ses", s, session, region=s.ses_region)
+                )
+                pool.limits.use_quota(SesQuotaReader(ses))
             dynamodb = None
             if s.idempotency_table or s.suppression_table:
                 dynamodb = await stack.enter_async_context(aws_client("dynamodb", s, session))

@@ -31,13 +31,15 @@ def aws_client(
     max_pool_connections: int | None = None,
     read_timeout: float | None = None,
     keys: KeyPair | None = None,
+    region: str | None = None,
 ) -> Any:
     """An aiobotocore client (an async context manager) for `service`.
 
     Its HTTP pool is sized for the record concurrency unless `max_pool_connections` says
     otherwise; reads time out after `S3_TIMEOUT` unless `read_timeout` says otherwise (the
     runner's long polls wait longer by design). `keys` signs with an access key pair
-    instead of the process's credentials (the links of LINK_SIGNING_SECRET_ID).
+    instead of the process's credentials (the links of LINK_SIGNING_SECRET_ID). `region`
+    replaces AWS_REGION (SES's quota is read in the region of its SMTP endpoint).
     """
     from aiobotocore.config import AioConfig
 
@@ -58,7 +60,7 @@ def aws_client(
         }
     return (session or new_session()).client(
         service,
-        region_name=settings.aws_region,
+        region_name=region or settings.aws_region,
         endpoint_url=settings.aws_endpoint_url,
         config=config,
         **credentials,

@@ -159,7 +159,13 @@ class Delivery:
         return "duplicate" if first is None else first
 
     async def _deliver_once(self, notification: Notification, state: _Record) -> Action:
-        """Across deliveries: skip what an earlier delivery already sent (IDEMPOTENCY_TABLE)."""
+        """Across deliveries: skip what an earlier delivery already sent (IDEMPOTENCY_TABLE).
+
+        Nothing starts while a provider-wide condition holds (no claim, no download): the
+        record goes back to the queue at once."""
+        held = self._transport.held()
+        if held is not None:
+            raise held
         store = self._idempotency
         if store is None:
             return await self._deliver(notification, state)

@@ -36,6 +36,12 @@ class BatchEntryPoint:
     def forget_secrets(self) -> None:
         self.backend.forget_secrets()
 
+    def held_for(self) -> float:
+        """Seconds a provider-wide condition still holds (0: none): the SQS runner stops
+        receiving meanwhile, so nothing is taken that cannot be sent."""
+        held = self.backend.held()
+        return held.retry_after if held is not None else 0.0
+
     async def aclose(self) -> None:
         """Close the clients and QUIT the pooled SMTP connections."""
         await self.backend.aclose()

@@ -18,14 +18,14 @@ from typing import Any
 
 from ..config import Settings
 from ..deadline import Deadline
-from ..errors import NotifierError
+from ..errors import NotifierError, ProviderCondition
 from ..logs import get_logger
 from ..mail.render import Renderer
-from ..messages import parse_body
+from ..messages import SqsRecord, parse_body
 from ..ports import Adapters, Backend
 from .delivery import Delivery
 from .entry_point import BatchEntryPoint
-from .outcome import BatchResult
+from .outcome import BatchResult, Outcome
 from .report import metrics_from_batch
 from .scratch import ByteBudget, ScratchDir
 from .settle import settle
@@ -54,18 +54,11 @@ class Notifier(BatchEntryPoint):
         s = self.settings
         adapters = await self.backend.open(connections=len(records))
         try:
-            suppression = await self._suppression(records, adapters, deadline)
-            with ScratchDir(s.tmp_dir, deadline) as scratch:
-                delivery = Delivery(
-                    s,
-                    self.renderer,
-                    adapters,
-                    scratch,
-                    budget=ByteBudget(s.max_tmp_bytes),
-                    deadline=deadline,
-                    suppression=suppression,
-                )
-                result = await run_batch(records, delivery.deliver, concurrency=s.max_concurrency)
+            held = adapters.transport.held()
+            if held is not None:
+                result = held_back(records, held)
+            else:
+                result = await self._deliver(records, adapters, deadline)
         finally:
             pool_stats = await adapters.transport.finish_batch(
                 until=deadline.end if deadline else None
@@ -74,8 +67,7 @@ class Notifier(BatchEntryPoint):
         metrics_from_batch(
             result,
             duration_s=time.monotonic() - started,
-            connections_opened=pool_stats.connections_opened,
-            circuit_opened=pool_stats.circuit_opened,
+            pool=pool_stats,
             namespace=s.metrics_namespace,
             function_name=function_name or os.environ.get("AWS_LAMBDA_FUNCTION_NAME"),
         ).emit()
@@ -88,6 +80,23 @@ class Notifier(BatchEntryPoint):
             },
         )
         return result
+
+    async def _deliver(
+        self, records: list[Any], adapters: Adapters, deadline: Deadline | None
+    ) -> BatchResult:
+        s = self.settings
+        suppression = await self._suppression(records, adapters, deadline)
+        with ScratchDir(s.tmp_dir, deadline) as scratch:
+            delivery = Delivery(
+                s,
+                self.renderer,
+                adapters,
+                scratch,
+                budget=ByteBudget(s.max_tmp_bytes),
+                deadline=deadline,
+                suppression=suppression,
+            )
+            return await run_batch(records, delivery.deliver, concurrency=s.max_concurrency)
 
     async def _suppression(
         self, records: list[Any], adapters: Adapters, deadline: Deadline | None
@@ -109,3 +118,27 @@ class Notifier(BatchEntryPoint):
             async with asyncio.timeout_at(cutoff):
                 await check.preload(addresses)
         return check
+
+
+def held_back(records: list[Any], held: ProviderCondition) -> BatchResult:
+    """The whole batch sent back untouched: a provider-wide condition holds (the relay is
+    down, the daily quota is spent, the login or the sender is refused), so no record is
+    attempted, and each comes back when the pool will try again (`held.retry_after`)."""
+    log.warning(
+        "provider condition holds: batch sent back without an attempt",
+        extra={
+            "records": len(records),
+            "condition": held.condition,
+            "reason": held.reason,
+            "retry_in": round(held.retry_after, 1),
+        },
+    )
+    outcomes = []
+    for raw in records:
+        try:
+            record: SqsRecord | None = SqsRecord.from_event(raw)
+        except NotifierError:
+            record = None
+        message_id = record.message_id if record else ""
+        outcomes.append(Outcome(message_id, error=held, record=record))
+    return BatchResult.of(outcomes)

@@ -34,9 +34,11 @@ class Retry:
 
 @dataclass(frozen=True)
 class DeadLetter:
-    """Copy it to the dead-letter queue with `reason`, then delete it."""
+    """Copy it to the dead-letter queue with `reason`, then delete it. `error`: what the
+    dead letter records when it is not the record's own error (an `Expired` one)."""
 
     reason: str
+    error: NotifierError | None = None
 
 
 Disposition = Ack | Retry | DeadLetter

@@ -2,20 +2,22 @@
 
 from __future__ import annotations
 
-from ..errors import RecipientSuppressed, RecipientUnverified
+from collections import Counter
+
+from ..errors import Expired, ProviderCondition, RecipientSuppressed, RecipientUnverified
 from ..logs import request_id
 from ..metrics import InvocationMetrics
-from .outcome import BatchResult
+from ..ports import PoolStats
+from .outcome import BatchResult, DeadLetter
 
 
 def metrics_from_batch(
     result: BatchResult,
     *,
     duration_s: float,
-    connections_opened: int,
     namespace: str,
     function_name: str | None,
-    circuit_opened: int = 0,
+    pool: PoolStats | None = None,
 ) -> InvocationMetrics:
     """The invocation's metrics, from its settled BatchResult.
 
@@ -40,8 +42,22 @@ def metrics_from_batch(
     metrics.set("LinksSent", actions["sent_link"], "Count")
     metrics.set("Duplicates", actions["duplicate"], "Count")
     metrics.set("AlreadyDelivered", actions["already_delivered"], "Count")
-    metrics.set("SmtpConnectionsOpened", connections_opened, "Count")
-    metrics.set("SmtpCircuitOpened", circuit_opened, "Count")
+    pool = pool or PoolStats()
+    metrics.set("SmtpConnectionsOpened", pool.connections_opened, "Count")
+    metrics.set("SmtpCircuitOpened", pool.circuit_opened, "Count")
+    metrics.set("SmtpThrottled", pool.throttled, "Count")
+    if pool.send_rate is not None:
+        metrics.set("SendRate", pool.send_rate, "Count/Second")
+    # Records sent back untried because something held for every message, by condition.
+    held = Counter(o.error.condition for o in errors if isinstance(o.error, ProviderCondition))
+    metrics.set("RecordsHeld", sum(held.values()), "Count")
+    for condition, count in sorted(held.items()):
+        metrics.add("RecordsHeld", count, dimensions={"Condition": condition})
+    expired = sum(
+        isinstance(fate, DeadLetter) and isinstance(fate.error, Expired)
+        for _, fate in result.settled()
+    )
+    metrics.set("RecordsExpired", expired, "Count")
     metrics.set("InvocationDuration", duration_s * 1000.0, "Milliseconds")
     unverified = sum(isinstance(o.error, RecipientUnverified) for o in errors)
     metrics.set("RecipientsUnverified", unverified, "Count")

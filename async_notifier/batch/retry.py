@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from ..deadline import Deadline
-from ..errors import CircuitOpen, DeliveryUnknown, NotifierError
+from ..errors import DeliveryUnknown, NotifierError, ProviderCondition
 
 T = TypeVar("T")
 
@@ -31,7 +31,8 @@ class RetryPolicy:
         return random.uniform(0, min(self.max_delay, self.base_delay * 2 ** (attempt - 1)))
 
     def should_retry(self, error: NotifierError) -> bool:
-        return error.transient and not isinstance(error, DeliveryUnknown | CircuitOpen)
+        # What holds for every message is not retried here: the record goes back at once.
+        return error.transient and not isinstance(error, DeliveryUnknown | ProviderCondition)
 
 
 class Retrier:

@@ -20,7 +20,7 @@ async def settle(
     """
     fates = [disposition(o, policy) for o in result.errors]
     letters = [
-        (i, o)
+        (i, o, f)
         for i, (o, f) in enumerate(zip(result.errors, fates, strict=True))
         if isinstance(f, DeadLetter)
     ]
@@ -33,9 +33,10 @@ async def settle(
     if letters:
         routed: set[str] = set()
         if feedback is not None:
-            items = [(o.record, o.error) for _, o in letters if o.record and o.error]
+            # An expired record's dead letter says so, with its last error inside.
+            items = [(o.record, f.error or o.error) for _, o, f in letters if o.record and o.error]
             routed = await feedback.dead_letter(items, budget)
-        for i, outcome in letters:
+        for i, outcome, _ in letters:
             if outcome.message_id not in routed:
                 fates[i] = disposition(outcome, policy, dead_letter_failed=True)
     delays = [

@@ -9,6 +9,7 @@ visible again at once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import time
 from collections.abc import Callable, Container, Mapping, Sequence
@@ -56,6 +57,10 @@ class BatchProcessor(Protocol):
         deadline: Deadline | None = None,
         function_name: str | None = None,
     ) -> BatchResult: ...
+
+    def held_for(self) -> float:
+        """Seconds a provider-wide condition still holds (0: none)."""
+        ...
 
 
 class Consumer:
@@ -106,6 +111,8 @@ class Consumer:
 
     async def consume(self) -> None:
         while not self.stop.is_set():
+            if await self._held_back():
+                continue
             messages = await self._gather()
             if messages:
                 await self._handle(messages)
@@ -113,6 +120,26 @@ class Consumer:
                 return
             if self.max_batches is not None and self.stats.batches >= self.max_batches:
                 return
+
+    # -- back-pressure
+
+    async def _held_back(self) -> bool:
+        """While a provider-wide condition holds (the relay is down, the daily quota spent,
+        the login refused...), receive nothing: what is received could only go back. The
+        wait ends when the pool will try again; the next batch is its probe. True when it
+        waited (or `stop` was set meanwhile)."""
+        if self._buffer:  # received already: those go through the batch (and back at once)
+            return False
+        wait = self.notifier.held_for()
+        if wait <= 0:
+            return False
+        self.stats.paused += 1
+        self.stats.paused_seconds += wait
+        log.info("provider condition holds: not receiving", extra={"resume_in": round(wait, 1)})
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(wait):
+                await self.stop.wait()
+        return True
 
     # -- receiving
 

@@ -19,4 +19,6 @@ class RunnerStats:
     extended: int = 0  # visibility extensions SQS confirmed (one per message per beat)
     extend_failed: int = 0
     overran: int = 0  # batches cancelled for running past their deadline
+    paused: int = 0  # waits without receiving while a provider-wide condition held
+    paused_seconds: float = 0.0  # how long those waits were to last
     drained: bool = False

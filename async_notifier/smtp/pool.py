@@ -33,15 +33,19 @@ from ..config import Settings
 from ..errors import (
     AttachmentUnreadable,
     CircuitOpen,
+    DailyQuotaExceeded,
     DeliveryUnknown,
+    LoginRefused,
     NotifierError,
+    ProviderCondition,
     RecipientRejected,
+    SenderRejected,
     SmtpThrottled,
     SmtpUnavailable,
 )
 from ..logs import get_logger
 from ..mail.mime import StreamedEmail
-from ..ports import CredentialsSource, PoolStats
+from ..ports import CredentialsSource, PoolStats, QuotaSource
 from .breaker import BreakerState, CircuitBreaker
 from .channel import (
     AttachmentReadError,
@@ -53,7 +57,8 @@ from .channel import (
     Slot,
 )
 from .connection import PooledConnection, Session, State, handshake, local_hostname, tls_context
-from .throttle import PoolBackoff, TokenBucket, is_throttling
+from .limits import SendLimits
+from .throttle import is_daily_quota, is_throttling
 
 log = get_logger()
 # QUIT is a courtesy: a server slow to say goodbye does not hold a place for long.
@@ -83,7 +88,13 @@ class _StaleConnection(Exception):
 
 
 class SmtpPool:
-    def __init__(self, settings: Settings, *, secret: CredentialsSource | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        secret: CredentialsSource | None = None,
+        quota: QuotaSource | None = None,
+    ) -> None:
         self._settings = settings
         self._secret = secret
         self._size = settings.smtp_pool_size
@@ -92,8 +103,7 @@ class SmtpPool:
         self._connections: list[PooledConnection] = []
         self._waiting: collections.deque[asyncio.Future[PooledConnection]] = collections.deque()
         self._closed = False
-        self._rate = TokenBucket(settings.smtp_rate_limit) if settings.smtp_rate_limit else None
-        self.backoff = PoolBackoff()
+        self.limits = SendLimits(settings, quota)
         self.breaker = CircuitBreaker(
             settings.smtp_breaker_threshold, settings.smtp_breaker_cooldown
         )
@@ -125,9 +135,9 @@ class SmtpPool:
         caller must await `verdict()` at once (the pool counts the verdict as awaited).
         """
         for attempt in range(1, self._size + 2):
-            await self.backoff.wait()
-            if self._rate is not None:
-                await self._rate.acquire()
+            self._raise_if_held()
+            await self.limits.wait_turn()
+            self._raise_if_held()
             # A resend goes to the head of the queue: this email has waited its turn.
             conn = await self._acquire(first=attempt > 1)
             reused = conn.messages > 0
@@ -139,6 +149,21 @@ class SmtpPool:
                 raise SmtpUnavailable(f"SMTP connection lost: {exc}") from None
             return Sending(self, conn, email, slot)
         raise AssertionError("unreachable: the last attempt returns or raises")
+
+    def held(self) -> ProviderCondition | None:
+        """What holds for every message now, if anything: no send is tried meanwhile."""
+        if self._circuit_open():
+            return self._circuit_error()
+        return self.limits.held()
+
+    def _raise_if_held(self) -> None:
+        held = self.held()
+        if held is not None:
+            raise held
+
+    async def refresh_limits(self) -> None:
+        """Re-read the account's quota when it is due (`SendLimits.refresh`)."""
+        await self.limits.refresh()
 
     async def server_size_limit(self) -> int | None:
         """The server's advertised SIZE (0: no limit); connects if no connection has yet."""
@@ -228,7 +253,7 @@ class SmtpPool:
             return verdict
         except RefusedError as exc:
             spoiled = not await self._reset(conn, exc.reply.code)
-            raise self._refused(exc.reply) from None
+            raise self._refused(exc.reply, exc.phase) from None
         except AttachmentReadError as exc:
             spoiled = exc.spoiled
             raise AttachmentUnreadable(f"the attachment could not be read: {exc}") from None
@@ -272,7 +297,7 @@ class SmtpPool:
             raise
         except RefusedError as exc:
             spoiled = exc.reply.code == 421
-            raise self._refused(exc.reply) from None
+            raise self._refused(exc.reply, exc.phase) from None
         except LostAfterEnd:
             spoiled = True
             raise DeliveryUnknown(
@@ -290,13 +315,18 @@ class SmtpPool:
             if spoiled:
                 conn.spoiled = conn.retiring = True
             self._update()
-        self.backoff.succeeded()
+        self.limits.accepted()
 
-    def _refused(self, reply: Reply) -> NotifierError:
-        """The record's error for a refusal; throttling also pauses the whole pool."""
-        error = _classify(reply)
+    def _refused(self, reply: Reply, phase: str) -> NotifierError:
+        """The record's error for a refusal. "Slow down" lowers the pace of every send; a
+        provider-wide refusal holds them all (and fails those waiting for a connection)."""
+        error = _classify(reply, phase)
         if isinstance(error, SmtpThrottled):
-            self.backoff.throttled()
+            self._stats.throttled += 1
+            self.limits.throttled(error)
+        elif isinstance(error, ProviderCondition):
+            error = self.limits.trip(error)
+            self._update()
         return error
 
     def _transaction_timeout(self, email: StreamedEmail) -> float:
@@ -343,8 +373,9 @@ class SmtpPool:
             waiter.set_result(available)
         if not self._waiting or self._closed:
             return
-        if self._circuit_open():  # nothing connected, nothing may connect: fail at once
-            self._fail_waiting(self._circuit_error())
+        held = self.held()  # nothing connected and nothing may connect, or nothing may be sent
+        if held is not None:
+            self._fail_waiting(held)
             return
         if len(self._connections) >= self._size:
             return
@@ -367,7 +398,8 @@ class SmtpPool:
     def _circuit_error(self) -> CircuitOpen:
         return CircuitOpen(
             f"SMTP circuit open: {self.breaker.threshold} connection attempts in a row "
-            f"failed; next attempt in {self.breaker.retry_in():.0f} s"
+            f"failed; next attempt in {self.breaker.retry_in():.0f} s",
+            retry_after=self.breaker.retry_in(),
         )
 
     def _fail_waiting(self, error: Exception) -> None:
@@ -431,7 +463,7 @@ class SmtpPool:
                             self._settings, fresh, self._tls_context, self._local_hostname
                         )
             where = f"SMTP {self._settings.smtp_server}:{self._settings.smtp_port}"
-            raise SmtpUnavailable(
+            raise LoginRefused(
                 f"{where} refused the login: {exc.code} {exc.message} (check SMTP_USER and "
                 "the password)"
             ) from None
@@ -444,6 +476,8 @@ class SmtpPool:
             self._connections.remove(conn)
             if error is not None:
                 self._stats.connections_failed += 1
+                if isinstance(error, ProviderCondition):  # a refused login: wait for a fix
+                    error = self.limits.trip(error)
                 if isinstance(error, NotifierError) and self.breaker.failed():
                     self._stats.circuit_opened += 1
                     log.warning(
@@ -509,7 +543,7 @@ class SmtpPool:
         moment, if any (one attempt, one failed send), else it is left for the sends, which
         meet it again on the same path and report it per record.
         """
-        if self._closed:
+        if self._closed or self.held() is not None:
             return
         live = sum(c.state in (State.CONNECTING, State.READY) for c in self._connections)
         for _ in range(min(count, self._size) - live):
@@ -547,6 +581,7 @@ class SmtpPool:
                 conn.spoiled = conn.retiring = True
         self._update()
         await self._wait_closing(until)
+        self._stats.send_rate = self.limits.send_rate
         return self._stats
 
     async def _wait_closing(self, until: float | None) -> None:
@@ -608,13 +643,22 @@ class SmtpPool:
         return state
 
 
-def _classify(reply: Reply) -> NotifierError:
+def _classify(reply: Reply, phase: str = "MESSAGE") -> NotifierError:
+    """The record's error for a refusal of `phase` (MAIL, RCPT, DATA or MESSAGE).
+
+    What is the configuration's or the account's fault holds for every message and is a
+    `ProviderCondition`; only a 5xx that is about this message is `RecipientRejected`.
+    """
     text = f"SMTP {reply.code} {reply.text}"
+    if is_daily_quota(reply.code, reply.text):
+        return DailyQuotaExceeded(text)
     if is_throttling(reply.code, reply.text):
         return SmtpThrottled(text)
     if reply.code in _AUTH_CODES:
-        return SmtpUnavailable(f"{text} (check SMTP_USER and the password)")
+        return LoginRefused(f"{text} (check SMTP_USER and the password)")
     if 500 <= reply.code < 600:
+        if phase == "MAIL" or "sender address rejected" in reply.text.lower():
+            return SenderRejected(f"{text} (refused the sender: check EMAIL_FROM)")
         return RecipientRejected(text)
     return SmtpUnavailable(text)
 

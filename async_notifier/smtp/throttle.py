@@ -61,5 +61,13 @@ class PoolBackoff:
 
 
 def is_throttling(code: int, message: str) -> bool:
+    """A "slow down" reply: 454 (SES: "Maximum sending rate exceeded"), or a 421 about rate."""
     text = message.lower()
     return code == 454 or (code == 421 and any(w in text for w in ("rate", "throttl", "too many")))
+
+
+def is_daily_quota(code: int, message: str) -> bool:
+    """A spent daily quota (SES: "454 Throttling failure: Daily message quota exceeded"; other
+    providers answer 4xx or 5xx "daily sending quota exceeded"): it lasts hours, not seconds."""
+    text = message.lower()
+    return 400 <= code < 600 and "quota" in text and ("daily" in text or "24 hour" in text)

@@ -85,6 +85,9 @@ class SmtpFaults:
     throttle_burst: tuple[int, int] | None = None
     #: Throttle with `421 4.7.0 rate limit exceeded` and close the connection instead of 454.
     throttle_close: bool = False
+    #: Every MAIL is answered with this reply instead of 250 (a spent daily quota, a refused
+    #: sender: what holds for every message).
+    mail_reply: str | None = None
     #: Every k-th message: after the 354, read the message's header block, then close the
     #: connection before its body and final dot were read (nothing recorded, no reply).
     drop_in_data_every: int | None = None
@@ -316,7 +319,10 @@ class _FaultyHandler(_Handler):
         mail_options: list[str],
     ) -> str:
         faults = self.sink.faults
-        if self.sink._throttle_mail():
+        throttled = self.sink._throttle_mail()  # counts every MAIL
+        if faults.mail_reply is not None:
+            return faults.mail_reply
+        if throttled:
             self.sink._injected(
                 SmtpFaultEvent(
                     SmtpFault.THROTTLE, "MAIL", mail_from=address, rcpt_tos=(), data=None
@@ -451,6 +457,12 @@ class FaultySmtp(SmtpSink):
                 if every is not None and n % every == 0:
                     return kind, False
             return drawn, drawn is not None
+
+    @property
+    def mail_commands(self) -> int:
+        """MAIL commands received since the faults were last installed."""
+        with self._cond:
+            return self._mail_seq
 
     def _data_ordinal(self) -> int:
         with self._cond:
