@@ -35,10 +35,13 @@ SUPPORTED_LOCALES: tuple[str, ...] = ("pt-BR", "en")
 DEFAULT_TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "templates"
 # An SES SMTP endpoint: email-smtp.REGION.amazonaws.com, its FIPS twin, and an interface
 # VPC endpoint's own name.
-_SES_SMTP = re.compile(
-    r"(?:email-smtp(?:-fips)?|vpce-[a-z0-9-]+\.email-smtp)"
-    r"\.(?P<region>[a-z]{2}(?:-[a-z]+)+-\d+)\.(?:vpce\.)?amazonaws\.com\.?",
-    re.IGNORECASE,
+_REGION = r"(?P<region>[a-z]{2}(?:-[a-z]+)+-\d+)"
+_SES_SMTP_HOSTS = tuple(
+    re.compile(pattern, re.IGNORECASE)
+    for pattern in (
+        rf"email-smtp(?:-fips)?\.{_REGION}\.amazonaws\.com\.?",
+        rf"vpce-[a-z0-9-]+\.email-smtp\.{_REGION}\.vpce\.amazonaws\.com\.?",
+    )
 )
 # S3's rules for a bucket's name (3-63 lower-case letters, digits, dots and hyphens).
 _BUCKET_NAME = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
@@ -280,8 +283,11 @@ class Settings:
 def ses_region(smtp_server: str | None) -> str | None:
     """`eu-west-1` for `email-smtp.eu-west-1.amazonaws.com` (also the FIPS and VPC endpoint
     names); None for any other host."""
-    match = _SES_SMTP.fullmatch((smtp_server or "").strip())
-    return match["region"].lower() if match else None
+    host = (smtp_server or "").strip()
+    for pattern in _SES_SMTP_HOSTS:
+        if match := pattern.fullmatch(host):
+            return match["region"].lower()
+    return None
 
 
 def _is_ses(smtp_server: str | None) -> bool:

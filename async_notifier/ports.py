@@ -47,9 +47,14 @@ class SendQuota:
     sent_last_24_hours: float
 
     @property
+    def unlimited(self) -> bool:
+        """No daily quota (SES answers -1)."""
+        return self.max_24_hour_send < 0
+
+    @property
     def exhausted(self) -> bool:
         """The daily quota is spent: nothing more goes out until old sends age out."""
-        return self.max_24_hour_send >= 0 and self.sent_last_24_hours >= self.max_24_hour_send
+        return not self.unlimited and self.sent_last_24_hours >= self.max_24_hour_send
 
 
 class QuotaSource(Protocol):

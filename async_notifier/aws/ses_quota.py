@@ -17,11 +17,17 @@ from ..logs import get_logger
 from ..ports import SendQuota
 from .errors import aws_error
 
+__all__ = ["QuotaUnavailable", "SendQuota", "SesQuotaReader", "is_ses", "ses_region"]
+
 log = get_logger()
 
 
 class QuotaUnavailable(Exception):
     """The quota could not be read; the text says why (an error code or type, never secrets)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"SES GetSendQuota failed: {reason}")
+        self.reason = reason  # "Throttling: ...", "AccessDenied: ...", "no answer within 5 s"
 
 
 class SesQuotaReader:
@@ -38,11 +44,13 @@ class SesQuotaReader:
         """One GetSendQuota (the client's own retries included) within `timeout` seconds."""
         try:
             async with asyncio.timeout(self._timeout):
-                response: dict[str, Any] = await self._client.get_send_quota()
+                response: Any = await self._client.get_send_quota()
         except TimeoutError:
             raise self._unavailable(f"no answer within {self._timeout:g} s") from None
         except Exception as exc:
-            raise self._unavailable(aws_error(exc).describe()) from None
+            error = aws_error(exc)
+            status = f" (HTTP {error.status})" if error.status and not error.code else ""
+            raise self._unavailable(error.describe() + status) from None
         try:
             return SendQuota(
                 max_send_rate=_number(response, "MaxSendRate", positive=True),
@@ -54,12 +62,12 @@ class SesQuotaReader:
 
     def _unavailable(self, reason: str) -> QuotaUnavailable:
         log.warning("SES send quota unavailable", extra={"error": reason})
-        return QuotaUnavailable(f"SES GetSendQuota failed: {reason}")
+        return QuotaUnavailable(reason)
 
 
-def _number(response: dict[str, Any], name: str, *, positive: bool | None = None) -> float:
+def _number(response: Any, name: str, *, positive: bool | None = None) -> float:
     """A finite number from the answer: > 0 if `positive`, >= 0 if False, any if None."""
-    value = response.get(name)
+    value = response.get(name) if isinstance(response, dict) else None
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
         raise ValueError(f"the answer has no valid {name} ({type(value).__name__})")
     if (positive and value <= 0) or (positive is False and value < 0):
