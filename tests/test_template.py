@@ -627,6 +627,28 @@ def test_smtp_rate_limit_is_the_fleets_rate_auto_or_empty() -> None:
     assert Stack(SmtpRateLimit="auto").environment()["SMTP_RATE_LIMIT"] == "auto"
 
 
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"SmtpRateLimit": "auto"},
+        {"SmtpRateLimit": "0.5", "MaximumConcurrency": "1000"},
+        {"MaxDeliveryAgeSeconds": "300", "RetryBackoffCapSeconds": "1", "MaximumConcurrency": "2"},
+        {"MaxDeliveryAgeSeconds": "259200", "RetryBackoffCapSeconds": "43200"},
+    ],
+    ids=["auto", "smallest-share", "shortest-horizon", "longest-horizon"],
+)
+def test_the_worker_takes_the_pacing_and_horizon_values(
+    overrides: dict[str, str], tmp_path: Path
+) -> None:
+    """Every value the parameters allow is one the worker starts with (it raises
+    ConfigError on a value it refuses), in both functions."""
+    stack = Stack(**overrides)
+    settings = Settings.from_env(_worker_env(stack, tmp_path))
+    assert settings.smtp_server == REQUIRED["SmtpServer"]
+    ses_events = _resolved(stack.environment("SesEventsFunction"), tmp_path)
+    assert Settings.from_env(ses_events, sending=False).suppression_table is not None
+
+
 def test_environment_fits_lambdas_4_kb(tmp_path: Path) -> None:
     longest = ",".join(f"{index}{'b' * 62}" for index in range(5))
     stack = Stack(
