@@ -25,10 +25,12 @@ from samtranslator.translator.translator import Translator
 from servers import CapturedLogs, FakeLambdaContext, MotoServer, failed_ids, sqs_event, sqs_record
 
 import handler
+from async_notifier.batch.disposition import BACKOFF_BASE
 from async_notifier.batch.outcome import BatchResult, DeadLetter, Outcome, Retry
 from async_notifier.batch.report import metrics_from_batch
 from async_notifier.config import ConfigError, Settings
 from async_notifier.errors import RecipientSuppressed, SmtpUnavailable
+from async_notifier.metrics import InvocationMetrics
 
 ROOT = Path(__file__).resolve().parent.parent
 TEMPLATE_PATH = ROOT / "template.yaml"
@@ -51,6 +53,14 @@ POOL_ID = f"{REGION}_AbCdEf123"
 KMS_KEY = f"arn:aws:kms:{REGION}:{ACCOUNT}:key/1234abcd-12ab-34cd-56ef-1234567890ab"
 # Worker settings the template leaves unset on purpose (see the comment at its top).
 DELIBERATELY_UNSET = {"AWS_REGION", "AWS_ENDPOINT_URL", "SMTP_PASSWORD", "TEMPLATES_DIR", "TMP_DIR"}
+# Settings the worker is getting with fleet-wide pacing and retry by age (another branch):
+# the template carries them before config.py reads them.
+ANNOUNCED_VARIABLES = {
+    "MAX_DELIVERY_AGE",
+    "RETRY_BACKOFF_BASE_SECONDS",
+    "RETRY_BACKOFF_CAP_SECONDS",
+    "FLEET_SIZE",
+}
 # Settings being added alongside the template; it must carry them from the start.
 EXPECTED_VARIABLES = {
     "SMTP_PASSWORD_SECRET_ID",
@@ -59,6 +69,7 @@ EXPECTED_VARIABLES = {
     "DEAD_LETTER_QUEUE_URL",
     "IDEMPOTENCY_TABLE",
     "MAX_TMP_BYTES",
+    *ANNOUNCED_VARIABLES,
 }
 _NO_VALUE = object()
 
@@ -257,7 +268,7 @@ def test_sam_translation_is_lint_clean_and_adds_no_broad_policy() -> None:
             "AWS::Lambda::Function",
             "AWS::Lambda::EventSourceMapping",
             # Operations.
-            *["AWS::CloudWatch::Alarm"] * 10,
+            *["AWS::CloudWatch::Alarm"] * 14,
             "AWS::CloudWatch::Dashboard",
         ]
     )
@@ -354,13 +365,13 @@ def test_event_source_mapping_reports_partial_failures() -> None:
     assert PARAMETERS["MaximumConcurrency"]["MinValue"] == 2
 
 
-def test_dead_letter_queue_takes_records_after_five_receives_and_keeps_them_14_days() -> None:
+def test_dead_letter_queue_is_a_safety_net_after_1000_receives_and_keeps_them_14_days() -> None:
     stack = Stack()
     resources = stack.resources()
     queue = resources["NotificationQueue"]["Properties"]
     assert queue["RedrivePolicy"] == {
         "deadLetterTargetArn": "<GetAtt DeadLetterQueue.Arn>",
-        "maxReceiveCount": "5",
+        "maxReceiveCount": "1000",
     }
     assert resources["DeadLetterQueue"]["Properties"]["MessageRetentionPeriod"] == 1209600
     assert stack.environment()["DEAD_LETTER_QUEUE_URL"] == "<Ref DeadLetterQueue>"
@@ -382,12 +393,63 @@ def test_visibility_mapping_covers_exactly_the_allowed_timeouts() -> None:
     assert set(TEMPLATE["Mappings"]["TimeoutToVisibility"]) == allowed
 
 
+def test_retry_horizon_parameters_and_their_bounds() -> None:
+    age, cap = PARAMETERS["MaxDeliveryAgeSeconds"], PARAMETERS["RetryBackoffCapSeconds"]
+    assert (age["Default"], age["MinValue"], age["MaxValue"]) == (86400, 300, 259200)
+    assert (cap["Default"], cap["MinValue"], cap["MaxValue"]) == (300, 1, 43200)  # SQS: 12 h
+    receives = PARAMETERS["MaxReceiveCount"]
+    assert (receives["Default"], receives["MaxValue"]) == (1000, 1000)  # SQS's maximum
+    # A safety net: a record retried until it expires is received at most about
+    # age / (cap / 2) + 10 times (jitter puts each capped delay between cap/2 and cap).
+    assert age["Default"] / (cap["Default"] / 2) + 10 <= receives["Default"]
+    for name in ("MaxDeliveryAgeSeconds", "RetryBackoffCapSeconds"):
+        assert name in receives["Description"], name
+    groups = TEMPLATE["Metadata"]["AWS::CloudFormation::Interface"]["ParameterGroups"]
+    grouped = [name for group in groups for name in group["Parameters"]]
+    assert sorted(grouped) == sorted(PARAMETERS)
+
+
+@pytest.mark.parametrize("queue", ["NotificationQueue", "SesEventsQueue"])
+def test_a_queue_keeps_a_record_past_its_retry_horizon(queue: str) -> None:
+    """A record failing until MAX_DELIVERY_AGE must still be in the queue to be received
+    once more and dead-lettered as expired, not deleted by SQS's retention unseen: the
+    longest age, plus the longest back-off, plus the longest visibility timeout."""
+    horizon = (
+        PARAMETERS["MaxDeliveryAgeSeconds"]["MaxValue"]
+        + PARAMETERS["RetryBackoffCapSeconds"]["MaxValue"]
+        + max(v["VisibilityTimeout"] for v in TEMPLATE["Mappings"]["TimeoutToVisibility"].values())
+    )
+    stack = Stack(MaxDeliveryAgeSeconds="259200", RetryBackoffCapSeconds="43200")
+    properties = stack.resources()[queue]["Properties"]
+    assert properties["MessageRetentionPeriod"] > horizon
+    assert properties["RedrivePolicy"]["maxReceiveCount"] == stack.params["MaxReceiveCount"]
+
+
+@pytest.mark.parametrize("function", ["NotifierFunction", "SesEventsFunction"])
+def test_both_functions_retry_by_age_with_the_parameters(function: str) -> None:
+    env = Stack(MaxDeliveryAgeSeconds="7200", RetryBackoffCapSeconds="600").environment(function)
+    assert env["MAX_DELIVERY_AGE"] == "7200"
+    assert env["RETRY_BACKOFF_CAP_SECONDS"] == "600"
+    defaults = Stack().environment(function)
+    assert (defaults["MAX_DELIVERY_AGE"], defaults["RETRY_BACKOFF_CAP_SECONDS"]) == ("86400", "300")
+    # Written out: the worker's own back-off base.
+    assert defaults["RETRY_BACKOFF_BASE_SECONDS"] == str(BACKOFF_BASE) == "30"
+
+
 # --------------------------------------------------------------------------- IAM
+
+
+# Actions that have no resource-level permissions, so "*" is their only form: the one
+# exception to "every statement names its resource".
+UNSCOPED = {"ses:GetSendQuota"}
 
 
 def _assert_scoped(grants: dict[str, set[str]]) -> None:
     for action, resources in grants.items():
         assert "*" not in action, action
+        if action in UNSCOPED:
+            assert resources == {"*"}, action
+            continue
         for resource in resources:
             assert resource != "*", action
             if action == "s3:GetObject":
@@ -414,7 +476,19 @@ def test_iam_defaults_name_every_resource() -> None:
         "dynamodb:UpdateItem": {"<GetAtt IdempotencyTable.Arn>"},
         "dynamodb:DeleteItem": {"<GetAtt IdempotencyTable.Arn>"},
         "dynamodb:BatchGetItem": {"<GetAtt SuppressionTable.Arn>"},
+        "ses:GetSendQuota": {"*"},
     }
+
+
+def test_the_send_quota_is_the_one_unscoped_grant_and_the_notifiers_only() -> None:
+    for overrides in ({}, {"EnableIdempotency": "false", "EnableSuppression": "false"}):
+        stack = Stack(**overrides)
+        unscoped = {action for action, resources in stack.grants().items() if "*" in resources}
+        assert unscoped == {"ses:GetSendQuota"}
+        (statement,) = (s for s in stack.statements() if s["Action"] == "ses:GetSendQuota")
+        assert statement["Resource"] == "*"
+        assert "Condition" not in statement
+    assert not [a for a in Stack().grants("SesEventsRole") if a.startswith("ses:")]
 
 
 def test_iam_with_every_option(tmp_path: Path) -> None:
@@ -526,6 +600,55 @@ def test_environment_is_valid_for_the_worker(tmp_path: Path) -> None:
     assert settings.max_tmp_bytes == 1024 * 1000 * 1000 - 92_569_600
 
 
+@pytest.mark.parametrize("fleet", ["2", "17", "1000"])
+def test_each_instance_gets_its_share_of_the_fleet_rate(fleet: str) -> None:
+    """FLEET_SIZE is the most instances the queue drives at once: the event source
+    mapping's MaximumConcurrency, the same parameter."""
+    stack = Stack(MaximumConcurrency=fleet, SmtpRateLimit="14")
+    env = stack.environment()
+    assert env["FLEET_SIZE"] == fleet
+    assert env["SMTP_RATE_LIMIT"] == "14"
+    assert _event()["ScalingConfig"] == {"MaximumConcurrency": {"Ref": "MaximumConcurrency"}}
+    assert _function()["Environment"]["Variables"]["FLEET_SIZE"] == {"Ref": "MaximumConcurrency"}
+
+
+def test_smtp_rate_limit_is_the_fleets_rate_auto_or_empty() -> None:
+    parameter = PARAMETERS["SmtpRateLimit"]
+    assert parameter["Default"] == ""
+    pattern = parameter["AllowedPattern"]
+    for good in ("", "auto", "14", "0.5", "200.25"):
+        assert re.fullmatch(pattern, good), good
+    for bad in ("AUTO", "auto14", "-1", "1e3", ".5", "14/s", " 14", "14 "):
+        assert not re.fullmatch(pattern, bad), bad
+    for word in ("fleet", "MaximumConcurrency", "auto", "GetSendQuota"):
+        assert word in parameter["Description"], word
+    # Empty stays empty (the worker reads it as unset: auto on SES, else no limit).
+    assert Stack().environment()["SMTP_RATE_LIMIT"] == ""
+    assert Stack(SmtpRateLimit="auto").environment()["SMTP_RATE_LIMIT"] == "auto"
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"SmtpRateLimit": "auto"},
+        {"SmtpRateLimit": "0.5", "MaximumConcurrency": "1000"},
+        {"MaxDeliveryAgeSeconds": "300", "RetryBackoffCapSeconds": "1", "MaximumConcurrency": "2"},
+        {"MaxDeliveryAgeSeconds": "259200", "RetryBackoffCapSeconds": "43200"},
+    ],
+    ids=["auto", "smallest-share", "shortest-horizon", "longest-horizon"],
+)
+def test_the_worker_takes_the_pacing_and_horizon_values(
+    overrides: dict[str, str], tmp_path: Path
+) -> None:
+    """Every value the parameters allow is one the worker starts with (it raises
+    ConfigError on a value it refuses), in both functions."""
+    stack = Stack(**overrides)
+    settings = Settings.from_env(_worker_env(stack, tmp_path))
+    assert settings.smtp_server == REQUIRED["SmtpServer"]
+    ses_events = _resolved(stack.environment("SesEventsFunction"), tmp_path)
+    assert Settings.from_env(ses_events, sending=False).suppression_table is not None
+
+
 def test_environment_fits_lambdas_4_kb(tmp_path: Path) -> None:
     longest = ",".join(f"{index}{'b' * 62}" for index in range(5))
     stack = Stack(
@@ -618,6 +741,7 @@ NOT_FOR_SES_EVENTS = {
     *(f"SMTP_{name}" for name in ("MAX_CONNECTION_AGE", "IDLE_CHECK_SECONDS", "CHUNK_BYTES")),
     *(f"SMTP_{name}" for name in ("RATE_LIMIT", "SECRET_TTL_SECONDS", "BREAKER_THRESHOLD")),
     "SMTP_BREAKER_COOLDOWN_SECONDS",
+    "FLEET_SIZE",
     "EMAIL_FROM",
     "REPLY_TO",
     "SES_CONFIGURATION_SET",
@@ -662,7 +786,7 @@ def test_ses_events_function_runs_the_other_entry_point_of_the_same_zip() -> Non
     queue = resources["SesEventsQueue"]["Properties"]
     assert queue["RedrivePolicy"] == {
         "deadLetterTargetArn": "<GetAtt SesEventsDeadLetterQueue.Arn>",
-        "maxReceiveCount": "5",
+        "maxReceiveCount": "1000",
     }
     longest_window = event["Properties"]["MaximumBatchingWindowInSeconds"]
     assert queue["VisibilityTimeout"] >= 6 * ses_events["Timeout"] + longest_window
@@ -683,7 +807,7 @@ def test_ses_events_environment_is_valid_and_decides_every_setting(tmp_path: Pat
         == stack.environment()["SUPPRESSION_SOFT_TTL_SECONDS"]
         == stack.params["SuppressionSoftTtlSeconds"]
     )
-    read = _config_variables()
+    read = _config_variables() | ANNOUNCED_VARIABLES
     variables = set(_function("SesEventsFunction")["Environment"]["Variables"])
     undecided = read - variables - NOT_FOR_SES_EVENTS - DELIBERATELY_UNSET
     assert not undecided, (
@@ -989,8 +1113,33 @@ def _emitted(documents: list[dict[str, Any]], function_name: str) -> dict[str, s
     return found
 
 
+NOTIFIER_NAME = "notifier-NotifierFunction-AbC"
+# The provider-wide conditions that hold records (RecordsHeld's Condition dimension).
+HELD_CONDITIONS = ("circuit_open", "daily_quota", "login_failed", "sender_rejected")
+
+
+def _announced_notifier_metrics() -> dict[str, set[frozenset[str]]]:
+    """The metrics the worker is getting with fleet pacing and retry by age (another branch),
+    built with metrics.py the way metrics_from_batch emits RecordsFailed and its ErrorClass:
+    a total with FunctionName, and one per Condition with FunctionName and Condition.
+
+    What the alarms and the dashboard assume until metrics_from_batch emits them; the code's
+    own metrics take precedence (`_notifier_metrics`), so once it emits one, its sample
+    batch must produce it as the alarms watch it, and the entry here can go.
+    """
+    metrics = InvocationMetrics(NAMESPACE, dimensions={"FunctionName": NOTIFIER_NAME})
+    metrics.set("RecordsHeld", len(HELD_CONDITIONS), "Count")
+    for condition in HELD_CONDITIONS:
+        metrics.add("RecordsHeld", dimensions={"Condition": condition})
+    metrics.set("RecordsExpired", 1, "Count")
+    metrics.set("SmtpThrottled", 2, "Count")
+    metrics.set("SendRate", 7.5, "Count/Second")
+    return _emitted(metrics.documents(), NOTIFIER_NAME)
+
+
 def _notifier_metrics() -> dict[str, set[frozenset[str]]]:
-    """The notifier's metrics, from its own builder on a settled sample batch."""
+    """The notifier's metrics, from its own builder on a settled sample batch (and those
+    announced but not emitted yet)."""
     outcomes = [
         Outcome("m-sent", action="sent", bytes=1000),
         Outcome("m-link", action="sent_link", retries=1),
@@ -1005,11 +1154,14 @@ def _notifier_metrics() -> dict[str, set[frozenset[str]]]:
         connections_opened=2,
         circuit_opened=1,
         namespace=NAMESPACE,
-        function_name="notifier-NotifierFunction-AbC",
+        function_name=NOTIFIER_NAME,
     )
     assert metrics.value("RecordsSuppressed") == 1
     assert metrics.value("RecordsFailed", {"ErrorClass": "smtp_unavailable"}) == 1
-    return _emitted(metrics.documents(), "notifier-NotifierFunction-AbC")
+    emitted = _emitted(metrics.documents(), NOTIFIER_NAME)
+    for name, dimension_sets in _announced_notifier_metrics().items():
+        emitted.setdefault(name, dimension_sets)
+    return emitted
 
 
 def _ref_target(value: str) -> str:
@@ -1061,6 +1213,9 @@ def _code_metrics(run: SesEventsRun) -> Emitted:
     }
 
 
+_BASE_DIMENSIONS = {"FunctionName", "QueueName"}
+
+
 def test_alarms_watch_what_the_code_and_aws_emit(ses_events_run: SesEventsRun) -> None:
     emitted = _code_metrics(ses_events_run)
     translated = _translate(MetricsNamespace=NAMESPACE)
@@ -1073,7 +1228,10 @@ def test_alarms_watch_what_the_code_and_aws_emit(ses_events_run: SesEventsRun) -
     watched = set()
     for name, alarm in alarms.items():
         dimensions = {d["Name"]: d["Value"] for d in alarm["Dimensions"]}
-        watched.add(_watched(alarm["Namespace"], alarm["MetricName"], dimensions, emitted, stack))
+        what = _watched(alarm["Namespace"], alarm["MetricName"], dimensions, emitted, stack)
+        # An extra dimension (Condition) picks one series of the metric: part of what is watched.
+        extra = [f"{k}={v}" for k, v in sorted(dimensions.items()) if k not in _BASE_DIMENSIONS]
+        watched.add((*what, *extra))
         # Each threshold is a parameter of its own kind; no action without a topic.
         threshold = translated["Resources"][name]["Properties"]["Threshold"]
         assert threshold["Ref"] in PARAMETERS, name
@@ -1092,15 +1250,66 @@ def test_alarms_watch_what_the_code_and_aws_emit(ses_events_run: SesEventsRun) -
         ("custom", "RecordsFailed", "NotifierFunction"),
         ("custom", "RecordsSuppressed", "NotifierFunction"),
         ("custom", "SmtpCircuitOpened", "NotifierFunction"),
+        ("custom", "RecordsHeld", "NotifierFunction", "Condition=daily_quota"),
+        ("custom", "RecordsHeld", "NotifierFunction", "Condition=login_failed"),
+        ("custom", "RecordsHeld", "NotifierFunction", "Condition=sender_rejected"),
+        ("custom", "RecordsExpired", "NotifierFunction"),
     }
     assert len(alarms) == len(watched)
+
+
+NEW_ALARMS = {
+    # alarm: (metric, Condition or None, its threshold parameter)
+    "DailyQuotaAlarm": ("RecordsHeld", "daily_quota", "DailyQuotaAlarmThreshold"),
+    "SmtpLoginFailedAlarm": ("RecordsHeld", "login_failed", "SmtpLoginFailedAlarmThreshold"),
+    "SenderRejectedAlarm": ("RecordsHeld", "sender_rejected", "SenderRejectedAlarmThreshold"),
+    "RecordsExpiredAlarm": ("RecordsExpired", None, "RecordsExpiredAlarmThreshold"),
+}
+
+
+@pytest.mark.parametrize("suppression", ["true", "false"])
+def test_provider_condition_and_expiry_alarms(suppression: str) -> None:
+    stack = Stack(MetricsNamespace=NAMESPACE, EnableSuppression=suppression)
+    resources = stack.resources()
+    for name, (metric, condition, threshold) in NEW_ALARMS.items():
+        alarm = resources[name]["Properties"]
+        assert alarm["Namespace"] == NAMESPACE, name
+        assert alarm["MetricName"] == metric, name
+        dimensions = {d["Name"]: d["Value"] for d in alarm["Dimensions"]}
+        expected = {"FunctionName": "<Ref NotifierFunction>"}
+        if condition:
+            expected["Condition"] = condition
+        assert dimensions == expected, name
+        assert (alarm["Statistic"], alarm["Period"], alarm["EvaluationPeriods"]) == ("Sum", 300, 1)
+        assert RESOURCES[name]["Properties"]["Threshold"] == {"Ref": threshold}
+        assert alarm["ComparisonOperator"] == "GreaterThanThreshold", name
+        assert alarm["TreatMissingData"] == "notBreaching", name
+        assert "docs/operations.md" in alarm["AlarmDescription"], name
+        # Any held or expired record is news: a lost email, or every email waiting.
+        assert (PARAMETERS[threshold]["Default"], PARAMETERS[threshold]["MinValue"]) == (0, 0)
+    # circuit_open is held too, and keeps its own alarm on SmtpCircuitOpened.
+    held = [
+        dimension["Value"]
+        for resource in resources.values()
+        if resource["Type"] == "AWS::CloudWatch::Alarm"
+        and resource["Properties"]["MetricName"] == "RecordsHeld"
+        for dimension in resource["Properties"]["Dimensions"]
+        if dimension["Name"] == "Condition"
+    ]
+    assert sorted(held) == ["daily_quota", "login_failed", "sender_rejected"]
+    assert set(held) < set(HELD_CONDITIONS)
+    assert resources["CircuitOpenedAlarm"]["Properties"]["MetricName"] == "SmtpCircuitOpened"
+    with_topic = Stack(AlarmTopicArn=ALARM_TOPIC, EnableSuppression=suppression).resources()
+    for name in NEW_ALARMS:
+        assert with_topic[name]["Properties"]["AlarmActions"] == [ALARM_TOPIC]
+        assert with_topic[name]["Properties"]["OKActions"] == [ALARM_TOPIC]
 
 
 def test_alarms_notify_the_topic_when_one_is_given() -> None:
     for suppression in ("true", "false"):
         stack = Stack(AlarmTopicArn=ALARM_TOPIC, EnableSuppression=suppression)
         alarms = [r for r in stack.resources().values() if r["Type"] == "AWS::CloudWatch::Alarm"]
-        assert len(alarms) == (10 if suppression == "true" else 6)
+        assert len(alarms) == (14 if suppression == "true" else 10)
         for alarm in alarms:
             assert alarm["Properties"]["AlarmActions"] == [ALARM_TOPIC]
             assert alarm["Properties"]["OKActions"] == [ALARM_TOPIC]
@@ -1161,8 +1370,20 @@ def test_dashboard_shows_what_the_code_and_aws_emit(
         "SmtpConnectionsOpened",
         "SmtpCircuitOpened",
         "InvocationDuration",
+        "RecordsHeld",
+        "SendRate",
+        "SmtpThrottled",
+        "RecordsExpired",
     }
     assert {("custom", metric, "NotifierFunction") for metric in notifier} <= shown
+    # Held records split by Condition, like failed ones by ErrorClass.
+    held = [
+        (namespace, dimensions)
+        for widget in body["widgets"]
+        for namespace, metric, dimensions in _dashboard_metrics(widget)
+        if metric == "RecordsHeld"
+    ]
+    assert held == [(NAMESPACE, {"Condition": "", "FunctionName": "<Ref NotifierFunction>"})]
     ses_events = {("custom", m, "SesEventsFunction") for m in ("HardBounces", "Complaints")}
     assert (ses_events <= shown) is (suppression == "true")
     assert not [w for w in shown if "SesEvents" in w[2]] or suppression == "true"
