@@ -108,6 +108,15 @@ def build_parser() -> argparse.ArgumentParser:
     run_parser.add_argument(
         "--max-batches", type=_positive_int, metavar="N", help="exit after N batches"
     )
+    run_parser.add_argument(
+        "--fleet-size",
+        type=_positive_int,
+        metavar="N",
+        help=(
+            "how many runners share the mail account's rate (SMTP_RATE_LIMIT): each paces "
+            "itself to its share (default: FLEET_SIZE, else 1)"
+        ),
+    )
     preview_parser = commands.add_parser(
         "preview",
         help="render an email to .html, .txt and .eml files without sending it",
@@ -199,6 +208,7 @@ def _preview(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     import asyncio
+    import dataclasses
 
     from .config import ConfigError, Settings
     from .logs import get_logger
@@ -210,6 +220,8 @@ def _run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"async-notifier: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    if args.fleet_size is not None:
+        settings = dataclasses.replace(settings, fleet_size=args.fleet_size)
 
     async def work(stop: asyncio.Event) -> RunnerStats:
         async with build_notifier(settings) as notifier:

@@ -262,10 +262,6 @@ class Settings:
                 "SMTP_USER is set with SMTP_TLS=none: the password would cross the network "
                 "in clear text"
             )
-        if settings.retry_backoff_cap < settings.retry_backoff_base:
-            env.problems.append(
-                "RETRY_BACKOFF_CAP_SECONDS must be at least RETRY_BACKOFF_BASE_SECONDS"
-            )
         if env.problems:
             raise ConfigError("invalid configuration: " + "; ".join(env.problems))
         return settings

@@ -708,11 +708,14 @@ def test_cli_drains_the_queue(
             "0",
             "--batch-timeout",
             "60",
+            "--fleet-size",
+            "4",
         ),
         capture_output=True,
         text=True,
         timeout=120,
         cwd=ROOT,
+        env={**os.environ, "SMTP_RATE_LIMIT": "100"},
         check=False,
     )
 
@@ -721,6 +724,9 @@ def test_cli_drains_the_queue(
     [started] = [line for line in logs if line.get("message") == "runner started"]
     assert started["batch_timeout"] == 60
     assert started["visibility_timeout"] == 1
+    # The account's 100/s shared by the four runners --fleet-size says there are.
+    assert started["fleet_size"] == 4
+    assert started["send_rate"] == 25
     [stopped] = [line for line in logs if line.get("message") == "runner stopped"]
     assert stopped["drained"] is True
     assert stopped["deleted"] == 2

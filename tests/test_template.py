@@ -29,8 +29,16 @@ from async_notifier.batch.disposition import BACKOFF_BASE
 from async_notifier.batch.outcome import BatchResult, DeadLetter, Outcome, Retry
 from async_notifier.batch.report import metrics_from_batch
 from async_notifier.config import ConfigError, Settings
-from async_notifier.errors import RecipientSuppressed, SmtpUnavailable
-from async_notifier.metrics import InvocationMetrics
+from async_notifier.errors import (
+    CircuitOpen,
+    DailyQuotaExceeded,
+    Expired,
+    LoginRefused,
+    RecipientSuppressed,
+    SenderRejected,
+    SmtpUnavailable,
+)
+from async_notifier.ports import PoolStats
 
 ROOT = Path(__file__).resolve().parent.parent
 TEMPLATE_PATH = ROOT / "template.yaml"
@@ -1118,50 +1126,44 @@ NOTIFIER_NAME = "notifier-NotifierFunction-AbC"
 HELD_CONDITIONS = ("circuit_open", "daily_quota", "login_failed", "sender_rejected")
 
 
-def _announced_notifier_metrics() -> dict[str, set[frozenset[str]]]:
-    """The metrics the worker is getting with fleet pacing and retry by age (another branch),
-    built with metrics.py the way metrics_from_batch emits RecordsFailed and its ErrorClass:
-    a total with FunctionName, and one per Condition with FunctionName and Condition.
-
-    What the alarms and the dashboard assume until metrics_from_batch emits them; the code's
-    own metrics take precedence (`_notifier_metrics`), so once it emits one, its sample
-    batch must produce it as the alarms watch it, and the entry here can go.
-    """
-    metrics = InvocationMetrics(NAMESPACE, dimensions={"FunctionName": NOTIFIER_NAME})
-    metrics.set("RecordsHeld", len(HELD_CONDITIONS), "Count")
-    for condition in HELD_CONDITIONS:
-        metrics.add("RecordsHeld", dimensions={"Condition": condition})
-    metrics.set("RecordsExpired", 1, "Count")
-    metrics.set("SmtpThrottled", 2, "Count")
-    metrics.set("SendRate", 7.5, "Count/Second")
-    return _emitted(metrics.documents(), NOTIFIER_NAME)
-
-
 def _notifier_metrics() -> dict[str, set[frozenset[str]]]:
-    """The notifier's metrics, from its own builder on a settled sample batch (and those
-    announced but not emitted yet)."""
+    """The notifier's metrics, from its own builder on a settled sample batch that has a
+    record held by each provider-wide condition and one expired notification."""
+    held = [
+        CircuitOpen("down"),
+        DailyQuotaExceeded("454 daily quota"),
+        LoginRefused("535"),
+        SenderRejected("553"),
+    ]
+    assert {error.condition for error in held} == set(HELD_CONDITIONS)
     outcomes = [
         Outcome("m-sent", action="sent", bytes=1000),
         Outcome("m-link", action="sent_link", retries=1),
         Outcome("m-suppressed", error=RecipientSuppressed("bounce:Permanent:General")),
-        Outcome("m-smtp", error=SmtpUnavailable("circuit open"), retries=2),
+        Outcome("m-smtp", error=SmtpUnavailable("421"), retries=2),
+        Outcome("m-old", error=SmtpUnavailable("421")),
+        *(Outcome(f"m-held-{i}", error=error) for i, error in enumerate(held)),
     ]
     result = BatchResult.of(outcomes)
-    result.fates = [DeadLetter("suppressed"), Retry(30)]
+    expired = Expired("not delivered within MAX_DELIVERY_AGE")
+    result.fates = [
+        DeadLetter("suppressed"),
+        Retry(30),
+        DeadLetter("expired", expired),
+        *(Retry(30) for _ in held),
+    ]
     metrics = metrics_from_batch(
         result,
         duration_s=1.5,
-        connections_opened=2,
-        circuit_opened=1,
+        pool=PoolStats(connections_opened=2, circuit_opened=1, throttled=2, send_rate=7.5),
         namespace=NAMESPACE,
         function_name=NOTIFIER_NAME,
     )
     assert metrics.value("RecordsSuppressed") == 1
-    assert metrics.value("RecordsFailed", {"ErrorClass": "smtp_unavailable"}) == 1
-    emitted = _emitted(metrics.documents(), NOTIFIER_NAME)
-    for name, dimension_sets in _announced_notifier_metrics().items():
-        emitted.setdefault(name, dimension_sets)
-    return emitted
+    assert metrics.value("RecordsFailed", {"ErrorClass": "smtp_unavailable"}) == 3
+    assert metrics.value("RecordsHeld") == len(held)
+    assert metrics.value("RecordsExpired") == 1
+    return _emitted(metrics.documents(), NOTIFIER_NAME)
 
 
 def _ref_target(value: str) -> str:

@@ -134,6 +134,8 @@ async def run(
                 "heartbeat_period": consumer.heartbeat.period,
                 "pollers": pollers,
                 "drain": drain,
+                "fleet_size": settings.fleet_size,
+                "send_rate": send_rate(settings),
             },
         )
         try:
@@ -143,6 +145,14 @@ async def run(
         stats = consumer.stats
     log.info("runner stopped", extra=vars(stats))
     return stats
+
+
+def send_rate(settings: Settings) -> float | str | None:
+    """This runner's share of the account's rate: sends/s, "auto" (read from SES), or None."""
+    limit = settings.smtp_rate_limit
+    if limit is None or limit == "auto":
+        return limit
+    return limit / settings.fleet_size
 
 
 async def _queue_attributes(sqs: Any, queue_url: str) -> dict[str, str]:

@@ -12,14 +12,18 @@ from async_notifier.batch.outcome import Action, BatchResult, DeadLetter, Outcom
 from async_notifier.batch.report import metrics_from_batch
 from async_notifier.errors import (
     BadMessage,
+    DailyQuotaExceeded,
     DownloadFailed,
+    Expired,
     InternalError,
     NotifierError,
     RecipientSuppressed,
     RecipientUnverified,
+    SenderRejected,
     SmtpUnavailable,
 )
 from async_notifier.logs import configure, request_id
+from async_notifier.ports import PoolStats
 
 NAMESPACE = "AsyncNotifier"
 
@@ -77,10 +81,9 @@ def test_batch_metrics(batch: BatchResult) -> None:
     metrics = metrics_from_batch(
         batch,
         duration_s=1.2345,
-        connections_opened=3,
+        pool=PoolStats(connections_opened=3, circuit_opened=1),
         namespace=NAMESPACE,
         function_name="notifier-prod",
-        circuit_opened=1,
     )
     out = io.StringIO()
     text = metrics.emit(out)
@@ -105,6 +108,9 @@ def test_batch_metrics(batch: BatchResult) -> None:
         "AlreadyDelivered": 1,
         "SmtpConnectionsOpened": 3,
         "SmtpCircuitOpened": 1,
+        "SmtpThrottled": 0,
+        "RecordsHeld": 0,
+        "RecordsExpired": 0,
         "RecipientsUnverified": 1,
         "RecordsSuppressed": 1,
         "InvocationDuration": 1234.5,
@@ -138,9 +144,7 @@ def test_emit_writes_raw_lines_to_stdout_through_the_package_logs(
     """Raw EMF lines on stdout, whatever LOG_LEVEL, and not wrapped in the JSON log format."""
     logger = configure("ERROR")
     try:
-        metrics = metrics_from_batch(
-            batch, duration_s=0.5, connections_opened=0, namespace=NAMESPACE, function_name=None
-        )
+        metrics = metrics_from_batch(batch, duration_s=0.5, namespace=NAMESPACE, function_name=None)
         text = metrics.emit()
         assert capsys.readouterr().out == text
     finally:
@@ -153,9 +157,9 @@ def test_emit_writes_raw_lines_to_stdout_through_the_package_logs(
 
 def test_all_good_batch_has_no_error_class_lines() -> None:
     result = BatchResult.of([outcome("1", size=10), outcome("2", size=20)])
-    text = metrics_from_batch(
-        result, duration_s=0.1, connections_opened=1, namespace=NAMESPACE, function_name="f"
-    ).emit(io.StringIO())
+    text = metrics_from_batch(result, duration_s=0.1, namespace=NAMESPACE, function_name="f").emit(
+        io.StringIO()
+    )
     (main,) = parse_lines(text)
     assert main["RecordsFailed"] == 0
     assert main["BytesAttached"] == 30
@@ -165,11 +169,39 @@ def test_all_good_batch_has_no_error_class_lines() -> None:
 def test_request_id_is_a_property(batch: BatchResult) -> None:
     token = request_id.set("c6af9ac6-7b61-11e6-9a41-93e8deadbeef")
     try:
-        metrics = metrics_from_batch(
-            batch, duration_s=0.1, connections_opened=0, namespace=NAMESPACE, function_name="f"
-        )
+        metrics = metrics_from_batch(batch, duration_s=0.1, namespace=NAMESPACE, function_name="f")
     finally:
         request_id.reset(token)
     for document in parse_lines(metrics.emit(io.StringIO())):
         assert document["request_id"] == "c6af9ac6-7b61-11e6-9a41-93e8deadbeef"
         assert "request_id" not in units_of(document)
+
+
+def test_held_expired_and_paced_records_are_counted() -> None:
+    """Provider-wide conditions by Condition, expired notifications, throttling replies and
+    the pace the instance ended at: what the fleet's alarms and dashboard watch."""
+    result = BatchResult.of(
+        [
+            outcome("1", error=DailyQuotaExceeded("454 daily quota")),
+            outcome("2", error=DailyQuotaExceeded("454 daily quota")),
+            outcome("3", error=SenderRejected("553 sender")),
+            outcome("4", error=SmtpUnavailable("421")),
+        ]
+    )
+    result.fates = [Retry(60), Retry(60), Retry(30), DeadLetter("expired", Expired("old"))]
+    metrics = metrics_from_batch(
+        result,
+        duration_s=0.1,
+        pool=PoolStats(throttled=4, send_rate=6.5),
+        namespace=NAMESPACE,
+        function_name="f",
+    )
+    assert metrics.value("RecordsHeld") == 3
+    assert metrics.value("RecordsHeld", {"Condition": "daily_quota"}) == 2
+    assert metrics.value("RecordsHeld", {"Condition": "sender_rejected"}) == 1
+    assert metrics.value("RecordsHeld", {"Condition": "login_failed"}) is None
+    assert metrics.value("RecordsExpired") == 1
+    assert metrics.value("SmtpThrottled") == 4
+    assert metrics.value("SendRate") == 6.5
+    unpaced = metrics_from_batch(result, duration_s=0.1, namespace=NAMESPACE, function_name="f")
+    assert unpaced.value("SendRate") is None  # no rate set: nothing to report
