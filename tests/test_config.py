@@ -137,6 +137,11 @@ def test_blank_values_count_as_missing() -> None:
         ("SMTP_MAX_MESSAGES_PER_CONNECTION", "0"),
         ("MAX_CONCURRENCY", "0"),
         ("MAX_CONCURRENCY", "ten"),
+        ("FLEET_SIZE", "0"),
+        ("MAX_DELIVERY_AGE", "59"),
+        ("MAX_DELIVERY_AGE", "1209601"),
+        ("RETRY_BACKOFF_CAP_SECONDS", "43201"),
+        ("RETRY_BACKOFF_BASE_SECONDS", "0"),
     ],
 )
 def test_out_of_range_integers(name: str, value: str) -> None:
@@ -267,3 +272,27 @@ def test_implicit_tls_defaults_to_port_465_and_starttls_to_587() -> None:
     assert Settings.from_env({**MINIMAL, "SMTP_TLS": "tls"}).smtp_port == 465
     assert Settings.from_env({**MINIMAL, "SMTP_TLS": "starttls"}).smtp_port == 587
     assert Settings.from_env({**MINIMAL, "SMTP_TLS": "tls", "SMTP_PORT": "2465"}).smtp_port == 2465
+
+
+@pytest.mark.parametrize(
+    ("server", "raw", "expected"),
+    [
+        ("smtp.example.com", "", None),  # another relay: no pacing unless asked
+        ("email-smtp.eu-west-1.amazonaws.com", "", "auto"),  # SES: its quota, by default
+        ("email-smtp.eu-west-1.amazonaws.com", "none", None),
+        ("smtp.example.com", "auto", "auto"),
+        ("smtp.example.com", "AUTO", "auto"),
+        ("smtp.example.com", "12.5", 12.5),
+    ],
+)
+def test_smtp_rate_limit(server: str, raw: str, expected: object) -> None:
+    assert settings(SMTP_SERVER=server, SMTP_RATE_LIMIT=raw).smtp_rate_limit == expected
+
+
+def test_delivery_horizon_and_fleet_defaults() -> None:
+    s = settings()
+    assert s.max_delivery_age == 24 * 3600
+    assert (s.retry_backoff_base, s.retry_backoff_cap) == (30, 300)
+    assert s.fleet_size == 1
+    assert s.ses_region is None
+    assert settings(SMTP_SERVER="email-smtp.sa-east-1.amazonaws.com").ses_region == "sa-east-1"

@@ -1,36 +1,14 @@
-"""Stay under a provider's sending rate, and back off together when told to slow down.
+"""What a provider's refusals say about its limits, and the pause of a pool with no rate.
 
-A 454 or a 421 "rate exceeded" is about the account, not the connection that got
-it: every connection must pause, or the others keep tripping the same limit.
+A 454 or a 421 "rate exceeded" is about the account, not the connection that got it.
+With a rate (`SMTP_RATE_LIMIT`) the pace halves (`pacing.AdaptiveRate`); without one,
+every connection pauses together (`PoolBackoff`), or the others keep tripping the limit.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-
-
-class TokenBucket:
-    """`rate` sends per second on average, with bursts of at most `burst`."""
-
-    def __init__(self, rate: float, burst: float | None = None) -> None:
-        self.rate = rate
-        self.capacity = max(1.0, burst if burst is not None else rate)
-        self._tokens = self.capacity
-        self._updated = time.monotonic()
-        self._lock = asyncio.Lock()
-
-    async def acquire(self) -> None:
-        async with self._lock:  # FIFO: waiters are served in order
-            while True:
-                now = time.monotonic()
-                elapsed = now - self._updated
-                self._tokens = min(self.capacity, self._tokens + elapsed * self.rate)
-                self._updated = now
-                if self._tokens >= 1:
-                    self._tokens -= 1
-                    return
-                await asyncio.sleep((1 - self._tokens) / self.rate)
 
 
 class PoolBackoff:
