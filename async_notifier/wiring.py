@@ -101,7 +101,8 @@ class AwsBackend:
         # Credentials are found on the first request otherwise (environment, container
         # endpoint...): find them now, with no request made.
         await self._session.get_credentials()
-        del adapters
+        # With SMTP_RATE_LIMIT=auto, the account's rate before the first batch (bounded).
+        await adapters.transport.refresh_limits()
 
     def held(self) -> ProviderCondition | None:
         adapters = self._adapters
