@@ -81,9 +81,11 @@ class _Hooks:
 class SinkSMTP(SMTP):
     """One instance per TCP connection."""
 
-    def __init__(self, counters: Counters, data_size_limit: int) -> None:
+    def __init__(
+        self, counters: Counters, data_size_limit: int, hooks: _Hooks | None = None
+    ) -> None:
         super().__init__(
-            _Hooks(),
+            hooks or _Hooks(),
             hostname="sink.bench",
             data_size_limit=data_size_limit,
             ident="bench-sink",
@@ -148,9 +150,13 @@ class SinkSMTP(SMTP):
         c.max_size = size if c.max_size is None else max(c.max_size, size)
         if match:
             c.video_ids.append(match.group(1).decode(errors="replace").strip())
+        self.message_accepted(data[: max(header_end, 0)])
         del data
         self._set_post_data_state()  # type: ignore[no-untyped-call]
         await self.push("250 OK")
+
+    def message_accepted(self, head: bytes) -> None:
+        """Called with the header block of every message accepted (subclasses look in it)."""
 
 
 async def serve(data_size_limit: int) -> None:
