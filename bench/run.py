@@ -474,6 +474,7 @@ class Bench:
             "instances": scenario.instances,
             "account_rate": rate,
             "ideal_s": scenario.records / rate,
+            "invocation_timeout_s": scenario.invocation_timeout_s,
             "env": extra,
             "errors": [],
         }

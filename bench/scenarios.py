@@ -104,7 +104,7 @@ QUICK = _table(
     large=(4, 2 * MiB),
     remote=(40, 16 * KiB, 20, 10),
     warmup=8,
-    throttled=(120, 16 * KiB, 40, 15),
+    throttled=(120, 16 * KiB, 40, 10),
 )
 
 
