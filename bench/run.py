@@ -597,6 +597,8 @@ class Bench:
         finally:
             for helper in helpers:
                 helper.stop()
+            for index in range(len(shares)):
+                shutil.rmtree(self.work / "tmp" / f"{name}-i{index}", ignore_errors=True)
         return [json.loads(path.read_text()) if path.exists() else {} for path in results]
 
     @staticmethod
