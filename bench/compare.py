@@ -17,12 +17,14 @@ from typing import Any
 METRICS = (
     "wall_s", "records_per_s", "mib_per_s", "peak_rss_mib",
     "rss_before_mib", "cpu_ms_per_record", "import_ms",
+    # throttled: delivery time / (records / account rate), share of MAIL answered 454, rounds
+    "ideal_ratio", "refused_share", "rounds",
 )  # fmt: skip
 SPREAD = METRICS[:4]
 # The same in every run of a scenario and target: taken from the first.
 _FIXED = (
     "scenario", "target", "records", "size_bytes", "attachment_bytes", "smtp_delay_ms",
-    "s3_delay_ms", "pool_size", "warmup_records",
+    "s3_delay_ms", "pool_size", "warmup_records", "instances", "account_rate", "ideal_s",
 )  # fmt: skip
 
 

@@ -32,7 +32,7 @@ from typing import Any
 
 import boto3
 
-from . import control, payload, previous, report
+from . import control, fleet, payload, previous, report
 from .procs import (
     LOOPBACK,
     ROOT,
@@ -54,7 +54,7 @@ from .scenarios import (
     parse_targets,
     select,
 )
-from .sinks import Sink, SinkStats, make_sink
+from .sinks import RelayProcess, Sink, SinkStats, make_sink
 
 EMAIL_FROM = "Bench <no-reply@bench.example.com>"
 # The only variables a target inherits from the caller's shell; every setting of the
@@ -74,7 +74,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--scenario",
         default="all",
-        help="small, large, remote, remote-warm, scale, all (default), or a comma-separated list",
+        help="small, large, remote, remote-warm, scale, throttled, all (default), or a "
+        "comma-separated list",
     )
     parser.add_argument(
         "--target",
@@ -99,6 +100,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--size", type=parse_size, help="attachment bytes (32768, 32K, 20M)")
     parser.add_argument("--smtp-delay", type=float, metavar="MS", help="delay in front of SMTP")
     parser.add_argument("--s3-delay", type=float, metavar="MS", help="delay in front of S3")
+    parser.add_argument(
+        "--account-rate",
+        type=float,
+        metavar="R",
+        help="throttled: the account's messages/s (default 100; quick 40)",
+    )
     parser.add_argument("--pool-size", type=int, default=8, help="SMTP_POOL_SIZE (default 8)")
     parser.add_argument(
         "--round-trips",
@@ -146,6 +153,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.round_trips <= 0:
         parser.error("--round-trips must be positive")
+    if args.account_rate is not None and not args.account_rate > 0:
+        parser.error("--account-rate must be positive")
     for item in args.env:
         if "=" not in item:
             parser.error(f"--env wants NAME=VALUE, got {item!r}")
@@ -175,6 +184,7 @@ class Bench:
         self.sink: Sink = make_sink(args.sink, self.logs, work, self.code)
         self.proxy: Helper | None = None
         self.proxy_control = 0
+        self.relay: RelayProcess | None = None  # the SMTP server of a scenario with an account
         self.helper_pids: list[dict[str, Any]] = []
 
     # -- lifecycle
@@ -186,11 +196,11 @@ class Bench:
         self._remember("sink", self.sink.pid, getattr(self.sink, "command", []))
 
     def stop(self) -> None:
-        for helper in (self.proxy, self.sink, self.moto):
+        for helper in (self.proxy, self.relay, self.sink, self.moto):
             if helper is not None:
                 with contextlib.suppress(Exception):
                     helper.stop()
-        self.proxy = None
+        self.proxy = self.relay = None
 
     def _remember(self, name: str, pid: int | None, command: list[str]) -> None:
         self.helper_pids.append({"name": name, "pid": pid, "command": command})
@@ -200,7 +210,8 @@ class Bench:
         if scenario.s3_delay_ms > 0:
             routes += ["--route", f"s3={LOOPBACK}:{self.moto.port}:{scenario.s3_delay_ms}"]
         if scenario.smtp_delay_ms > 0:
-            routes += ["--route", f"smtp={LOOPBACK}:{self.sink.port}:{scenario.smtp_delay_ms}"]
+            smtp_port = self.relay.port if self.relay is not None else self.sink.port
+            routes += ["--route", f"smtp={LOOPBACK}:{smtp_port}:{scenario.smtp_delay_ms}"]
         proxy = Helper(
             f"proxy-{scenario.name}",
             python_module("bench.proxy", *routes, "--run-dir", str(self.work)),
@@ -213,6 +224,13 @@ class Bench:
         self._remember(proxy.name, proxy.pid, proxy.command)
         self.proxy_control = int(info["control_port"])
         return {str(k): int(v) for k, v in info["ports"].items()}
+
+    def _start_relay(self, scenario: Scenario) -> RelayProcess:
+        relay = RelayProcess(self.logs, self.work, self.code, scenario.account_rate)
+        self.relay = relay
+        relay.launch()
+        self._remember(relay.name, relay.pid, relay.command)
+        return relay
 
     # -- measurements
 
@@ -268,6 +286,11 @@ class Bench:
         if not targets:
             log(f"[{scenario.name}] skipped: runs only {', '.join(scenario.targets)}")
             return []
+        if scenario.account_rate > 0 and "baseline" in self.targets:
+            log(
+                f"[{scenario.name}] baseline skipped: the old design reads neither "
+                "SMTP_RATE_LIMIT nor FLEET_SIZE (it has no pacing to measure)"
+            )
         log(
             f"[{scenario.name}] {scenario.records} records x {human_size(scenario.size)}, "
             f"SMTP delay {scenario.smtp_delay_ms:g} ms, S3 delay {scenario.s3_delay_ms:g} ms"
@@ -275,18 +298,26 @@ class Bench:
         self.moto.reset()
         batch = self._seed(scenario)
         rows = []
-        ports = self._start_proxy(scenario) if scenario.delayed else {}
         try:
+            if scenario.account_rate > 0:
+                self._start_relay(scenario)
+            ports = self._start_proxy(scenario) if scenario.delayed else {}
             # Every round runs each target once, and the next round in the reverse order.
             for repetition in range(self.args.repeat):
                 for target in interleaved(targets, repetition):
-                    row = self.run_target(scenario, batch, target, repetition + 1, ports)
+                    if self.relay is not None:
+                        row = self.run_fleet(scenario, batch, target, repetition + 1, ports)
+                    else:
+                        row = self.run_target(scenario, batch, target, repetition + 1, ports)
                     row["seed_s"] = batch.seed_s
                     rows.append(row)
         finally:
             if self.proxy is not None:
                 self.proxy.stop()
                 self.proxy = None
+            if self.relay is not None:
+                self.relay.stop()
+                self.relay = None
         self.moto.reset()
         return rows
 
@@ -402,6 +433,204 @@ class Bench:
         self._check(row, child, sink, scenario, batch)
         self._log_run(row, sink.connections)
         return row
+
+    def run_fleet(
+        self,
+        scenario: Scenario,
+        batch: Batch,
+        target: str,
+        run: int,
+        ports: dict[str, int],
+    ) -> dict[str, Any]:
+        """The batch through `scenario.instances` concurrent instances of `target` against
+        the relay's account, and the failed records again, round after round, as SQS would
+        redeliver them, until all are delivered or `fleet.MAX_ROUNDS` rounds have run.
+
+        Every instance is configured with the account's whole rate and the fleet's size
+        (`SMTP_RATE_LIMIT`, `FLEET_SIZE`); code that ignores `FLEET_SIZE` offers the account
+        `instances` times its rate.
+        """
+        relay = self.relay
+        assert relay is not None
+        name = f"{scenario.name}-{target}" + (f"-{run}" if self.args.repeat > 1 else "")
+        rate = scenario.account_rate
+        extra = {
+            "MAX_ATTACHMENT_BYTES": str(-(-scenario.size // MiB) * MiB),
+            "AWS_LAMBDA_FUNCTION_NAME": "async-notifier-bench",
+            "SMTP_RATE_LIMIT": f"{rate:g}",
+            "FLEET_SIZE": str(scenario.instances),
+        }
+        extra.update(item.split("=", 1) for item in self.args.env)
+        row: dict[str, Any] = {
+            "scenario": scenario.name,
+            "target": target,
+            "run": run,
+            "records": scenario.records,
+            "size_bytes": scenario.size,
+            "attachment_bytes": batch.total_bytes,
+            "smtp_delay_ms": scenario.smtp_delay_ms,
+            "s3_delay_ms": scenario.s3_delay_ms,
+            "pool_size": self.args.pool_size,
+            "instances": scenario.instances,
+            "account_rate": rate,
+            "ideal_s": scenario.records / rate,
+            "invocation_timeout_s": scenario.invocation_timeout_s,
+            "env": extra,
+            "errors": [],
+        }
+        relay.reset()
+        if self.proxy is not None:
+            control.query(self.proxy_control, "RESET")
+        pending: list[dict[str, Any]] = json.loads(batch.event_path.read_text())["Records"]
+        invocations: list[dict[str, Any]] = []
+        strays: set[str] = set()
+        cpu = _CpuAccount(self._helper_pids())
+        started = time.perf_counter()
+        for round_ in range(1, fleet.MAX_ROUNDS + 1):
+            shares = fleet.split(pending, scenario.instances)
+            called = self._invoke_fleet(
+                f"{name}-r{round_}", target, shares, extra, ports, row,
+                scenario.invocation_timeout_s,
+            )  # fmt: skip
+            pending = []
+            for share, child in zip(shares, called, strict=True):
+                failed = fleet.failed_ids(child, share)
+                again = [r for r in share if failed is None or r["messageId"] in failed]
+                pending += [fleet.redelivered(record) for record in again]
+                invocations.append(self._invocation(round_, child, share, len(again)))
+                strays.update(child.get("stray_modules") or [])
+            row["rounds"] = round_
+            if not pending:
+                break
+        row["process_wall_s"] = time.perf_counter() - started
+        row.update(cpu.finish(row["process_wall_s"]))
+        row["invocations"] = invocations
+        row["lost"] = len(pending)
+        if pending:
+            row["errors"].append(
+                f"{len(pending)} record(s) still failing after {row['rounds']} rounds: lost"
+            )
+        stats = relay.stats()
+        row.update(
+            mail_commands=stats["mail_commands"],
+            rate_refusals=stats["rate_refusals"],
+            quota_refusals=stats["quota_refusals"],
+            refused_share=(stats["rate_refusals"] + stats["quota_refusals"])
+            / max(stats["mail_commands"], 1),
+            **fleet.message_id_check(stats["accepted"], scenario.records),
+        )
+        if not row["exactly_once"]:
+            row["errors"].append(
+                f"by Message-ID: {row['accepted_message_ids']} accepted of {scenario.records}, "
+                f"{row['message_id_duplicates']} duplicate(s)"
+            )
+        row.update(self._fleet_measurements(invocations, batch.total_bytes))
+        if "wall_s" in row:
+            row["ideal_ratio"] = row["wall_s"] / row["ideal_s"]
+        sink = SinkStats(
+            messages=int(stats["messages"]),
+            connections=int(stats["connections"]),
+            data_bytes=int(stats["data_bytes"]),
+            max_open=int(stats["max_open"]),
+            min_size=stats["min_size"],
+            video_ids=[str(v) for v in stats["video_ids"]],
+        )
+        # The checks of any run, on what the fleet delivered in all; what is still failing
+        # is reported as lost above, so not again as batchItemFailures.
+        child = {"response": {"batchItemFailures": []}, "stray_modules": sorted(strays)}
+        self._check(row, child, sink, scenario, batch)
+        row["failures"] = len(pending)
+        self._log_run(row, sink.connections)
+        log(
+            f"[{scenario.name}] {target}: {row.get('ideal_ratio', float('nan')):.2f}x the ideal "
+            f"{row['ideal_s']:.2f} s, {row['refused_share']:.1%} of {row['mail_commands']} MAIL "
+            f"answered 454, {row['rounds']} round(s), {row['lost']} lost"
+        )
+        return row
+
+    def _invoke_fleet(
+        self,
+        name: str,
+        target: str,
+        shares: list[list[dict[str, Any]]],
+        extra: dict[str, str],
+        ports: dict[str, int],
+        row: dict[str, Any],
+        timeout_s: float,
+    ) -> list[dict[str, Any]]:
+        """One concurrent invocation per share, each with a Lambda timeout of `timeout_s`;
+        what each child reported (empty if none)."""
+        assert self.relay is not None
+        helpers, results = [], []
+        try:
+            for index, share in enumerate(shares):
+                event_path = self.work / f"{name}-i{index}.event.json"
+                event_path.write_text(json.dumps({"Records": share}), encoding="utf-8")
+                result_path = self.work / f"{name}-i{index}.result.json"
+                command = python_module(
+                    "bench.target", "--target", target, "--event", str(event_path),
+                    "--result", str(result_path),
+                    "--timeout-ms", str(int(timeout_s * 1000)),
+                )  # fmt: skip
+                env = self._target_env(
+                    self.work / "tmp" / f"{name}-i{index}",
+                    extra,
+                    {"smtp": self.relay.port, **ports},
+                )
+                helper = Helper(f"{name}-i{index}", command, self.logs, cwd=self.trees[target])
+                helper.start(ready_line=False, env=env)
+                helpers.append(helper)
+                results.append(result_path)
+            # The worker returns before its Lambda timeout; past it (plus start-up) it is hung.
+            deadline = time.monotonic() + timeout_s + 60
+            for helper in helpers:
+                assert helper.process is not None
+                try:
+                    code = helper.process.wait(timeout=max(1.0, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    row["errors"].append(f"{helper.name} timed out")
+                    continue
+                if code != 0:
+                    row["errors"].append(
+                        f"{helper.name} exited with {code}: {helper.output(2000).strip()}"
+                    )
+        finally:
+            for helper in helpers:
+                helper.stop()
+            for index in range(len(shares)):
+                shutil.rmtree(self.work / "tmp" / f"{name}-i{index}", ignore_errors=True)
+        return [json.loads(path.read_text()) if path.exists() else {} for path in results]
+
+    @staticmethod
+    def _invocation(
+        round_: int, child: dict[str, Any], share: list[dict[str, Any]], failed: int
+    ) -> dict[str, Any]:
+        keys = (
+            "called_at", "returned_at", "wall_s", "cpu_s", "peak_rss_kib", "import_ms",
+            "module_file",
+        )  # fmt: skip
+        found = {key: child[key] for key in keys if key in child}
+        return {"round": round_, "records": len(share), "failed": failed, **found}
+
+    @staticmethod
+    def _fleet_measurements(invocations: list[dict[str, Any]], total_bytes: int) -> dict[str, Any]:
+        """A fleet's numbers: its delivery time (the rounds' spans), the sum of its CPU, the
+        largest instance's peak RSS."""
+        wall = fleet.delivery_seconds(invocations)
+        if not wall:
+            return {}
+        records = sum(i["records"] for i in invocations if i["round"] == 1)
+        cpu_s = sum(i["cpu_s"] for i in invocations)
+        return {
+            "wall_s": wall,
+            "records_per_s": records / wall,
+            "mib_per_s": total_bytes / MiB / wall,
+            "cpu_s": cpu_s,
+            "cpu_ms_per_record": cpu_s * 1000 / max(records, 1),
+            "peak_rss_mib": max(i["peak_rss_kib"] for i in invocations) / 1024,
+            "import_ms": statistics.median(i["import_ms"] for i in invocations),
+            "module_file": invocations[0].get("module_file"),
+        }
 
     def _profile_path(self, scenario: Scenario, target: str, run: int) -> Path | None:
         """Where `--profile` puts this run's profile: handler targets only, one file per run.
@@ -546,7 +775,9 @@ class Bench:
         }
 
     def _helper_pids(self) -> dict[str, int | None]:
-        pids = {"sink": self.sink.pid, "moto": self.moto.pid}
+        # A scenario with an account has the relay as its SMTP server: it is the sink then.
+        sink = self.relay if self.relay is not None else self.sink
+        pids = {"sink": sink.pid, "moto": self.moto.pid}
         if self.proxy is not None:
             pids["proxy"] = self.proxy.pid
         return pids
@@ -695,6 +926,7 @@ def main(argv: list[str] | None = None) -> int:
         size=args.size,
         smtp_delay_ms=args.smtp_delay,
         s3_delay_ms=args.s3_delay,
+        account_rate=args.account_rate,
     )
     work = Path(tempfile.mkdtemp(prefix="async-notifier-bench-"))
     try:

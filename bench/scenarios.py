@@ -9,7 +9,7 @@ from dataclasses import dataclass
 KiB = 1024
 MiB = 1024 * KiB
 
-NAMES = ("small", "large", "remote", "remote-warm", "scale")
+NAMES = ("small", "large", "remote", "remote-warm", "scale", "throttled")
 # Every target, in the order of one round of runs; `previous` runs wherever `project` does.
 TARGETS = ("baseline", "previous", "project")
 HANDLERS = ("previous", "project")  # the targets that call handler.lambda_handler
@@ -27,6 +27,13 @@ class Scenario:
     # Records of a warm-up invocation run in the same process before the measured call,
     # so the measured call is the process's second (warm) invocation; 0 = a cold call.
     warmup: int = 0
+    # An account's sending rate (messages/s) enforced by `bench.relay` in place of the sink,
+    # and how many instances (concurrent target processes) share it; 0 = no relay.
+    account_rate: float = 0.0
+    instances: int = 1
+    # The fleet's Lambda timeout: an invocation stuck in back-off hands its records back
+    # before it (the worker's deadline), and they are redelivered; bounds a round's time.
+    invocation_timeout_s: float = 900.0
 
     @property
     def delayed(self) -> bool:
@@ -38,6 +45,7 @@ def _table(
     large: tuple[int, int],
     remote: tuple[int, int, float, float],
     warmup: int,
+    throttled: tuple[int, int, float, float],
 ) -> dict[str, Scenario]:
     records, size = small
     remote_row = Scenario(
@@ -69,13 +77,35 @@ def _table(
             targets=HANDLERS,
             about="small x4 records x4 size (peak RSS should match small's)",
         ),
+        # A fleet against the account's limit: two instances, each configured with the
+        # account's rate and FLEET_SIZE=2, their failed records redelivered as SQS would.
+        "throttled": Scenario(
+            "throttled",
+            throttled[0],
+            throttled[1],
+            targets=HANDLERS,
+            about="2 instances sharing one account's rate (454 beyond it), with redelivery",
+            account_rate=throttled[2],
+            instances=2,
+            invocation_timeout_s=throttled[3],
+        ),
     }
 
 
 FULL = _table(
-    small=(2000, 32 * KiB), large=(32, 20 * MiB), remote=(500, 128 * KiB, 50, 25), warmup=16
+    small=(2000, 32 * KiB),
+    large=(32, 20 * MiB),
+    remote=(500, 128 * KiB, 50, 25),
+    warmup=16,
+    throttled=(600, 32 * KiB, 100, 60),
 )
-QUICK = _table(small=(200, 16 * KiB), large=(4, 2 * MiB), remote=(40, 16 * KiB, 20, 10), warmup=8)
+QUICK = _table(
+    small=(200, 16 * KiB),
+    large=(4, 2 * MiB),
+    remote=(40, 16 * KiB, 20, 10),
+    warmup=8,
+    throttled=(120, 16 * KiB, 40, 10),
+)
 
 
 def select(
@@ -86,12 +116,14 @@ def select(
     size: int | None = None,
     smtp_delay_ms: float | None = None,
     s3_delay_ms: float | None = None,
+    account_rate: float | None = None,
 ) -> list[Scenario]:
     """The chosen scenarios with the flags applied to every one of them.
 
-    `--records` and `--size` set small, large, remote and remote-warm; scale stays at 4x
-    small's values. The delays, when given, apply to every chosen scenario. The warm-up
-    batch of remote-warm keeps its size in records (the attachment size follows `--size`).
+    `--records` and `--size` set small, large, remote, remote-warm and throttled; scale
+    stays at 4x small's values. The delays, when given, apply to every chosen scenario. The
+    warm-up batch of remote-warm keeps its size in records (the attachment size follows
+    `--size`). `--account-rate` sets throttled's account rate.
     """
     base = QUICK if quick else FULL
     chosen = []
@@ -107,6 +139,8 @@ def select(
             changes["smtp_delay_ms"] = smtp_delay_ms
         if s3_delay_ms is not None:
             changes["s3_delay_ms"] = s3_delay_ms
+        if account_rate is not None and scenario.account_rate > 0:
+            changes["account_rate"] = account_rate
         chosen.append(dataclasses.replace(scenario, **changes))  # type: ignore[arg-type]
     return chosen
 

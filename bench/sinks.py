@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from . import control
 from .procs import LOOPBACK, Helper, free_port, python_module
@@ -171,3 +171,28 @@ def make_sink(kind: str, log_dir: Path, run_dir: Path, code_dir: Path) -> Sink:
             "the default --sink aiosmtpd needs nothing"
         )
     return PostfixSink(log_dir, binary)
+
+
+class RelayProcess(Helper):
+    """`python -m bench.relay` in its own process: the SMTP server of the throttled scenario,
+    an account with a sending rate (`bench.relay.ThrottlingRelay`), counted like the sink."""
+
+    def __init__(self, log_dir: Path, run_dir: Path, code_dir: Path, rate: float) -> None:
+        command = python_module("bench.relay", "--rate", f"{rate:g}", "--run-dir", str(run_dir))
+        super().__init__("relay", command, log_dir, cwd=code_dir)
+        self.port = 0
+        self.control_port = 0
+
+    def launch(self) -> None:
+        self.start(ready_line=True)
+        info = self.read_ready(timeout=30)
+        self.port, self.control_port = int(info["port"]), int(info["control_port"])
+
+    def reset(self) -> None:
+        """Zero the counters and refill the account's bucket."""
+        self.check_alive()
+        control.query(self.control_port, "RESET")
+
+    def stats(self) -> dict[str, Any]:
+        self.check_alive()
+        return control.query(self.control_port, "STATS")

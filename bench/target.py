@@ -1,7 +1,7 @@
 """Run one measured target in this fresh interpreter, and report on it as JSON.
 
     python -m bench.target --target project|previous|baseline --event FILE --result FILE
-                           [--warmup-event FILE] [--profile F]
+                           [--warmup-event FILE] [--profile F] [--timeout-ms MS]
     python -m bench.target --import MODULE --result FILE
 
 The target's module is imported first, with nothing but `sys` and `time` loaded by this
@@ -9,7 +9,8 @@ harness before it, and the import is timed. With `--warmup-event`, `lambda_handl
 runs once on that event (its own fake context), untimed but for its wall time, so the
 measured call is the process's second, warm, invocation, as most are in a busy Lambda.
 Then the event is loaded, the peak-RSS mark is reset (Linux `/proc/self/clear_refs`), and
-`lambda_handler(event, context)` runs once with a fake Lambda context. Reported: import
+`lambda_handler(event, context)` runs once with a fake Lambda context (whose remaining time
+starts at `--timeout-ms`, default 15 minutes, Lambda's longest timeout). Reported: import
 time, wall time of the call, CPU time, the response, and memory: the peak RSS during the
 call (`VmHWM` after the reset; it includes everything resident, interpreter, libraries and
 event), the RSS just before the call, and `getrusage(RUSAGE_SELF).ru_maxrss` for reference
@@ -67,6 +68,7 @@ def main() -> None:
         result_file,
         _option("--profile"),
         _option("--warmup-event"),
+        int(_option("--timeout-ms") or 900_000),
     )
 
 
@@ -78,6 +80,7 @@ def run(
     result_file: str,
     profile_file: str | None = None,
     warmup_file: str | None = None,
+    timeout_ms: int = 900_000,
 ) -> None:
     import gc
     import json
@@ -105,13 +108,14 @@ def run(
     gc.collect()
     rss_before = _status_kib("VmRSS")
     hwm_reset = _reset_peak()
-    context = FakeContext(str(uuid.uuid4()))
+    context = FakeContext(str(uuid.uuid4()), timeout_ms)
     profiler = None
     if profile_file is not None:
         import cProfile
 
         profiler = cProfile.Profile()
     usage0 = resource.getrusage(resource.RUSAGE_SELF)
+    called_at = time.time()  # wall clock: comparable across the instances of a fleet
     start = time.perf_counter()
     if profiler is not None:
         profiler.enable()
@@ -119,6 +123,7 @@ def run(
     if profiler is not None:
         profiler.disable()
     wall = time.perf_counter() - start
+    returned_at = time.time()
     if profiler is not None and profile_file is not None:
         profiler.dump_stats(profile_file)
     usage = resource.getrusage(resource.RUSAGE_SELF)
@@ -130,6 +135,8 @@ def run(
             "module_file": getattr(module, "__file__", None),
             "import_ms": import_s * 1000,
             "wall_s": wall,
+            "called_at": called_at,
+            "returned_at": returned_at,
             "cpu_s": (usage.ru_utime - usage0.ru_utime) + (usage.ru_stime - usage0.ru_stime),
             "records": len(event.get("Records", [])),
             "response": response,

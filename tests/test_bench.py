@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from bench import compare
+from bench import compare, fleet
 from bench.run import parse_args
 from bench.scenarios import interleaved, parse_targets
 from bench.target import _stray_modules
@@ -34,6 +34,7 @@ EXPECTED_RUNS = {
     ("remote", "project"),
     ("remote-warm", "project"),
     ("scale", "project"),
+    ("throttled", "project"),
 }
 
 
@@ -158,7 +159,81 @@ def test_the_table_and_ratios_are_printed(quick: tuple[str, dict[str, Any]]) -> 
     assert "records/s" in stdout
     assert "project / baseline:" in stdout
     assert "protocol limit" in stdout
+    assert "fleet pacing: 2 instances" in stdout
+    assert "baseline: not run here" in stdout
     assert "ERROR" not in stdout
+
+
+def test_the_throttled_fleet_delivered_everything_once_through_the_account(
+    quick: tuple[str, dict[str, Any]],
+) -> None:
+    _, results = quick
+    [row] = [row for row in results["results"] if row["scenario"] == "throttled"]
+    assert row["env"]["SMTP_RATE_LIMIT"] == "40"
+    assert row["env"]["FLEET_SIZE"] == "2"
+    assert (row["instances"], row["account_rate"], row["ideal_s"]) == (2, 40, 3.0)
+    assert row["lost"] == 0
+    assert row["exactly_once"] is True
+    assert row["accepted_message_ids"] == row["records"]
+    assert row["message_id_duplicates"] == 0
+    assert 1 <= row["rounds"] <= fleet.MAX_ROUNDS
+    # Every record went to exactly one instance in round 1; later rounds carry the failures.
+    first = [i for i in row["invocations"] if i["round"] == 1]
+    assert len(first) == 2
+    assert sum(i["records"] for i in first) == row["records"]
+    for round_ in range(2, row["rounds"] + 1):
+        failed_before = sum(i["failed"] for i in row["invocations"] if i["round"] == round_ - 1)
+        again = sum(i["records"] for i in row["invocations"] if i["round"] == round_)
+        assert again == failed_before, round_
+    last = [i for i in row["invocations"] if i["round"] == row["rounds"]]
+    assert sum(i["failed"] for i in last) == 0
+    # Each delivery was one accepted MAIL; refusals are counted apart.
+    refused = row["rate_refusals"] + row["quota_refusals"]
+    assert row["mail_commands"] >= row["records"] + refused
+    assert row["quota_refusals"] == 0
+    assert row["refused_share"] == refused / row["mail_commands"]
+    checks = {check["check"] for check in results["checks"]}
+    assert {"throttled: time vs ideal records / rate", "throttled: MAIL answered 454"} <= checks
+    [summary] = [s for s in results["summaries"] if s["scenario"] == "throttled"]
+    assert summary["ideal_ratio"] == row["ideal_ratio"] > 0
+    assert summary["rounds"] == row["rounds"]
+
+
+def test_a_fleet_shares_the_batch_and_gets_back_only_its_failures() -> None:
+    records = [
+        {"messageId": f"m{n}", "receiptHandle": "h", "attributes": {"ApproximateReceiveCount": "1"}}
+        for n in range(5)
+    ]
+    assert [[r["messageId"] for r in share] for share in fleet.split(records, 2)] == [
+        ["m0", "m1", "m2"],
+        ["m3", "m4"],
+    ]
+    assert len(fleet.split(records[:1], 2)) == 1
+    assert fleet.split([], 2) == []
+    again = fleet.redelivered(records[0])
+    assert again["attributes"]["ApproximateReceiveCount"] == "2"
+    assert again["receiptHandle"] != "h"
+    assert records[0]["attributes"]["ApproximateReceiveCount"] == "1"  # a copy
+    response = {
+        "response": {"batchItemFailures": [{"itemIdentifier": "m1"}, {"itemIdentifier": "x"}]}
+    }
+    assert fleet.failed_ids(response, records) == {"m1"}
+    assert fleet.failed_ids({}, records) is None  # no response: the whole batch comes back
+    assert fleet.failed_ids({"response": None}, records) is None
+
+
+def test_a_fleet_time_sums_each_round_from_first_call_to_last_return() -> None:
+    calls = [
+        {"round": 1, "called_at": 10.0, "returned_at": 14.0},
+        {"round": 1, "called_at": 10.5, "returned_at": 12.0},
+        {"round": 2, "called_at": 20.0, "returned_at": 21.0},
+    ]
+    assert fleet.delivery_seconds(calls) == 5.0
+    assert fleet.delivery_seconds([*calls, {"round": 2}]) is None
+    assert fleet.message_id_check({"<a>": 1, "<b>": 1}, 2)["exactly_once"] is True
+    twice = fleet.message_id_check({"<a>": 2, "<b>": 1}, 2)
+    assert (twice["exactly_once"], twice["message_id_duplicates"]) == (False, 1)
+    assert fleet.message_id_check({"<a>": 1}, 2)["exactly_once"] is False
 
 
 @pytest.mark.parametrize("run", ["quick", "versus_head"])
