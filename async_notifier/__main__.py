@@ -69,6 +69,14 @@ def _move_rate(text: str) -> int:
     return value
 
 
+def _queue_url(text: str) -> str:
+    if not text.startswith(("https://", "http://")) or text.count("/") < 4:
+        raise argparse.ArgumentTypeError(
+            f"not a queue URL: {text[:200]!r} (https://sqs.REGION.amazonaws.com/ACCOUNT/NAME)"
+        )
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="async-notifier",
@@ -185,11 +193,17 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     redrive_parser.add_argument(
-        "--from", dest="source", required=True, metavar="DLQ_URL", help="the dead-letter queue"
+        "--from",
+        dest="source",
+        type=_queue_url,
+        required=True,
+        metavar="DLQ_URL",
+        help="the dead-letter queue",
     )
     redrive_parser.add_argument(
         "--to",
         dest="destination",
+        type=_queue_url,
         metavar="QUEUE_URL",
         help="where the messages go (default: the DLQ's one source queue)",
     )
@@ -356,7 +370,10 @@ def _redrive(args: argparse.Namespace) -> int:
         return fail(str(exc) or "no answer in time", 1)
     except Exception as exc:
         bar.interrupt()
-        return fail(aws_error(exc).describe(), 1)
+        error = aws_error(exc)
+        if error.code is None:  # no answer: say where it was asked
+            return fail(f"{error.type_name} (SQS at {endpoint_url or region})", 1)
+        return fail(error.describe(), 1)
     finally:
         bar.close()
     for line in redrive_problems(result):

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import io
 import json
+import socket
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
-from queues import Queues, arn_of, client, create_queues, delete_queues, receive_all
+from faults import S3Action, S3FaultProxy, S3Rule
+from queues import Queues, arn_of, client, counts, create_queues, delete_queues, receive_all
 from servers import REGION, MotoServer
 
 from async_notifier import __main__ as cli
@@ -303,6 +305,58 @@ def test_parse_reasons() -> None:
             parse_reasons(bad)
 
 
+def _dead_letters(sqs_sync: Any, url: str, kinds: list[str]) -> None:
+    for i, kind in enumerate(kinds):
+        sqs_sync.send_message(
+            QueueUrl=url,
+            MessageBody=_body(f"v{i + 1}"),
+            MessageAttributes={"error_class": {"DataType": "String", "StringValue": kind}},
+        )
+
+
+async def test_a_failed_send_leaves_the_messages_in_the_dlq(
+    sqs_sync: Any, pair: Queues, s3_proxy: S3FaultProxy
+) -> None:
+    """SendMessageBatch answers 500 (every attempt): nothing is deleted, the run stops and
+    gives the messages back to the DLQ at once."""
+    _dead_letters(sqs_sync, pair.dlq_url, ["expired", "expired", "bad_message"])
+    s3_proxy.set_rules(S3Rule(S3Action.INTERNAL_ERROR, target="AmazonSQS.SendMessageBatch"))
+
+    async with sqs_client(REGION, s3_proxy.endpoint_url) as sqs:
+        result = await redrive(sqs, pair.dlq_url, reasons={"expired"}, wait_time=0)
+
+    assert result.failed == Counter({"expired": 2})
+    assert result.moved == Counter()
+    assert result.error is not None
+    assert not result.ok
+    assert result.not_released == 0
+    assert receive_all(sqs_sync, pair.url) == []
+    assert len(receive_all(sqs_sync, pair.dlq_url)) == 3  # visible again, none lost
+
+
+def test_a_failed_delete_is_reported_and_exits_1(
+    sqs_sync: Any,
+    pair: Queues,
+    s3_proxy: S3FaultProxy,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """DeleteMessageBatch answers 500: the messages arrived, and are in both queues."""
+    _dead_letters(sqs_sync, pair.dlq_url, ["expired", "expired"])
+    s3_proxy.set_rules(S3Rule(S3Action.INTERNAL_ERROR, target="AmazonSQS.DeleteMessageBatch"))
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_proxy.endpoint_url)
+
+    status = cli.main(["redrive", "--from", pair.dlq_url, "--to", pair.url, "--reason", "expired"])
+
+    out, err = capsys.readouterr()
+    assert status == 1
+    assert out == f"moved 2 of 2 messages to {pair.url}: expired 2\n"
+    assert "2 messages were sent but not deleted from the DLQ" in err
+    assert "stopped early" in err
+    assert sorted(_video(m) for m in receive_all(sqs_sync, pair.url)) == ["v1", "v2"]
+    assert counts(sqs_sync, pair.dlq_url)["ApproximateNumberOfMessagesNotVisible"] == 2
+
+
 # --------------------------------------------------------------------------- the command
 
 
@@ -379,6 +433,7 @@ def test_cli_without_source_queue_or_to_exits_2(
         (["--reason", "Expired!"], "--reason: not a reason"),
         (["--max-per-second", "0"], "must be between 1 and 500"),
         (["--max-per-second", "501"], "must be between 1 and 500"),
+        (["--to", "notifications"], "not a queue URL: 'notifications'"),
     ],
 )
 def test_cli_refuses_bad_options(
@@ -391,6 +446,20 @@ def test_cli_refuses_bad_options(
         status = int(exit_.code or 0)
     assert status == 2
     assert message in capsys.readouterr().err
+
+
+def test_cli_without_an_answer_names_the_endpoint(
+    aws: MotoServer, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with socket.socket() as probe:  # a port nothing listens on any more
+        probe.bind(("127.0.0.1", 0))
+        endpoint = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+
+    status = cli.main(["redrive", "--from", f"{endpoint}/123456789012/dlq"])
+
+    assert status == 1
+    assert f"(SQS at {endpoint})" in capsys.readouterr().err
 
 
 def test_the_parser_knows_sqs_s_move_rate_limit() -> None:
