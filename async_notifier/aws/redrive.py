@@ -84,6 +84,10 @@ class RedriveError(Exception):
     """The command cannot run as asked (no such queue, no destination): nothing was moved."""
 
 
+class MoveTasksUnsupported(Exception):
+    """The endpoint refused StartMessageMoveTask as an operation it lacks: copy instead."""
+
+
 @dataclass(frozen=True)
 class Progress:
     """Where a run stands: `moved` of about `total` (None when unknown), `seen` received."""
@@ -223,10 +227,8 @@ async def redrive(
                 on_notice=notice,
                 poll_interval=poll_interval,
             )
-        except Exception as exc:
-            if not is_unsupported(exc):
-                raise
-            fallback = f"this endpoint has no StartMessageMoveTask ({aws_error(exc).name})"
+        except MoveTasksUnsupported as exc:
+            fallback = str(exc)
             notice(f"{fallback}: copying the messages instead")
         else:
             return RedriveResult(source_url, destination_url, "move_task", None, task=task)
@@ -257,16 +259,25 @@ async def run_move_task(
 ) -> MoveTask:
     """Start an SQS message move task and poll it until it ends; its last state.
 
-    Raises what StartMessageMoveTask raises (`is_unsupported` tells the caller to copy
-    instead). A task not listed yet (SQS is eventually consistent) is polled again.
+    Raises MoveTasksUnsupported when the endpoint lacks move tasks (the caller copies
+    instead), else what the calls raise. A task not listed yet (SQS is eventually
+    consistent) is polled again.
     """
     request: dict[str, Any] = {"SourceArn": source_arn, "DestinationArn": destination_arn}
     if max_per_second is not None:
         request["MaxNumberOfMessagesPerSecond"] = max_per_second
     asked_ms = int(time.time() * 1000) - CLOCK_SKEW_MS
-    started = await _call(
-        "StartMessageMoveTask", lambda: sqs.start_message_move_task(**request), START_TIMEOUT
-    )
+    try:
+        started = await _call(
+            "StartMessageMoveTask", lambda: sqs.start_message_move_task(**request), START_TIMEOUT
+        )
+    except Exception as exc:
+        if is_unsupported(exc):
+            name = aws_error(exc).name
+            raise MoveTasksUnsupported(
+                f"this endpoint has no StartMessageMoveTask ({name})"
+            ) from exc
+        raise
     handle = str(started["TaskHandle"])
     if on_notice is not None:
         on_notice(f"SQS message move task started: {handle}")

@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
+from botocore.exceptions import ClientError
 from faults import S3Action, S3FaultProxy, S3Rule
 from queues import Queues, arn_of, client, counts, create_queues, delete_queues, receive_all
 from servers import REGION, MotoServer
@@ -573,6 +574,21 @@ async def test_a_task_that_ended_before_the_first_poll_is_found_by_its_start() -
 
     assert (task.status, task.moved) == ("FAILED", 3)
     assert "MaxNumberOfMessagesPerSecond" not in fake.started[0]
+
+
+async def test_only_a_refused_start_falls_back() -> None:
+    """Once a task runs, a failure to list it is an error, not a reason to copy as well."""
+
+    class ListingFails(FakeMoveTasks):
+        async def list_message_move_tasks(self, **request: Any) -> dict[str, Any]:
+            raise ClientError({"Error": {"Code": "UnsupportedOperation"}}, "ListMessageMoveTasks")
+
+    fake = ListingFails([])
+
+    with pytest.raises(ClientError):
+        await redrive(fake, "https://sqs.example/123456789012/dlq", poll_interval=0)
+
+    assert len(fake.started) == 1
 
 
 async def test_redrive_all_uses_the_move_task_where_there_is_one() -> None:
