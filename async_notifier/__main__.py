@@ -3,6 +3,7 @@
 `run` runs the SQS runner, so the worker can live in a container or on a VM with the same
 batch code as the Lambda function; settings come from the same environment variables.
 `preview` renders one email to files without sending it, for whoever edits the templates.
+`redrive` moves dead-lettered notifications back to a queue once their cause is fixed.
 Each command imports its modules when it runs, so neither pays for the other's (and
 `--help` stays instant).
 """
@@ -10,17 +11,27 @@ Each command imports its modules when it runs, so neither pays for the other's (
 from __future__ import annotations
 
 import argparse
+import math
 import sys
+import time
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, TextIO
 
 from . import __version__
+
+if TYPE_CHECKING:
+    from .aws.redrive import Progress, RedriveResult
 
 EXIT_CONFIG = 2
 EXIT_INTERRUPTED = 130
 # SQS's limit for WaitTimeSeconds: runner.MAX_WAIT_TIME, repeated so that building the
 # parser does not import the runner (tests/test_preview.py checks they agree).
 MAX_WAIT_TIME = 20
+# SQS's limit for MaxNumberOfMessagesPerSecond: aws.redrive.MAX_MOVE_RATE, repeated for the
+# same reason (tests/aws/test_redrive.py checks they agree).
+MAX_MOVE_RATE = 500
 
 
 def _positive_int(text: str) -> int:
@@ -49,6 +60,21 @@ def _positive_seconds(text: str) -> float:
     if not 0 < value < float("inf"):
         raise argparse.ArgumentTypeError("must be a number of seconds, more than 0")
     return value
+
+
+def _move_rate(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= MAX_MOVE_RATE:
+        raise argparse.ArgumentTypeError(f"must be between 1 and {MAX_MOVE_RATE}")
+    return value
+
+
+def _queue_url(text: str) -> str:
+    if not text.startswith(("https://", "http://")) or text.count("/") < 4:
+        raise argparse.ArgumentTypeError(
+            f"not a queue URL: {text[:200]!r} (https://sqs.REGION.amazonaws.com/ACCOUNT/NAME)"
+        )
+    return text
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -164,6 +190,51 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="templates directory to render from (default: the package's templates/)",
     )
+    redrive_parser = commands.add_parser(
+        "redrive",
+        help="move dead-lettered notifications back to a queue",
+        description=(
+            "Move the messages of a dead-letter queue back to a queue, once the cause of "
+            "their failure is fixed. Without --reason SQS moves them all (a message move "
+            "task); with --reason, or where move tasks do not exist, they are copied and "
+            "deleted one by one. Prints a summary by reason (error_class). Needs only "
+            "AWS_REGION and AWS_ENDPOINT_URL (and the usual AWS credentials)."
+        ),
+    )
+    redrive_parser.add_argument(
+        "--from",
+        dest="source",
+        type=_queue_url,
+        required=True,
+        metavar="DLQ_URL",
+        help="the dead-letter queue",
+    )
+    redrive_parser.add_argument(
+        "--to",
+        dest="destination",
+        type=_queue_url,
+        metavar="QUEUE_URL",
+        help="where the messages go (default: the DLQ's one source queue)",
+    )
+    redrive_parser.add_argument(
+        "--reason",
+        metavar="REASON[,REASON...]",
+        help=(
+            "move only the messages with these error_class values (max_receive_count: those "
+            "SQS's redrive policy moved); the rest stay in the DLQ"
+        ),
+    )
+    redrive_parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="count the messages by reason, move nothing",
+    )
+    redrive_parser.add_argument(
+        "--max-per-second",
+        type=_move_rate,
+        metavar="N",
+        help=f"move at most N messages a second, 1-{MAX_MOVE_RATE} (default: as fast as SQS)",
+    )
     return parser
 
 
@@ -171,6 +242,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "preview":
         return _preview(args)
+    if args.command == "redrive":
+        return _redrive(args)
     return _run(args)
 
 
@@ -250,6 +323,187 @@ def _run(args: argparse.Namespace) -> int:
         print(f"async-notifier: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def _redrive(args: argparse.Namespace) -> int:
+    import asyncio
+    import os
+
+    from .aws.errors import aws_error
+    from .aws.redrive import RedriveError, parse_reasons, redrive, sqs_client
+
+    def fail(text: str, status: int) -> int:
+        print(f"async-notifier redrive: {text}", file=sys.stderr)
+        return status
+
+    try:
+        reasons = parse_reasons(args.reason) if args.reason is not None else None
+    except ValueError as exc:
+        return fail(f"--reason: {exc}", EXIT_CONFIG)
+    region = os.environ.get("AWS_REGION", "").strip() or "us-east-1"
+    endpoint_url = os.environ.get("AWS_ENDPOINT_URL", "").strip() or None
+    bar = ProgressBar(sys.stderr)
+    tasks: list[str] = []
+
+    def notice(text: str) -> None:
+        if text.startswith("SQS message move task started: "):
+            tasks.append(text.rpartition(" ")[2])
+        bar.interrupt()
+        print(f"async-notifier redrive: {text}", file=sys.stderr)
+
+    async def work() -> RedriveResult:
+        async with sqs_client(region, endpoint_url) as sqs:
+            return await redrive(
+                sqs,
+                args.source,
+                destination_url=args.destination,
+                reasons=reasons,
+                dry_run=args.dry_run,
+                max_per_second=args.max_per_second,
+                on_progress=bar,
+                on_notice=notice,
+            )
+
+    try:
+        result = asyncio.run(work())
+    except RedriveError as exc:
+        return fail(str(exc), EXIT_CONFIG)
+    except (asyncio.CancelledError, KeyboardInterrupt):
+        bar.interrupt()
+        if tasks:
+            print(
+                f"async-notifier redrive: the move task goes on in SQS; to stop it: "
+                f"aws sqs cancel-message-move-task --task-handle {tasks[-1]}",
+                file=sys.stderr,
+            )
+        return fail("interrupted", EXIT_INTERRUPTED)
+    except TimeoutError as exc:
+        bar.interrupt()
+        return fail(str(exc) or "no answer in time", 1)
+    except Exception as exc:
+        bar.interrupt()
+        error = aws_error(exc)
+        if error.code is None:  # no answer: say where it was asked
+            return fail(f"{error.type_name} (SQS at {endpoint_url or region})", 1)
+        return fail(error.describe(), 1)
+    finally:
+        bar.close()
+    for line in redrive_problems(result):
+        print(f"async-notifier redrive: {line}", file=sys.stderr)
+    print(redrive_summary(result))
+    return 0 if result.ok else 1
+
+
+class ProgressBar:
+    """`redrive`'s progress on a stream: one bar redrawn with `\\r` on a terminal, else a
+    line every `interval` seconds (a log file must not get one per round)."""
+
+    WIDTH = 30
+
+    def __init__(self, stream: TextIO, *, tty: bool | None = None, interval: float = 5.0):
+        self._stream = stream
+        self._tty = stream.isatty() if tty is None else tty
+        self._interval = interval
+        self._last = -math.inf
+        self._drawn = False
+
+    def __call__(self, progress: Progress) -> None:
+        text = self.render(progress)
+        if self._tty:
+            self._stream.write(f"\r{text}")
+            self._drawn = True
+        else:
+            now = time.monotonic()
+            if now - self._last < self._interval:
+                return
+            self._last = now
+            self._stream.write(f"{text}\n")
+        self._stream.flush()
+
+    def render(self, progress: Progress) -> str:
+        counts = f"{progress.moved} moved, {progress.seen} seen"
+        if not progress.total:
+            return counts
+        done = min(1.0, progress.seen / progress.total)
+        filled = round(done * self.WIDTH)
+        return f"[{'#' * filled}{'-' * (self.WIDTH - filled)}] {counts} of about {progress.total}"
+
+    def interrupt(self) -> None:
+        """End the bar's line, so that other output starts on a line of its own."""
+        if self._drawn:
+            self._stream.write("\n")
+            self._stream.flush()
+            self._drawn = False
+
+    def close(self) -> None:
+        self.interrupt()
+
+
+def _by_reason(counts: Counter[str]) -> str:
+    return ", ".join(f"{reason} {count}" for reason, count in sorted_counts(counts))
+
+
+def sorted_counts(counts: Counter[str]) -> list[tuple[str, int]]:
+    """The largest count first, then by name: the same order on every run."""
+    return sorted(counts.items(), key=lambda item: (-item[1], item[0]))
+
+
+def redrive_summary(result: RedriveResult) -> str:
+    """One line for stdout, e.g. `moved 12 of 15 messages to URL: expired 10, ...; left 3
+    (bad_message 3)`."""
+    to = result.destination_url
+    if result.task is not None:
+        task = result.task
+        line = (
+            f"moved {task.moved} of {max(task.moved, task.to_move or 0)} messages to {to} "
+            f"(SQS message move task {task.status}"
+        )
+        if task.failure_reason:
+            line += f": {task.failure_reason}"
+        return line + ")"
+    if result.method == "dry_run":
+        selected = sum(result.selected.values())
+        line = f"dry run: would move {selected} of {result.seen_count} messages to {to}"
+        if result.selected:
+            line += f": {_by_reason(result.selected)}"
+        left = sum(result.left.values())
+        if left:
+            line += f"; would leave {left} ({_by_reason(result.left)})"
+        return line
+    line = f"moved {result.moved_count} of {result.seen_count} messages to {to}"
+    if result.moved:
+        line += f": {_by_reason(result.moved)}"
+    failed = sum(result.failed.values())
+    if failed:
+        line += f"; not moved {failed} ({_by_reason(result.failed)})"
+    left = sum(result.left.values())
+    if left:
+        line += f"; left {left} ({_by_reason(result.left)})"
+    return line
+
+
+def redrive_problems(result: RedriveResult) -> list[str]:
+    """What the operator must know besides the summary (stderr)."""
+    lines: list[str] = []
+    if result.error is not None:
+        lines.append(f"stopped early: {result.error}")
+    if result.failed:
+        lines.append(
+            f"{sum(result.failed.values())} messages could not be sent: they stay in the DLQ"
+        )
+    if result.not_deleted:
+        lines.append(
+            f"{len(result.not_deleted)} messages were sent but not deleted from the DLQ, so "
+            "they are in both queues (a second delivery is harmless with IDEMPOTENCY_TABLE "
+            f"set: the worker mails a notification once); message ids: "
+            f"{', '.join(result.not_deleted[:20])}"
+        )
+    if result.not_released:
+        lines.append(
+            f"{result.not_released} messages stay hidden in the DLQ for up to 15 minutes "
+            "(ChangeMessageVisibility failed)"
+        )
+    return lines
 
 
 if __name__ == "__main__":
