@@ -95,6 +95,13 @@ class RecipientRejected(PermanentError):
     kind = "smtp_rejected"
 
 
+class MessageTooLarge(PermanentError):
+    """The SMTP server refused the message for its size (552, 5.3.4), before or after its
+    end, or in the middle of it. A ZIP is then sent as a download link instead."""
+
+    kind = "message_too_large"
+
+
 class SmtpUnavailable(TransientError):
     """The SMTP server could not be reached, dropped us, or answered 4xx."""
 

@@ -25,12 +25,13 @@ from ..errors import (
     InProgressElsewhere,
     InternalError,
     LookupFailed,
+    MessageTooLarge,
     NotifierError,
     RecipientSuppressed,
     TooLarge,
 )
 from ..logs import get_logger
-from ..mail.mime import attachment_filename, build_streamed_email
+from ..mail.mime import StreamedEmail, attachment_filename, build_streamed_email
 from ..mail.render import Renderer
 from ..messages import Notification, SqsRecord, parse_body
 from ..ports import Adapters, Download, Recipient
@@ -216,29 +217,54 @@ class Delivery:
                 notification = dataclasses.replace(
                     notification, email=recipient.email, name=notification.name or recipient.name
                 )
-            rendered = self._renderer.render(
-                notification,
-                attachment_name=attachment.name,
-                download_url=attachment.link,
-                link_expires_at=attachment.link_expires_at,
-            )
-            email = build_streamed_email(
-                notification,
-                rendered,
-                sender=self._settings.email_from,
-                attachment=attachment.path,
-                attachment_name=attachment.name,
-                reply_to=self._settings.reply_to,
-                configuration_set=self._settings.ses_configuration_set,
-            )
-            await state.retry.run(lambda: self._send(email, state))
+            email = self._compose(notification, attachment)
+            try:
+                await state.retry.run(lambda: self._send(email, state))
+            except MessageTooLarge:
+                if attachment.path is None:
+                    raise
+                # The server's limit was below what it advertised (or it advertised none):
+                # the pool knows it now, and this email goes out with a link instead.
+                attached, attachment = attachment, Attachment()
+                await self._discard(attached)
+                assert notification.bucket is not None
+                assert notification.key is not None
+                log.info(
+                    "too large for the SMTP server: sending a link", extra={"bytes": email.size}
+                )
+                attachment = await self._link(notification.bucket, notification.key, attached.size)
+                state.bytes = 0
+                email = self._compose(notification, attachment)
+                await state.retry.run(lambda: self._send(email, state))
             return "sent_link" if attachment.link else "sent"
         finally:
             if lookup is not None and not lookup.done():
                 lookup.cancel()
-            if attachment.path is not None:
-                attachment.path.unlink(missing_ok=True)
-                await self._budget.release(attachment.size)
+            await self._discard(attachment)
+
+    def _compose(self, notification: Notification, attachment: Attachment) -> StreamedEmail:
+        rendered = self._renderer.render(
+            notification,
+            attachment_name=attachment.name,
+            download_url=attachment.link,
+            link_expires_at=attachment.link_expires_at,
+        )
+        return build_streamed_email(
+            notification,
+            rendered,
+            sender=self._settings.email_from,
+            attachment=attachment.path,
+            attachment_name=attachment.name,
+            reply_to=self._settings.reply_to,
+            configuration_set=self._settings.ses_configuration_set,
+        )
+
+    async def _discard(self, attachment: Attachment) -> None:
+        """Remove a downloaded ZIP and give its room back (once: the path is forgotten)."""
+        if attachment.path is not None:
+            path, attachment.path = attachment.path, None
+            path.unlink(missing_ok=True)
+            await self._budget.release(attachment.size)
 
     async def _send(self, email: Any, state: _Record) -> None:
         sending = await self._transport.transmit(email)  # nothing delivered if this fails

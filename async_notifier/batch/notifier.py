@@ -5,7 +5,8 @@ The notifier is the core's top. It is handed a `ports.Backend` (the SMTP and AWS
 compiled templates. Each batch gets its own scratch directory (removed before it returns).
 After the records, every failure gets its fate from `disposition` (the same for the
 Lambda handler and the SQS runner): dead letters are copied, retries get their back-off,
-within what is left until the deadline's end.
+within what is left until the deadline's end; only then do the pool's retiring connections
+say QUIT, with whatever time remains.
 """
 
 from __future__ import annotations
@@ -59,11 +60,13 @@ class Notifier(BatchEntryPoint):
                 result = held_back(records, held)
             else:
                 result = await self._deliver(records, adapters, deadline)
+            # Dead letters and back-off first: saying QUIT is a courtesy, done with what
+            # time remains.
+            result.fates = await settle(result, adapters, self.policy, deadline)
         finally:
             pool_stats = await adapters.transport.finish_batch(
                 until=deadline.end if deadline else None
             )
-        result.fates = await settle(result, adapters, self.policy, deadline)
         metrics_from_batch(
             result,
             duration_s=time.monotonic() - started,

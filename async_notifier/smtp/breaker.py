@@ -48,6 +48,11 @@ class CircuitBreaker:
             return BreakerState.HALF_OPEN
         return BreakerState.OPEN
 
+    @property
+    def healthy(self) -> bool:
+        """No connection attempt has failed since the last success."""
+        return self._failures == 0 and self._opened_at is None
+
     def retry_in(self) -> float:
         """Seconds until a probe may be tried (0 when closed or half open)."""
         if self._opened_at is None:

@@ -26,6 +26,7 @@ import functools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 from aiosmtplib.errors import SMTPAuthenticationError
 
@@ -33,13 +34,11 @@ from ..config import Settings
 from ..errors import (
     AttachmentUnreadable,
     CircuitOpen,
-    DailyQuotaExceeded,
     DeliveryUnknown,
     LoginRefused,
+    MessageTooLarge,
     NotifierError,
     ProviderCondition,
-    RecipientRejected,
-    SenderRejected,
     SmtpThrottled,
     SmtpUnavailable,
 )
@@ -58,13 +57,11 @@ from .channel import (
 )
 from .connection import PooledConnection, Session, State, handshake, local_hostname, tls_context
 from .limits import SendLimits
-from .throttle import is_daily_quota, is_throttling
+from .replies import STALE, Command, judge
 
 log = get_logger()
 # QUIT is a courtesy: a server slow to say goodbye does not hold a place for long.
 QUIT_TIMEOUT = 5.0
-# Authentication problems are the sender's configuration, not the message's: retry after a fix.
-_AUTH_CODES = frozenset({530, 534, 535, 538})
 
 
 @dataclass(frozen=True)
@@ -103,6 +100,8 @@ class SmtpPool:
         self._connections: list[PooledConnection] = []
         self._waiting: collections.deque[asyncio.Future[PooledConnection]] = collections.deque()
         self._closed = False
+        self._warm = 0  # connections the batch warms up (`prewarm`), kept until it ends
+        self._probe_timer: asyncio.TimerHandle | None = None
         self.limits = SendLimits(settings, quota)
         self.breaker = CircuitBreaker(
             settings.smtp_breaker_threshold, settings.smtp_breaker_cooldown
@@ -221,11 +220,8 @@ class SmtpPool:
             return True
         assert conn.channel is not None
         alive = False
-        try:
-            async with asyncio.timeout(self._settings.smtp_timeout):
-                alive = await conn.channel.noop()
-        except TimeoutError:
-            pass
+        try:  # timed from its turn, by the channel: a verdict before it costs it nothing
+            alive = await conn.channel.noop(self._settings.smtp_timeout)
         finally:  # cancelled, timed out or refused: the connection is not worth keeping
             conn.last_used = time.monotonic()
             self._release(conn, spoiled=not alive, keep_turn=alive)
@@ -235,30 +231,37 @@ class SmtpPool:
         """Envelope and message, up to the end-of-data mark; the verdict is still due.
 
         Gives the write turn back in every case: after the end of data (the verdict now
-        awaited), or with the connection spoiled when the stream was cut mid-way.
+        awaited), or with the connection spoiled when the stream was cut mid-way. Each
+        reply is timed from its turn by the channel, and the body's writes by SMTP_TIMEOUT
+        without progress, so a message pipelined behind a slow verdict keeps its time.
         """
         assert conn.channel is not None
+        s = self._settings
         spoiled = True
+        reused = conn.messages > 0
         try:
-            async with asyncio.timeout(self._transaction_timeout(email)):
-                verdict = await conn.channel.transmit(
-                    email,
-                    pipelining=conn.pipelining,
-                    size=conn.size_extension,
-                    chunk_size=self._settings.smtp_chunk_bytes,
-                )
+            verdict = await conn.channel.transmit(
+                email,
+                pipelining=conn.pipelining,
+                size=conn.size_extension,
+                chunk_size=s.smtp_chunk_bytes,
+                limit=s.smtp_timeout,
+                data_limit=s.smtp_data_timeout,
+            )
             spoiled = False
             conn.messages += 1
             conn.awaited += 1
             return verdict
         except RefusedError as exc:
-            spoiled = not await self._reset(conn, exc.reply.code)
-            raise self._refused(exc.reply, exc.phase) from None
+            outcome = self._judge(exc.phase, exc.reply, reused=reused, size=email.size)
+            if outcome == STALE:  # 421 to a reused connection: the server closed it
+                raise _StaleConnection(f"{exc.phase} answered {exc.reply}") from None
+            # Answered in the middle of the body, the stream is mid-DATA: nothing more on it.
+            spoiled = exc.early or not await self._reset(conn, exc.reply.code)
+            raise outcome from None
         except AttachmentReadError as exc:
             spoiled = exc.spoiled
             raise AttachmentUnreadable(f"the attachment could not be read: {exc}") from None
-        except TimeoutError:
-            raise _StaleConnection("timed out") from None
         except (LostBeforeEnd, ProtocolError, OSError) as exc:
             raise _StaleConnection(f"{type(exc).__name__}: {exc}") from None
         finally:  # also when cancelled: a message cut short spoils the connection
@@ -270,9 +273,8 @@ class SmtpPool:
         if code == 421:  # the server is closing this connection
             return False
         try:
-            async with asyncio.timeout(self._settings.smtp_timeout):
-                reply = await conn.channel.command("RSET")
-        except (TimeoutError, OSError):
+            reply = await conn.channel.command("RSET", self._settings.smtp_timeout)
+        except OSError:
             return False
         return reply.code == 250
 
@@ -286,9 +288,8 @@ class SmtpPool:
         """
         assert conn.channel is not None
         spoiled = False
-        try:
-            async with asyncio.timeout(self._settings.smtp_data_timeout):
-                await conn.channel.verdict(verdict)
+        try:  # within SMTP_DATA_TIMEOUT of its turn: the channel fails a late reply
+            await conn.channel.verdict(verdict)
         except asyncio.CancelledError:
             log.warning(
                 "cancelled after the message was sent: delivery unknown",
@@ -297,17 +298,13 @@ class SmtpPool:
             raise
         except RefusedError as exc:
             spoiled = exc.reply.code == 421
-            raise self._refused(exc.reply, exc.phase) from None
-        except LostAfterEnd:
+            outcome = self._judge("MESSAGE", exc.reply, reused=True, size=email.size)
+            assert outcome != STALE  # a verdict is never a stale connection's
+            raise outcome from None
+        except LostAfterEnd as exc:
             spoiled = True
             raise DeliveryUnknown(
-                "connection lost after the message was sent, before the server's reply; "
-                f"it may have accepted {email.message_id}"
-            ) from None
-        except TimeoutError:
-            spoiled = True
-            raise DeliveryUnknown(
-                f"timed out waiting for the reply to {email.message_id}; it may have been accepted"
+                f"no verdict for {email.message_id} ({exc}); it may have been accepted"
             ) from None
         finally:
             conn.awaited -= 1
@@ -317,11 +314,18 @@ class SmtpPool:
             self._update()
         self.limits.accepted()
 
-    def _refused(self, reply: Reply, phase: str) -> NotifierError:
-        """The record's error for a refusal. "Slow down" lowers the pace of every send; a
-        provider-wide refusal holds them all (and fails those waiting for a connection)."""
-        error = _classify(reply, phase)
-        if isinstance(error, SmtpThrottled):
+    def _judge(
+        self, phase: str, reply: Reply, *, reused: bool, size: int
+    ) -> NotifierError | Literal["stale"]:
+        """A refusal judged (`replies.judge`), and what it tells the pool. "Slow down" lowers
+        the pace of every send; a provider-wide refusal holds them all (and fails those
+        waiting for a connection); a size refusal teaches the server's limit."""
+        error = judge(_command(phase), reply, reused=reused)
+        if error == STALE:
+            return error
+        if isinstance(error, MessageTooLarge):
+            self.learn_size_limit(size)
+        elif isinstance(error, SmtpThrottled):
             self._stats.throttled += 1
             self.limits.throttled(error)
         elif isinstance(error, ProviderCondition):
@@ -329,9 +333,11 @@ class SmtpPool:
             self._update()
         return error
 
-    def _transaction_timeout(self, email: StreamedEmail) -> float:
-        """SMTP_TIMEOUT for the exchange, plus time for the body at a modest 1 MB/s floor."""
-        return self._settings.smtp_timeout + email.size / 1_000_000
+    def learn_size_limit(self, refused: int) -> None:
+        """A message of `refused` bytes was too large: the server's limit is below it, even
+        if it advertised none (or a larger one)."""
+        if not self.size_limit or self.size_limit >= refused:
+            self.size_limit = max(1, refused - 1)
 
     # ------------------------------------------------------------------ the one step
 
@@ -371,16 +377,18 @@ class SmtpPool:
             self._waiting.popleft()
             available.writer = True
             waiter.set_result(available)
-        if not self._waiting or self._closed:
+        if self._closed:
             return
         held = self.held()  # nothing connected and nothing may connect, or nothing may be sent
         if held is not None:
             self._fail_waiting(held)
             return
-        if len(self._connections) >= self._size:
-            return
         connecting = sum(c.state is State.CONNECTING for c in self._connections)
-        wanted = sum(not w.done() for w in self._waiting)
+        wanted = max(
+            sum(not w.done() for w in self._waiting),
+            # The batch's warm-up, while connections succeed: what retired since counts.
+            self._warm - self._live() + connecting if self.breaker.healthy else 0,
+        )
         while (
             connecting < wanted
             and len(self._connections) < self._size
@@ -388,6 +396,22 @@ class SmtpPool:
         ):
             self._open_one()
             connecting += 1
+
+    def _live(self) -> int:
+        """Connections that can carry a message now or soon: connecting, or ready and not
+        retiring (one past its age or its message count is on its way out)."""
+        return sum(
+            c.state is State.CONNECTING or (c.state is State.READY and not c.retiring)
+            for c in self._connections
+        )
+
+    def _probe_when_due(self) -> None:
+        """Look again when the cool-down ends: sends may be waiting behind a busy connection
+        while the breaker is open, and nothing else would start the probe then."""
+        if self._probe_timer is not None:
+            self._probe_timer.cancel()
+        delay = self.breaker.retry_in()
+        self._probe_timer = asyncio.get_running_loop().call_later(delay, self._update)
 
     def _circuit_open(self) -> bool:
         """The breaker is open and no connection is up or coming: nothing can be sent."""
@@ -478,7 +502,11 @@ class SmtpPool:
                 self._stats.connections_failed += 1
                 if isinstance(error, ProviderCondition):  # a refused login: wait for a fix
                     error = self.limits.trip(error)
-                if isinstance(error, NotifierError) and self.breaker.failed():
+                opened = isinstance(error, NotifierError) and self.breaker.failed()
+                if self.breaker.state is BreakerState.OPEN:
+                    self._probe_when_due()
+                if opened:
+                    assert isinstance(error, NotifierError)
                     self._stats.circuit_opened += 1
                     log.warning(
                         "SMTP circuit opened",
@@ -516,9 +544,8 @@ class SmtpPool:
 
     async def _quit(self, conn: PooledConnection) -> None:
         assert conn.channel is not None
-        with contextlib.suppress(TimeoutError, OSError):
-            async with asyncio.timeout(min(QUIT_TIMEOUT, self._settings.smtp_timeout)):
-                await conn.channel.quit()
+        with contextlib.suppress(OSError):
+            await conn.channel.quit(min(QUIT_TIMEOUT, self._settings.smtp_timeout))
 
     def _closed_cb(self, conn: PooledConnection, task: asyncio.Task[None]) -> None:
         if not task.cancelled() and task.exception() is not None:
@@ -545,16 +572,15 @@ class SmtpPool:
         """
         if self._closed or self.held() is not None:
             return
-        live = sum(c.state in (State.CONNECTING, State.READY) for c in self._connections)
-        for _ in range(min(count, self._size) - live):
-            connecting = sum(c.state is State.CONNECTING for c in self._connections)
-            if len(self._connections) >= self._size or not self.breaker.may_connect(connecting):
-                break
-            self._open_one()
+        # Kept up while the batch runs: a connection retired past SMTP_MAX_CONNECTION_AGE
+        # (after an idle gap, all of them) is replaced once its place is free.
+        self._warm = min(count, self._size)
+        self._update()
 
     async def stop_prewarm(self) -> None:
         """Cancel the connection attempts still running: the batch that wanted them is over
         (or past its deadline), and a half-open connection must not outlive the invocation."""
+        self._warm = 0
         tasks = [c.task for c in self._connections if c.state is State.CONNECTING and c.task]
         for task in tasks:
             task.cancel()
@@ -598,6 +624,8 @@ class SmtpPool:
     async def aclose(self) -> None:
         """QUIT every connection once its verdicts are in; the pool refuses further sends."""
         self._closed = True
+        if self._probe_timer is not None:
+            self._probe_timer.cancel()
         for waiter in self._waiting:
             if not waiter.done():
                 waiter.set_exception(SmtpUnavailable("SMTP pool is closed"))
@@ -643,24 +671,10 @@ class SmtpPool:
         return state
 
 
-def _classify(reply: Reply, phase: str = "MESSAGE") -> NotifierError:
-    """The record's error for a refusal of `phase` (MAIL, RCPT, DATA or MESSAGE).
-
-    What is the configuration's or the account's fault holds for every message and is a
-    `ProviderCondition`; only a 5xx that is about this message is `RecipientRejected`.
-    """
-    text = f"SMTP {reply.code} {reply.text}"
-    if is_daily_quota(reply.code, reply.text):
-        return DailyQuotaExceeded(text)
-    if is_throttling(reply.code, reply.text):
-        return SmtpThrottled(text)
-    if reply.code in _AUTH_CODES:
-        return LoginRefused(f"{text} (check SMTP_USER and the password)")
-    if 500 <= reply.code < 600:
-        if phase == "MAIL" or "sender address rejected" in reply.text.lower():
-            return SenderRejected(f"{text} (refused the sender: check EMAIL_FROM)")
-        return RecipientRejected(text)
-    return SmtpUnavailable(text)
+def _command(phase: str) -> Command:
+    if phase in ("MAIL", "RCPT", "DATA"):
+        return phase  # type: ignore[return-value]
+    return "MESSAGE"
 
 
 class Sending:

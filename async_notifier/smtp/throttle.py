@@ -1,8 +1,9 @@
-"""What a provider's refusals say about its limits, and the pause of a pool with no rate.
+"""The pause of a pool with no rate, when the provider says "slow down".
 
-A 454 or a 421 "rate exceeded" is about the account, not the connection that got it.
-With a rate (`SMTP_RATE_LIMIT`) the pace halves (`pacing.AdaptiveRate`); without one,
-every connection pauses together (`PoolBackoff`), or the others keep tripping the limit.
+A 454 or a 421 "rate exceeded" is about the account, not the connection that got it
+(`replies.is_throttling`). With a rate (`SMTP_RATE_LIMIT`) the pace halves
+(`pacing.AdaptiveRate`); without one, every connection pauses together, or the others keep
+tripping the limit.
 """
 
 from __future__ import annotations
@@ -36,16 +37,3 @@ class PoolBackoff:
         while delay > 0:
             await asyncio.sleep(delay)
             delay = self._until - time.monotonic()
-
-
-def is_throttling(code: int, message: str) -> bool:
-    """A "slow down" reply: 454 (SES: "Maximum sending rate exceeded"), or a 421 about rate."""
-    text = message.lower()
-    return code == 454 or (code == 421 and any(w in text for w in ("rate", "throttl", "too many")))
-
-
-def is_daily_quota(code: int, message: str) -> bool:
-    """A spent daily quota (SES: "454 Throttling failure: Daily message quota exceeded"; other
-    providers answer 4xx or 5xx "daily sending quota exceeded"): it lasts hours, not seconds."""
-    text = message.lower()
-    return 400 <= code < 600 and "quota" in text and ("daily" in text or "24 hour" in text)

@@ -16,7 +16,13 @@ from servers import LOOPBACK, SmtpSink
 
 from async_notifier.mail.mime import StreamedEmail, build_streamed_email
 from async_notifier.mail.render import Renderer
-from async_notifier.smtp.channel import AttachmentReadError, RefusedError, Reply, SmtpChannel
+from async_notifier.smtp.channel import (
+    AttachmentReadError,
+    LostBeforeEnd,
+    RefusedError,
+    Reply,
+    SmtpChannel,
+)
 
 TIMEOUT = 10.0
 
@@ -31,10 +37,23 @@ async def connect(sink: SmtpSink | tuple[str, int]) -> SmtpChannel:
 
 
 async def transaction(
-    channel: SmtpChannel, streamed: StreamedEmail, *, pipelining: bool, size: bool, chunk_size: int
+    channel: SmtpChannel,
+    streamed: StreamedEmail,
+    *,
+    pipelining: bool,
+    size: bool,
+    chunk_size: int,
+    limit: float = TIMEOUT,
 ) -> Reply:
     """One whole transaction, as the pool does it: transmit, then wait for the verdict."""
-    slot = await channel.transmit(streamed, pipelining=pipelining, size=size, chunk_size=chunk_size)
+    slot = await channel.transmit(
+        streamed,
+        pipelining=pipelining,
+        size=size,
+        chunk_size=chunk_size,
+        limit=limit,
+        data_limit=TIMEOUT,
+    )
     return await channel.verdict(slot)
 
 
@@ -66,8 +85,8 @@ async def test_end_to_end_through_aiosmtpd(
     for message in (streamed, second):  # the connection stays in sync for the next one
         reply = await send(channel, message)
         assert reply.code == 250
-    assert await channel.noop()
-    await channel.quit()
+    assert await channel.noop(TIMEOUT)
+    await channel.quit(TIMEOUT)
 
     received = await asyncio.to_thread(smtp_sink.wait_for, 2)
     assert smtp_sink.connections_opened == 1
@@ -93,8 +112,8 @@ async def test_missing_file_fails_before_data(
         await send(channel, streamed)
     assert not failure.value.spoiled  # nothing was written: the connection is not to blame
     assert channel.is_connected
-    assert (await channel.command("RSET")).code == 250  # still in sync
-    await channel.quit()
+    assert (await channel.command("RSET", TIMEOUT)).code == 250  # still in sync
+    await channel.quit(TIMEOUT)
 
 
 async def test_failure_inside_data_spoils_the_connection(
@@ -124,13 +143,14 @@ async def test_a_refused_message_leaves_the_connection_usable(
             await send(channel, streamed, chunk_size=8192, size=False)
         assert (caught.value.phase, caught.value.reply.code) == ("MESSAGE", 552)
         assert channel.is_connected
-        assert (await channel.command("RSET")).code == 250
-        await channel.quit()
+        assert (await channel.command("RSET", TIMEOUT)).code == 250
+        await channel.quit(TIMEOUT)
         assert sink.messages == []
 
 
 async def test_a_server_that_stops_reading_times_out(renderer: Renderer, tmp_path: Path) -> None:
-    """Drain really waits: with the peer not reading, the write stalls and the timeout fires."""
+    """Drain really waits, and no longer than its limit: with the peer not reading, the write
+    stalls and the channel gives up after `limit` without progress (nothing delivered)."""
     stalled, release = asyncio.Event(), asyncio.Event()
 
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -154,9 +174,11 @@ async def test_a_server_that_stops_reading_times_out(renderer: Renderer, tmp_pat
     try:
         port = server.sockets[0].getsockname()[1]
         channel = await connect((LOOPBACK, port))
-        with pytest.raises(TimeoutError):
-            async with asyncio.timeout(0.5):
-                await transaction(channel, streamed, pipelining=False, size=True, chunk_size=65536)
+        with pytest.raises(LostBeforeEnd, match=r"took no data for 0\.5 s"):
+            async with asyncio.timeout(TIMEOUT):  # a safety net: the channel's limit fires first
+                await transaction(
+                    channel, streamed, pipelining=False, size=True, chunk_size=65536, limit=0.5
+                )
         assert stalled.is_set()
         # Left mid-DATA for its owner to close (the pool marks such a connection spoiled).
         assert channel.is_connected

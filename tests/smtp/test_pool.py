@@ -340,21 +340,6 @@ async def test_wrong_password_fails_without_leaking_it(tls_files: TlsFiles) -> N
         assert sink.messages == []
 
 
-def test_authentication_refusals_are_transient_configuration_problems() -> None:
-    """A 535 is about our credentials, not the email: retry after a fix, never dead-letter."""
-    from async_notifier.errors import RecipientRejected, SmtpThrottled, SmtpUnavailable
-    from async_notifier.smtp.channel import Reply
-    from async_notifier.smtp.pool import _classify
-
-    auth = _classify(Reply(535, "5.7.8 Authentication credentials invalid"))
-    assert isinstance(auth, SmtpUnavailable)
-    assert auth.transient
-    assert isinstance(_classify(Reply(550, "5.1.1 no such user")), RecipientRejected)
-    assert isinstance(_classify(Reply(454, "4.7.0 Throttling")), SmtpThrottled)
-    assert isinstance(_classify(Reply(421, "4.7.0 rate limit exceeded")), SmtpThrottled)
-    assert not isinstance(_classify(Reply(421, "4.3.2 shutting down")), SmtpThrottled)
-
-
 # --------------------------------------------------------------------------- round trips
 
 
