@@ -281,12 +281,11 @@ class ChrootMta:
         count = 0
         for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
             fields = line.split()
-            local, remote, state = fields[1], fields[2], fields[3]
+            local, state = fields[1], fields[3]
             port = int(local.split(":")[1], 16)
             # 0A: LISTEN, 06: TIME_WAIT (already closed by both ends).
             if port == self.port and state not in ("0A", "06"):
                 count += 1
-            del remote
         return count
 
     def quiet(self, within: float = QUIET_WITHIN) -> None:
