@@ -34,7 +34,7 @@ PYTHON_VERSION = 3.13
 
 .DEFAULT_GOAL := help
 .PHONY: help venv test lint format run-local localstack localstack-stop test-localstack \
-	bench bench-quick clean distclean package test-runtime cfn-lint
+	bench bench-quick clean distclean package test-runtime test-mta cfn-lint
 
 help:
 	@echo "make test        create the venv, install, run the whole test suite (2 processes)"
@@ -55,6 +55,8 @@ help:
 	@echo "                 and sha256"
 	@echo "make test-runtime  run both zips (CPython 3.13, x86_64 and arm64 under qemu) in Debian"
 	@echo "                 chroots under Lambda's runtime client (root; caches ~/.cache/async-notifier)"
+	@echo "make test-mta    the SMTP client against real Postfix and Exim, each in a Debian chroot"
+	@echo "                 (root; first run downloads them; caches ~/.cache/async-notifier)"
 	@echo "make cfn-lint    lint template.yaml (the SAM template) with cfn-lint"
 	@echo "make clean       remove the venv, caches, outbox/, build/, dist/ and bench/out/"
 	@echo "make distclean   also LocalStack's venv and state (.localstack/)"
@@ -120,6 +122,12 @@ package: $(STAMP)
 test-runtime: $(STAMP)
 	$(PY) scripts/rootfs.py --arch x86_64 --arch arm64 >/dev/null
 	$(PY) -m pytest -m chroot tests/test_runtime.py $(PYTEST_ARGS)
+
+# Builds (or reuses) the MTAs' root file systems first, as test-runtime does; the tests then run
+# the same conformance scenarios against Postfix and Exim (tests/mta).
+test-mta: $(STAMP)
+	$(PY) scripts/rootfs.py --mta postfix --mta exim >/dev/null
+	$(PY) -m pytest -m mta tests/mta $(PYTEST_ARGS)
 
 cfn-lint: $(STAMP)
 	$(BIN)/cfn-lint template.yaml

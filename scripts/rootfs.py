@@ -13,8 +13,18 @@ so an interrupted build is never taken for a good cache; a lock keeps two builds
 tools (debootstrap, qemu-user-static) are installed with apt-get, and qemu's binfmt_misc entry is
 registered when needed: all of it needs root, as do chroot and mount.
 
-Usage: python scripts/rootfs.py [--arch x86_64|arm64]... [--cache-dir DIR]
-Prints the path of each root file system, building it first if it is not cached.
+The real mail servers of `make test-mta` (Postfix and Exim) come from the same machinery: each
+in its own trixie root file system for this machine's architecture,
+`mta-<postfix|exim>-trixie-<arch>`: a minimal trixie, then the MTA's packages installed by the
+chroot's own apt-get (debootstrap's `--include` cannot order exim4's dependencies: it takes the
+first alternative of `cron | cron-daemon`, which drags in systemd, and fails), with a
+policy-rc.d that keeps every service from starting. Debian's packages for the two MTAs conflict
+(both provide mail-transport-agent), so one root file system each keeps them apart, and keeps
+this machine free of an MTA.
+
+Usage: python scripts/rootfs.py [--arch x86_64|arm64]... [--mta postfix|exim]... [--cache-dir DIR]
+Prints the path of each root file system, building it first if it is not cached (both Lambda
+architectures when neither option is given).
 """
 
 from __future__ import annotations
@@ -28,7 +38,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -43,6 +53,10 @@ BINFMT_DIR = Path("/proc/sys/fs/binfmt_misc")
 # A stuck mirror must not hang CI: arm64 takes ~4 min here (its setup runs under qemu).
 DEBOOTSTRAP_TIMEOUT = 30 * 60
 APT_TIMEOUT = 10 * 60
+# The MTAs of `make test-mta`, each in a root file system of its own; the file whose presence
+# proves the build complete.
+MTA_PACKAGES = {"postfix": ("postfix",), "exim": ("exim4-daemon-light",)}
+MTA_BINARY = {"postfix": "usr/sbin/postfix", "exim": "usr/sbin/exim4"}
 # The interpreter of every root file system: Lambda's python3.13 runtime.
 PYTHON_VERSION = "3.13"
 PYTHON = f"python{PYTHON_VERSION}"
@@ -72,6 +86,11 @@ def host_arch() -> str:
 def rootfs_path(arch: str, cache_dir: Path | None = None) -> Path:
     """Where the root file system for a Lambda architecture (x86_64 or arm64) is cached."""
     return (cache_dir or default_cache_dir()) / f"{SUITE}-{DEBIAN_ARCH[arch]}"
+
+
+def mta_rootfs_path(mta: str, cache_dir: Path | None = None) -> Path:
+    """Where the root file system with an MTA (postfix or exim) is cached."""
+    return (cache_dir or default_cache_dir()) / f"mta-{mta}-{SUITE}-{host_arch()}"
 
 
 def _require_root() -> None:
@@ -175,18 +194,60 @@ def _check_python(root: Path) -> str:
     return completed.stdout.strip()
 
 
-def ensure(arch: str, cache_dir: Path | None = None) -> Path:
-    """The root file system for a Lambda architecture, built first if it is not cached."""
-    _require_root()
-    debian_arch = DEBIAN_ARCH[arch]
-    foreign = debian_arch != host_arch()
-    if foreign:
-        ensure_binfmt(debian_arch)
-    target = rootfs_path(arch, cache_dir)
+# Run by /bin/sh inside `unshare --mount`: /proc for dpkg's scripts, then apt-get in the chroot.
+# The mount vanishes with the namespace. policy-rc.d (exit 101) forbids starting any service.
+_APT_INSIDE_SCRIPT = r"""
+set -e
+root=$1
+shift
+mount -t proc proc "$root/proc"
+printf '#!/bin/sh\nexit 101\n' > "$root/usr/sbin/policy-rc.d"
+chmod 755 "$root/usr/sbin/policy-rc.d"
+chroot "$root" apt-get update -qq
+chroot "$root" apt-get install -y -qq --no-install-recommends "$@"
+chroot "$root" apt-get clean
+rm -f "$root/usr/sbin/policy-rc.d"
+"""
+
+
+def _apt_install_inside(root: Path, packages: Sequence[str]) -> None:
+    """apt-get install `packages` in the root file system, starting none of their services."""
+    _say(f"rootfs: apt-get install {' '.join(packages)} in {root}")
+    env = {
+        "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        "DEBIAN_FRONTEND": "noninteractive",
+        "LC_ALL": "C",
+    }
+    command = ["unshare", "--mount", "--propagation", "private", "/bin/sh", "-c"]
+    try:
+        subprocess.run(
+            [*command, _APT_INSIDE_SCRIPT, "sh", str(root), *packages],
+            check=True,
+            env=env,
+            timeout=APT_TIMEOUT,
+        )
+    except subprocess.CalledProcessError as exc:
+        raise RootfsError(f"apt-get in {root} failed (exit {exc.returncode}); see above") from exc
+    except subprocess.TimeoutExpired as exc:
+        raise RootfsError(f"apt-get in {root} took over {APT_TIMEOUT} s") from exc
+
+
+def _build(
+    target: Path,
+    *,
+    include: Sequence[str],
+    complete: str,
+    install: Sequence[str] = (),
+    debian_arch: str | None = None,
+    check: Callable[[Path], str] | None = None,
+) -> Path:
+    """`target`, built by debootstrap with `include` (then `install` by apt-get inside) unless
+    cached; `complete` is a path inside it whose presence shows a finished build.
+    `debian_arch` is given for a foreign one."""
     with _lock(target.with_name(f".{target.name}.lock")):
         if target.is_dir():
-            if not (target / "usr" / "bin" / PYTHON).exists():
-                raise RootfsError(f"{target} has no {PYTHON}: remove it to rebuild")
+            if not (target / complete).exists():
+                raise RootfsError(f"{target} has no /{complete}: remove it to rebuild")
             _say(f"rootfs: {target} (cached)")
             return target
         if not shutil.which("debootstrap"):
@@ -198,8 +259,8 @@ def ensure(arch: str, cache_dir: Path | None = None) -> Path:
         command = [
             "debootstrap",
             "--variant=minbase",
-            f"--include={','.join(INCLUDE)}",
-            *([f"--arch={debian_arch}"] if foreign else []),
+            *([f"--include={','.join(include)}"] if include else []),
+            *([f"--arch={debian_arch}"] if debian_arch else []),
             SUITE,
             str(partial),
             MIRROR,
@@ -212,10 +273,45 @@ def ensure(arch: str, cache_dir: Path | None = None) -> Path:
             raise RootfsError(f"debootstrap failed (exit {exc.returncode}); see above") from exc
         except subprocess.TimeoutExpired as exc:
             raise RootfsError(f"debootstrap took over {DEBOOTSTRAP_TIMEOUT} s") from exc
-        _say(f"rootfs: {_check_python(partial)} in {time.monotonic() - started:.0f} s")
+        if install:
+            _apt_install_inside(partial, install)
+        if not (partial / complete).exists():
+            raise RootfsError(f"debootstrap left no /{complete} in {partial}")
+        checked = check(partial) if check else complete
+        _say(f"rootfs: {checked} in {time.monotonic() - started:.0f} s")
         partial.rename(target)
         _say(f"rootfs: {target}")
         return target
+
+
+def ensure(arch: str, cache_dir: Path | None = None) -> Path:
+    """The root file system for a Lambda architecture, built first if it is not cached."""
+    _require_root()
+    debian_arch = DEBIAN_ARCH[arch]
+    foreign = debian_arch != host_arch()
+    if foreign:
+        ensure_binfmt(debian_arch)
+    return _build(
+        rootfs_path(arch, cache_dir),
+        include=INCLUDE,
+        complete=f"usr/bin/{PYTHON}",
+        debian_arch=debian_arch if foreign else None,
+        check=_check_python,
+    )
+
+
+def ensure_mta(mta: str, cache_dir: Path | None = None) -> Path:
+    """The root file system with an MTA installed (not configured, not running), built first
+    if it is not cached."""
+    _require_root()
+    if mta not in MTA_PACKAGES:
+        raise RootfsError(f"unknown MTA {mta!r} (known: {', '.join(sorted(MTA_PACKAGES))})")
+    return _build(
+        mta_rootfs_path(mta, cache_dir),
+        include=(),
+        install=MTA_PACKAGES[mta],
+        complete=MTA_BINARY[mta],
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -227,6 +323,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="Lambda architecture (repeatable; default both)",
     )
     parser.add_argument(
+        "--mta",
+        action="append",
+        choices=sorted(MTA_PACKAGES),
+        help="a root file system with this MTA, for make test-mta (repeatable)",
+    )
+    parser.add_argument(
         "--cache-dir",
         type=Path,
         default=None,
@@ -234,8 +336,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     try:
-        for arch in args.arch or sorted(DEBIAN_ARCH):
+        for arch in args.arch or ([] if args.mta else sorted(DEBIAN_ARCH)):
             print(ensure(arch, args.cache_dir))
+        for mta in args.mta or []:
+            print(ensure_mta(mta, args.cache_dir))
     except (RootfsError, subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:
         _say(f"rootfs: error: {exc}")
         return 1
