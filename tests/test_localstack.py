@@ -124,3 +124,25 @@ async def test_runner_against_localstack(localstack_env: str, smtp_sink: SmtpSin
         for key in ("v1.zip",):
             s3.delete_object(Bucket=bucket, Key=key)
         s3.delete_bucket(Bucket=bucket)
+
+
+async def test_redrive_moves_dead_letters_with_a_message_move_task(localstack_env: str) -> None:
+    """LocalStack implements StartMessageMoveTask (moto does not): `redrive` without a reason
+    moves the whole dead-letter queue back to its source queue with one SQS task."""
+    from async_notifier.aws.redrive import redrive, sqs_client
+
+    localstack = localstack_env
+    sqs = client("sqs", localstack)
+    queues = create_queues(sqs, visibility_timeout=1, max_receive_count=3, prefix="redrive")
+    sent = {
+        send(sqs, queues.dlq_url, notification(f"v{i}"), error_class="expired") for i in range(5)
+    }
+    async with sqs_client("us-east-1", localstack) as async_sqs:
+        result = await redrive(async_sqs, queues.dlq_url, poll_interval=0.5)
+    assert result.ok, result
+    assert result.method == "move_task"
+    assert result.task is not None
+    assert result.task.status == "COMPLETED"
+    moved = receive_all(sqs, queues.url)
+    assert len(moved) == len(sent)
+    assert receive_all(sqs, queues.dlq_url) == []
