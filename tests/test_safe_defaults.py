@@ -509,7 +509,7 @@ async def test_a_reply_of_too_many_lines_is_a_protocol_error_not_unbounded_memor
         channel._transport = transport  # type: ignore[assignment]
         with pytest.raises(OSError, match="connection lost"):
             async with asyncio.timeout(5):
-                await channel.command("NOOP")
+                await channel.command("NOOP", 5.0)
         assert isinstance(channel._lost, ProtocolError)
         assert f"more than {MAX_REPLY_LINES} lines" in str(channel._lost)
         assert not channel.is_connected

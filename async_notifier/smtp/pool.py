@@ -384,11 +384,7 @@ class SmtpPool:
             self._fail_waiting(held)
             return
         connecting = sum(c.state is State.CONNECTING for c in self._connections)
-        wanted = max(
-            sum(not w.done() for w in self._waiting),
-            # The batch's warm-up, while connections succeed: what retired since counts.
-            self._warm - self._live() + connecting if self.breaker.healthy else 0,
-        )
+        wanted = sum(not w.done() for w in self._waiting)
         while (
             connecting < wanted
             and len(self._connections) < self._size
@@ -552,6 +548,8 @@ class SmtpPool:
             log.error("unexpected error closing an SMTP connection", exc_info=task.exception())
         self._forget(conn)
         self._update()
+        if not self._closed:
+            self._warm_up()  # a connection retired with QUIT (its age, its count) is replaced
 
     def _forget(self, conn: PooledConnection) -> None:
         """Close the socket and free the place: the connection leaves the pool."""
@@ -575,7 +573,17 @@ class SmtpPool:
         # Kept up while the batch runs: a connection retired past SMTP_MAX_CONNECTION_AGE
         # (after an idle gap, all of them) is replaced once its place is free.
         self._warm = min(count, self._size)
-        self._update()
+        self._update()  # retires the expired ones first: they are not live
+        self._warm_up()
+
+    def _warm_up(self) -> None:
+        """Open connections until `_warm` are live, within the free places, while attempts
+        succeed (a failing server is not reconnected to for nobody)."""
+        while self._warm and self._live() < self._warm and self.breaker.healthy:
+            connecting = sum(c.state is State.CONNECTING for c in self._connections)
+            if len(self._connections) >= self._size or not self.breaker.may_connect(connecting):
+                break
+            self._open_one()
 
     async def stop_prewarm(self) -> None:
         """Cancel the connection attempts still running: the batch that wanted them is over
