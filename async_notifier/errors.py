@@ -95,6 +95,14 @@ class RecipientRejected(PermanentError):
     kind = "smtp_rejected"
 
 
+class MessageTooLarge(PermanentError):
+    """The SMTP server refused the message for its size (552, or enhanced status 5.3.4), at
+    MAIL, RCPT or during the data: the same message can never pass that server, so a link
+    to the file is sent instead of the attachment."""
+
+    kind = "message_too_large"
+
+
 class SmtpUnavailable(TransientError):
     """The SMTP server could not be reached, dropped us, or answered 4xx."""
 
