@@ -63,6 +63,7 @@ class Rule:
     `delay`: seconds before answering (`math.inf`: never answer, the connection stalls).
     `hang_up`: close after the reply (or, with `close_instead`, in its place).
     `after_bytes`: for BODY, answer once that many body bytes arrived.
+    `contains`: only a command whose line contains this (e.g. a recipient's address).
     """
 
     command: str
@@ -74,6 +75,7 @@ class Rule:
     hang_up: bool = False
     close_instead: bool = False
     after_bytes: int = 0
+    contains: str | None = None
 
     def __post_init__(self) -> None:
         if self.command not in COMMANDS:
@@ -101,7 +103,13 @@ class ConnectionLog:
 
 
 class _Hangup(Exception):
-    """The script closed the connection."""
+    """The session ends. `graceful`: a reply was just written, which the client must see
+    (half-close and drain); otherwise the socket is dropped at once, unread bytes and all
+    (the kernel answers the client's next segment with a reset)."""
+
+    def __init__(self, *, graceful: bool = True) -> None:
+        super().__init__()
+        self.graceful = graceful
 
 
 class ScriptedRelay(Service):
@@ -231,15 +239,19 @@ class ScriptedRelay(Service):
             self.connections.append(conn)
             self._cond.notify_all()
         session = _Session(self, conn, reader, writer)
+        graceful = False
         try:
             await session.run()
-        except (_Hangup, ConnectionError):
+        except _Hangup as hangup:
+            graceful = hangup.graceful
+        except (ConnectionError, asyncio.CancelledError):  # cancelled: the relay is stopping
             pass
         finally:
+            with contextlib.suppress(asyncio.CancelledError):
+                await session.hang_up(drain=graceful and not self._stopping)
             self._tasks.discard(task)
-            await session.hang_up(drain=not self._stopping)
 
-    def _rule_for(self, command: str, conn: ConnectionLog) -> Rule | None:
+    def _rule_for(self, command: str, conn: ConnectionLog, line: str = "") -> Rule | None:
         """Count this occurrence of `command` and return the first rule that matches it."""
         with self._cond:
             for key in ((command, 0), (command, conn.number)):
@@ -255,6 +267,8 @@ class ScriptedRelay(Service):
                 ):
                     continue
                 if rule.reused is not None and rule.reused != (conn.transactions > 0):
+                    continue
+                if rule.contains is not None and rule.contains not in line:
                     continue
                 return rule
         return None
@@ -321,7 +335,7 @@ class _Session:
                 )
                 self.recipients = 0
             elif verb == "RCPT":
-                ok = await self.answer("RCPT", None if self.mail else "503 5.5.1 need MAIL")
+                ok = await self.answer("RCPT", None if self.mail else "503 5.5.1 need MAIL", line)
                 self.recipients += ok
             elif verb == "DATA":
                 refusal = None if self.recipients else "554 5.5.1 Error: no valid recipients"
@@ -340,13 +354,13 @@ class _Session:
     async def fill(self) -> None:
         chunk = await self.reader.read(65536)
         if not chunk:
-            raise _Hangup
+            raise _Hangup(graceful=False)
         self.buffer += chunk
 
     async def readline(self) -> bytes:
         while (end := self.buffer.find(b"\n")) < 0:
             if len(self.buffer) > 4096:
-                raise _Hangup  # not SMTP
+                raise _Hangup(graceful=False)  # not SMTP
             await self.fill()
         line = bytes(self.buffer[:end]).rstrip(b"\r")
         del self.buffer[: end + 1]
@@ -363,10 +377,10 @@ class _Session:
         lines.append("ENHANCEDSTATUSCODES")
         return "\n".join(lines)
 
-    async def answer(self, command: str, default: str | None = None) -> bool:
+    async def answer(self, command: str, default: str | None = None, line: str = "") -> bool:
         """Answer `command` by the script (else `default`, else the usual reply); True when
         the answer lets the transaction go on (2xx, or 354 to DATA)."""
-        rule = self.relay._rule_for(command, self.conn)
+        rule = self.relay._rule_for(command, self.conn, line)
         text = (rule.reply if rule else None) or default or DEFAULT_REPLIES.get(command, "250 Ok")
         await self.obey(rule, text)
         code = int(text[:3])
@@ -380,7 +394,7 @@ class _Session:
         if rule is not None and rule.delay:
             await asyncio.sleep(rule.delay if math.isfinite(rule.delay) else 1e9)
         if rule is not None and rule.close_instead:
-            raise _Hangup
+            raise _Hangup(graceful=False)
         if replying is not None:
             replying()
         await self.write(text)
@@ -439,14 +453,19 @@ class _Session:
         await self.writer.drain()
 
     async def hang_up(self, *, drain: bool) -> None:
-        """Half-close, read what the client still sends (briefly), then close: the client
-        sees the last reply before the close, whatever its socket buffers hold."""
-        with contextlib.suppress(Exception):
-            if drain and self.writer.can_write_eof():
-                self.writer.write_eof()
+        """With `drain`: half-close, read what the client still sends (briefly), then close,
+        so the client sees the last reply whatever its socket buffers hold. Without: drop."""
+        if not drain:
+            self.writer.transport.abort()
+            return
+        try:
+            with contextlib.suppress(Exception):
+                if self.writer.can_write_eof():
+                    self.writer.write_eof()
                 async with asyncio.timeout(_DRAIN_SECONDS):
                     while await self.reader.read(65536):
                         pass
+        except asyncio.CancelledError:  # the relay is stopping
+            self.writer.transport.abort()
+            raise
         self.writer.close()
-        with contextlib.suppress(Exception):
-            await self.writer.wait_closed()
