@@ -45,7 +45,7 @@ DEFAULT_REPLIES = {
     "QUIT": "221 2.0.0 Bye",
 }
 # Lines inside a body that a client should never have written there (it lost track of DATA).
-_COMMAND_LIKE = re.compile(rb"^(MAIL FROM:|RCPT TO:|DATA|RSET|NOOP|QUIT|EHLO |HELO )", re.I)
+_COMMAND_LIKE = re.compile(rb"(MAIL FROM:|RCPT TO:|DATA|RSET|NOOP|QUIT|EHLO |HELO )", re.I)
 _MESSAGE_ID = re.compile(rb"^Message-ID:\s*(<[^>\r\n]*>)", re.I | re.M)
 _END = b"\r\n.\r\n"
 # A hang-up half-closes, then drains what the client still writes for at most this long.
@@ -414,7 +414,7 @@ class _Session:
             scan_to = end + 2 if end >= 0 else len(data)
             while (newline := data.find(b"\n", line_start, scan_to)) >= 0:
                 if _COMMAND_LIKE.match(data, line_start):
-                    relay._body_line(bytes(data[line_start:newline]))
+                    relay._body_line(bytes(data[line_start:newline]).rstrip(b"\r"))
                 line_start = newline + 1
             received = end if end >= 0 else len(data) - 2  # the last CRLF included
             relay._body_progress(upload, bytes(data[2:16384]), max(0, received))
