@@ -26,6 +26,7 @@ import boto3
 import pytest
 from faults import FaultySmtp, S3Action, S3FaultProxy, S3Rule, SmtpFaults
 from queues import make_table
+from scripted_relay import Rule, ScriptedRelay
 from servers import (
     LOOPBACK,
     REGION,
@@ -160,6 +161,46 @@ def test_a_slow_sqs_after_the_cutoff_does_not_make_the_handler_overrun(
     }
     assert "later1@example.com" not in out
     assert "bounce@example.com" not in out
+
+
+def test_closing_connections_does_not_use_up_the_time_for_the_dead_letters(
+    lambda_env: dict[str, str],
+    aws: MotoServer,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A relay that never answers QUIT: the dead letters are sent first, with the time left.
+
+    One connection per message (SMTP_MAX_MESSAGES_PER_CONNECTION=1), so the delivered one
+    retires and says QUIT during the batch; a QUIT may wait min(5 s, SMTP_TIMEOUT), longer
+    than the 2.5 s left after the records of a 4 s invocation.
+    """
+    sqs = boto3.client("sqs", endpoint_url=aws.endpoint_url, region_name=REGION)
+    dlq_url = sqs.create_queue(QueueName="notifications-dlq-quit")["QueueUrl"]
+    monkeypatch.setenv("DEAD_LETTER_QUEUE_URL", dlq_url)
+    monkeypatch.setenv("SMTP_MAX_MESSAGES_PER_CONNECTION", "1")
+    monkeypatch.setenv("SMTP_TIMEOUT", "10")
+    rules = [
+        Rule("RCPT", "550 5.1.1 User unknown", contains="bounce@"),
+        Rule("QUIT", delay=math.inf),
+    ]
+    records = [
+        sqs_record(failed("v-ok", "ok@example.com"), "ok"),
+        sqs_record(failed("v-bounce", "bounce@example.com"), "bounce"),
+    ]
+    context = FakeLambdaContext(remaining_ms=4_000)
+    with ScriptedRelay(rules) as relay:
+        monkeypatch.setenv("SMTP_SERVER", relay.host)
+        monkeypatch.setenv("SMTP_PORT", str(relay.port))
+        failures = invoke(records, context)
+        assert context.get_remaining_time_in_millis() > 0, "Lambda would have killed the batch"
+        assert len(relay.accepted) == 1
+        assert relay.count("QUIT") >= 1  # the QUIT that never got an answer was sent
+
+    assert failures == []  # the bounce went to the dead-letter queue, so it is acknowledged
+    letters = sqs.receive_message(QueueUrl=dlq_url, WaitTimeSeconds=0).get("Messages", [])
+    assert len(letters) == 1
+    assert "dead_letter" not in undone(capsys.readouterr().out)
 
 
 def test_a_release_that_cannot_complete_does_not_make_the_handler_overrun(
