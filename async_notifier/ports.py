@@ -8,7 +8,7 @@ value types that cross the boundary live here too.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -77,18 +77,31 @@ class CredentialsSource(Protocol):
     def invalidate(self, failed: SmtpCredentials | None = None) -> bool: ...
 
 
-class Sending(Protocol):
-    """An email whose end of data went out: its verdict is still to come.
+@dataclass(frozen=True)
+class Receipt:
+    """An email the provider accepted: which transport took it, and the provider's id for
+    it when it says one (SES's MessageId; an SMTP relay's "250 Ok <id>" or "queued as id")."""
 
-    Await `verdict()` at once: until it returns, the transport counts it as in flight.
-    """
-
-    async def verdict(self) -> None: ...
+    transport: str
+    provider_id: str | None = None
 
 
 class MailTransport(Protocol):
-    async def transmit(self, email: StreamedEmail) -> Sending:
-        """Send the email up to its end of data; nothing was delivered if this raises."""
+    """Where emails go: an SMTP relay (`smtp/pool.py`) or the SES API (`aws/ses_transport.py`).
+
+    Errors are the record's (`errors.py`): transient, permanent, or a `ProviderCondition`
+    that holds for every message.
+    """
+
+    name: str
+
+    async def deliver(
+        self, email: StreamedEmail, *, reached: Callable[[], None] | None = None
+    ) -> Receipt:
+        """Deliver one email and return what the provider said. `reached()` is called once the
+        email may have reached the provider (SMTP: its end of data is written; SES: the
+        request is sent): a failure or a cancellation after it leaves the delivery unknown,
+        before it nothing was delivered."""
         ...
 
     def held(self) -> ProviderCondition | None:
@@ -99,7 +112,9 @@ class MailTransport(Protocol):
         """Re-read the account's limits when they are due (bounded in time, never raises)."""
         ...
 
-    async def server_size_limit(self) -> int | None: ...
+    async def server_size_limit(self) -> int | None:
+        """The largest message the provider takes (0: no limit said), for attach-or-link."""
+        ...
 
     def start_batch(self, connections: int) -> None: ...
 

@@ -31,7 +31,7 @@ from typing import Any, Literal, TypeVar
 from ..config import Settings
 from .clients import aws_client
 from .errors import aws_error
-from .sqs import MAX_BATCH_BYTES, MAX_BATCH_ENTRIES
+from .sqs import MAX_BATCH_BYTES, MAX_BATCH_ENTRIES, batch_chunks
 
 # A message with no `error_class` attribute was moved by SQS's redrive policy.
 MAX_RECEIVE_COUNT = "max_receive_count"
@@ -643,19 +643,11 @@ def _entry_size(entry: dict[str, Any]) -> int:
 
 def _by_size(entries: list[tuple[str, dict[str, Any]]]) -> list[list[dict[str, Any]]]:
     """SendMessageBatch calls within SQS's entry and payload limits."""
-    chunks: list[list[dict[str, Any]]] = []
-    current: list[dict[str, Any]] = []
-    size = 0
-    for _, entry in entries:
-        entry_size = _entry_size(entry)
-        if current and (len(current) == MAX_BATCH_ENTRIES or size + entry_size > MAX_BATCH_BYTES):
-            chunks.append(current)
-            current, size = [], 0
-        current.append(entry)
-        size += entry_size
-    if current:
-        chunks.append(current)
-    return chunks
+    sizes = [(index, _entry_size(entry)) for index, (_, entry) in enumerate(entries)]
+    return [
+        [entries[index][1] for index in chunk]
+        for chunk in batch_chunks(sizes, max_bytes=MAX_BATCH_BYTES)
+    ]
 
 
 def _describe(exc: BaseException) -> str:

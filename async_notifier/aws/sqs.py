@@ -88,8 +88,9 @@ def _string(value: str, limit: int = MAX_REASON_CHARS) -> dict[str, str]:
     return {"DataType": "String", "StringValue": attribute_text(value, limit)}
 
 
-def _chunks(entries: Sequence[tuple[int, int]], *, max_bytes: int) -> list[list[int]]:
-    """Group (index, size) pairs into batches within the entry and payload limits."""
+def batch_chunks(entries: Sequence[tuple[int, int]], *, max_bytes: int) -> list[list[int]]:
+    """Group (index, size) pairs into batches within the entry and payload limits (also the
+    redrive command's)."""
     chunks: list[list[int]] = []
     current: list[int] = []
     size = 0
@@ -141,7 +142,7 @@ class DeadLetterRouter:
         budget = budget or AfterCutoff(None)
         entries = [self._entry(record, error) for record, error in items]
         sizes = [(index, _entry_size(entry)) for index, entry in enumerate(entries)]
-        chunks = _chunks(sizes, max_bytes=MAX_BATCH_BYTES)
+        chunks = batch_chunks(sizes, max_bytes=MAX_BATCH_BYTES)
         results = await asyncio.gather(
             *(
                 self._send_chunk([items[i][0] for i in chunk], [entries[i] for i in chunk], budget)

@@ -34,7 +34,7 @@ from ..logs import get_logger
 from ..mail.mime import StreamedEmail, attachment_filename, build_streamed_email
 from ..mail.render import Renderer
 from ..messages import Notification, SqsRecord, parse_body
-from ..ports import Adapters, Download, Recipient
+from ..ports import Adapters, Download, Receipt, Recipient
 from .access import check_location
 from .dedup import InBatchDeduplicator
 from .outcome import Action, Outcome
@@ -71,6 +71,7 @@ class _Record:
     status: str | None = None
     bytes: int = 0
     maybe_delivered: bool = False
+    receipt: Receipt | None = None  # what the provider said when it accepted the email
     claimed: str | None = None  # the identity this delivery claimed in the idempotency store
 
 
@@ -132,6 +133,7 @@ class Delivery:
             bytes=state.bytes,
             retries=state.retry.retries,
             maybe_delivered=state.maybe_delivered,
+            receipt=state.receipt,
             duration=time.monotonic() - started,
         )
 
@@ -219,7 +221,7 @@ class Delivery:
                 )
             email = self._compose(notification, attachment)
             try:
-                await state.retry.run(lambda: self._send(email, state))
+                state.receipt = await state.retry.run(lambda: self._send(email, state))
             except MessageTooLarge:
                 if attachment.path is None:
                     raise
@@ -235,7 +237,7 @@ class Delivery:
                 attachment = await self._link(notification.bucket, notification.key, attached.size)
                 state.bytes = 0
                 email = self._compose(notification, attachment)
-                await state.retry.run(lambda: self._send(email, state))
+                state.receipt = await state.retry.run(lambda: self._send(email, state))
             return "sent_link" if attachment.link else "sent"
         finally:
             if lookup is not None and not lookup.done():
@@ -266,13 +268,18 @@ class Delivery:
             path.unlink(missing_ok=True)
             await self._budget.release(attachment.size)
 
-    async def _send(self, email: Any, state: _Record) -> None:
-        sending = await self._transport.transmit(email)  # nothing delivered if this fails
+    async def _send(self, email: StreamedEmail, state: _Record) -> Receipt:
+        reached = False
+
+        def mark() -> None:
+            nonlocal reached
+            reached = True
+
         try:
-            await sending.verdict()
+            return await self._transport.deliver(email, reached=mark)
         except asyncio.CancelledError:
-            # Cut off after the end of the message went out: the server may accept it.
-            state.maybe_delivered = True
+            if reached:  # cut off after the message went out: the provider may accept it
+                state.maybe_delivered = True
             raise
 
     async def _check_suppressed(self, address: str) -> None:

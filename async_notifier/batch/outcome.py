@@ -15,6 +15,7 @@ from typing import Literal
 
 from ..errors import NotifierError
 from ..messages import SqsRecord
+from ..ports import Receipt
 
 # "recorded": an SES event written to the suppression list (the second entry point).
 Action = Literal["sent", "sent_link", "duplicate", "already_delivered", "recorded"]
@@ -57,6 +58,7 @@ class Outcome:
     bytes: int = 0  # the ZIP's size, when it was attached
     retries: int = 0  # attempts repeated inside the invocation
     maybe_delivered: bool = False  # cut off after its message data went out
+    receipt: Receipt | None = None  # the transport and the provider's id, once accepted
     duration: float = 0.0
 
     @property

@@ -120,6 +120,9 @@ def _log_outcome(outcome: Outcome) -> None:
         "duration_ms": round(outcome.duration * 1000, 1),
     }
     if outcome.error is None:
+        if outcome.receipt is not None:
+            fields["transport"] = outcome.receipt.transport
+            fields["provider_id"] = outcome.receipt.provider_id
         log.info("record done", extra=fields)
         return
     if outcome.maybe_delivered:

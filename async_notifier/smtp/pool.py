@@ -44,7 +44,7 @@ from ..errors import (
 )
 from ..logs import get_logger
 from ..mail.mime import StreamedEmail
-from ..ports import CredentialsSource, PoolStats, QuotaSource
+from ..ports import CredentialsSource, PoolStats, QuotaSource, Receipt
 from .breaker import BreakerState, CircuitBreaker
 from .channel import (
     AttachmentReadError,
@@ -57,7 +57,7 @@ from .channel import (
 )
 from .connection import PooledConnection, Session, State, handshake, local_hostname, tls_context
 from .limits import SendLimits
-from .replies import STALE, Command, judge
+from .replies import STALE, Command, judge, queue_id
 
 log = get_logger()
 # QUIT is a courtesy: a server slow to say goodbye does not hold a place for long.
@@ -118,10 +118,22 @@ class SmtpPool:
 
     # ------------------------------------------------------------------ delivering
 
+    name = "smtp"
+
     async def send(self, email: StreamedEmail) -> None:
         """Deliver one email and wait for the server's verdict (`transmit`, then `verdict`)."""
         sending = await self.transmit(email)
         await sending.verdict()
+
+    async def deliver(
+        self, email: StreamedEmail, *, reached: Callable[[], None] | None = None
+    ) -> Receipt:
+        """`ports.MailTransport.deliver`: `reached()` once the end of data is written."""
+        sending = await self.transmit(email)
+        if reached is not None:
+            reached()
+        reply = await sending.verdict()
+        return Receipt(self.name, queue_id(reply.text))
 
     async def transmit(self, email: StreamedEmail) -> Sending:
         """Send one email up to its end of data; its verdict is awaited with `verdict()`.
@@ -278,7 +290,7 @@ class SmtpPool:
             return False
         return reply.code == 250
 
-    async def _confirm(self, conn: PooledConnection, email: StreamedEmail, verdict: Slot) -> None:
+    async def _confirm(self, conn: PooledConnection, email: StreamedEmail, verdict: Slot) -> Reply:
         """Wait for the server's answer to a transmitted message and judge it.
 
         A timeout here fails only this message: the connection takes nothing new and is
@@ -289,7 +301,7 @@ class SmtpPool:
         assert conn.channel is not None
         spoiled = False
         try:  # within SMTP_DATA_TIMEOUT of its turn: the channel fails a late reply
-            await conn.channel.verdict(verdict)
+            reply = await conn.channel.verdict(verdict)
         except asyncio.CancelledError:
             log.warning(
                 "cancelled after the message was sent: delivery unknown",
@@ -313,6 +325,7 @@ class SmtpPool:
                 conn.spoiled = conn.retiring = True
             self._update()
         self.limits.accepted()
+        return reply
 
     def _judge(
         self, phase: str, reply: Reply, *, reused: bool, size: int
@@ -696,7 +709,7 @@ class Sending:
         self._email = email
         self._slot = slot
 
-    async def verdict(self) -> None:
-        """The server's verdict: returns when it accepted the message, else raises the
+    async def verdict(self) -> Reply:
+        """The server's verdict: its reply when it accepted the message, else raises the
         record's error (`DeliveryUnknown` when it cannot be known)."""
-        await self._pool._confirm(self._conn, self._email, self._slot)
+        return await self._pool._confirm(self._conn, self._email, self._slot)

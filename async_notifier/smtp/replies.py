@@ -98,3 +98,20 @@ def _too_large(command: Command, code: int, enhanced: str | None) -> bool:
     if enhanced is not None:
         return enhanced in _TOO_LARGE
     return code == 552 and command != "RCPT"
+
+
+# "250 2.0.0 Ok: queued as 4F2A1C3B" (Postfix), "250 OK id=1rB2c3-000Abc-4D" (Exim),
+# "250 Ok 0100018c...-000000" (SES), in that order of trust.
+_QUEUE_IDS = (
+    re.compile(r"queued as <?([\w.@-]{4,})", re.IGNORECASE),
+    re.compile(r"\bid=<?([\w.@-]{4,})", re.IGNORECASE),
+    re.compile(r"^(?:2\.\d{1,3}\.\d{1,3} )?ok:? <?([\w.@-]{6,})", re.IGNORECASE),
+)
+
+
+def queue_id(text: str) -> str | None:
+    """The provider's id for an accepted message, when its 250 names one."""
+    for pattern in _QUEUE_IDS:
+        if match := pattern.search(text.strip()):
+            return match.group(1)
+    return None

@@ -21,7 +21,7 @@ from async_notifier.errors import (
     SmtpUnavailable,
 )
 from async_notifier.smtp.channel import Reply
-from async_notifier.smtp.replies import STALE, Command, enhanced_status, judge
+from async_notifier.smtp.replies import STALE, Command, enhanced_status, judge, queue_id
 
 SES_RATE = "4.7.0 Throttling failure: Maximum sending rate exceeded."
 SES_QUOTA = "4.7.0 Throttling failure: Daily message quota exceeded."
@@ -103,3 +103,21 @@ def test_an_address_in_a_reply_never_reaches_the_reason() -> None:
 )
 def test_enhanced_status(text: str, code: str | None) -> None:
     assert enhanced_status(text) == code
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (
+            "Ok 0100018c5f2a1c3b-5a1e7b0e-0b2f-4d7e-9f3a-000000",
+            "0100018c5f2a1c3b-5a1e7b0e-0b2f-4d7e-9f3a-000000",
+        ),
+        ("2.0.0 Ok: queued as 4F2A1C3B9D", "4F2A1C3B9D"),
+        ("OK id=1rB2c3-000Abc-4D", "1rB2c3-000Abc-4D"),
+        ("OK", None),
+        ("Message accepted for delivery", None),
+    ],
+)
+def test_the_providers_id_in_a_250(text: str, expected: str | None) -> None:
+    """SES's "250 Ok <id>", Postfix's "queued as", Exim's "id=": the Receipt's provider id."""
+    assert queue_id(text) == expected
