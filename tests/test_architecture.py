@@ -29,6 +29,8 @@ CORE = {
     "mail",
     "ports",
     "batch",
+    # The provider account's limits (pace, conditions, quota): every transport's, no adapter.
+    "account",
 }
 ADAPTERS = {"smtp", "aws"}
 MAX_LEVELS = 6  # the longest chain of imports between rooms, in arrows

@@ -49,10 +49,10 @@ from servers import (
 )
 
 import handler
+from async_notifier.account.pause import PoolBackoff
 from async_notifier.errors import BadMessage
 from async_notifier.mail.mime import message_id
 from async_notifier.messages import parse_body
-from async_notifier.smtp.throttle import PoolBackoff
 
 BUCKET = "videos-zip"
 VIDEOS = f"/{BUCKET}/"  # proxy rules touch the ZIP bucket only, never SQS

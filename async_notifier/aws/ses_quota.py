@@ -12,9 +12,9 @@ import asyncio
 import math
 from typing import Any
 
+from ..account.quota import SendQuota
 from ..config import ses_region
 from ..logs import get_logger
-from ..ports import SendQuota
 from .errors import aws_error
 
 __all__ = ["QuotaUnavailable", "SendQuota", "SesQuotaReader", "is_ses", "ses_region"]

@@ -30,6 +30,8 @@ from typing import Literal
 
 from aiosmtplib.errors import SMTPAuthenticationError
 
+from ..account.limits import SendLimits
+from ..account.quota import QuotaSource
 from ..config import Settings
 from ..errors import (
     AttachmentUnreadable,
@@ -44,7 +46,7 @@ from ..errors import (
 )
 from ..logs import get_logger
 from ..mail.mime import StreamedEmail
-from ..ports import CredentialsSource, PoolStats, QuotaSource, Receipt
+from ..ports import CredentialsSource, PoolStats, Receipt
 from .breaker import BreakerState, CircuitBreaker
 from .channel import (
     AttachmentReadError,
@@ -56,7 +58,6 @@ from .channel import (
     Slot,
 )
 from .connection import PooledConnection, Session, State, handshake, local_hostname, tls_context
-from .limits import SendLimits
 from .replies import STALE, Command, judge, queue_id
 
 log = get_logger()

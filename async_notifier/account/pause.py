@@ -1,7 +1,7 @@
 """The pause of a pool with no rate, when the provider says "slow down".
 
 A 454 or a 421 "rate exceeded" is about the account, not the connection that got it
-(`replies.is_throttling`). With a rate (`SMTP_RATE_LIMIT`) the pace halves
+(`smtp.replies.is_throttling`). With a rate (`SMTP_RATE_LIMIT`) the pace halves
 (`pacing.AdaptiveRate`); without one, every connection pauses together, or the others keep
 tripping the limit.
 """

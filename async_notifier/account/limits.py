@@ -27,9 +27,9 @@ from collections.abc import Callable
 from ..config import Settings
 from ..errors import DailyQuotaExceeded, ProviderCondition, SmtpThrottled
 from ..logs import get_logger
-from ..ports import QuotaSource, SendQuota
 from .pacing import AdaptiveRate
-from .throttle import PoolBackoff
+from .pause import PoolBackoff
+from .quota import QuotaSource, SendQuota
 
 log = get_logger()
 

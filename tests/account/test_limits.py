@@ -10,11 +10,11 @@ import pytest
 from pool_emails import settings
 from servers import free_port
 
+from async_notifier.account.limits import QUOTA_RECHECK, SANDBOX_RATE, SendLimits
+from async_notifier.account.quota import SendQuota
 from async_notifier.aws.clients import aws_client
 from async_notifier.aws.ses_quota import SesQuotaReader
 from async_notifier.errors import DailyQuotaExceeded, LoginRefused, SenderRejected
-from async_notifier.ports import SendQuota
-from async_notifier.smtp.limits import QUOTA_RECHECK, SANDBOX_RATE, SendLimits
 
 
 class Clock:

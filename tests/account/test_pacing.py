@@ -12,7 +12,7 @@ import math
 
 import pytest
 
-from async_notifier.smtp.pacing import AdaptiveRate
+from async_notifier.account.pacing import AdaptiveRate
 
 
 class FakeTime:
