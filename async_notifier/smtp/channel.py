@@ -199,11 +199,12 @@ class SmtpChannel(asyncio.Protocol):
 
     async def drain(self, limit: float) -> None:
         """Wait until the socket takes more (flow control), at most `limit` seconds."""
-        try:
-            async with asyncio.timeout(limit):
-                await self._writable.wait()
-        except TimeoutError:
-            raise SMTPServerDisconnected(f"the server took no data for {limit:g} s") from None
+        if not self._writable.is_set():  # a timer only when the socket is full: 1 in ~10 chunks
+            try:
+                async with asyncio.timeout(limit):
+                    await self._writable.wait()
+            except TimeoutError:
+                raise SMTPServerDisconnected(f"the server took no data for {limit:g} s") from None
         if self._lost is not None:
             raise SMTPServerDisconnected(f"connection lost: {self._lost}")
 
