@@ -102,13 +102,25 @@ class MessageTooLarge(PermanentError):
     kind = "message_too_large"
 
 
-class SmtpUnavailable(TransientError):
+class TransportUnavailable(TransientError):
+    """The mail transport could not take the message now (any transport: SMTP, the SES API)."""
+
+    kind = "transport_unavailable"
+
+
+class TransportThrottled(TransportUnavailable):
+    """The provider asked us to slow down: the instance's pace halves (`account/limits.py`)."""
+
+    kind = "transport_throttled"
+
+
+class SmtpUnavailable(TransportUnavailable):
     """The SMTP server could not be reached, dropped us, or answered 4xx."""
 
     kind = "smtp_unavailable"
 
 
-class ProviderCondition(SmtpUnavailable):
+class ProviderCondition(TransportUnavailable):
     """Something that holds for every message, not this one: the relay is down, the daily
     quota is spent, the login or the sender is refused. While it holds, records go back to
     the queue at once without an attempt (no retry within the invocation, no connection
@@ -124,7 +136,7 @@ class ProviderCondition(SmtpUnavailable):
         self.retry_after = max(0.0, retry_after)
 
 
-class CircuitOpen(ProviderCondition):
+class CircuitOpen(ProviderCondition, SmtpUnavailable):
     """Connections to the SMTP server keep failing: the pool tries none until its cool-down
     is over (reported as smtp_unavailable; retrying within the invocation cannot help)."""
 
@@ -139,7 +151,7 @@ class DailyQuotaExceeded(ProviderCondition):
     condition = "daily_quota"
 
 
-class LoginRefused(ProviderCondition):
+class LoginRefused(ProviderCondition, SmtpUnavailable):
     """The relay refused our login: a configuration fault (expired password) until fixed."""
 
     kind = "smtp_login_refused"
@@ -153,7 +165,7 @@ class SenderRejected(ProviderCondition):
     condition = "sender_rejected"
 
 
-class SmtpThrottled(SmtpUnavailable):
+class SmtpThrottled(SmtpUnavailable, TransportThrottled):
     """The provider asked us to slow down (454, or 421 with a rate message)."""
 
     kind = "smtp_throttled"

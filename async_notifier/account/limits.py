@@ -25,7 +25,7 @@ from collections import Counter
 from collections.abc import Callable
 
 from ..config import Settings
-from ..errors import DailyQuotaExceeded, ProviderCondition, SmtpThrottled
+from ..errors import DailyQuotaExceeded, ProviderCondition, TransportThrottled
 from ..logs import get_logger
 from .pacing import AdaptiveRate
 from .pause import PoolBackoff
@@ -119,7 +119,7 @@ class SendLimits:
         else:
             await self.pause.wait()
 
-    def throttled(self, error: SmtpThrottled) -> None:
+    def throttled(self, error: TransportThrottled) -> None:
         """The provider said "slow down": halve the pace (or pause, without one)."""
         self.throttled_replies += 1
         if self.rate is not None:
