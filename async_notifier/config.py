@@ -18,6 +18,9 @@ from pathlib import Path
 from typing import Literal, TypeVar, overload
 
 TlsMode = Literal["starttls", "tls", "none"]
+#: TRANSPORT: an SMTP relay, or the SES v2 API (SendEmail with raw content).
+Transport = Literal["smtp", "ses"]
+TRANSPORTS: tuple[Transport, ...] = ("smtp", "ses")
 #: SMTP_RATE_LIMIT: the account's sends per second for the whole fleet, "auto" (read from
 #: SES), or None (no pacing).
 RateLimit = float | Literal["auto"] | None
@@ -70,6 +73,12 @@ def validate_namespace(namespace: str) -> str:
 class Settings:
     smtp_server: str
     email_from: Address
+    # Which transport sends, and which one carries the mail while it cannot (None: none).
+    transport: Transport = "smtp"
+    fallback_transport: Transport | None = None
+    # The SES API transport: its region (None: AWS_REGION), the bytes it holds at once.
+    ses_region: str | None = None
+    ses_max_inflight_bytes: int = 256 * MIB
     aws_region: str = "us-east-1"
     aws_endpoint_url: str | None = None
     smtp_port: int = 587
@@ -141,8 +150,22 @@ class Settings:
         sender and buckets are not needed, and SUPPRESSION_TABLE is.
         """
         env = _Env(os.environ if environ is None else environ)
+        transport = env.choice("TRANSPORT", "smtp", TRANSPORTS)
+        fallback: Transport | None = None
+        if (env.optional("FALLBACK_TRANSPORT") or "none").lower() != "none":
+            known = len(env.problems)
+            fallback = env.choice("FALLBACK_TRANSPORT", "smtp", TRANSPORTS)
+            if len(env.problems) > known:
+                fallback = None  # reported as it is, not as "the same as TRANSPORT" too
+        needs_smtp = sending and "smtp" in (transport, fallback)
         settings = cls(
-            smtp_server=env.required("SMTP_SERVER") if sending else env.text("SMTP_SERVER", ""),
+            transport=transport,
+            fallback_transport=fallback,
+            ses_region=env.optional("SES_REGION"),
+            ses_max_inflight_bytes=env.integer(
+                "SES_MAX_INFLIGHT_BYTES", 256 * MIB, low=MIB, high=4096 * MIB
+            ),
+            smtp_server=env.required("SMTP_SERVER") if needs_smtp else env.text("SMTP_SERVER", ""),
             email_from=(
                 env.address("EMAIL_FROM")
                 if sending
@@ -194,7 +217,7 @@ class Settings:
             retry_attempts=env.integer("RETRY_ATTEMPTS", 3, low=1, high=20),
             retry_base_delay=env.number("RETRY_BASE_DELAY", 0.2, low=0.0),
             smtp_rate_limit=env.rate_limit(
-                "SMTP_RATE_LIMIT", ses=_is_ses(env.optional("SMTP_SERVER"))
+                "SMTP_RATE_LIMIT", ses=transport == "ses" or _is_ses(env.optional("SMTP_SERVER"))
             ),
             fleet_size=env.integer("FLEET_SIZE", 1, low=1, high=10000),
             dead_letter_queue_url=env.optional("DEAD_LETTER_QUEUE_URL"),
@@ -262,6 +285,8 @@ class Settings:
                 "SMTP_USER is set with SMTP_TLS=none: the password would cross the network "
                 "in clear text"
             )
+        if settings.fallback_transport == settings.transport:
+            env.problems.append("FALLBACK_TRANSPORT must differ from TRANSPORT (or be none)")
         if env.problems:
             raise ConfigError("invalid configuration: " + "; ".join(env.problems))
         return settings
@@ -271,8 +296,11 @@ class Settings:
         return self.email_from.domain or "localhost"
 
     @property
-    def ses_region(self) -> str | None:
-        """The region of the SES SMTP endpoint SMTP_SERVER names (None for another relay)."""
+    def quota_region(self) -> str | None:
+        """Where the account's SES quota is read (SMTP_RATE_LIMIT=auto): the SES API
+        transport's region, else the region of the SES SMTP endpoint SMTP_SERVER names."""
+        if "ses" in (self.transport, self.fallback_transport):
+            return self.ses_region or self.aws_region
         return ses_region(self.smtp_server)
 
 

@@ -36,6 +36,7 @@ class PoolStats:
     circuit_opened: int = 0  # times the circuit breaker opened
     throttled: int = 0  # "slow down" replies (SES: Maximum sending rate exceeded)
     send_rate: float | None = None  # sends/s the instance paced at when the batch ended
+    fallback_messages: int = 0  # emails FALLBACK_TRANSPORT carried (`failover.py`)
 
 
 @dataclass(frozen=True)

@@ -141,7 +141,7 @@ class AwsBackend:
             objects = ObjectStore(s3, chunk_size=s.download_chunk_bytes, signer=signer)
             if s.smtp_rate_limit == "auto":  # pace to the account's quota, read from SES
                 ses = await stack.enter_async_context(
-                    aws_client("ses", s, session, region=s.ses_region)
+                    aws_client("ses", s, session, region=s.quota_region)
                 )
                 pool.limits.use_quota(SesQuotaReader(ses))
             dynamodb = None

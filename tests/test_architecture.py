@@ -31,6 +31,8 @@ CORE = {
     "batch",
     # The provider account's limits (pace, conditions, quota): every transport's, no adapter.
     "account",
+    # Two transports behind the port, one sending (FALLBACK_TRANSPORT): it knows only the port.
+    "failover",
 }
 ADAPTERS = {"smtp", "aws"}
 MAX_LEVELS = 6  # the longest chain of imports between rooms, in arrows

@@ -294,5 +294,40 @@ def test_delivery_horizon_and_fleet_defaults() -> None:
     assert s.max_delivery_age == 24 * 3600
     assert (s.retry_backoff_base, s.retry_backoff_cap) == (30, 300)
     assert s.fleet_size == 1
-    assert s.ses_region is None
-    assert settings(SMTP_SERVER="email-smtp.sa-east-1.amazonaws.com").ses_region == "sa-east-1"
+    assert s.quota_region is None
+    assert settings(SMTP_SERVER="email-smtp.sa-east-1.amazonaws.com").quota_region == "sa-east-1"
+
+
+def test_transport_and_its_fallback() -> None:
+    assert (settings().transport, settings().fallback_transport) == ("smtp", None)
+    ses = Settings.from_env(
+        {"EMAIL_FROM": "a@example.com", "ALLOWED_BUCKETS": "*", "TRANSPORT": "ses"}
+    )
+    assert ses.transport == "ses"
+    assert ses.smtp_server == ""  # not needed by the SES API
+    assert ses.smtp_rate_limit == "auto"  # the SES account's rate, read with GetSendQuota
+    assert ses.quota_region == "us-east-1"
+    both = settings(FALLBACK_TRANSPORT="ses", SES_REGION="eu-west-1")
+    assert (both.transport, both.fallback_transport, both.quota_region) == (
+        "smtp",
+        "ses",
+        "eu-west-1",
+    )
+
+
+@pytest.mark.parametrize(
+    ("env", "problem"),
+    [
+        ({"TRANSPORT": "ses", "FALLBACK_TRANSPORT": "smtp"}, "SMTP_SERVER is required"),
+        ({"FALLBACK_TRANSPORT": "smtp"}, "FALLBACK_TRANSPORT must differ from TRANSPORT"),
+        ({"TRANSPORT": "http"}, "TRANSPORT must be one of smtp, ses"),
+        ({"FALLBACK_TRANSPORT": "sms"}, "FALLBACK_TRANSPORT must be one of smtp, ses"),
+    ],
+)
+def test_transport_problems(env: dict[str, str], problem: str) -> None:
+    base = {"EMAIL_FROM": "a@example.com", "ALLOWED_BUCKETS": "*"}
+    if "SMTP_SERVER is required" not in problem:
+        base["SMTP_SERVER"] = "smtp.example.com"
+    message = problems({**base, **env})
+    assert problem in message
+    assert message.count("FALLBACK_TRANSPORT") <= 1  # one problem, said once

@@ -75,10 +75,13 @@ class Tally:
     bytes_attached: int = 0  # ZIPs sent as attachments (not as links)
     retried: int = 0  # records that needed at least one retry
     retries: int = 0
+    transports: Counter[str] = field(default_factory=Counter)  # emails accepted, by transport
 
     def add(self, outcome: Outcome) -> None:
         self.count += 1
         self.actions[outcome.action or "sent"] += 1
+        if outcome.receipt is not None:
+            self.transports[outcome.receipt.transport] += 1
         if outcome.action == "sent":
             self.bytes_attached += outcome.bytes
         self.retried += outcome.retries > 0

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 from collections import Counter
 
-from ..errors import Expired, ProviderCondition, RecipientSuppressed, RecipientUnverified
+from ..errors import (
+    Expired,
+    ProviderCondition,
+    RecipientSuppressed,
+    RecipientUnverified,
+    TransportUnavailable,
+)
 from ..logs import request_id
 from ..metrics import InvocationMetrics
 from ..ports import PoolStats
@@ -46,6 +52,18 @@ def metrics_from_batch(
     metrics.set("SmtpConnectionsOpened", pool.connections_opened, "Count")
     metrics.set("SmtpCircuitOpened", pool.circuit_opened, "Count")
     metrics.set("SmtpThrottled", pool.throttled, "Count")
+    # Transport-neutral: what each transport accepted, what the fallback carried.
+    accepted = delivered.transports
+    metrics.set("MessagesAccepted", sum(accepted.values()), "Count")
+    for transport, count in sorted(accepted.items()):
+        metrics.add("MessagesAccepted", count, dimensions={"Transport": transport})
+    metrics.set("FallbackMessages", pool.fallback_messages, "Count")
+    metrics.set("TransportThrottled", pool.throttled, "Count")
+    unavailable = sum(
+        isinstance(o.error, TransportUnavailable) and not isinstance(o.error, ProviderCondition)
+        for o in errors
+    )
+    metrics.set("TransportUnavailable", unavailable, "Count")
     if pool.send_rate is not None:
         metrics.set("SendRate", pool.send_rate, "Count/Second")
     # Records sent back untried because something held for every message, by condition.

@@ -23,7 +23,7 @@ from async_notifier.errors import (
     SmtpUnavailable,
 )
 from async_notifier.logs import configure, request_id
-from async_notifier.ports import PoolStats
+from async_notifier.ports import PoolStats, Receipt
 
 NAMESPACE = "AsyncNotifier"
 
@@ -109,6 +109,10 @@ def test_batch_metrics(batch: BatchResult) -> None:
         "SmtpConnectionsOpened": 3,
         "SmtpCircuitOpened": 1,
         "SmtpThrottled": 0,
+        "MessagesAccepted": 0,  # no receipt in this batch's outcomes
+        "FallbackMessages": 0,
+        "TransportThrottled": 0,
+        "TransportUnavailable": 1,
         "RecordsHeld": 0,
         "RecordsExpired": 0,
         "RecipientsUnverified": 1,
@@ -205,3 +209,30 @@ def test_held_expired_and_paced_records_are_counted() -> None:
     assert metrics.value("SendRate") == 6.5
     unpaced = metrics_from_batch(result, duration_s=0.1, namespace=NAMESPACE, function_name="f")
     assert unpaced.value("SendRate") is None  # no rate set: nothing to report
+
+
+def test_messages_accepted_by_transport_and_what_the_fallback_carried() -> None:
+    result = BatchResult.of(
+        [
+            Outcome("1", action="sent", receipt=Receipt("smtp", "q1")),
+            Outcome("2", action="sent", receipt=Receipt("ses", "0100-abc")),
+            Outcome("3", action="sent_link", receipt=Receipt("ses")),
+            Outcome("4", action="duplicate"),  # nothing sent for it
+            outcome("5", error=SmtpUnavailable("421")),
+            outcome("6", error=DailyQuotaExceeded("454")),  # held, not unavailable
+        ]
+    )
+    result.fates = [Retry(30), Retry(30)]
+    metrics = metrics_from_batch(
+        result,
+        duration_s=0.1,
+        pool=PoolStats(throttled=3, fallback_messages=2),
+        namespace=NAMESPACE,
+        function_name="f",
+    )
+    assert metrics.value("MessagesAccepted") == 3
+    assert metrics.value("MessagesAccepted", {"Transport": "ses"}) == 2
+    assert metrics.value("MessagesAccepted", {"Transport": "smtp"}) == 1
+    assert metrics.value("FallbackMessages") == 2
+    assert metrics.value("TransportThrottled") == 3
+    assert metrics.value("TransportUnavailable") == 1
