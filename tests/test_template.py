@@ -858,6 +858,32 @@ def test_the_worker_takes_the_pacing_and_horizon_values(
     assert Settings.from_env(ses_events, sending=False).suppression_table is not None
 
 
+def test_the_transport_defaults_are_the_worker_defaults(tmp_path: Path) -> None:
+    """The transport parameters' defaults (smtp, no fallback, the function's region, 256 MiB)
+    claim to be the worker's own: without the four variables it must start the same."""
+    env = _worker_env(Stack(), tmp_path)
+    without = {name: value for name, value in env.items() if name not in TRANSPORT_VARIABLES}
+    assert len(without) == len(env) - len(TRANSPORT_VARIABLES)
+    assert Settings.from_env(env) == Settings.from_env(without)
+
+
+@pytest.mark.parametrize(("transport", "fallback"), TRANSPORT_PAIRS)
+def test_the_worker_starts_with_each_transport_the_rules_allow(
+    transport: str, fallback: str, tmp_path: Path
+) -> None:
+    """Every transport pair the rules let through is one the worker starts with (with
+    Transport=ses the template leaves SMTP_SERVER empty), and one it reads: its settings
+    differ from those of the default SMTP stack. Fails until config.py reads TRANSPORT and
+    the rest (the worker's branch)."""
+    smallest = str(PARAMETERS["SesMaxInflightBytes"]["MinValue"])
+    stack = _transport_stack(
+        transport, fallback, SesRegion="eu-west-1", SesMaxInflightBytes=smallest
+    )
+    settings = Settings.from_env(_worker_env(stack, tmp_path))
+    if (transport, fallback) != ("smtp", "none"):
+        assert settings != Settings.from_env(_worker_env(Stack(), tmp_path))
+
+
 def test_environment_fits_lambdas_4_kb(tmp_path: Path) -> None:
     longest = ",".join(f"{index}{'b' * 62}" for index in range(5))
     stack = Stack(
