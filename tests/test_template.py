@@ -34,10 +34,12 @@ from async_notifier.errors import (
     DailyQuotaExceeded,
     Expired,
     LoginRefused,
+    ProviderCondition,
     RecipientSuppressed,
     SenderRejected,
     SmtpUnavailable,
 )
+from async_notifier.metrics import InvocationMetrics
 from async_notifier.ports import PoolStats
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -59,15 +61,20 @@ REQUIRED = {
 SECRET_ARN = f"arn:aws:secretsmanager:{REGION}:{ACCOUNT}:secret:smtp-AbCdEf"
 POOL_ID = f"{REGION}_AbCdEf123"
 KMS_KEY = f"arn:aws:kms:{REGION}:{ACCOUNT}:key/1234abcd-12ab-34cd-56ef-1234567890ab"
+# The verified SES identity EmailFrom sends as, for stacks with the SES API transport.
+SES_IDENTITY = "example.com"
 # Worker settings the template leaves unset on purpose (see the comment at its top).
 DELIBERATELY_UNSET = {"AWS_REGION", "AWS_ENDPOINT_URL", "SMTP_PASSWORD", "TEMPLATES_DIR", "TMP_DIR"}
 # Settings the worker is getting with fleet-wide pacing and retry by age (another branch):
 # the template carries them before config.py reads them.
+# And those it is getting with the SES API transport and failover (TRANSPORT_VARIABLES).
+TRANSPORT_VARIABLES = {"TRANSPORT", "FALLBACK_TRANSPORT", "SES_REGION", "SES_MAX_INFLIGHT_BYTES"}
 ANNOUNCED_VARIABLES = {
     "MAX_DELIVERY_AGE",
     "RETRY_BACKOFF_BASE_SECONDS",
     "RETRY_BACKOFF_CAP_SECONDS",
     "FLEET_SIZE",
+    *TRANSPORT_VARIABLES,
 }
 # Settings being added alongside the template; it must carry them from the start.
 EXPECTED_VARIABLES = {
@@ -170,11 +177,24 @@ class Stack:
                 return all(self.eval(item) for item in arg)
             if key == "Fn::Or":
                 return any(self.eval(item) for item in arg)
+            if key == "Fn::Contains":
+                return self.eval(arg[1]) in self.eval(arg[0])
             if key == "Condition":
                 return self.conditions[arg]
             assert not key.startswith("Fn::"), f"evaluator lacks {key}"
         result = {key: self.eval(value) for key, value in node.items()}
         return {key: value for key, value in result.items() if value is not _NO_VALUE}
+
+    def broken_rules(self) -> set[str]:
+        """The Rules whose assertions fail for these parameters: CloudFormation refuses
+        such a stack before it creates anything."""
+        broken = set()
+        for name, rule in self.template.get("Rules", {}).items():
+            if "RuleCondition" in rule and not self.eval(rule["RuleCondition"]):
+                continue
+            if not all(self.eval(assertion["Assert"]) for assertion in rule["Assertions"]):
+                broken.add(name)
+        return broken
 
     def resources(self) -> dict[str, Any]:
         return {
@@ -276,7 +296,7 @@ def test_sam_translation_is_lint_clean_and_adds_no_broad_policy() -> None:
             "AWS::Lambda::Function",
             "AWS::Lambda::EventSourceMapping",
             # Operations.
-            *["AWS::CloudWatch::Alarm"] * 14,
+            *["AWS::CloudWatch::Alarm"] * 16,
             "AWS::CloudWatch::Dashboard",
         ]
     )
@@ -559,6 +579,187 @@ def test_idempotency_table_matches_the_worker() -> None:
     assert Stack().environment()["IDEMPOTENCY_TABLE"] == "<Ref IdempotencyTable>"
 
 
+# --------------------------------------------------------------------------- transports
+
+# Every pair the rules allow: (Transport, FallbackTransport).
+TRANSPORT_PAIRS = [("smtp", "none"), ("ses", "none"), ("smtp", "ses"), ("ses", "smtp")]
+SES_GRANTS = {"ses:SendEmail", "ses:SendRawEmail"}
+SMTP_SECRET_GRANT = "secretsmanager:GetSecretValue"
+
+
+def _transport_stack(transport: str, fallback: str, **overrides: str) -> Stack:
+    """A stack with these transports and what the rules ask of them (an SMTP server only
+    when a transport is smtp, an SES identity when one is ses)."""
+    uses = {transport, fallback}
+    parameters = {
+        "Transport": transport,
+        "FallbackTransport": fallback,
+        "SmtpServer": REQUIRED["SmtpServer"] if "smtp" in uses else "",
+        "SesIdentity": SES_IDENTITY if "ses" in uses else "",
+        **overrides,
+    }
+    stack = Stack(**parameters)
+    assert not stack.broken_rules(), stack.broken_rules()
+    return stack
+
+
+def test_transport_parameters_and_their_defaults() -> None:
+    assert PARAMETERS["Transport"]["Default"] == "smtp"
+    assert PARAMETERS["Transport"]["AllowedValues"] == ["smtp", "ses"]
+    assert PARAMETERS["FallbackTransport"]["Default"] == "none"
+    assert PARAMETERS["FallbackTransport"]["AllowedValues"] == ["none", "smtp", "ses"]
+    assert PARAMETERS["SesRegion"]["Default"] == ""
+    inflight = PARAMETERS["SesMaxInflightBytes"]
+    # 256 MiB for a 1,024 MB function, and never less than SES's largest message (40 MB).
+    assert inflight["Default"] == 268435456 == 256 * 1024 * 1024
+    assert PARAMETERS["MemorySize"]["Default"] == 1024
+    assert inflight["MinValue"] >= 40 * 1000 * 1000
+    # The SMTP server is optional now: the rules decide when it is required.
+    assert PARAMETERS["SmtpServer"]["Default"] == ""
+    assert "MinLength" not in PARAMETERS["SmtpServer"]
+    env = Stack().environment()
+    assert {name: env[name] for name in TRANSPORT_VARIABLES} == {
+        "TRANSPORT": "smtp",
+        "FALLBACK_TRANSPORT": "none",
+        "SES_REGION": "",
+        "SES_MAX_INFLIGHT_BYTES": "268435456",
+    }
+
+
+@pytest.mark.parametrize(("transport", "fallback"), TRANSPORT_PAIRS)
+def test_the_transports_reach_the_notifier_only(transport: str, fallback: str) -> None:
+    stack = _transport_stack(
+        transport, fallback, SesRegion="eu-west-1", SesMaxInflightBytes="536870912"
+    )
+    env = stack.environment()
+    assert (env["TRANSPORT"], env["FALLBACK_TRANSPORT"]) == (transport, fallback)
+    assert (env["SES_REGION"], env["SES_MAX_INFLIGHT_BYTES"]) == ("eu-west-1", "536870912")
+    assert env["SMTP_SERVER"] == stack.params["SmtpServer"]
+    assert not TRANSPORT_VARIABLES & set(stack.environment("SesEventsFunction"))
+
+
+@pytest.mark.parametrize(("transport", "fallback"), TRANSPORT_PAIRS)
+def test_transport_conditions(transport: str, fallback: str) -> None:
+    conditions = _transport_stack(transport, fallback).conditions
+    assert conditions["UsesSmtp"] is ("smtp" in (transport, fallback))
+    assert conditions["UsesSesApi"] is ("ses" in (transport, fallback))
+    assert conditions["HasFallback"] is (fallback != "none")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "broken"),
+    [
+        ({}, set()),
+        ({"SmtpServer": ""}, {"SmtpServerForSmtp"}),
+        ({"Transport": "ses", "SesIdentity": SES_IDENTITY, "SmtpServer": ""}, set()),
+        ({"Transport": "ses", "SmtpServer": ""}, {"SesIdentityForSes"}),
+        ({"Transport": "ses", "FallbackTransport": "smtp", "SesIdentity": SES_IDENTITY}, set()),
+        (
+            {"Transport": "ses", "FallbackTransport": "smtp", "SmtpServer": ""},
+            {"SmtpServerForSmtp", "SesIdentityForSes"},
+        ),
+        ({"FallbackTransport": "ses"}, {"SesIdentityForSes"}),
+        ({"FallbackTransport": "ses", "SesIdentity": SES_IDENTITY}, set()),
+        ({"FallbackTransport": "smtp"}, {"FallbackIsAnotherTransport"}),
+        (
+            {"Transport": "ses", "FallbackTransport": "ses", "SesIdentity": SES_IDENTITY},
+            {"FallbackIsAnotherTransport"},
+        ),
+    ],
+    ids=[
+        "smtp",
+        "smtp-without-server",
+        "ses-without-server",
+        "ses-without-identity",
+        "ses-falling-back-to-smtp",
+        "ses-falling-back-to-smtp-without-server-or-identity",
+        "ses-fallback-without-identity",
+        "ses-fallback",
+        "smtp-falling-back-to-smtp",
+        "ses-falling-back-to-ses",
+    ],
+)
+def test_rules_refuse_a_transport_without_what_it_needs(
+    overrides: dict[str, str], broken: set[str]
+) -> None:
+    """CloudFormation checks the rules before it creates anything: a stack that could not
+    send (no server for SMTP, no identity for SES, a fallback that is the primary) is
+    refused at deploy time, not on its first record."""
+    assert Stack(**overrides).broken_rules() == broken
+
+
+def _ses_arn(kind: str, name: str, region: str = REGION) -> str:
+    return f"arn:aws:ses:{region}:{ACCOUNT}:{kind}/{name}"
+
+
+@pytest.mark.parametrize(("transport", "fallback"), TRANSPORT_PAIRS)
+def test_each_transport_gets_its_own_grants_only(transport: str, fallback: str) -> None:
+    """The SMTP secret only with an SMTP transport; ses:SendEmail and ses:SendRawEmail only
+    with the SES API transport, on the identity and the configuration set the emails name."""
+    stack = _transport_stack(transport, fallback, SmtpPasswordSecretArn=SECRET_ARN)
+    grants = stack.grants()
+    _assert_scoped(grants)
+    uses = {transport, fallback}
+    if "smtp" in uses:
+        assert grants[SMTP_SECRET_GRANT] == {SECRET_ARN}
+        assert stack.environment()["SMTP_PASSWORD_SECRET_ID"] == SECRET_ARN
+    else:
+        assert SMTP_SECRET_GRANT not in grants
+        assert stack.environment()["SMTP_PASSWORD_SECRET_ID"] == ""
+    sends = {action: on for action, on in grants.items() if action.startswith("ses:Send")}
+    if "ses" in uses:
+        configuration_set = _ses_arn("configuration-set", "<Ref EmailConfigurationSet>")
+        expected = {_ses_arn("identity", SES_IDENTITY), configuration_set}
+        assert sends == {action: expected for action in SES_GRANTS}
+        (statement,) = (s for s in stack.statements() if s.get("Sid") == "SendWithSes")
+        assert "Condition" not in statement
+    else:
+        assert sends == {}
+    # Without the SES API, the stack's grants are those of an SMTP stack.
+    if "ses" not in uses:
+        assert grants == Stack(SmtpPasswordSecretArn=SECRET_ARN).grants()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "region", "configuration_set"),
+    [
+        ({"SesRegion": "eu-west-1"}, "eu-west-1", "<Ref EmailConfigurationSet>"),
+        ({"SesConfigurationSet": "existing-set"}, REGION, "existing-set"),
+        ({"EnableSuppression": "false", "SesConfigurationSet": "tracking"}, REGION, "tracking"),
+        ({"EnableSuppression": "false"}, REGION, None),
+    ],
+    ids=["other-region", "named-set", "named-set-without-suppression", "no-set"],
+)
+def test_ses_grants_follow_the_region_and_the_configuration_set(
+    overrides: dict[str, str], region: str, configuration_set: str | None
+) -> None:
+    stack = _transport_stack("ses", "none", SesIdentity="no-reply@example.com", **overrides)
+    expected = {_ses_arn("identity", "no-reply@example.com", region)}
+    if configuration_set is not None:
+        expected.add(_ses_arn("configuration-set", configuration_set, region))
+        assert stack.environment()["SES_CONFIGURATION_SET"] == configuration_set
+    else:
+        assert stack.environment()["SES_CONFIGURATION_SET"] == ""
+    grants = stack.grants()
+    assert {grants[action] == expected for action in SES_GRANTS} == {True}
+
+
+def test_ses_identity_and_region_patterns() -> None:
+    identity = PARAMETERS["SesIdentity"]
+    assert identity["Default"] == ""
+    for good in ("", "example.com", "mail.example.co.uk", "no-reply@example.com", "a.b+c@x-y.io"):
+        assert re.fullmatch(identity["AllowedPattern"], good), good
+    # No wildcard, list, display name or bare word: the grant names one identity.
+    bad = ("*", "*.example.com", "a@*", "Videos <no-reply@example.com>", "example", "a,b.com")
+    for value in (*bad, "no reply@example.com", "@example.com"):
+        assert not re.fullmatch(identity["AllowedPattern"], value), value
+    region = PARAMETERS["SesRegion"]["AllowedPattern"]
+    for good in ("", "us-east-1", "eu-west-1", "ap-southeast-2", "us-gov-west-1"):
+        assert re.fullmatch(region, good), good
+    for bad in ("*", "us-east", "US-EAST-1", "us-east-1 ", "email.us-east-1"):
+        assert not re.fullmatch(region, bad), bad
+
+
 # --------------------------------------------------------------------------- settings
 
 
@@ -657,6 +858,32 @@ def test_the_worker_takes_the_pacing_and_horizon_values(
     assert Settings.from_env(ses_events, sending=False).suppression_table is not None
 
 
+def test_the_transport_defaults_are_the_worker_defaults(tmp_path: Path) -> None:
+    """The transport parameters' defaults (smtp, no fallback, the function's region, 256 MiB)
+    claim to be the worker's own: without the four variables it must start the same."""
+    env = _worker_env(Stack(), tmp_path)
+    without = {name: value for name, value in env.items() if name not in TRANSPORT_VARIABLES}
+    assert len(without) == len(env) - len(TRANSPORT_VARIABLES)
+    assert Settings.from_env(env) == Settings.from_env(without)
+
+
+@pytest.mark.parametrize(("transport", "fallback"), TRANSPORT_PAIRS)
+def test_the_worker_starts_with_each_transport_the_rules_allow(
+    transport: str, fallback: str, tmp_path: Path
+) -> None:
+    """Every transport pair the rules let through is one the worker starts with (with
+    Transport=ses the template leaves SMTP_SERVER empty), and one it reads: its settings
+    differ from those of the default SMTP stack. Fails until config.py reads TRANSPORT and
+    the rest (the worker's branch)."""
+    smallest = str(PARAMETERS["SesMaxInflightBytes"]["MinValue"])
+    stack = _transport_stack(
+        transport, fallback, SesRegion="eu-west-1", SesMaxInflightBytes=smallest
+    )
+    settings = Settings.from_env(_worker_env(stack, tmp_path))
+    if (transport, fallback) != ("smtp", "none"):
+        assert settings != Settings.from_env(_worker_env(Stack(), tmp_path))
+
+
 def test_environment_fits_lambdas_4_kb(tmp_path: Path) -> None:
     longest = ",".join(f"{index}{'b' * 62}" for index in range(5))
     stack = Stack(
@@ -750,6 +977,7 @@ NOT_FOR_SES_EVENTS = {
     *(f"SMTP_{name}" for name in ("RATE_LIMIT", "SECRET_TTL_SECONDS", "BREAKER_THRESHOLD")),
     "SMTP_BREAKER_COOLDOWN_SECONDS",
     "FLEET_SIZE",
+    *TRANSPORT_VARIABLES,
     "EMAIL_FROM",
     "REPLY_TO",
     "SES_CONFIGURATION_SET",
@@ -1124,11 +1352,50 @@ def _emitted(documents: list[dict[str, Any]], function_name: str) -> dict[str, s
 NOTIFIER_NAME = "notifier-NotifierFunction-AbC"
 # The provider-wide conditions that hold records (RecordsHeld's Condition dimension).
 HELD_CONDITIONS = ("circuit_open", "daily_quota", "login_failed", "sender_rejected")
+# The one the worker is getting with the SES API transport (SES's AccountSuspended and
+# SendingPaused), which AccountPausedAlarm watches.
+ANNOUNCED_CONDITIONS = ("account_paused",)
+TRANSPORTS = ("smtp", "ses")
+
+
+def _provider_conditions() -> set[str]:
+    """Every Condition value the code holds records with, and those announced."""
+    found, pending = set(), [ProviderCondition]
+    while pending:
+        cls = pending.pop()
+        found.add(cls.condition)
+        pending.extend(cls.__subclasses__())
+    return (found - {ProviderCondition.condition}) | set(ANNOUNCED_CONDITIONS)
+
+
+def _announced_notifier_metrics() -> dict[str, set[frozenset[str]]]:
+    """The metrics the worker is getting with the SES API transport and failover (another
+    branch), built with metrics.py the way metrics_from_batch emits RecordsFailed and its
+    ErrorClass: MessagesAccepted as a total with FunctionName and one per Transport, and
+    TransportThrottled, TransportUnavailable and FallbackMessages with FunctionName; and
+    RecordsHeld for the announced Condition (account_paused).
+
+    What the alarms and the dashboard assume until metrics_from_batch emits them; the code's
+    own metrics take precedence (`_notifier_metrics`), so once it emits one, its sample
+    batch must produce it as the alarms watch it, and the entry here can go.
+    """
+    metrics = InvocationMetrics(NAMESPACE, dimensions={"FunctionName": NOTIFIER_NAME})
+    metrics.set("MessagesAccepted", 3, "Count")
+    for transport in TRANSPORTS:
+        metrics.add("MessagesAccepted", dimensions={"Transport": transport})
+    metrics.set("TransportThrottled", 1, "Count")
+    metrics.set("TransportUnavailable", 1, "Count")
+    metrics.set("FallbackMessages", 1, "Count")
+    metrics.set("RecordsHeld", len(ANNOUNCED_CONDITIONS), "Count")
+    for condition in ANNOUNCED_CONDITIONS:
+        metrics.add("RecordsHeld", dimensions={"Condition": condition})
+    return _emitted(metrics.documents(), NOTIFIER_NAME)
 
 
 def _notifier_metrics() -> dict[str, set[frozenset[str]]]:
     """The notifier's metrics, from its own builder on a settled sample batch that has a
-    record held by each provider-wide condition and one expired notification."""
+    record held by each provider-wide condition and one expired notification (and those
+    announced but not emitted yet)."""
     held = [
         CircuitOpen("down"),
         DailyQuotaExceeded("454 daily quota"),
@@ -1163,7 +1430,10 @@ def _notifier_metrics() -> dict[str, set[frozenset[str]]]:
     assert metrics.value("RecordsFailed", {"ErrorClass": "smtp_unavailable"}) == 3
     assert metrics.value("RecordsHeld") == len(held)
     assert metrics.value("RecordsExpired") == 1
-    return _emitted(metrics.documents(), NOTIFIER_NAME)
+    emitted = _emitted(metrics.documents(), NOTIFIER_NAME)
+    for name, dimension_sets in _announced_notifier_metrics().items():
+        emitted.setdefault(name, dimension_sets)
+    return emitted
 
 
 def _ref_target(value: str) -> str:
@@ -1220,8 +1490,12 @@ _BASE_DIMENSIONS = {"FunctionName", "QueueName"}
 
 def test_alarms_watch_what_the_code_and_aws_emit(ses_events_run: SesEventsRun) -> None:
     emitted = _code_metrics(ses_events_run)
-    translated = _translate(MetricsNamespace=NAMESPACE)
-    stack = Stack(translated, MetricsNamespace=NAMESPACE)
+    # With a fallback, so that every alarm exists (FallbackCarryingAlarm needs one).
+    parameters = {"MetricsNamespace": NAMESPACE, "FallbackTransport": "ses"}
+    parameters["SesIdentity"] = SES_IDENTITY
+    translated = _translate(**parameters)
+    stack = Stack(translated, **parameters)
+    assert not stack.broken_rules()
     alarms = {
         name: resource["Properties"]
         for name, resource in stack.resources().items()
@@ -1255,6 +1529,8 @@ def test_alarms_watch_what_the_code_and_aws_emit(ses_events_run: SesEventsRun) -
         ("custom", "RecordsHeld", "NotifierFunction", "Condition=daily_quota"),
         ("custom", "RecordsHeld", "NotifierFunction", "Condition=login_failed"),
         ("custom", "RecordsHeld", "NotifierFunction", "Condition=sender_rejected"),
+        ("custom", "RecordsHeld", "NotifierFunction", "Condition=account_paused"),
+        ("custom", "FallbackMessages", "NotifierFunction"),
         ("custom", "RecordsExpired", "NotifierFunction"),
     }
     assert len(alarms) == len(watched)
@@ -1265,6 +1541,7 @@ NEW_ALARMS = {
     "DailyQuotaAlarm": ("RecordsHeld", "daily_quota", "DailyQuotaAlarmThreshold"),
     "SmtpLoginFailedAlarm": ("RecordsHeld", "login_failed", "SmtpLoginFailedAlarmThreshold"),
     "SenderRejectedAlarm": ("RecordsHeld", "sender_rejected", "SenderRejectedAlarmThreshold"),
+    "AccountPausedAlarm": ("RecordsHeld", "account_paused", "AccountPausedAlarmThreshold"),
     "RecordsExpiredAlarm": ("RecordsExpired", None, "RecordsExpiredAlarmThreshold"),
 }
 
@@ -1298,8 +1575,8 @@ def test_provider_condition_and_expiry_alarms(suppression: str) -> None:
         for dimension in resource["Properties"]["Dimensions"]
         if dimension["Name"] == "Condition"
     ]
-    assert sorted(held) == ["daily_quota", "login_failed", "sender_rejected"]
-    assert set(held) < set(HELD_CONDITIONS)
+    assert sorted(held) == ["account_paused", "daily_quota", "login_failed", "sender_rejected"]
+    assert set(held) < _provider_conditions()
     assert resources["CircuitOpenedAlarm"]["Properties"]["MetricName"] == "SmtpCircuitOpened"
     with_topic = Stack(AlarmTopicArn=ALARM_TOPIC, EnableSuppression=suppression).resources()
     for name in NEW_ALARMS:
@@ -1307,11 +1584,39 @@ def test_provider_condition_and_expiry_alarms(suppression: str) -> None:
         assert with_topic[name]["Properties"]["OKActions"] == [ALARM_TOPIC]
 
 
+@pytest.mark.parametrize(("transport", "fallback"), TRANSPORT_PAIRS)
+def test_the_fallback_alarm_exists_with_a_fallback_only(transport: str, fallback: str) -> None:
+    """FallbackMessages is 0 while the primary works: any message the fallback carried is
+    news. Without a fallback there is nothing to watch, so no alarm."""
+    stack = _transport_stack(transport, fallback, MetricsNamespace=NAMESPACE)
+    resources = stack.resources()
+    assert ("FallbackCarryingAlarm" in resources) is (fallback != "none")
+    assert RESOURCES["FallbackCarryingAlarm"]["Condition"] == "HasFallback"
+    # account_paused is the provider's, whichever transport reports it.
+    assert "AccountPausedAlarm" in resources
+    if fallback == "none":
+        return
+    alarm = resources["FallbackCarryingAlarm"]["Properties"]
+    assert (alarm["Namespace"], alarm["MetricName"]) == (NAMESPACE, "FallbackMessages")
+    assert alarm["Dimensions"] == [{"Name": "FunctionName", "Value": "<Ref NotifierFunction>"}]
+    assert (alarm["Statistic"], alarm["Period"], alarm["EvaluationPeriods"]) == ("Sum", 300, 1)
+    threshold = "FallbackCarryingAlarmThreshold"
+    assert RESOURCES["FallbackCarryingAlarm"]["Properties"]["Threshold"] == {"Ref": threshold}
+    assert (PARAMETERS[threshold]["Default"], PARAMETERS[threshold]["MinValue"]) == (0, 0)
+    assert alarm["ComparisonOperator"] == "GreaterThanThreshold"
+    assert alarm["TreatMissingData"] == "notBreaching"
+    assert "docs/operations.md" in alarm["AlarmDescription"]
+    assert "AlarmActions" not in alarm
+    with_topic = _transport_stack(transport, fallback, AlarmTopicArn=ALARM_TOPIC).resources()
+    properties = with_topic["FallbackCarryingAlarm"]["Properties"]
+    assert properties["AlarmActions"] == properties["OKActions"] == [ALARM_TOPIC]
+
+
 def test_alarms_notify_the_topic_when_one_is_given() -> None:
     for suppression in ("true", "false"):
         stack = Stack(AlarmTopicArn=ALARM_TOPIC, EnableSuppression=suppression)
         alarms = [r for r in stack.resources().values() if r["Type"] == "AWS::CloudWatch::Alarm"]
-        assert len(alarms) == (14 if suppression == "true" else 10)
+        assert len(alarms) == (15 if suppression == "true" else 11)
         for alarm in alarms:
             assert alarm["Properties"]["AlarmActions"] == [ALARM_TOPIC]
             assert alarm["Properties"]["OKActions"] == [ALARM_TOPIC]
@@ -1376,8 +1681,21 @@ def test_dashboard_shows_what_the_code_and_aws_emit(
         "SendRate",
         "SmtpThrottled",
         "RecordsExpired",
+        "MessagesAccepted",
+        "FallbackMessages",
+        "TransportThrottled",
+        "TransportUnavailable",
     }
     assert {("custom", metric, "NotifierFunction") for metric in notifier} <= shown
+    # Messages accepted split by Transport (the series with that dimension, not the total).
+    accepted = [
+        (namespace, dimensions)
+        for widget in body["widgets"]
+        for namespace, metric, dimensions in _dashboard_metrics(widget)
+        if metric == "MessagesAccepted"
+    ]
+    expected = {"FunctionName": "<Ref NotifierFunction>", "Transport": ""}
+    assert accepted == [(NAMESPACE, expected)]
     # Held records split by Condition, like failed ones by ErrorClass.
     held = [
         (namespace, dimensions)
