@@ -16,7 +16,16 @@ import time
 from typing import Any
 
 import pytest
-from queues import Queues, client, counts, create_queues, notification, receive_all, send
+from queues import (
+    Queues,
+    client,
+    counts,
+    create_queues,
+    make_table,
+    notification,
+    receive_all,
+    send,
+)
 from servers import MotoServer
 
 from async_notifier.config import Settings
@@ -36,12 +45,19 @@ def relay() -> Any:
         yield account
 
 
+IDEMPOTENCY_TABLE = "fleet-idempotency"
+
+
 @pytest.fixture
 def sqs(aws: MotoServer) -> Any:
+    make_table(aws.endpoint_url, IDEMPOTENCY_TABLE)
     return client("sqs", aws.endpoint_url)
 
 
 def fleet_env(relay: ThrottlingRelay, queues: Queues, **extra: str) -> dict[str, str]:
+    """Each replica's settings. SQS delivers at least once (a message whose visibility runs
+    out on a loaded machine is received again while its first copy is still being sent):
+    the idempotency table is what makes the fleet's delivery exactly once, as in production."""
     return {
         "SMTP_SERVER": relay.host,
         "SMTP_PORT": str(relay.port),
@@ -59,6 +75,7 @@ def fleet_env(relay: ThrottlingRelay, queues: Queues, **extra: str) -> dict[str,
         "RETRY_BACKOFF_CAP_SECONDS": "2",
         "RETRY_BASE_DELAY": "0.05",
         "DEAD_LETTER_QUEUE_URL": queues.dlq_url,
+        "IDEMPOTENCY_TABLE": IDEMPOTENCY_TABLE,
         **extra,
     }
 
@@ -94,7 +111,7 @@ async def run_fleet(
 async def test_a_fleet_delivers_everything_once_through_an_outage_and_the_accounts_rate(
     aws: MotoServer, sqs: Any, relay: ThrottlingRelay, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    queues = create_queues(sqs, visibility_timeout=2, max_receive_count=50, prefix="fleet")
+    queues = create_queues(sqs, visibility_timeout=5, max_receive_count=50, prefix="fleet")
     for i in range(NOTIFICATIONS):
         send(sqs, queues.url, notification(f"v{i}", status="FAILED", email=f"u{i}@example.com"))
     relay.quota_exceeded = True
@@ -132,7 +149,7 @@ async def test_a_fleet_with_a_misjudged_share_settles_under_the_accounts_rate(
     """Each replica believes it is alone (FLEET_SIZE=1): together they offer twice the
     account's rate. AIMD halves each one's pace on "Maximum sending rate exceeded", so the
     fleet settles just under the rate instead of a quarter of its sends being refused."""
-    queues = create_queues(sqs, visibility_timeout=2, max_receive_count=50, prefix="fleet")
+    queues = create_queues(sqs, visibility_timeout=5, max_receive_count=50, prefix="fleet")
     for i in range(NOTIFICATIONS * 2):
         send(sqs, queues.url, notification(f"v{i}", status="FAILED", email=f"u{i}@example.com"))
     await run_fleet(

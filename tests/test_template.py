@@ -40,7 +40,7 @@ from async_notifier.errors import (
     SmtpUnavailable,
 )
 from async_notifier.metrics import InvocationMetrics
-from async_notifier.ports import PoolStats
+from async_notifier.ports import PoolStats, Receipt
 
 ROOT = Path(__file__).resolve().parent.parent
 TEMPLATE_PATH = ROOT / "template.yaml"
@@ -1404,8 +1404,8 @@ def _notifier_metrics() -> dict[str, set[frozenset[str]]]:
     ]
     assert {error.condition for error in held} == set(HELD_CONDITIONS)
     outcomes = [
-        Outcome("m-sent", action="sent", bytes=1000),
-        Outcome("m-link", action="sent_link", retries=1),
+        Outcome("m-sent", action="sent", bytes=1000, receipt=Receipt("smtp", "q1")),
+        Outcome("m-link", action="sent_link", retries=1, receipt=Receipt("ses", "0100-x")),
         Outcome("m-suppressed", error=RecipientSuppressed("bounce:Permanent:General")),
         Outcome("m-smtp", error=SmtpUnavailable("421"), retries=2),
         Outcome("m-old", error=SmtpUnavailable("421")),
