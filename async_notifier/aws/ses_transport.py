@@ -144,7 +144,7 @@ class _Attempts:
     reached: Callable[[], None] | None
     went_out: bool = False  # a request was handed to the HTTP session
     in_flight: bool = False  # one is out and nothing has come back yet
-    unanswered: bool = False  # one went out and failed without SES's answer
+    unanswered: str | None = None  # one went out and failed without an answer: how
 
 
 class _SentUnanswered(Exception):
@@ -167,8 +167,8 @@ def _before_send(**_: Any) -> None:
     attempts = _current.get()
     if attempts is None:  # another caller's request on the same client
         return
-    if attempts.unanswered:
-        raise _SentUnanswered("an earlier attempt went out and got no answer")
+    if attempts.unanswered is not None:
+        raise _SentUnanswered(attempts.unanswered)
     attempts.in_flight = True
     if not attempts.went_out:
         attempts.went_out = True
@@ -189,7 +189,7 @@ def _after_attempt(
         and not _never_connected(caught_exception)
         and not isinstance(caught_exception, _SentUnanswered)
     ):
-        attempts.unanswered = True
+        attempts.unanswered = type(caught_exception).__name__
 
 
 _THROTTLING = frozenset({"TooManyRequestsException", "Throttling", "ThrottlingException"})
@@ -229,7 +229,8 @@ def ses_error(exc: BaseException, *, sender: str, maybe_sent: bool) -> NotifierE
     if code is None and error.status is not None:  # an answer without an SES error code
         return SesUnavailable(f"SES SendEmail failed: {error.type_name} (HTTP {error.status})")
     if code is None:  # no answer from SES
-        what = error.type_name
+        # After an unanswered attempt botocore is stopped: say how that attempt ended.
+        what = str(exc) if isinstance(exc, _SentUnanswered) else error.type_name
         if maybe_sent:
             return DeliveryUnknown(
                 f"SES SendEmail got no answer after the request went out ({what}); "
@@ -332,8 +333,9 @@ class SesTransport:
             request["ConfigurationSetName"] = self._configuration_set
         attempts = _Attempts(reached)
         token = _current.set(attempts)
+        timer = asyncio.timeout(self._timeout)
         try:
-            async with asyncio.timeout(self._timeout):
+            async with timer:
                 return await self._client.send_email(**request)
         except asyncio.CancelledError:
             if attempts.went_out:
@@ -345,25 +347,31 @@ class SesTransport:
         except Exception as exc:
             if not (is_aws_failure(exc) or isinstance(exc, _SentUnanswered)):
                 raise  # a bug, not SES's answer
-            maybe_sent = attempts.in_flight or attempts.unanswered
-            raise self._judge(exc, email, maybe_sent=maybe_sent) from None
+            if timer.expired():  # this call's limit, not botocore's
+                raise self._judge(email, out=attempts.in_flight) from None
+            maybe_sent = attempts.in_flight or attempts.unanswered is not None
+            error = ses_error(exc, sender=email.sender, maybe_sent=maybe_sent)
+            raise self._judge(email, error) from None
         finally:
             _current.reset(token)
 
     def _judge(
-        self, exc: BaseException, email: StreamedEmail, *, maybe_sent: bool
+        self,
+        email: StreamedEmail,
+        error: NotifierError | None = None,
+        *,
+        out: bool = False,
     ) -> NotifierError:
-        """`ses_error`, and what it tells the account's limits."""
-        if isinstance(exc, TimeoutError):
+        """The record's error (`ses_error`; without one, the call's time limit ran out, `out`
+        saying whether a request was out then), and what it tells the account's limits."""
+        if error is None:
             what = f"no answer within {self._timeout:g} s"
-            if maybe_sent:
-                error: NotifierError = DeliveryUnknown(
+            if out:
+                error = DeliveryUnknown(
                     f"SES SendEmail: {what} after the request went out; it may have been accepted"
                 )
             else:
                 error = SesUnavailable(f"SES SendEmail: {what}; nothing was sent")
-        else:
-            error = ses_error(exc, sender=email.sender, maybe_sent=maybe_sent)
         if isinstance(error, SesThrottled):
             self._stats.throttled += 1
             self.limits.throttled(error)
