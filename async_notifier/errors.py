@@ -171,6 +171,45 @@ class SmtpThrottled(SmtpUnavailable, TransportThrottled):
     kind = "smtp_throttled"
 
 
+class SesUnavailable(TransportUnavailable):
+    """The SES API could not be reached, timed out before the request went out, or failed on
+    its side (5xx): nothing was sent, so another attempt is safe."""
+
+    kind = "ses_unavailable"
+
+
+class SesThrottled(TransportThrottled):
+    """SES said "slow down" (TooManyRequestsException, Throttling): the pace halves, as for
+    SMTP's 454; the message was not taken and goes back to the queue."""
+
+    kind = "ses_throttled"
+
+
+class SesRejected(PermanentError):
+    """SES refused this message (MessageRejected for its content, BadRequestException): the
+    same request would be refused again, so it goes to the dead-letter queue."""
+
+    kind = "ses_rejected"
+
+
+class AccountPaused(ProviderCondition):
+    """The SES account's sending is paused or suspended (AccountSuspendedException,
+    SendingPausedException): nothing can be sent until someone acts on the account, so every
+    message is held, not failed one by one."""
+
+    kind = "ses_account_paused"
+    condition = "account_paused"
+
+
+class ProviderMisconfigured(ProviderCondition):
+    """The provider refuses what every request names, not this message: SES's
+    NotFoundException for SES_CONFIGURATION_SET that does not exist. A configuration fault,
+    held for every message until it is fixed (no record is lost to the dead-letter queue)."""
+
+    kind = "ses_misconfigured"
+    condition = "misconfigured"
+
+
 class AttachmentUnreadable(TransientError):
     """The downloaded ZIP could not be read back from the temp dir (a local failure).
 

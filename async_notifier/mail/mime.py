@@ -116,6 +116,27 @@ def encode_lines(raw: bytes) -> Base64Lines:
     return Base64Lines(_LINESEP.join((*lines, b"")))
 
 
+# SES's rules for a message tag's value (API reference, MessageTag): ASCII letters, digits,
+# "_" and "-", at most 256 characters.
+_TAG_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
+TAG_VALUE_MAX = 256
+
+
+def tag_value(value: str) -> str:
+    """`value` as SES takes it for a message tag: each other character becomes "_", cut at
+    256 characters; never empty (SES requires a value)."""
+    return _TAG_UNSAFE.sub("_", value)[:TAG_VALUE_MAX] or "_"
+
+
+def message_tags(notification: Notification) -> tuple[tuple[str, str], ...]:
+    """The tags an email carries beside it: its video, its status, and the producer's
+    notification id when it has one (SES repeats them in every event it publishes)."""
+    tags = [("video_id", notification.video_id), ("status", str(notification.status))]
+    if notification.notification_id is not None:
+        tags.append(("notification_id", notification.notification_id))
+    return tuple((name, tag_value(value)) for name, value in tags)
+
+
 @dataclass(frozen=True)
 class StreamedEmail:
     """A message as `head` + base64 of `attachment` + `tail`, ready to be sent in chunks.
@@ -130,6 +151,9 @@ class StreamedEmail:
     attachment: Path | None
     attachment_size: int
     tail: bytes
+    #: Provider tags (name, value) that travel beside the message, never in it: SES's message
+    #: tags, for event publishing and metrics. Values are already safe (`tag_value`).
+    tags: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         if self.attachment_size < 0 or (self.attachment is None and self.attachment_size):
@@ -360,6 +384,7 @@ def build_streamed_email(
         attachment=attachment,
         attachment_size=size,
         tail=tail,
+        tags=message_tags(notification),
     )
 
 

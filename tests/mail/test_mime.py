@@ -39,6 +39,8 @@ from async_notifier.mail.mime import (
     attachment_filename,
     build_streamed_email,
     encoded_length,
+    message_tags,
+    tag_value,
 )
 from async_notifier.mail.render import Renderer
 
@@ -290,3 +292,30 @@ async def test_async_chunks_match_and_close_the_file(renderer: Renderer, tmp_pat
     partial = streamed.chunks(1024)
     await anext(partial)
     await partial.aclose()  # stops the sync generator too, closing the file (no ResourceWarning)
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("298ce197-3627-4845-83d7-cd6c98a9df8c", "298ce197-3627-4845-83d7-cd6c98a9df8c"),
+        ("COMPLETED", "COMPLETED"),
+        ("a.b@c d/é", "a_b_c_d__"),  # SES takes letters, digits, "_" and "-" only
+        ("x" * 300, "x" * 256),
+        ("", "_"),  # SES requires a value
+    ],
+)
+def test_tag_values_follow_ses_rules(value: str, expected: str) -> None:
+    assert tag_value(value) == expected
+
+
+def test_tags_travel_beside_the_message_not_in_it(renderer: Renderer) -> None:
+    n = notification(notification_id="batch 7/1")
+    streamed = build_streamed_email(n, renderer.render(n), sender=SENDER)
+    assert streamed.tags == (
+        ("video_id", "298ce197-3627-4845-83d7-cd6c98a9df8c"),
+        ("status", "COMPLETED"),
+        ("notification_id", "batch_7_1"),
+    )
+    assert b"batch" not in streamed.as_bytes()  # no header carries them
+    without = notification()
+    assert [name for name, _ in message_tags(without)] == ["video_id", "status"]
