@@ -17,6 +17,8 @@ MESSAGES ?= 8
 ZIP_SIZE ?= 262144
 OUTBOX ?= outbox
 AWS_ENDPOINT_URL ?=
+# make run-local TRANSPORT=ses: send through the endpoint's SES v2 API instead of SMTP.
+TRANSPORT ?= smtp
 # LocalStack on the host, without Docker, in its own venv (make localstack).
 LOCALSTACK_VERSION ?= 4.13.1
 LOCALSTACK_DIR := .localstack
@@ -88,7 +90,7 @@ format: $(STAMP)
 
 run-local: $(STAMP)
 	@$(PY) -m async_notifier.local --messages "$(MESSAGES)" --zip-size "$(ZIP_SIZE)" \
-		--outbox "$(OUTBOX)" --endpoint-url "$(AWS_ENDPOINT_URL)"
+		--outbox "$(OUTBOX)" --endpoint-url "$(AWS_ENDPOINT_URL)" --transport "$(TRANSPORT)"
 
 $(LOCALSTACK_STAMP):
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11) and "Python 3.11+ is required")'

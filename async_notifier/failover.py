@@ -58,8 +58,15 @@ class FailoverTransport:
         await self.fallback.refresh_limits()
 
     async def server_size_limit(self) -> int | None:
-        """The smaller of the two limits, as either may send the email."""
-        limits = [await t.server_size_limit() for t in (self.primary, self.fallback)]
+        """The smaller of the two limits, as either may send the email; a transport that is
+        held (its circuit open: it cannot even say) will not be the one, and is left out."""
+        limits: list[int | None] = []
+        for transport in (self.primary, self.fallback):
+            try:
+                limits.append(await transport.server_size_limit())
+            except ProviderCondition:
+                if transport is self.fallback and not limits:
+                    raise  # both held: the record goes back
         known = [limit for limit in limits if limit]
         if known:
             return min(known)

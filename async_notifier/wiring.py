@@ -13,18 +13,22 @@ import contextlib
 from dataclasses import dataclass
 from typing import Any
 
+from .account.limits import SendLimits
 from .aws.clients import aws_client, new_session
 from .aws.cognito import CognitoRecipients
 from .aws.idempotency import DynamoIdempotencyStore
 from .aws.s3 import LinkSigner, ObjectStore
 from .aws.secrets import KeyPairSource, SecretSource
 from .aws.ses_quota import SesQuotaReader
+from .aws.ses_transport import SesTransport
 from .aws.sqs import SqsFeedback
 from .aws.suppression import DynamoSuppressionList
 from .batch.notifier import Notifier
 from .batch.ses_recorder import SesEventsRecorder
 from .config import Settings
 from .errors import ProviderCondition
+from .failover import FailoverTransport
+from .ports import MailTransport
 from .smtp.pool import SmtpPool
 
 
@@ -46,7 +50,8 @@ class _Adapters:
     stack: contextlib.AsyncExitStack
     settings: Settings
     session: Any
-    transport: SmtpPool
+    transport: MailTransport
+    pool: SmtpPool | None  # the SMTP transport, when one of the two is SMTP
     objects: ObjectStore
     idempotency: DynamoIdempotencyStore | None
     recipients: CognitoRecipients | None
@@ -94,7 +99,7 @@ class AwsBackend:
 
     @property
     def pool(self) -> SmtpPool | None:
-        return self._adapters.transport if self._adapters else None
+        return self._adapters.pool if self._adapters else None
 
     async def prepare(self) -> None:
         adapters = await self._adapters_of_this_loop()
@@ -127,8 +132,11 @@ class AwsBackend:
         s = self.settings
         stack = contextlib.AsyncExitStack()
         try:
-            pool = await stack.enter_async_context(SmtpPool(s, secret=self.secret))
-            pool.prewarm(connections)  # the SMTP handshakes run while aioboto3 loads
+            pool = None
+            if "smtp" in (s.transport, s.fallback_transport):
+                pool = await stack.enter_async_context(SmtpPool(s, secret=self.secret))
+                if s.transport == "smtp":
+                    pool.prewarm(connections)  # the SMTP handshakes run while aioboto3 loads
             if self._session is None:  # about 180 ms on a cold start: off the event loop
                 self._session = await asyncio.to_thread(new_session)
             session = self._session
@@ -139,11 +147,23 @@ class AwsBackend:
                 signer = LinkSigner(keys, lambda pair: aws_client("s3", s, session, keys=pair))
                 stack.push_async_callback(signer.aclose)
             objects = ObjectStore(s3, chunk_size=s.download_chunk_bytes, signer=signer)
+            ses_api = None
+            if "ses" in (s.transport, s.fallback_transport):
+                sesv2 = await stack.enter_async_context(
+                    aws_client("sesv2", s, session, region=s.ses_region)
+                )
+                ses_api = SesTransport(
+                    sesv2, s, limits=SendLimits(s), max_inflight_bytes=s.ses_max_inflight_bytes
+                )
+            transport = _transport(s, pool, ses_api)
             if s.smtp_rate_limit == "auto":  # pace to the account's quota, read from SES
                 ses = await stack.enter_async_context(
                     aws_client("ses", s, session, region=s.quota_region)
                 )
-                pool.limits.use_quota(SesQuotaReader(ses))
+                reader = SesQuotaReader(ses)
+                for limits in (pool.limits if pool else None, ses_api.limits if ses_api else None):
+                    if limits is not None:
+                        limits.use_quota(reader)
             dynamodb = None
             if s.idempotency_table or s.suppression_table:
                 dynamodb = await stack.enter_async_context(aws_client("dynamodb", s, session))
@@ -169,7 +189,7 @@ class AwsBackend:
             await stack.aclose()
             raise
         self._adapters = _Adapters(
-            loop, stack, s, session, pool, objects, idempotency, recipients, suppression
+            loop, stack, s, session, transport, pool, objects, idempotency, recipients, suppression
         )
         return self._adapters
 
@@ -178,3 +198,17 @@ class AwsBackend:
         adapters, self._adapters = self._adapters, None
         if adapters is not None and adapters.loop is asyncio.get_running_loop():
             await adapters.stack.aclose()
+
+
+def _transport(
+    settings: Settings, pool: SmtpPool | None, ses_api: SesTransport | None
+) -> MailTransport:
+    """TRANSPORT, with FALLBACK_TRANSPORT behind it when one is set (`failover.py`)."""
+    by_name: dict[str, MailTransport | None] = {"smtp": pool, "ses": ses_api}
+    primary = by_name[settings.transport]
+    assert primary is not None
+    if settings.fallback_transport is None:
+        return primary
+    fallback = by_name[settings.fallback_transport]
+    assert fallback is not None
+    return FailoverTransport(primary, fallback)

@@ -133,3 +133,31 @@ async def test_an_endpoint_without_dynamodb_runs_the_rest_of_the_demo(
     assert not sqs.list_queues(QueueNamePrefix=report.resource_name).get("QueueUrls")
     buckets = client("s3", moto_server.endpoint_url).list_buckets()["Buckets"]
     assert report.resource_name not in {b["Name"] for b in buckets}
+
+
+async def test_the_demo_through_the_ses_api(
+    moto_server: MotoServer, restore_environ: None, tmp_path: Path
+) -> None:
+    """`make run-local TRANSPORT=ses`: the same demo through the endpoint's SES v2 API; the
+    outbox is filled from the raw messages SES kept, byte for byte what the worker sent."""
+    moto_server.reset()
+    out = io.StringIO()
+    options = Options(
+        messages=4,
+        zip_size=20_000,
+        outbox=tmp_path / "outbox",
+        endpoint_url=moto_server.endpoint_url,
+        transport="ses",
+    )
+    report = await run_local(options, out=out)
+
+    output = out.getvalue()
+    assert report.ok, output
+    assert "SES v2 API:" in output
+    assert "mail catcher" not in output
+    by_label = {sample.label: sample for sample in report.samples}
+    [mail] = by_label["COMPLETED pt-BR"].emails
+    assert mail.attachments == ("férias na praia.zip",)
+    assert mail.eml.exists()
+    assert [m.video_id for m in by_label["FAILED en"].emails] == [by_label["FAILED en"].video_id]
+    assert os.environ["TRANSPORT"] == "ses"

@@ -30,11 +30,13 @@ from async_notifier.batch.outcome import BatchResult, DeadLetter, Outcome, Retry
 from async_notifier.batch.report import metrics_from_batch
 from async_notifier.config import ConfigError, Settings
 from async_notifier.errors import (
+    AccountPaused,
     CircuitOpen,
     DailyQuotaExceeded,
     Expired,
     LoginRefused,
     ProviderCondition,
+    ProviderMisconfigured,
     RecipientSuppressed,
     SenderRejected,
     SmtpUnavailable,
@@ -296,7 +298,7 @@ def test_sam_translation_is_lint_clean_and_adds_no_broad_policy() -> None:
             "AWS::Lambda::Function",
             "AWS::Lambda::EventSourceMapping",
             # Operations.
-            *["AWS::CloudWatch::Alarm"] * 16,
+            *["AWS::CloudWatch::Alarm"] * 17,
             "AWS::CloudWatch::Dashboard",
         ]
     )
@@ -1351,10 +1353,15 @@ def _emitted(documents: list[dict[str, Any]], function_name: str) -> dict[str, s
 
 NOTIFIER_NAME = "notifier-NotifierFunction-AbC"
 # The provider-wide conditions that hold records (RecordsHeld's Condition dimension).
-HELD_CONDITIONS = ("circuit_open", "daily_quota", "login_failed", "sender_rejected")
-# The one the worker is getting with the SES API transport (SES's AccountSuspended and
-# SendingPaused), which AccountPausedAlarm watches.
-ANNOUNCED_CONDITIONS = ("account_paused",)
+HELD_CONDITIONS = (
+    "circuit_open",
+    "daily_quota",
+    "login_failed",
+    "sender_rejected",
+    "account_paused",
+    "misconfigured",
+)
+ANNOUNCED_CONDITIONS: tuple[str, ...] = ()
 TRANSPORTS = ("smtp", "ses")
 
 
@@ -1401,6 +1408,8 @@ def _notifier_metrics() -> dict[str, set[frozenset[str]]]:
         DailyQuotaExceeded("454 daily quota"),
         LoginRefused("535"),
         SenderRejected("553"),
+        AccountPaused("SendingPausedException"),
+        ProviderMisconfigured("NotFoundException"),
     ]
     assert {error.condition for error in held} == set(HELD_CONDITIONS)
     outcomes = [
@@ -1530,6 +1539,7 @@ def test_alarms_watch_what_the_code_and_aws_emit(ses_events_run: SesEventsRun) -
         ("custom", "RecordsHeld", "NotifierFunction", "Condition=login_failed"),
         ("custom", "RecordsHeld", "NotifierFunction", "Condition=sender_rejected"),
         ("custom", "RecordsHeld", "NotifierFunction", "Condition=account_paused"),
+        ("custom", "RecordsHeld", "NotifierFunction", "Condition=misconfigured"),
         ("custom", "FallbackMessages", "NotifierFunction"),
         ("custom", "RecordsExpired", "NotifierFunction"),
     }
@@ -1542,6 +1552,11 @@ NEW_ALARMS = {
     "SmtpLoginFailedAlarm": ("RecordsHeld", "login_failed", "SmtpLoginFailedAlarmThreshold"),
     "SenderRejectedAlarm": ("RecordsHeld", "sender_rejected", "SenderRejectedAlarmThreshold"),
     "AccountPausedAlarm": ("RecordsHeld", "account_paused", "AccountPausedAlarmThreshold"),
+    "ProviderMisconfiguredAlarm": (
+        "RecordsHeld",
+        "misconfigured",
+        "ProviderMisconfiguredAlarmThreshold",
+    ),
     "RecordsExpiredAlarm": ("RecordsExpired", None, "RecordsExpiredAlarmThreshold"),
 }
 
@@ -1575,7 +1590,13 @@ def test_provider_condition_and_expiry_alarms(suppression: str) -> None:
         for dimension in resource["Properties"]["Dimensions"]
         if dimension["Name"] == "Condition"
     ]
-    assert sorted(held) == ["account_paused", "daily_quota", "login_failed", "sender_rejected"]
+    assert sorted(held) == [
+        "account_paused",
+        "daily_quota",
+        "login_failed",
+        "misconfigured",
+        "sender_rejected",
+    ]
     assert set(held) < _provider_conditions()
     assert resources["CircuitOpenedAlarm"]["Properties"]["MetricName"] == "SmtpCircuitOpened"
     with_topic = Stack(AlarmTopicArn=ALARM_TOPIC, EnableSuppression=suppression).resources()
@@ -1616,7 +1637,7 @@ def test_alarms_notify_the_topic_when_one_is_given() -> None:
     for suppression in ("true", "false"):
         stack = Stack(AlarmTopicArn=ALARM_TOPIC, EnableSuppression=suppression)
         alarms = [r for r in stack.resources().values() if r["Type"] == "AWS::CloudWatch::Alarm"]
-        assert len(alarms) == (15 if suppression == "true" else 11)
+        assert len(alarms) == (16 if suppression == "true" else 12)
         for alarm in alarms:
             assert alarm["Properties"]["AlarmActions"] == [ALARM_TOPIC]
             assert alarm["Properties"]["OKActions"] == [ALARM_TOPIC]

@@ -75,6 +75,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="receives before SQS moves a message to the DLQ (default: %(default)s)",
     )
     parser.add_argument(
+        "--transport",
+        choices=("smtp", "ses"),
+        default=defaults.transport,
+        help=(
+            "smtp: through the mail catcher; ses: through the endpoint's SES v2 API, the "
+            "outbox filled from what it kept (default: %(default)s)"
+        ),
+    )
+    parser.add_argument(
         "--timeout",
         type=float,
         default=defaults.timeout,
@@ -94,6 +103,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         visibility_timeout=args.visibility_timeout,
         max_receive_count=args.max_receive_count,
         timeout=args.timeout,
+        transport=args.transport,
     )
 
     async def demo() -> Report:

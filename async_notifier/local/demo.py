@@ -40,12 +40,14 @@ from ..runner import run as run_queue
 from ..wiring import build_notifier, build_ses_recorder
 from .mailcatcher import CaughtMail, MailCatcher, clear_outbox
 from .moto import MotoProcess
+from .ses_outbox import sent_messages
 
 REGION = "us-east-1"
 LOG_NAME = "worker.log"
 Expect = Literal["sent", "dlq", "recorded"]
 # The recipient SES reports as bounced in the demo's second part.
 BOUNCING = "ana.souza@example.com"
+SENDER = "no-reply@example.com"
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,7 @@ class Options:
     max_receive_count: int = 5
     wait_time: int = 1
     timeout: float = 120.0
+    transport: Literal["smtp", "ses"] = "smtp"  # ses: the endpoint's SES v2 API
 
 
 @dataclass
@@ -259,12 +262,17 @@ def resource_environment(name: str, dlq_url: str, *, suppression: bool) -> dict[
     return values
 
 
-def worker_environment(endpoint_url: str, smtp_port: int) -> dict[str, str]:
+def worker_environment(
+    endpoint_url: str, smtp_port: int, transport: str = "smtp"
+) -> dict[str, str]:
     """The worker's settings for the demo: local endpoints only, and fake AWS credentials.
 
     Fake credentials also make it impossible to touch a real AWS account by mistake.
     """
     return {
+        "TRANSPORT": transport,
+        # moto's and LocalStack's SES say 1 message/s: the demo need not wait for that.
+        "SMTP_RATE_LIMIT": "none",
         "AWS_ACCESS_KEY_ID": "testing",
         "AWS_SECRET_ACCESS_KEY": "testing",
         "AWS_REGION": REGION,
@@ -273,7 +281,7 @@ def worker_environment(endpoint_url: str, smtp_port: int) -> dict[str, str]:
         "SMTP_SERVER": "127.0.0.1",
         "SMTP_PORT": str(smtp_port),
         "SMTP_TLS": "none",
-        "EMAIL_FROM": "Async Notifier <no-reply@example.com>",
+        "EMAIL_FROM": f"Async Notifier <{SENDER}>",
         # Let the queue's short visibility timeout and redrive policy do the retrying, as
         # the demo shows; the worker's own back-off would stretch it to minutes.
         "RETRY_BACKOFF": "false",
@@ -291,6 +299,8 @@ _UNSET = (
     "ALLOWED_KEY_PREFIX",
     "LINK_SIGNING_SECRET_ID",
     "SUPPRESSION_TABLE",
+    "FALLBACK_TRANSPORT",
+    "SES_REGION",
 )
 
 
@@ -487,11 +497,14 @@ async def run_local(
             moto = stack.enter_context(MotoProcess())  # first: forks before any thread
             endpoint_url = moto.endpoint_url
         catcher = stack.enter_context(MailCatcher(outbox))
-        apply_environment(worker_environment(endpoint_url, catcher.port))
+        apply_environment(worker_environment(endpoint_url, catcher.port, options.transport))
         stack.enter_context(_worker_log(log_file, os.environ.get("LOG_LEVEL") or "INFO"))
         where = f"moto, started for this run, pid {moto.pid}" if moto else "already running"
         _print(out, f"S3 + SQS:     {endpoint_url} ({where})")
-        _print(out, f"mail catcher: smtp://127.0.0.1:{catcher.port} → {_show(outbox)}/")
+        if options.transport == "ses":
+            _print(out, f"SES v2 API:   {endpoint_url} (kept there, filed → {_show(outbox)}/)")
+        else:
+            _print(out, f"mail catcher: smtp://127.0.0.1:{catcher.port} → {_show(outbox)}/")
 
         report = Report([], endpoint_url, outbox, log_file)
         async with (
@@ -500,6 +513,9 @@ async def run_local(
             _client("dynamodb", endpoint_url) as dynamodb,
             _resources(sqs, s3, dynamodb, options, cleanup=moto is None) as made,
         ):
+            if options.transport == "ses":  # SES sends only from a verified identity
+                async with _client("ses", endpoint_url) as ses:
+                    await ses.verify_email_identity(EmailAddress=SENDER)
             suppression = not made.no_table
             os.environ.update(
                 resource_environment(made.name, made.dlq_url, suppression=suppression)
@@ -560,6 +576,9 @@ async def run_local(
                 report.timed_out = time.monotonic() - started >= options.timeout
                 report.interrupted = not report.timed_out
             ids, originals = await _dead_letters(sqs, made.dlq_url)
+            if options.transport == "ses":
+                for sent in await asyncio.to_thread(sent_messages, endpoint_url):
+                    catcher.file(sent.source, sent.destinations, sent.raw)
             for sample in samples:
                 sample.in_dlq = sample.message_id in ids or sample.message_id in originals
                 sample.emails = [m for m in catcher.messages if m.video_id == sample.video_id]

@@ -71,7 +71,7 @@ class _Handler:
         if not isinstance(data, bytes):
             return "554 5.6.0 no message data"
         try:
-            self.catcher._store(envelope.mail_from or "", tuple(envelope.rcpt_tos), data)
+            self.catcher.file(envelope.mail_from or "", tuple(envelope.rcpt_tos), data)
         except OSError as exc:
             return f"451 4.3.0 cannot store the message: {exc}"
         return "250 OK"
@@ -125,8 +125,9 @@ class MailCatcher(Service):
         if controller is not None:
             controller.stop()
 
-    def _store(self, mail_from: str, rcpt_tos: tuple[str, ...], data: bytes) -> None:
-        """Runs on the server thread: parse once, write the .eml and .html atomically."""
+    def file(self, mail_from: str, rcpt_tos: tuple[str, ...], data: bytes) -> None:
+        """File one message (the server thread's, or what an SES endpoint kept): parse once,
+        write the .eml and .html atomically."""
         message = email.message_from_bytes(data, _class=EmailMessage, policy=email.policy.default)
         video_id = message.get("X-Video-Id")
         with self._lock:

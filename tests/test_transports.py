@@ -1,0 +1,136 @@
+"""Both transports end to end through `handler.lambda_handler`: TRANSPORT=ses on moto's SES v2
+API, and an SMTP primary that is down with the SES API as FALLBACK_TRANSPORT.
+
+moto keeps the raw messages it was sent (`local/ses_outbox.py` reads them back), so each test
+counts what SES accepted, by Message-ID: every email once.
+"""
+
+from __future__ import annotations
+
+import email
+import email.policy
+from typing import Any
+
+import pytest
+from servers import (
+    FakeLambdaContext,
+    MotoServer,
+    failed_ids,
+    free_port,
+    log_lines,
+    make_zip,
+    s3_client,
+    seed_objects,
+    sqs_event,
+    sqs_record,
+)
+
+import handler
+from async_notifier.aws.clients import aws_client
+from async_notifier.config import Settings
+from async_notifier.local.ses_outbox import sent_messages
+
+SENDER = "no-reply@example.com"
+
+
+def records(count: int) -> list[dict[str, Any]]:
+    found = []
+    for i in range(count):
+        body: dict[str, Any] = {"video_id": f"v{i}", "email": f"u{i}@example.com"}
+        if i % 2:
+            body.update(status="FAILED", message="decoder error")
+        else:
+            body.update(status="COMPLETED", bucket="videos-zip", key=f"v{i}.zip")
+        found.append(sqs_record(body, f"m-{i}"))
+    return found
+
+
+async def verify_sender(aws: MotoServer) -> None:
+    s = Settings.from_env(
+        {"EMAIL_FROM": SENDER, "ALLOWED_BUCKETS": "*", "TRANSPORT": "ses"}, sending=True
+    )
+    async with aws_client("ses", s) as ses:
+        await ses.verify_email_identity(EmailAddress=SENDER)
+
+
+def accepted_by_ses(aws: MotoServer) -> list[str]:
+    ids = []
+    for sent in sent_messages(aws.endpoint_url):
+        message = email.message_from_bytes(sent.raw, policy=email.policy.default)
+        ids.append(str(message["Message-ID"]))
+    return sorted(ids)
+
+
+def metric(lines: list[dict[str, Any]], name: str, **dimensions: str) -> Any:
+    for line in lines:
+        if "_aws" in line and name in line and all(line.get(k) == v for k, v in dimensions.items()):
+            if not dimensions and any(k in line for k in ("Transport", "ErrorClass", "Condition")):
+                continue
+            return line[name]
+    return None
+
+
+@pytest.fixture
+def ses_env(
+    lambda_env: dict[str, str], aws: MotoServer, bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> dict[str, str]:
+    import asyncio
+
+    asyncio.run(verify_sender(aws))
+    seed_objects(
+        s3_client(aws.endpoint_url),
+        bucket,
+        {f"v{i}.zip": make_zip(30_000, seed=i) for i in range(0, 6, 2)},
+    )
+    monkeypatch.setenv("RETRY_BACKOFF", "false")  # synthetic records: no queue to delay in
+    monkeypatch.setenv("EMAIL_FROM", f"Async Notifier <{SENDER}>")
+    monkeypatch.setenv("SMTP_RATE_LIMIT", "none")  # moto's SES says 1 message/s
+    return lambda_env
+
+
+def test_the_ses_api_transport_delivers_every_email_once(
+    ses_env: dict[str, str],
+    aws: MotoServer,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setenv("TRANSPORT", "ses")
+    monkeypatch.delenv("SMTP_SERVER")  # not needed: the function's role sends
+    batch = records(6)
+    result = handler.lambda_handler(sqs_event(batch), FakeLambdaContext())
+    handler.reset()
+
+    assert failed_ids(result) == []
+    sent = accepted_by_ses(aws)
+    assert len(sent) == 6
+    assert len(set(sent)) == 6
+    lines = log_lines(capsys.readouterr().out)
+    done = [line for line in lines if line.get("message") == "record done"]
+    assert {line["transport"] for line in done} == {"ses"}
+    assert all(line["provider_id"] for line in done)  # SES's MessageId
+    assert metric(lines, "MessagesAccepted", Transport="ses") == 6
+    assert metric(lines, "FallbackMessages") == 0
+
+
+def test_an_smtp_relay_that_is_down_hands_its_mail_to_the_ses_api(
+    ses_env: dict[str, str],
+    aws: MotoServer,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setenv("SMTP_PORT", str(free_port()))  # nothing listens: connections refused
+    monkeypatch.setenv("SMTP_BREAKER_THRESHOLD", "1")
+    monkeypatch.setenv("FALLBACK_TRANSPORT", "ses")
+    batch = records(6)
+    result = handler.lambda_handler(sqs_event(batch), FakeLambdaContext())
+    handler.reset()
+
+    # The connection attempts that opened the circuit failed their records' first tries;
+    # their retries, and every other record, went through the SES API: each email once.
+    assert failed_ids(result) == []
+    sent = accepted_by_ses(aws)
+    assert len(sent) == 6
+    assert len(set(sent)) == 6
+    lines = log_lines(capsys.readouterr().out)
+    assert metric(lines, "FallbackMessages") == 6
+    assert metric(lines, "MessagesAccepted", Transport="ses") == 6
