@@ -78,8 +78,8 @@ class SqsRecord:
     def from_event(cls, record: Any) -> SqsRecord:
         if not isinstance(record, Mapping):
             raise BadMessage("record is not an object")
-        message_id = record.get("messageId")
-        if not isinstance(message_id, str) or not message_id:
+        message_id = message_id_of(record)
+        if not message_id:
             raise BadMessage("record has no messageId")
         body = record.get("body")
         if not isinstance(body, str):
@@ -92,6 +92,13 @@ class SqsRecord:
         except (TypeError, ValueError):
             receive_count = 1
         return cls(message_id, body, receive_count, attributes, record)
+
+
+def message_id_of(record: Any) -> str:
+    """A raw SQS record's messageId, or "" when it has none: the one place that reads it,
+    so that a record that cannot be parsed is still reported under its id."""
+    message_id = record.get("messageId") if isinstance(record, Mapping) else None
+    return message_id if isinstance(message_id, str) else ""
 
 
 @dataclass(frozen=True, slots=True)

@@ -187,13 +187,14 @@ class QueueFeedback(Protocol):
 
 
 class Adapters(Protocol):
-    """Everything a batch is handed, bound to the event loop that runs it."""
+    """Everything a batch is handed, bound to the event loop that runs it. An entry point
+    that sends no email (the SES events function) is handed no transport and no objects."""
 
     @property
-    def transport(self) -> MailTransport: ...
+    def transport(self) -> MailTransport | None: ...
 
     @property
-    def objects(self) -> ObjectSource[Any]: ...
+    def objects(self) -> ObjectSource[Any] | None: ...
 
     @property
     def idempotency(self) -> IdempotencyStore | None: ...

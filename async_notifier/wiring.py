@@ -38,8 +38,87 @@ def build_notifier(settings: Settings) -> Notifier:
 
 
 def build_ses_recorder(settings: Settings) -> SesEventsRecorder:
-    """The SES events consumer (bounces, complaints), wired to DynamoDB and SQS."""
-    return SesEventsRecorder(settings, AwsBackend(settings))
+    """The SES events consumer (bounces, complaints), wired to DynamoDB and SQS only: it
+    sends no email, so it gets no SMTP pool and no S3 client (`SesEventsBackend`)."""
+    return SesEventsRecorder(settings, SesEventsBackend(settings))
+
+
+@dataclass
+class _SesEventsAdapters:
+    """The SES events function's adapters of one event loop: the suppression list and the
+    queue feedback; no mail transport, no objects, no idempotency, no recipients."""
+
+    loop: asyncio.AbstractEventLoop
+    stack: contextlib.AsyncExitStack
+    settings: Settings
+    session: Any
+    suppression: DynamoSuppressionList
+    transport: None = None
+    objects: None = None
+    idempotency: None = None
+    recipients: None = None
+    _feedback: SqsFeedback | None = None
+
+    async def feedback(self) -> SqsFeedback:
+        """Made when a batch first has something to tell the queue."""
+        if self._feedback is None:
+            s = self.settings
+            sqs = await self.stack.enter_async_context(aws_client("sqs", s, self.session))
+            self._feedback = SqsFeedback(
+                sqs, dead_letter_queue_url=s.dead_letter_queue_url, endpoint_url=s.aws_endpoint_url
+            )
+        return self._feedback
+
+
+class SesEventsBackend:
+    """`ports.Backend` of the SES events function: DynamoDB and SQS, through aioboto3."""
+
+    def __init__(self, settings: Settings) -> None:
+        if not settings.suppression_table:
+            raise ValueError("SES events are recorded in SUPPRESSION_TABLE, which is not set")
+        self.settings = settings
+        self._adapters: _SesEventsAdapters | None = None
+        self._session: Any = None
+
+    async def prepare(self) -> None:
+        await self._adapters_of_this_loop()
+        await self._session.get_credentials()  # found now, with no request made
+
+    def held(self) -> ProviderCondition | None:
+        return None  # it sends no email: no provider condition holds it back
+
+    def forget_secrets(self) -> None:
+        pass  # it reads no secret
+
+    async def open(self, connections: int) -> _SesEventsAdapters:
+        return await self._adapters_of_this_loop()
+
+    async def _adapters_of_this_loop(self) -> _SesEventsAdapters:
+        loop = asyncio.get_running_loop()
+        if self._adapters is not None and self._adapters.loop is loop:
+            return self._adapters
+        self._adapters = None  # made by a loop that is gone: aiobotocore clients can't move
+        s = self.settings
+        assert s.suppression_table is not None  # checked when made
+        if self._session is None:
+            self._session = await asyncio.to_thread(new_session)
+        stack = contextlib.AsyncExitStack()
+        try:
+            dynamodb = await stack.enter_async_context(aws_client("dynamodb", s, self._session))
+        except BaseException:
+            await stack.aclose()
+            raise
+        suppression = DynamoSuppressionList(
+            dynamodb, s.suppression_table, soft_ttl=s.suppression_soft_ttl
+        )
+        self._adapters = _SesEventsAdapters(loop, stack, s, self._session, suppression)
+        return self._adapters
+
+    async def aclose(self) -> None:
+        """Close the AWS clients."""
+        adapters, self._adapters = self._adapters, None
+        if adapters is not None and adapters.loop is asyncio.get_running_loop():
+            await adapters.stack.aclose()
 
 
 @dataclass

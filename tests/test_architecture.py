@@ -12,6 +12,13 @@ import ast
 import functools
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
+
+import pytest
+from servers import MotoServer, sqs_record
+
+from async_notifier import wiring
+from async_notifier.config import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "async_notifier"
@@ -173,3 +180,57 @@ def test_the_reader_finds_a_cycle_when_there_is_one() -> None:
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
     assert depth({"a": {"b"}, "b": {"c"}, "c": set()}) == {"a": 2, "b": 1, "c": 0}
+
+
+# --------------------------------------------------------------------------- what is built
+
+
+class Built:
+    """What the wiring makes, counted as it is made: the AWS clients by service, the SMTP
+    pools. The real factories run (a spy, not a stand-in)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.clients: list[str] = []
+        self.pools = 0
+        real_client, real_pool = wiring.aws_client, wiring.SmtpPool
+
+        def client(service: str, *args: Any, **kwargs: Any) -> Any:
+            self.clients.append(service)
+            return real_client(service, *args, **kwargs)
+
+        built = self
+
+        class CountedPool(real_pool):
+            def __init__(self, *args: Any, **kwargs: Any) -> None:
+                built.pools += 1
+                super().__init__(*args, **kwargs)
+
+        monkeypatch.setattr(wiring, "aws_client", client)
+        monkeypatch.setattr(wiring, "SmtpPool", CountedPool)
+
+
+async def test_the_ses_events_entry_point_builds_no_smtp_pool_and_no_s3_client(
+    aws: MotoServer, worker_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """It sends no email: prepared and run, it makes DynamoDB's client and nothing to mail
+    with; the notifier, wired the same way, makes both (so the count can fail)."""
+    monkeypatch.setenv("SUPPRESSION_TABLE", "suppression")
+    monkeypatch.setenv("RETRY_BACKOFF", "false")
+    built = Built(monkeypatch)
+    recorder = wiring.build_ses_recorder(Settings.from_env(sending=False))
+    try:
+        await recorder.prepare()
+        result = await recorder.process([sqs_record("not an SES notification", "foreign")])
+        assert [o.message_id for o in result.failures] == ["foreign"]
+        assert recorder.held_for() == 0.0
+    finally:
+        await recorder.aclose()
+    assert (built.clients, built.pools) == (["dynamodb"], 0)
+
+    notifier = wiring.build_notifier(Settings.from_env())
+    try:
+        await notifier.prepare()
+    finally:
+        await notifier.aclose()
+    assert built.pools == 1
+    assert "s3" in built.clients

@@ -1,9 +1,10 @@
-"""Deliver one record: parse, deduplicate, fetch, render, build, send, clean up.
+"""Deliver one record: deduplicate, fetch, render, build, send, clean up.
 
-`Delivery.deliver` returns the record's `Outcome` whatever happens, the deadline
-included: the record's work runs under the invocation's cutoff, and what must follow it
-(completing or releasing its idempotency claim) runs after, within the time left until
-the deadline's end (`AfterCutoff`). Nothing outside the record writes to its outcome.
+The notifier's record work (`processor.RecordWork`): `RecordDelivery.run` is what runs
+under the invocation's cutoff (the processor cancels it there); `finish` is what must
+follow it (completing or releasing its idempotency claim), within the time left until the
+deadline's end (`AfterCutoff`); `annotate` adds what the delivery found out to the outcome
+the processor makes. The record's body comes parsed (`notifier.EmailHandler.prepare`).
 """
 
 from __future__ import annotations
@@ -14,16 +15,13 @@ import time
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
 
 from ..after_cutoff import AfterCutoff
 from ..config import Settings
 from ..deadline import Deadline
 from ..errors import (
-    DeadlineExceeded,
     DeliveryUnknown,
     InProgressElsewhere,
-    InternalError,
     LookupFailed,
     MessageTooLarge,
     NotifierError,
@@ -33,7 +31,7 @@ from ..errors import (
 from ..logs import get_logger
 from ..mail.mime import StreamedEmail, attachment_filename, build_streamed_email
 from ..mail.render import Renderer
-from ..messages import Notification, SqsRecord, parse_body
+from ..messages import Notification, SqsRecord
 from ..ports import Adapters, Download, Receipt, Recipient
 from .access import check_location
 from .dedup import InBatchDeduplicator
@@ -75,6 +73,37 @@ class _Record:
     claimed: str | None = None  # the identity this delivery claimed in the idempotency store
 
 
+class RecordDelivery:
+    """One record's delivery, as the processor runs it (`processor.RecordWork`)."""
+
+    def __init__(
+        self,
+        delivery: Delivery,
+        record: SqsRecord,
+        notification: Notification | Exception,
+        state: _Record,
+    ) -> None:
+        self._delivery = delivery
+        self._record = record
+        self._notification = notification
+        self._state = state
+
+    async def run(self) -> Action:
+        return await self._delivery._process(self._notification, self._state)
+
+    async def finish(self, error: NotifierError | None) -> None:
+        await self._delivery._settle_claim(self._state, error, self._record.message_id)
+
+    def annotate(self, outcome: Outcome) -> None:
+        state = self._state
+        outcome.video_id = state.video_id
+        outcome.status = state.status
+        outcome.bytes = state.bytes
+        outcome.retries = state.retry.retries
+        outcome.maybe_delivered = state.maybe_delivered
+        outcome.receipt = state.receipt
+
+
 class Delivery:
     """Shared by all records of one batch; owns that batch's deduplication."""
 
@@ -91,6 +120,8 @@ class Delivery:
     ) -> None:
         self._settings = settings
         self._renderer = renderer
+        if adapters.transport is None or adapters.objects is None:
+            raise ValueError("delivering email needs a mail transport and an object source")
         self._transport = adapters.transport
         self._objects = adapters.objects
         self._idempotency = adapters.idempotency
@@ -102,56 +133,15 @@ class Delivery:
         self._dedup = InBatchDeduplicator()
         self._policy = RetryPolicy(settings.retry_attempts, settings.retry_base_delay)
 
-    async def deliver(self, raw: Any) -> Outcome:
-        """The outcome of one raw Lambda SQS record; never raises (but for cancellation)."""
-        started = time.monotonic()
-        message_id = _message_id(raw)
+    def start(self, record: SqsRecord, notification: Notification | Exception) -> RecordDelivery:
+        """One record's delivery (`processor.RecordWork`), its body already parsed (or the
+        error that parsing it raised)."""
         state = _Record(Retrier(self._policy, self._deadline))
-        record: SqsRecord | None = None
-        action: Action | None = None
-        error: NotifierError | None = None
-        try:
-            record = SqsRecord.from_event(raw)
-            action = await self._within_cutoff(record, state)
-        except NotifierError as exc:
-            error = exc
-        except Exception as exc:
-            log.exception("unexpected error", extra={"messageId": message_id})
-            error = InternalError(f"{type(exc).__name__}: {exc}")
-        except asyncio.CancelledError:  # the whole batch was cancelled from outside
-            await self._settle_claim(state, DeadlineExceeded("cancelled"), message_id)
-            raise
-        await self._settle_claim(state, error, message_id)
-        return Outcome(
-            message_id,
-            error=error,
-            action=action if error is None else None,
-            # Only a failure needs its record later (dead-letter queue, retry back-off).
-            record=record if error is not None else None,
-            video_id=state.video_id,
-            status=state.status,
-            bytes=state.bytes,
-            retries=state.retry.retries,
-            maybe_delivered=state.maybe_delivered,
-            receipt=state.receipt,
-            duration=time.monotonic() - started,
-        )
+        return RecordDelivery(self, record, notification, state)
 
-    async def _within_cutoff(self, record: SqsRecord, state: _Record) -> Action:
-        if self._deadline is None:
-            return await self._process(record, state)
-        if self._deadline.expired():
-            raise DeadlineExceeded("not started: the invocation ran out of time")
-        try:
-            async with asyncio.timeout_at(self._deadline.cutoff) as scope:
-                return await self._process(record, state)
-        except TimeoutError:
-            if not scope.expired():
-                raise
-            raise DeadlineExceeded("cancelled: the invocation ran out of time") from None
-
-    async def _process(self, record: SqsRecord, state: _Record) -> Action:
-        notification = parse_body(record.body)
+    async def _process(self, notification: Notification | Exception, state: _Record) -> Action:
+        if isinstance(notification, Exception):
+            raise notification
         state.video_id = notification.video_id
         state.status = notification.status
         check_location(notification, self._settings)
@@ -376,8 +366,3 @@ class Delivery:
     async def _link(self, bucket: str, key: str, size: int) -> Attachment:
         link = await self._objects.presign(bucket, key, self._settings.link_expiry_seconds)
         return Attachment(size=size, link=link.url, link_expires_at=link.expires_at)
-
-
-def _message_id(raw: Any) -> str:
-    message_id = raw.get("messageId") if isinstance(raw, dict) else None
-    return message_id if isinstance(message_id, str) else ""

@@ -1,8 +1,8 @@
-"""What the two Lambda entry points share: the backend's lifecycle and the SQS event.
+"""What the two Lambda entry points share: the backend's lifecycle, the SQS event, the batch.
 
 `Notifier` (videos to email) and `SesEventsRecorder` (SES events to the suppression list)
-differ only in how they process a batch of records; both are made once per warm process,
-prepared in the init phase, and closed before a snapshot.
+differ only in their `RecordHandler` (`handler`); the batch is the `BatchProcessor`'s. Both
+are made once per warm process, prepared in the init phase, and closed before a snapshot.
 """
 
 from __future__ import annotations
@@ -12,9 +12,10 @@ from typing import Any, Self
 from ..config import Settings
 from ..deadline import Deadline
 from ..logs import configure, get_logger
-from ..ports import Backend
+from ..ports import Adapters, Backend
 from .disposition import Policy
 from .outcome import BatchResult
+from .processor import BatchProcessor, RecordHandler
 
 log = get_logger()
 
@@ -26,6 +27,7 @@ class BatchEntryPoint:
         self.settings = settings
         self.backend = backend
         self.policy = Policy.from_settings(settings)
+        self.processor = BatchProcessor(backend, self.policy, concurrency=settings.max_concurrency)
         configure(settings.log_level)
 
     async def prepare(self) -> None:
@@ -43,7 +45,7 @@ class BatchEntryPoint:
         return held.retry_after if held is not None else 0.0
 
     async def aclose(self) -> None:
-        """Close the clients and QUIT the pooled SMTP connections."""
+        """Close the clients (and QUIT the pooled SMTP connections, if there are any)."""
         await self.backend.aclose()
 
     async def __aenter__(self) -> Self:
@@ -68,6 +70,13 @@ class BatchEntryPoint:
         deadline: Deadline | None = None,
         function_name: str | None = None,
     ) -> BatchResult:
+        """Run one batch and settle it; emit its metrics (CloudWatch EMF), log its summary."""
+        return await self.processor.process(
+            records, self.handler, deadline=deadline, function_name=function_name
+        )
+
+    def handler(self, adapters: Adapters, deadline: Deadline | None) -> RecordHandler:
+        """What this entry point does with one batch's records."""
         raise NotImplementedError
 
 

@@ -3,29 +3,25 @@
 Each SQS record carries one SES notification (`ses_events.py`); its address events are
 written to the suppression list, and the record's fate is decided like any other
 (`disposition`): a malformed or foreign notification is a bad message, an unreachable
-table a transient failure. The worker then never mails a suppressed address again.
+table a transient failure. The worker then never mails a suppressed address again. The
+batch is the processor's (`processor.py`); what is this entry point's is `SesEventHandler`.
 """
 
 from __future__ import annotations
 
-import asyncio
-import os
-import time
-from collections.abc import Coroutine
-from typing import Any
+from collections import Counter
+from collections.abc import Sequence
 
 from ..config import Settings
 from ..deadline import Deadline
-from ..errors import DeadlineExceeded, NotifierError
+from ..errors import NotifierError
 from ..logs import get_logger
 from ..messages import SqsRecord
 from ..metrics import InvocationMetrics
-from ..ports import Backend, SuppressionList
-from ..ses_events import AddressEvent, parse_ses_event
+from ..ports import Adapters, Backend, PoolStats, SuppressionList
+from ..ses_events import parse_ses_event
 from .entry_point import BatchEntryPoint
-from .outcome import BatchResult, Outcome
-from .settle import settle
-from .workers import run_batch
+from .outcome import Action, BatchResult, Outcome
 
 log = get_logger()
 
@@ -38,75 +34,71 @@ class SesEventsRecorder(BatchEntryPoint):
             raise ValueError("SES events are recorded in SUPPRESSION_TABLE, which is not set")
         super().__init__(settings, backend)
 
-    async def process(
-        self,
-        records: list[Any],
-        *,
-        deadline: Deadline | None = None,
-        function_name: str | None = None,
-    ) -> BatchResult:
-        if not records:
-            return BatchResult()
-        started = time.monotonic()
-        adapters = await self.backend.open(connections=0)
+    def handler(self, adapters: Adapters, deadline: Deadline | None) -> SesEventHandler:
         store = adapters.suppression
         assert store is not None  # SUPPRESSION_TABLE is set (checked at start)
-        counts = {"hard": 0, "soft": 0, "complaints": 0}
+        return SesEventHandler(self.settings, store)
 
-        async def record_one(raw: Any) -> Outcome:
-            message_id = raw.get("messageId", "") if isinstance(raw, dict) else ""
-            record: SqsRecord | None = None
-            try:
-                record = SqsRecord.from_event(raw)
-                events = parse_ses_event(record.body)
-                await _within(deadline, _record(store, events))
-            except NotifierError as error:
-                return Outcome(str(message_id), error=error, record=record)
-            for event in events:
-                key = (
-                    "complaints" if event.kind == "complaint" else "hard" if event.hard else "soft"
-                )
-                counts[key] += 1
-            return Outcome(str(message_id), action="recorded")
 
-        try:
-            result = await run_batch(records, record_one, concurrency=self.settings.max_concurrency)
-        finally:
-            await adapters.transport.finish_batch(until=deadline.end if deadline else None)
-        result.fates = await settle(result, adapters, self.policy, deadline)
+class SesEventHandler:
+    """One batch of SES notifications (`processor.RecordHandler`)."""
+
+    def __init__(self, settings: Settings, store: SuppressionList) -> None:
+        self._settings = settings
+        self._store = store
+        self.counts: Counter[str] = Counter({"hard": 0, "soft": 0, "complaints": 0})
+
+    async def prepare(self, records: Sequence[SqsRecord]) -> None:
+        """Nothing the whole batch needs: each record is parsed when it runs."""
+
+    def start(self, record: SqsRecord) -> RecordEvents:
+        return RecordEvents(self, record)
+
+    def close(self) -> None:
+        pass
+
+    def report(
+        self,
+        result: BatchResult,
+        *,
+        duration_s: float,
+        pool: PoolStats,
+        function_name: str | None,
+    ) -> None:
+        counts = self.counts
         metrics = InvocationMetrics(
-            self.settings.metrics_namespace,
-            dimensions={"FunctionName": name}
-            if (name := function_name or os.environ.get("AWS_LAMBDA_FUNCTION_NAME"))
-            else None,
+            self._settings.metrics_namespace,
+            dimensions={"FunctionName": function_name} if function_name else None,
         )
         metrics.set("SesEventsReceived", result.records, "Count")
         metrics.set("SesEventsFailed", len(result.errors), "Count")
         metrics.set("HardBounces", counts["hard"], "Count")
         metrics.set("SoftBounces", counts["soft"], "Count")
         metrics.set("Complaints", counts["complaints"], "Count")
-        metrics.set("InvocationDuration", (time.monotonic() - started) * 1000, "Milliseconds")
+        metrics.set("InvocationDuration", duration_s * 1000, "Milliseconds")
         metrics.emit()
-        log.info("ses events recorded", extra={"records": len(records), **counts})
-        return result
+        log.info("ses events recorded", extra={"records": result.records, **counts})
 
 
-async def _record(store: SuppressionList, events: list[AddressEvent]) -> None:
-    if events:
-        await store.record(events)
+class RecordEvents:
+    """One record's SES events, written to the suppression list (`processor.RecordWork`)."""
 
+    def __init__(self, handler: SesEventHandler, record: SqsRecord) -> None:
+        self._handler = handler
+        self._record = record
 
-async def _within(deadline: Deadline | None, work: Coroutine[Any, Any, None]) -> None:
-    if deadline is None:
-        await work
-        return
-    if deadline.expired():
-        work.close()
-        raise DeadlineExceeded("not started: the invocation ran out of time")
-    try:
-        async with asyncio.timeout_at(deadline.cutoff) as scope:
-            await work
-    except TimeoutError:
-        if not scope.expired():
-            raise
-        raise DeadlineExceeded("cancelled: the invocation ran out of time") from None
+    async def run(self) -> Action:
+        events = parse_ses_event(self._record.body)
+        if events:
+            await self._handler._store.record(events)
+        counts = self._handler.counts
+        for event in events:
+            kind = "complaints" if event.kind == "complaint" else "hard" if event.hard else "soft"
+            counts[kind] += 1
+        return "recorded"
+
+    async def finish(self, error: NotifierError | None) -> None:
+        """Nothing follows a record: writing it is all."""
+
+    def annotate(self, outcome: Outcome) -> None:
+        pass

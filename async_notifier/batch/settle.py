@@ -47,3 +47,9 @@ async def settle(
     if delays and feedback is not None:
         await feedback.delay(delays, budget)
     return fates
+
+
+def unsettled(result: BatchResult, policy: Policy) -> list[Disposition]:
+    """The fates of a batch whose settling was stopped midway: no dead letter counts as sent,
+    so every failure stays in the queue (its redrive policy applies)."""
+    return [disposition(o, policy, dead_letter_failed=True) for o in result.errors]

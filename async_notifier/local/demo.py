@@ -35,7 +35,7 @@ from ..aws.tables import create_table
 from ..batch.outcome import BatchResult
 from ..config import Settings
 from ..logs import JsonFormatter, configure
-from ..runner import BatchProcessor, RunnerStats
+from ..runner import BatchWorker, RunnerStats
 from ..runner import run as run_queue
 from ..wiring import build_notifier, build_ses_recorder
 from .mailcatcher import CaughtMail, MailCatcher, clear_outbox
@@ -418,7 +418,7 @@ async def _send(sqs: Any, queue_url: str, samples: list[Sample]) -> None:
 
 
 async def _drain(
-    worker: BatchProcessor,
+    worker: BatchWorker,
     settings: Settings,
     queue_url: str,
     samples: list[Sample],

@@ -24,7 +24,7 @@ from typing import Any
 from ..aws.clients import aws_client
 from ..config import Settings
 from ..logs import get_logger
-from .consumer import BatchCallback, BatchProcessor, Consumer
+from .consumer import BatchCallback, BatchWorker, Consumer
 from .heartbeat import HEARTBEAT_TASK_NAME, MIN_EXTENSION
 from .limits import MAX_MESSAGES_PER_RECEIVE, MAX_WAIT_TIME, STARTUP_TIMEOUT
 from .records import QueueInfo, lambda_record
@@ -38,7 +38,7 @@ __all__ = [
     "MAX_WAIT_TIME",
     "MIN_EXTENSION",
     "BatchCallback",
-    "BatchProcessor",
+    "BatchWorker",
     "QueueInfo",
     "RunnerStats",
     "lambda_record",
@@ -68,7 +68,7 @@ async def run(
     settings: Settings,
     queue_url: str,
     *,
-    notifier: BatchProcessor,
+    notifier: BatchWorker,
     batch_size: int = 100,
     batch_window: float = 1.0,
     wait_time: int = MAX_WAIT_TIME,

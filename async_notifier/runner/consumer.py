@@ -47,7 +47,7 @@ _EMPTY_ATTRIBUTES = (
 BatchCallback = Callable[[list[dict[str, Any]], BatchResult], None]
 
 
-class BatchProcessor(Protocol):
+class BatchWorker(Protocol):
     """What the runner hands each batch to: `Notifier` (emails) or `SesEventsRecorder`."""
 
     async def process(
@@ -70,7 +70,7 @@ class Consumer:
         self,
         sqs: Any,
         queue: QueueInfo,
-        notifier: BatchProcessor,
+        notifier: BatchWorker,
         *,
         batch_size: int,
         batch_window: float,

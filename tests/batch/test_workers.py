@@ -1,4 +1,4 @@
-"""run_batch on its own: per-record outcomes, order, and what a big batch keeps in memory.
+"""run_batch (the processor's records) on its own: outcomes, order, and what a big batch keeps.
 
 The delivery here is the test's own function (the real one's peers are covered by the
 end-to-end tests); what is under test is the batch runner's bookkeeping.
@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from async_notifier.batch.outcome import BatchResult, DeadLetter, Outcome, Retry
-from async_notifier.batch.workers import run_batch
+from async_notifier.batch.processor import Batch, run_batch
 from async_notifier.errors import BadMessage, DownloadFailed
 from async_notifier.logs import LOGGER_NAME
 from async_notifier.messages import SqsRecord
@@ -26,8 +26,7 @@ def record(n: int) -> dict[str, Any]:
     return {"messageId": f"m{n}", "body": json.dumps({"n": n}), "attributes": {}}
 
 
-async def deliver(raw: dict[str, Any]) -> Outcome:
-    rec = SqsRecord.from_event(raw)
+async def deliver(rec: SqsRecord) -> Outcome:
     n = json.loads(rec.body)["n"]
     await asyncio.sleep(0.001 * (n % 3))  # finish out of order
     if n % 10 == 3:
@@ -41,7 +40,7 @@ async def deliver(raw: dict[str, Any]) -> Outcome:
 
 
 async def test_failures_in_batch_order_and_a_tally_of_the_rest() -> None:
-    result = await run_batch([record(n) for n in range(1000)], deliver, concurrency=32)
+    result = await run_batch(Batch.parse([record(n) for n in range(1000)]), deliver, concurrency=32)
     failed = [n for n in range(1000) if n % 10 in (3, 7)]
     assert [o.message_id for o in result.errors] == [f"m{n}" for n in failed]
     assert result.response() == {"batchItemFailures": [{"itemIdentifier": f"m{n}"} for n in failed]}
@@ -67,7 +66,7 @@ async def test_successes_keep_no_per_record_state(caplog: pytest.LogCaptureFixtu
     tracemalloc.start()
     try:
         before = tracemalloc.take_snapshot()
-        result = await run_batch(records, deliver, concurrency=64)
+        result = await run_batch(Batch.parse(records), deliver, concurrency=64)
         gc.collect()
         after = tracemalloc.take_snapshot()
     finally:
@@ -93,12 +92,12 @@ def test_of_sorts_outcomes_into_failures_and_tally() -> None:
 
 
 async def test_a_delivery_that_raises_fails_only_its_record() -> None:
-    async def flaky(raw: dict[str, Any]) -> Outcome:
-        if raw["messageId"] == "m1":
+    async def flaky(rec: SqsRecord) -> Outcome:
+        if rec.message_id == "m1":
             raise KeyError("a bug")
-        return Outcome(raw["messageId"], action="sent")
+        return Outcome(rec.message_id, action="sent")
 
-    result = await run_batch([record(n) for n in range(3)], flaky, concurrency=2)
+    result = await run_batch(Batch.parse([record(n) for n in range(3)]), flaky, concurrency=2)
     [failed] = result.errors
     assert (failed.message_id, failed.error and failed.error.kind) == ("m1", "internal")
     assert failed.record is not None  # kept for the back-off
