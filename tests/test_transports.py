@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import email
 import email.policy
+import re
 from typing import Any
 
 import pytest
 from servers import (
     FakeLambdaContext,
     MotoServer,
+    SmtpSink,
     failed_ids,
     free_port,
     log_lines,
@@ -134,3 +136,73 @@ def test_an_smtp_relay_that_is_down_hands_its_mail_to_the_ses_api(
     lines = log_lines(capsys.readouterr().out)
     assert metric(lines, "FallbackMessages") == 6
     assert metric(lines, "MessagesAccepted", Transport="ses") == 6
+
+
+# --------------------------------------------------------------------------- the same delivery
+
+
+def summary(raw: bytes) -> tuple[Any, ...]:
+    """What a reader sees of an email, without what differs per send (Date, boundaries)."""
+    message = email.message_from_bytes(raw, policy=email.policy.default)
+    text = message.get_body(preferencelist=("plain",))
+    html = message.get_body(preferencelist=("html",))
+    attachments = tuple(
+        (part.get_filename(), part.get_content()) for part in message.iter_attachments()
+    )
+    return (
+        str(message["Message-ID"]),
+        str(message["To"]),
+        str(message["Subject"]),
+        str(message["From"]),
+        text.get_content() if text is not None else None,
+        html.get_content() if html is not None else None,
+        attachments,
+    )
+
+
+def mixed_batch() -> list[dict[str, Any]]:
+    """Good records of both statuses and locales, a bad one, one whose ZIP is missing, and one
+    too large to attach (a link)."""
+    batch = records(4)
+    batch.append(sqs_record("{not json", "m-bad"))
+    missing = {"video_id": "gone", "status": "COMPLETED", "bucket": "videos-zip", "key": "x.zip"}
+    batch.append(sqs_record({**missing, "email": "gone@example.com"}, "m-missing"))
+    big = {"video_id": "big", "status": "COMPLETED", "bucket": "videos-zip", "key": "big.zip"}
+    batch.append(sqs_record({**big, "email": "big@example.com", "locale": "en"}, "m-big"))
+    return batch
+
+
+def test_both_transports_deliver_the_same_emails(
+    ses_env: dict[str, str],
+    aws: MotoServer,
+    bucket: str,
+    smtp_sink: SmtpSink,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The same batch through each transport: the same records fail, and every email a reader
+    receives is the same (headers, both bodies, the attachments byte for byte, the link)."""
+    seed_objects(s3_client(aws.endpoint_url), bucket, {"big.zip": make_zip(400_000, seed=7)})
+    monkeypatch.setenv("MAX_ATTACHMENT_BYTES", "300000")  # big.zip goes as a link
+    emails: dict[str, list[tuple[Any, ...]]] = {}
+    for transport in ("smtp", "ses"):
+        monkeypatch.setenv("TRANSPORT", transport)
+        result = handler.lambda_handler(sqs_event(mixed_batch()), FakeLambdaContext())
+        handler.reset()
+        assert failed_ids(result) == ["m-bad", "m-missing"], transport
+    emails["smtp"] = sorted(summary(message.data) for message in smtp_sink.messages)
+    emails["ses"] = sorted(summary(sent.raw) for sent in sent_messages(aws.endpoint_url))
+    assert len(emails["smtp"]) == len(emails["ses"]) == 5
+    for by_smtp, by_ses in zip(emails["smtp"], emails["ses"], strict=True):
+        assert by_smtp[:4] == by_ses[:4]  # Message-ID, To, Subject, From
+        assert _unlinked(by_smtp[4]) == _unlinked(by_ses[4])  # the text
+        assert _unlinked(by_smtp[5]) == _unlinked(by_ses[5])  # the HTML
+        assert by_smtp[6] == by_ses[6]  # the attachments
+    assert sum(bool(e[6]) for e in emails["ses"]) == 2  # two ZIPs attached, one linked
+    assert any("<link>" in (_unlinked(e[4]) or "") for e in emails["ses"])
+
+
+def _unlinked(body: str | None) -> str | None:
+    """A body with its presigned link's signature and expiry blanked (they differ per run)."""
+    if body is None:
+        return None
+    return re.sub(r"https?://[^\s\"'<>]+", "<link>", body)
