@@ -404,6 +404,22 @@ async def _resources(
                 await s3.delete_bucket(Bucket=name)
 
 
+class NoSesApi(RuntimeError):
+    """The endpoint serves no SES v2 API (LocalStack's community edition does not)."""
+
+
+async def _require_ses_v2(endpoint_url: str) -> None:
+    """Fail at once, and say why, where the SES v2 API is missing: every email would fail."""
+    async with _client("sesv2", endpoint_url) as sesv2:
+        try:
+            await sesv2.list_email_identities()
+        except Exception as exc:
+            raise NoSesApi(
+                f"{endpoint_url} serves no SES v2 API ({_clip(str(exc), 120)}): "
+                "run `make run-local TRANSPORT=ses` without AWS_ENDPOINT_URL (moto serves it)"
+            ) from None
+
+
 async def _send(sqs: Any, queue_url: str, samples: list[Sample]) -> None:
     for sample in samples:
         response = await sqs.send_message(
@@ -516,6 +532,7 @@ async def run_local(
             if options.transport == "ses":  # SES sends only from a verified identity
                 async with _client("ses", endpoint_url) as ses:
                     await ses.verify_email_identity(EmailAddress=SENDER)
+                await _require_ses_v2(endpoint_url)
             suppression = not made.no_table
             os.environ.update(
                 resource_environment(made.name, made.dlq_url, suppression=suppression)

@@ -26,7 +26,7 @@ from pathlib import Path
 
 HOST = "127.0.0.1"
 PORT = 4566
-SERVICES = ("s3", "sqs", "secretsmanager", "dynamodb")
+SERVICES = ("s3", "sqs", "secretsmanager", "dynamodb", "ses")
 READY_STATES = ("available", "running")
 
 
