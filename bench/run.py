@@ -305,8 +305,8 @@ class Bench:
                 self._skip(
                     scenario,
                     "previous",
-                    "its code reads neither TRANSPORT nor SES_MAX_INFLIGHT_BYTES (no SES API "
-                    "transport to measure)",
+                    "its code does not read both TRANSPORT and SES_MAX_INFLIGHT_BYTES (no SES "
+                    "API transport to measure)",
                 )
         if not targets:
             log(f"[{scenario.name}] skipped: runs only {', '.join(scenario.targets)}")
