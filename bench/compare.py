@@ -19,25 +19,30 @@ METRICS = (
     "rss_before_mib", "cpu_ms_per_record", "import_ms",
     # throttled: delivery time / (records / account rate), share of MAIL answered 454, rounds
     "ideal_ratio", "refused_share", "rounds",
+    # ses-large, the SES row: the memory goal (before the call + budget + one message)
+    "rss_bound_mib", "max_message_bytes",
 )  # fmt: skip
 SPREAD = METRICS[:4]
 # The same in every run of a scenario and target: taken from the first.
 _FIXED = (
     "scenario", "target", "records", "size_bytes", "attachment_bytes", "smtp_delay_ms",
     "s3_delay_ms", "pool_size", "warmup_records", "instances", "account_rate", "ideal_s",
+    "transport", "ses_max_inflight_bytes",
 )  # fmt: skip
 
 
 def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One summary per scenario and target, in the order they first ran.
+    """One summary per scenario, target and transport (`ses-large` runs two), in the order
+    they first ran.
 
     A summary has the keys of a row, each metric the median of the runs that measured it,
     plus `runs`, `measured` (runs with numbers), `ok` (every run) and `spread`. Without a
     measured run it has no `wall_s`, like a row whose target failed to report.
     """
-    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    groups: dict[tuple[str, str, str | None], list[dict[str, Any]]] = {}
     for row in rows:
-        groups.setdefault((row["scenario"], row["target"]), []).append(row)
+        key = (row["scenario"], row["target"], row.get("transport"))
+        groups.setdefault(key, []).append(row)
     return [_summary(runs) for runs in groups.values()]
 
 
@@ -62,10 +67,18 @@ def spread(values: list[float]) -> dict[str, float | None]:
     return {"min": low, "max": high, "relative": (high - low) / middle if middle else None}
 
 
-def find(summaries: list[dict[str, Any]], scenario: str, target: str) -> dict[str, Any] | None:
-    """The summary of a scenario and target, if it has measurements."""
+def find(
+    summaries: list[dict[str, Any]], scenario: str, target: str, transport: str | None = None
+) -> dict[str, Any] | None:
+    """The summary of a scenario and target (and transport, where the scenario runs several),
+    if it has measurements."""
     for summary in summaries:
-        if summary["scenario"] == scenario and summary["target"] == target and "wall_s" in summary:
+        if (
+            summary["scenario"] == scenario
+            and summary["target"] == target
+            and summary.get("transport") == transport
+            and "wall_s" in summary
+        ):
             return summary
     return None
 
@@ -89,13 +102,14 @@ def comparison(
     for mine in summaries:
         if mine["target"] != "project" or "wall_s" not in mine:
             continue
-        theirs = find(summaries, mine["scenario"], "previous")
+        theirs = find(summaries, mine["scenario"], "previous", mine.get("transport"))
         if theirs is None:
             continue
         scenario = mine["scenario"]
         scenarios.append(
             {
                 "scenario": scenario,
+                "transport": mine.get("transport"),
                 "runs": {"project": mine["measured"], "previous": theirs["measured"]},
                 "records_per_s": ratio(mine["records_per_s"], theirs["records_per_s"]),
                 "mib_per_s": ratio(mine["mib_per_s"], theirs["mib_per_s"]),
@@ -154,9 +168,10 @@ def comparison_table(result: dict[str, Any], repeat: int) -> Table:
     for item in result["scenarios"]:
         spreads = item["records_per_s_spread"]
         shares = item["limit_share"]
+        transport = item.get("transport")
         body.append(
             [
-                item["scenario"],
+                item["scenario"] + (f" ({transport})" if transport else ""),
                 _times(item["records_per_s"]),
                 _times(item["mib_per_s"]),
                 _times(item["peak_rss"]),

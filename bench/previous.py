@@ -87,3 +87,17 @@ def same_requirements(tree: Path, other: Path) -> bool:
     if not (mine.exists() and theirs.exists()):
         return mine.exists() == theirs.exists()
     return mine.read_bytes() == theirs.read_bytes()
+
+
+def knows_setting(tree: Path, name: str) -> bool:
+    """Whether the tree's code reads the environment variable `name`: its name, quoted, in
+    one of its modules (a REF from before a setting existed would silently ignore it)."""
+    quoted = (f'"{name}"', f"'{name}'")
+    for path in [tree / "handler.py", *(tree / "async_notifier").rglob("*.py")]:
+        try:
+            text = path.read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            continue
+        if any(q in text for q in quoted):
+            return True
+    return False

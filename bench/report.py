@@ -13,6 +13,8 @@ run, that run's numbers):
   the call (peak minus the RSS just before it);
 - fleet pacing (`throttled`): the time a fleet took to deliver everything against the
   ideal records / account rate, and the share of MAIL commands the account refused;
+- the SES API's byte budget (`ses-large`): each row's peak RSS beside the SES row's bound,
+  the RSS before the call + SES_MAX_INFLIGHT_BYTES + one message's footprint;
 - the performance targets, each marked met or not (informational: never the exit status).
 """
 
@@ -106,6 +108,7 @@ def build(
     code: dict[str, Any],
     load_average: list[float] | None = None,
     previous: dict[str, Any] | None = None,
+    skipped: list[dict[str, str]] | None = None,
 ) -> dict[str, Any]:
     summaries = compare.summarize(rows)
     limits = protocol_limits(summaries, args.round_trips)
@@ -131,6 +134,7 @@ def build(
         "scenarios": [dataclasses.asdict(s) for s in scenarios],
         "imports": imports,
         "results": rows,
+        "skipped": skipped or [],
         "summaries": summaries,
         "ratios": baseline_ratios(scenarios, summaries),
         "comparison": (
@@ -287,6 +291,16 @@ def checks(results: dict[str, Any]) -> list[dict[str, Any]]:
             )
             v = row["refused_share"]
             add(f"{row['scenario']}: MAIL answered 454", v, "<= 1%", v <= 0.01, f"{v:.1%}")
+    for row in summaries:
+        if row["target"] == "project" and row.get("rss_bound_mib") is not None:
+            v, bound = row["peak_rss_mib"], row["rss_bound_mib"]
+            add(
+                f"{row['scenario']}: peak RSS by the SES API",
+                v,
+                f"<= {bound:.0f} MiB (before + budget + 1 message)",
+                v <= bound,
+                f"{v:.0f} MiB",
+            )
     if results["imports"] is not None and "ratio" in results["imports"]:
         v = results["imports"]["ratio"]
         add("import handler vs import aioboto3", v, "<= 1.2x", v <= 1.2, f"{v:.2f}x")
@@ -341,6 +355,8 @@ def label(row: dict[str, Any], results: dict[str, Any], *, run: bool = True) -> 
     text = row["target"]
     if text == "previous" and results.get("previous"):
         text += "@" + results["previous"]["short_sha"]
+    if row.get("transport"):
+        text += "/" + row["transport"]
     if run and results["settings"]["repeat"] > 1 and "run" in row:
         text += f" #{row['run']}"
     return str(text)
@@ -351,6 +367,7 @@ def render(results: dict[str, Any]) -> str:
         _header,
         _runs,
         _fleet,
+        _ses_budget,
         _medians,
         _cpu,
         _baseline_ratios,
@@ -504,6 +521,58 @@ def _fleet(results: dict[str, Any]) -> list[str]:
             "FLEET_SIZE: it has no pacing to measure)"
         )
     return out
+
+
+def _ses_budget(results: dict[str, Any]) -> list[str]:
+    """The runs of a scenario with the SES API (`ses-large`): memory against the budget."""
+    rows = [row for row in results["results"] if row.get("transport")]
+    notes = [
+        f"({s['scenario']}/{s['target']}: not run here, {s['why']})"
+        for s in results.get("skipped", [])
+    ]
+    if not rows:
+        return ["", *notes] if notes else []
+    out = [
+        "",
+        "SES API byte budget: the same records by SMTP (streamed from disk) and by the SES API "
+        "(each message whole in memory, and its base64):",
+    ]
+    body = []
+    for row in rows:
+        env = row.get("env", {})
+        bound = row.get("rss_bound_mib")
+        peak = row.get("peak_rss_mib")
+        before = row.get("rss_before_mib")
+        budget = env.get("SES_MAX_INFLIGHT_BYTES")
+        body.append(
+            [
+                row["scenario"],
+                label(row, results),
+                f"{row.get('delivered', 0)}/{row['records']}",
+                human_size(int(budget)) if budget and row["transport"] == "ses" else "-",
+                env.get("MAX_CONCURRENCY", "-"),
+                _fmt(before, ".0f"),
+                _fmt(peak, ".0f"),
+                _fmt(peak - before if peak is not None and before is not None else None, ".0f"),
+                _fmt(row.get("message_footprint_mib"), ".0f"),
+                _fmt(bound, ".0f"),
+                "-" if bound is None or peak is None else "met" if peak <= bound else "NOT met",
+            ]
+        )
+    headers = [
+        "scenario", "target", "delivered", "budget", "concurrency", "RSS before", "peak RSS",
+        "growth", "1 message", "bound", "goal",
+    ]  # fmt: skip
+    out += _table(headers, body, right=set(range(2, 10)))
+    out += [
+        "(MiB; delivered = messages the SMTP sink, or moto's SES, kept of the batch; 1 message = "
+        "the largest message's footprint as the",
+        " budget counts it, its bytes + their base64; bound = RSS before + budget + 1 message: "
+        "the budget holds at most its bytes, and one",
+        " more message's worth is the slack of what is being freed as the next is read; "
+        "reported, not enforced)",
+    ]
+    return out + notes
 
 
 def _yes_no(value: bool | None) -> str:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import datetime as dt
 import json
 import os
@@ -32,7 +33,7 @@ from typing import Any
 
 import boto3
 
-from . import control, fleet, payload, previous, report
+from . import control, fleet, payload, previous, report, ses_sent
 from .procs import (
     LOOPBACK,
     ROOT,
@@ -57,6 +58,10 @@ from .scenarios import (
 from .sinks import RelayProcess, Sink, SinkStats, make_sink
 
 EMAIL_FROM = "Bench <no-reply@bench.example.com>"
+# The sender's address: SES (moto's too) sends only from a verified identity.
+SENDER = "no-reply@bench.example.com"
+# SES_MAX_INFLIGHT_BYTES's default in the project, for a run whose --env unsets nothing.
+DEFAULT_SES_BUDGET = 256 * 1024 * 1024
 # The only variables a target inherits from the caller's shell; every setting of the
 # project is set here (or with --env), so a stray SMTP_* or AWS_* cannot skew a run.
 _INHERITED = frozenset(
@@ -74,8 +79,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--scenario",
         default="all",
-        help="small, large, remote, remote-warm, scale, throttled, all (default), or a "
-        "comma-separated list",
+        help="small, large, remote, remote-warm, scale, throttled, ses-large, all (default), "
+        "or a comma-separated list",
     )
     parser.add_argument(
         "--target",
@@ -186,6 +191,8 @@ class Bench:
         self.proxy_control = 0
         self.relay: RelayProcess | None = None  # the SMTP server of a scenario with an account
         self.helper_pids: list[dict[str, Any]] = []
+        # Targets a scenario could not run, and why (the report says so under its table).
+        self.skipped: list[dict[str, str]] = []
 
     # -- lifecycle
 
@@ -281,8 +288,26 @@ class Bench:
         milliseconds: float = json.loads(result.read_text())["import_ms"]
         return milliseconds
 
+    def _skip(self, scenario: Scenario, target: str, why: str) -> None:
+        log(f"[{scenario.name}] {target} skipped: {why}")
+        self.skipped.append({"scenario": scenario.name, "target": target, "why": why})
+
     def run_scenario(self, scenario: Scenario) -> list[dict[str, Any]]:
         targets = tuple(t for t in self.targets if t in scenario.targets)
+        if "ses" in scenario.transports:
+            if "baseline" in self.targets:
+                self._skip(scenario, "baseline", "the old design sends by SMTP only")
+            if "previous" in targets and not all(
+                previous.knows_setting(self.trees["previous"], name)
+                for name in ("TRANSPORT", "SES_MAX_INFLIGHT_BYTES")
+            ):
+                targets = tuple(t for t in targets if t != "previous")
+                self._skip(
+                    scenario,
+                    "previous",
+                    "its code does not read both TRANSPORT and SES_MAX_INFLIGHT_BYTES (no SES "
+                    "API transport to measure)",
+                )
         if not targets:
             log(f"[{scenario.name}] skipped: runs only {', '.join(scenario.targets)}")
             return []
@@ -302,15 +327,25 @@ class Bench:
             if scenario.account_rate > 0:
                 self._start_relay(scenario)
             ports = self._start_proxy(scenario) if scenario.delayed else {}
-            # Every round runs each target once, and the next round in the reverse order.
+            # Every round runs each target once (once per transport), and the next round in
+            # the reverse order.
+            ses_kept = False  # whether moto's SES holds messages of an earlier run
             for repetition in range(self.args.repeat):
                 for target in interleaved(targets, repetition):
-                    if self.relay is not None:
-                        row = self.run_fleet(scenario, batch, target, repetition + 1, ports)
-                    else:
-                        row = self.run_target(scenario, batch, target, repetition + 1, ports)
-                    row["seed_s"] = batch.seed_s
-                    rows.append(row)
+                    for transport in scenario.transports:
+                        if transport == "ses" and ses_kept:
+                            # data.json grows with every message moto keeps: start afresh.
+                            self.moto.reset()
+                            batch = dataclasses.replace(self._seed(scenario), seed_s=batch.seed_s)
+                        if self.relay is not None:
+                            row = self.run_fleet(scenario, batch, target, repetition + 1, ports)
+                        else:
+                            row = self.run_target(
+                                scenario, batch, target, repetition + 1, ports, transport
+                            )
+                        ses_kept = ses_kept or transport == "ses"
+                        row["seed_s"] = batch.seed_s
+                        rows.append(row)
         finally:
             if self.proxy is not None:
                 self.proxy.stop()
@@ -334,6 +369,8 @@ class Bench:
         )
         total_bytes = payload.seed(s3, items, scenario.size)
         seed_s = time.perf_counter() - started
+        if "ses" in scenario.transports:
+            ses_sent.verify_sender(self.moto.endpoint_url, payload.REGION, SENDER)
         log(
             f"[{scenario.name}] seeded {len(items)} objects, "
             f"{total_bytes / MiB:.1f} MiB in {seed_s:.1f} s"
@@ -362,9 +399,13 @@ class Bench:
         target: str,
         run: int,
         ports: dict[str, int],
+        transport: str = "smtp",
     ) -> dict[str, Any]:
-        """One run of `target` on the scenario's batch (the `run`-th of `--repeat`)."""
-        name = f"{scenario.name}-{target}" + (f"-{run}" if self.args.repeat > 1 else "")
+        """One run of `target` on the scenario's batch (the `run`-th of `--repeat`), sending
+        by `transport`; where a scenario has several, the row's `transport` says which."""
+        several = len(scenario.transports) > 1
+        name = f"{scenario.name}-{target}" + (f"-{transport}" if several else "")
+        name += f"-{run}" if self.args.repeat > 1 else ""
         warmup = batch.warmup
         warm_items = warmup.items if warmup is not None else []
         # What the sink must receive: the measured batch and the warm-up batch, each once.
@@ -380,6 +421,14 @@ class Bench:
             # As in Lambda: the handler's import is the init phase (settings, templates,
             # clients made), measured apart from the first invocation (`import_ms`).
             extra["AWS_LAMBDA_FUNCTION_NAME"] = "async-notifier-bench"
+            if several or transport != "smtp":
+                extra["TRANSPORT"] = transport
+                # moto's SES quota says 1 message/s: no pacing, memory is what is measured.
+                extra["SMTP_RATE_LIMIT"] = "none"
+            if scenario.ses_max_inflight_bytes:
+                extra["SES_MAX_INFLIGHT_BYTES"] = str(scenario.ses_max_inflight_bytes)
+            if scenario.max_concurrency:
+                extra["MAX_CONCURRENCY"] = str(scenario.max_concurrency)
             extra.update(item.split("=", 1) for item in self.args.env)
         env = self._target_env(tmp_dir, extra, ports)
         row: dict[str, Any] = {
@@ -395,6 +444,8 @@ class Bench:
             "env": extra,
             "errors": [],
         }
+        if several:
+            row["transport"] = transport
         if warmup is not None:
             row["warmup_records"] = len(warm_items)
             row["warmup_attachment_bytes"] = warmup.total_bytes
@@ -415,7 +466,15 @@ class Bench:
         timeout = 600 + 3 * expected_messages + 4 * all_bytes / MiB
         helper = Helper(name, command, self.logs, cwd=self.trees[target])
         child = self._execute(helper, env, timeout, result_path, row)
-        sink = self.sink.collect(expected=expected_messages)
+        sink = self.sink.collect(expected=0 if transport == "ses" else expected_messages)
+        if transport == "ses":
+            if sink.messages or sink.connections:
+                row["errors"].append(
+                    f"TRANSPORT=ses, yet the SMTP sink got {sink.messages} message(s) on "
+                    f"{sink.connections} connection(s)"
+                )
+            # What the SES API was given is what moto kept; the SMTP counters stay 0.
+            sink = ses_sent.stats(ses_sent.raw_messages(self.moto.endpoint_url))
         if self.proxy is not None:
             proxied = control.query(self.proxy_control, "STATS")
             row["s3_connections"] = proxied.get("s3", {}).get("connections")
@@ -430,9 +489,25 @@ class Bench:
                 report.profile_summary(profile, scenario.records)
             )
         row.update(self._measurements(child, batch.total_bytes))
+        if transport == "ses":
+            row.update(self._ses_memory(row, extra, sink.max_size))
         self._check(row, child, sink, scenario, batch)
         self._log_run(row, sink.connections)
         return row
+
+    @staticmethod
+    def _ses_memory(
+        row: dict[str, Any], extra: dict[str, str], largest: int | None
+    ) -> dict[str, Any]:
+        """The SES row's memory goal: the process before the call, plus the budget, plus
+        one more message's footprint (see README.md, "ses-large")."""
+        budget = int(extra.get("SES_MAX_INFLIGHT_BYTES", DEFAULT_SES_BUDGET))
+        found: dict[str, Any] = {"ses_max_inflight_bytes": budget, "max_message_bytes": largest}
+        if largest is not None and "rss_before_mib" in row:
+            footprint = largest + 4 * -(-largest // 3)  # the project's request_footprint
+            found["message_footprint_mib"] = footprint / MiB
+            found["rss_bound_mib"] = row["rss_before_mib"] + (budget + footprint) / MiB
+        return found
 
     def run_fleet(
         self,
@@ -721,8 +796,9 @@ class Bench:
         elif failures:
             row["errors"].append(f"{len(failures)} record(s) in batchItemFailures")
         if sink.messages != expected_messages:
+            where = "moto's SES kept" if row.get("transport") == "ses" else "sink received"
             row["errors"].append(
-                f"sink received {sink.messages} of {expected_messages} messages"
+                f"{where} {sink.messages} of {expected_messages} messages"
                 + (f" ({scenario.records} + {len(warm_items)} warm-up)" if warm_items else "")
             )
         # Base64 alone makes an attached ZIP 4/3 its size: a smaller message lacks it.
@@ -750,6 +826,8 @@ class Bench:
         target = row["target"]
         if target == "previous" and self.args.previous is not None:
             target += f" ({self.args.previous.short})"
+        if row.get("transport"):
+            target += f" by {row['transport']}"
         if self.args.repeat > 1:
             target += f" #{row['run']}"
         log(
@@ -977,6 +1055,7 @@ def main(argv: list[str] | None = None) -> int:
         load_average=load_average,
         code=code,
         previous=bench.previous_info(),
+        skipped=bench.skipped,
     )
     failed = failed or not rows or any(not row["ok"] for row in rows)
     results["ok"] = not failed

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 KiB = 1024
 MiB = 1024 * KiB
 
-NAMES = ("small", "large", "remote", "remote-warm", "scale", "throttled")
+NAMES = ("small", "large", "remote", "remote-warm", "scale", "throttled", "ses-large")
 # Every target, in the order of one round of runs; `previous` runs wherever `project` does.
 TARGETS = ("baseline", "previous", "project")
 HANDLERS = ("previous", "project")  # the targets that call handler.lambda_handler
@@ -34,6 +34,12 @@ class Scenario:
     # The fleet's Lambda timeout: an invocation stuck in back-off hands its records back
     # before it (the worker's deadline), and they are redelivered; bounds a round's time.
     invocation_timeout_s: float = 900.0
+    # TRANSPORT of each row: a scenario with several runs every target once per transport
+    # (rows tell them apart by `transport`); the default is SMTP, as before TRANSPORT existed.
+    transports: tuple[str, ...] = ("smtp",)
+    # SES_MAX_INFLIGHT_BYTES and MAX_CONCURRENCY of every run; 0 = the project's default.
+    ses_max_inflight_bytes: int = 0
+    max_concurrency: int = 0
 
     @property
     def delayed(self) -> bool:
@@ -46,6 +52,7 @@ def _table(
     remote: tuple[int, int, float, float],
     warmup: int,
     throttled: tuple[int, int, float, float],
+    ses_large: tuple[int, int, int],
 ) -> dict[str, Scenario]:
     records, size = small
     remote_row = Scenario(
@@ -89,6 +96,19 @@ def _table(
             instances=2,
             invocation_timeout_s=throttled[3],
         ),
+        # The SES API holds each message whole (and botocore its base64): the in-flight byte
+        # budget, not MAX_CONCURRENCY, must bound the memory. The same records by SMTP,
+        # which streams from disk, are the second row.
+        "ses-large": Scenario(
+            "ses-large",
+            ses_large[0],
+            ses_large[1],
+            targets=HANDLERS,
+            about="large attachments by the SES API under a byte budget, and by SMTP",
+            transports=("smtp", "ses"),
+            ses_max_inflight_bytes=ses_large[2],
+            max_concurrency=32,
+        ),
     }
 
 
@@ -98,6 +118,7 @@ FULL = _table(
     remote=(500, 128 * KiB, 50, 25),
     warmup=16,
     throttled=(600, 32 * KiB, 100, 60),
+    ses_large=(16, 20 * MiB, 128 * MiB),
 )
 QUICK = _table(
     small=(200, 16 * KiB),
@@ -105,6 +126,7 @@ QUICK = _table(
     remote=(40, 16 * KiB, 20, 10),
     warmup=8,
     throttled=(120, 16 * KiB, 40, 10),
+    ses_large=(6, 8 * MiB, 32 * MiB),
 )
 
 
@@ -120,7 +142,7 @@ def select(
 ) -> list[Scenario]:
     """The chosen scenarios with the flags applied to every one of them.
 
-    `--records` and `--size` set small, large, remote, remote-warm and throttled; scale
+    `--records` and `--size` set small, large, remote, remote-warm, throttled and ses-large; scale
     stays at 4x small's values. The delays, when given, apply to every chosen scenario. The
     warm-up batch of remote-warm keeps its size in records (the attachment size follows
     `--size`). `--account-rate` sets throttled's account rate.

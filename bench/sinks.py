@@ -31,6 +31,7 @@ class SinkStats:
     data_bytes: int | None = None
     max_open: int | None = None
     min_size: int | None = None
+    max_size: int | None = None
     video_ids: list[str] | None = field(default=None, repr=False)
 
 
@@ -70,6 +71,7 @@ class AiosmtpdSink(Helper):
             data_bytes=int(stats["data_bytes"]),
             max_open=int(stats["max_open"]),
             min_size=stats["min_size"],
+            max_size=stats.get("max_size"),
             video_ids=[str(v) for v in stats["video_ids"]],
         )
 

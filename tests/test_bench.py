@@ -1,9 +1,10 @@
 """`python -m bench --quick` runs end to end, so `make bench` cannot rot.
 
-Only completeness and delivery are asserted: every scenario ran every target it should,
-every record of every run reached the SMTP sink exactly once, and nothing the benchmark
-started is left running. Never speed: that is what the benchmark reports, and a shared
-machine cannot promise it. The same holds for the A/B mode (`--vs HEAD`, one scenario,
+Only completeness and delivery are asserted: every scenario ran every target it should
+(`ses-large` once per transport), every record of every run reached the SMTP sink (or, by
+the SES API, moto's SES) exactly once, and nothing the benchmark started is left running.
+Never speed or memory: that is what the benchmark reports, and a shared machine cannot
+promise it. The same holds for the A/B mode (`--vs HEAD`, one scenario,
 two interleaved rounds): both trees ran, each its own code, and the comparison is reported.
 """
 
@@ -19,22 +20,25 @@ from typing import Any
 
 import pytest
 
-from bench import compare, fleet
+from bench import compare, fleet, previous, ses_sent
 from bench.run import parse_args
 from bench.scenarios import interleaved, parse_targets
 from bench.target import _stray_modules
 
 ROOT = Path(__file__).resolve().parent.parent
+# (scenario, target, transport): only ses-large's rows name their transport.
 EXPECTED_RUNS = {
-    ("small", "baseline"),
-    ("small", "project"),
-    ("large", "baseline"),
-    ("large", "project"),
-    ("remote", "baseline"),
-    ("remote", "project"),
-    ("remote-warm", "project"),
-    ("scale", "project"),
-    ("throttled", "project"),
+    ("small", "baseline", None),
+    ("small", "project", None),
+    ("large", "baseline", None),
+    ("large", "project", None),
+    ("remote", "baseline", None),
+    ("remote", "project", None),
+    ("remote-warm", "project", None),
+    ("scale", "project", None),
+    ("throttled", "project", None),
+    ("ses-large", "project", "smtp"),
+    ("ses-large", "project", "ses"),
 }
 
 
@@ -115,7 +119,7 @@ def test_quick_run_covers_every_scenario_and_target(quick: tuple[str, dict[str, 
     _, results = quick
     assert results["ok"] is True
     assert results["quick"] is True
-    runs = {(row["scenario"], row["target"]) for row in results["results"]}
+    runs = {(row["scenario"], row["target"], row.get("transport")) for row in results["results"]}
     assert runs == EXPECTED_RUNS
     assert len(results["results"]) == len(EXPECTED_RUNS)
 
@@ -133,7 +137,10 @@ def test_measurements_are_complete_and_positive(quick: tuple[str, dict[str, Any]
         for key in ("wall_s", "records_per_s", "mib_per_s", "peak_rss_mib", "import_ms"):
             assert isinstance(row[key], float | int), (where, key)
             assert row[key] > 0, (where, key)
-        assert row["smtp_connections"] >= 1, where
+        if row.get("transport") == "ses":
+            assert row["smtp_connections"] == 0, where  # the SES API: no SMTP at all
+        else:
+            assert row["smtp_connections"] >= 1, where
         # Run from the copy taken at start, not from the (possibly changing) working tree.
         assert row["module_file"].startswith(results["work_dir"]), where
         if row["target"] == "baseline":
@@ -197,6 +204,58 @@ def test_the_throttled_fleet_delivered_everything_once_through_the_account(
     [summary] = [s for s in results["summaries"] if s["scenario"] == "throttled"]
     assert summary["ideal_ratio"] == row["ideal_ratio"] > 0
     assert summary["rounds"] == row["rounds"]
+
+
+def test_ses_large_sends_the_same_records_by_smtp_and_by_the_ses_api(
+    quick: tuple[str, dict[str, Any]],
+) -> None:
+    stdout, results = quick
+    rows = {row["transport"]: row for row in results["results"] if row["scenario"] == "ses-large"}
+    assert set(rows) == {"smtp", "ses"}
+    for transport, row in rows.items():
+        assert row["env"]["TRANSPORT"] == transport
+        assert row["env"]["SMTP_RATE_LIMIT"] == "none"
+        assert row["env"]["SES_MAX_INFLIGHT_BYTES"] == str(32 * 1024 * 1024)
+        assert row["env"]["MAX_CONCURRENCY"] == "32"
+    ses = rows["ses"]
+    # Delivered = what moto's SES kept, each message carrying its whole ZIP.
+    assert ses["delivered"] == ses["unique_delivered"] == ses["records"] == 6
+    assert ses["min_message_bytes"] >= ses["size_bytes"] * 4 / 3
+    assert ses["max_message_bytes"] >= ses["min_message_bytes"]
+    assert ses["ses_max_inflight_bytes"] == 32 * 1024 * 1024
+    assert ses["rss_bound_mib"] > ses["rss_before_mib"]
+    checks = {check["check"] for check in results["checks"]}
+    assert "ses-large: peak RSS by the SES API" in checks
+    assert "SES API byte budget" in stdout
+    assert "project/ses" in stdout
+    assert "(ses-large/baseline: not run here, the old design sends by SMTP only)" in stdout
+
+
+def test_what_moto_kept_is_counted_like_the_sink_counts() -> None:
+    messages = [
+        "From: a@example.com\r\nX-Video-Id: v1\r\n\r\nbody\r\nX-Video-Id: not-a-header\r\n",
+        "X-VIDEO-ID:  v2 \r\nSubject: x\r\n\r\n" + "A" * 100,
+        "Subject: no id\r\n\r\n",
+    ]
+    found = ses_sent.stats(messages)
+    assert (found.messages, found.connections) == (3, 0)
+    assert found.video_ids == ["v1", "v2"]
+    assert found.data_bytes == sum(len(m) for m in messages)
+    assert (found.min_size, found.max_size) == (len(messages[2]), len(messages[1]))
+    assert ses_sent.stats([]).min_size is None
+
+
+def test_previous_runs_ses_large_only_if_its_code_reads_transport(tmp_path: Path) -> None:
+    old, new = tmp_path / "old", tmp_path / "new"
+    for tree in (old, new):
+        (tree / "async_notifier").mkdir(parents=True)
+        (tree / "handler.py").write_text("from async_notifier import run\n")
+    (old / "async_notifier" / "config.py").write_text('FALLBACK = env("FALLBACK_TRANSPORT")\n')
+    (new / "async_notifier" / "config.py").write_text("transport = env.choice('TRANSPORT')\n")
+    assert previous.knows_setting(new, "TRANSPORT")
+    assert not previous.knows_setting(old, "TRANSPORT")
+    assert previous.knows_setting(ROOT, "TRANSPORT")
+    assert previous.knows_setting(ROOT, "SES_MAX_INFLIGHT_BYTES")
 
 
 def test_a_fleet_shares_the_batch_and_gets_back_only_its_failures() -> None:
