@@ -535,7 +535,7 @@ def _ses_budget(results: dict[str, Any]) -> list[str]:
     out = [
         "",
         "SES API byte budget: the same records by SMTP (streamed from disk) and by the SES API "
-        "(each message whole in memory, and its base64):",
+        "(each message whole in memory, and botocore's copies of its base64):",
     ]
     body = []
     for row in rows:
@@ -567,7 +567,8 @@ def _ses_budget(results: dict[str, Any]) -> list[str]:
     out += [
         "(MiB; delivered = messages the SMTP sink, or moto's SES, kept of the batch; 1 message = "
         "the largest message's footprint as the",
-        " budget counts it, its bytes + their base64; bound = RSS before + budget + 1 message: "
+        " budget counts it, its bytes + 4 copies of their base64; "
+        "bound = RSS before + budget + 1 message: "
         "the budget holds at most its bytes, and one",
         " more message's worth is the slack of what is being freed as the next is read; "
         "reported, not enforced)",

@@ -504,7 +504,8 @@ class Bench:
         budget = int(extra.get("SES_MAX_INFLIGHT_BYTES", DEFAULT_SES_BUDGET))
         found: dict[str, Any] = {"ses_max_inflight_bytes": budget, "max_message_bytes": largest}
         if largest is not None and "rss_before_mib" in row:
-            footprint = largest + 4 * -(-largest // 3)  # the project's request_footprint
+            # The project's request_footprint: the message and four copies of its base64.
+            footprint = largest + 4 * (4 * -(-largest // 3))
             found["message_footprint_mib"] = footprint / MiB
             found["rss_bound_mib"] = row["rss_before_mib"] + (budget + footprint) / MiB
         return found

@@ -423,7 +423,7 @@ async def test_the_byte_budget_bounds_the_requests_in_flight(
     small = [build(renderer, tmp_path, size=200_000 + i) for i in range(12)]
     one = max(request_footprint(e.size) for e in small)
     capacity = 3 * one
-    big = build(renderer, tmp_path, size=capacity)  # its footprint is ~2.3 budgets
+    big = build(renderer, tmp_path, size=capacity)  # its footprint is ~6.3 budgets
     assert request_footprint(big.size) > capacity
     snapshots: list[list[int]] = []
 
