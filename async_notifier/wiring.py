@@ -62,11 +62,7 @@ class _SesEventsAdapters:
     async def feedback(self) -> SqsFeedback:
         """Made when a batch first has something to tell the queue."""
         if self._feedback is None:
-            s = self.settings
-            sqs = await self.stack.enter_async_context(aws_client("sqs", s, self.session))
-            self._feedback = SqsFeedback(
-                sqs, dead_letter_queue_url=s.dead_letter_queue_url, endpoint_url=s.aws_endpoint_url
-            )
+            self._feedback = await _queue_feedback(self.stack, self.settings, self.session)
         return self._feedback
 
 
@@ -140,11 +136,7 @@ class _Adapters:
     async def feedback(self) -> SqsFeedback:
         """Made when a batch first has something to tell the queue."""
         if self._feedback is None:
-            s = self.settings
-            sqs = await self.stack.enter_async_context(aws_client("sqs", s, self.session))
-            self._feedback = SqsFeedback(
-                sqs, dead_letter_queue_url=s.dead_letter_queue_url, endpoint_url=s.aws_endpoint_url
-            )
+            self._feedback = await _queue_feedback(self.stack, self.settings, self.session)
         return self._feedback
 
 
@@ -291,3 +283,15 @@ def _transport(
     fallback = by_name[settings.fallback_transport]
     assert fallback is not None
     return FailoverTransport(primary, fallback)
+
+
+async def _queue_feedback(
+    stack: contextlib.AsyncExitStack, settings: Settings, session: Any
+) -> SqsFeedback:
+    """Dead letters and back-off over an SQS client that lives as long as `stack`."""
+    sqs = await stack.enter_async_context(aws_client("sqs", settings, session))
+    return SqsFeedback(
+        sqs,
+        dead_letter_queue_url=settings.dead_letter_queue_url,
+        endpoint_url=settings.aws_endpoint_url,
+    )
