@@ -217,7 +217,7 @@ class Settings:
             retry_attempts=env.integer("RETRY_ATTEMPTS", 3, low=1, high=20),
             retry_base_delay=env.number("RETRY_BASE_DELAY", 0.2, low=0.0),
             smtp_rate_limit=env.rate_limit(
-                "SMTP_RATE_LIMIT", ses=transport == "ses" or _is_ses(env.optional("SMTP_SERVER"))
+                "SMTP_RATE_LIMIT", ses=transport == "ses" or is_ses(env.optional("SMTP_SERVER"))
             ),
             fleet_size=env.integer("FLEET_SIZE", 1, low=1, high=10000),
             dead_letter_queue_url=env.optional("DEAD_LETTER_QUEUE_URL"),
@@ -314,7 +314,8 @@ def ses_region(smtp_server: str | None) -> str | None:
     return None
 
 
-def _is_ses(smtp_server: str | None) -> bool:
+def is_ses(smtp_server: str | None) -> bool:
+    """Whether the SMTP server is Amazon SES (whose quota SMTP_RATE_LIMIT=auto reads)."""
     return ses_region(smtp_server) is not None
 
 

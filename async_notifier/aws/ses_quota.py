@@ -13,7 +13,7 @@ import math
 from typing import Any
 
 from ..account.quota import SendQuota
-from ..config import ses_region
+from ..config import is_ses, ses_region
 from ..logs import get_logger
 from .errors import aws_error
 
@@ -73,8 +73,3 @@ def _number(response: Any, name: str, *, positive: bool | None = None) -> float:
     if (positive and value <= 0) or (positive is False and value < 0):
         raise ValueError(f"the answer's {name} is out of range ({value})")
     return float(value)
-
-
-def is_ses(smtp_server: str) -> bool:
-    """Whether the SMTP server is Amazon SES (whose quota `SesQuotaReader` can read)."""
-    return ses_region(smtp_server) is not None
