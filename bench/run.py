@@ -431,19 +431,8 @@ class Bench:
                 extra["MAX_CONCURRENCY"] = str(scenario.max_concurrency)
             extra.update(item.split("=", 1) for item in self.args.env)
         env = self._target_env(tmp_dir, extra, ports)
-        row: dict[str, Any] = {
-            "scenario": scenario.name,
-            "target": target,
-            "run": run,
-            "records": scenario.records,
-            "size_bytes": scenario.size,
-            "attachment_bytes": batch.total_bytes,
-            "smtp_delay_ms": scenario.smtp_delay_ms,
-            "s3_delay_ms": scenario.s3_delay_ms,
-            "pool_size": self.args.pool_size if target in HANDLERS else None,
-            "env": extra,
-            "errors": [],
-        }
+        row = _row(scenario, target, run, batch, extra)
+        row["pool_size"] = self.args.pool_size if target in HANDLERS else None
         if several:
             row["transport"] = transport
         if warmup is not None:
@@ -537,23 +526,14 @@ class Bench:
             "FLEET_SIZE": str(scenario.instances),
         }
         extra.update(item.split("=", 1) for item in self.args.env)
-        row: dict[str, Any] = {
-            "scenario": scenario.name,
-            "target": target,
-            "run": run,
-            "records": scenario.records,
-            "size_bytes": scenario.size,
-            "attachment_bytes": batch.total_bytes,
-            "smtp_delay_ms": scenario.smtp_delay_ms,
-            "s3_delay_ms": scenario.s3_delay_ms,
-            "pool_size": self.args.pool_size,
-            "instances": scenario.instances,
-            "account_rate": rate,
-            "ideal_s": scenario.records / rate,
-            "invocation_timeout_s": scenario.invocation_timeout_s,
-            "env": extra,
-            "errors": [],
-        }
+        row = _row(scenario, target, run, batch, extra)
+        row.update(
+            pool_size=self.args.pool_size,
+            instances=scenario.instances,
+            account_rate=rate,
+            ideal_s=scenario.records / rate,
+            invocation_timeout_s=scenario.invocation_timeout_s,
+        )
         relay.reset()
         if self.proxy is not None:
             control.query(self.proxy_control, "RESET")
@@ -1072,3 +1052,21 @@ def main(argv: list[str] | None = None) -> int:
     else:
         shutil.rmtree(work, ignore_errors=True)
     return 1 if failed else 0
+
+
+def _row(
+    scenario: Scenario, target: str, run: int, batch: Batch, env: dict[str, str]
+) -> dict[str, Any]:
+    """What every run's row says of what it ran (each kind of run adds its own fields)."""
+    return {
+        "scenario": scenario.name,
+        "target": target,
+        "run": run,
+        "records": scenario.records,
+        "size_bytes": scenario.size,
+        "attachment_bytes": batch.total_bytes,
+        "smtp_delay_ms": scenario.smtp_delay_ms,
+        "s3_delay_ms": scenario.s3_delay_ms,
+        "env": env,
+        "errors": [],
+    }

@@ -46,10 +46,12 @@ class Sink(Protocol):
     def pid(self) -> int | None: ...
 
 
-class AiosmtpdSink(Helper):
-    def __init__(self, log_dir: Path, run_dir: Path, code_dir: Path) -> None:
-        command = python_module("bench.sink", "--run-dir", str(run_dir))
-        super().__init__("sink", command, log_dir, cwd=code_dir)
+class ControlledServer(Helper):
+    """A bench server in its own process that says its SMTP and control ports when ready
+    (`bench.control`): RESET zeroes its counters."""
+
+    def __init__(self, name: str, command: list[str], log_dir: Path, code_dir: Path) -> None:
+        super().__init__(name, command, log_dir, cwd=code_dir)
         self.port = 0
         self.control_port = 0
 
@@ -61,6 +63,12 @@ class AiosmtpdSink(Helper):
     def reset(self) -> None:
         self.check_alive()
         control.query(self.control_port, "RESET")
+
+
+class AiosmtpdSink(ControlledServer):
+    def __init__(self, log_dir: Path, run_dir: Path, code_dir: Path) -> None:
+        command = python_module("bench.sink", "--run-dir", str(run_dir))
+        super().__init__("sink", command, log_dir, code_dir)
 
     def collect(self, expected: int) -> SinkStats:
         self.check_alive()
@@ -175,25 +183,14 @@ def make_sink(kind: str, log_dir: Path, run_dir: Path, code_dir: Path) -> Sink:
     return PostfixSink(log_dir, binary)
 
 
-class RelayProcess(Helper):
+class RelayProcess(ControlledServer):
     """`python -m bench.relay` in its own process: the SMTP server of the throttled scenario,
-    an account with a sending rate (`bench.relay.ThrottlingRelay`), counted like the sink."""
+    an account with a sending rate (`bench.relay.ThrottlingRelay`), counted like the sink.
+    RESET also refills the account's bucket."""
 
     def __init__(self, log_dir: Path, run_dir: Path, code_dir: Path, rate: float) -> None:
         command = python_module("bench.relay", "--rate", f"{rate:g}", "--run-dir", str(run_dir))
-        super().__init__("relay", command, log_dir, cwd=code_dir)
-        self.port = 0
-        self.control_port = 0
-
-    def launch(self) -> None:
-        self.start(ready_line=True)
-        info = self.read_ready(timeout=30)
-        self.port, self.control_port = int(info["port"]), int(info["control_port"])
-
-    def reset(self) -> None:
-        """Zero the counters and refill the account's bucket."""
-        self.check_alive()
-        control.query(self.control_port, "RESET")
+        super().__init__("relay", command, log_dir, code_dir)
 
     def stats(self) -> dict[str, Any]:
         self.check_alive()
