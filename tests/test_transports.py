@@ -7,6 +7,7 @@ counts what SES accepted, by Message-ID: every email once.
 
 from __future__ import annotations
 
+import asyncio
 import email
 import email.policy
 import re
@@ -76,8 +77,6 @@ def metric(lines: list[dict[str, Any]], name: str, **dimensions: str) -> Any:
 def ses_env(
     lambda_env: dict[str, str], aws: MotoServer, bucket: str, monkeypatch: pytest.MonkeyPatch
 ) -> dict[str, str]:
-    import asyncio
-
     asyncio.run(verify_sender(aws))
     seed_objects(
         s3_client(aws.endpoint_url),

@@ -21,6 +21,7 @@ class SentMessage:
     source: str
     destinations: tuple[str, ...]
     raw: bytes
+    message_id: str = ""  # SES's MessageId for it
 
 
 def sent_messages(endpoint_url: str) -> list[SentMessage]:
@@ -33,6 +34,7 @@ def sent_messages(endpoint_url: str) -> list[SentMessage]:
                 str(m.get("source", "")),
                 tuple(dict.fromkeys(m.get("destinations") or [])),  # moto lists them twice
                 _raw(m.get("raw_data")),
+                str(m.get("id", "")),
             )
             for m in (moto.get("ses") or {}).get("RawMessage") or []
         ]
@@ -43,6 +45,7 @@ def sent_messages(endpoint_url: str) -> list[SentMessage]:
                 str(m.get("Source", "")),
                 tuple((m.get("Destination") or {}).get("ToAddresses") or []),
                 _raw(m.get("RawData")),
+                str(m.get("Id", "")),
             )
             for m in localstack.get("messages") or []
             if m.get("RawData")

@@ -8,8 +8,6 @@ answers SES's error codes and records requests on the wire.
 from __future__ import annotations
 
 import asyncio
-import http.client
-import json
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +40,7 @@ from async_notifier.errors import (
     SesThrottled,
     SesUnavailable,
 )
+from async_notifier.local.ses_outbox import SentMessage, sent_messages
 from async_notifier.mail.mime import StreamedEmail, attachment_filename, build_streamed_email
 from async_notifier.mail.render import Renderer
 from async_notifier.ports import PoolStats, Receipt
@@ -108,15 +107,9 @@ class Reached:
         self.calls += 1
 
 
-def moto_sent(aws: MotoServer) -> list[dict[str, Any]]:
-    """The raw messages moto's SES kept (its model data, as the moto server exposes it)."""
-    connection = http.client.HTTPConnection(aws.host, aws.port, timeout=10)
-    try:
-        connection.request("GET", "/moto-api/data.json")
-        data = json.loads(connection.getresponse().read())
-    finally:
-        connection.close()
-    return list(data.get("ses", {}).get("RawMessage", []))
+def moto_sent(aws: MotoServer) -> list[SentMessage]:
+    """The raw messages moto's SES kept (`local/ses_outbox.py`: its model data)."""
+    return sent_messages(aws.endpoint_url)
 
 
 async def verify_sender(aws: MotoServer) -> None:
@@ -141,10 +134,11 @@ async def test_moto_receives_the_bytes_smtp_would_send(
         stats = await ses.finish_batch()
 
     [sent] = moto_sent(aws)
-    assert receipt == Receipt("ses", sent["id"])
-    assert sent["raw_data"].encode("ascii") == email.as_bytes()  # byte-identical, no tag header
-    assert sent["source"] == FROM
-    assert RECIPIENT in sent["destinations"]
+    assert receipt == Receipt("ses", sent.message_id)
+    assert sent.raw.isascii()
+    assert sent.raw == email.as_bytes()  # byte-identical, no tag header
+    assert sent.source == FROM
+    assert RECIPIENT in sent.destinations
     assert reached.calls == 1
     assert stats == PoolStats()
     assert ses.held() is None
@@ -359,7 +353,7 @@ async def test_botocore_retries_an_answered_failure(
         ses = transport(client, settings(s3_proxy.endpoint_url))
         receipt = await ses.deliver(build(renderer, tmp_path, size=None), reached=reached)
     [sent] = moto_sent(aws)
-    assert receipt.provider_id == sent["id"]
+    assert receipt.provider_id == sent.message_id
     assert s3_proxy.request_count == 2
     assert reached.calls == 1
 
