@@ -31,7 +31,6 @@ from typing import Literal
 from aiosmtplib.errors import SMTPAuthenticationError
 
 from ..account.limits import SendLimits
-from ..account.quota import QuotaSource
 from ..config import Settings
 from ..errors import (
     AttachmentUnreadable,
@@ -86,13 +85,7 @@ class _StaleConnection(Exception):
 
 
 class SmtpPool:
-    def __init__(
-        self,
-        settings: Settings,
-        *,
-        secret: CredentialsSource | None = None,
-        quota: QuotaSource | None = None,
-    ) -> None:
+    def __init__(self, settings: Settings, *, secret: CredentialsSource | None = None) -> None:
         self._settings = settings
         self._secret = secret
         self._size = settings.smtp_pool_size
@@ -103,7 +96,7 @@ class SmtpPool:
         self._closed = False
         self._warm = 0  # connections the batch warms up (`prewarm`), kept until it ends
         self._probe_timer: asyncio.TimerHandle | None = None
-        self.limits = SendLimits(settings, quota)
+        self.limits = SendLimits(settings)  # the wiring gives it the quota (`use_quota`)
         self.breaker = CircuitBreaker(
             settings.smtp_breaker_threshold, settings.smtp_breaker_cooldown
         )
@@ -122,9 +115,8 @@ class SmtpPool:
     name = "smtp"
 
     async def send(self, email: StreamedEmail) -> None:
-        """Deliver one email and wait for the server's verdict (`transmit`, then `verdict`)."""
-        sending = await self.transmit(email)
-        await sending.verdict()
+        """Deliver one email and wait for the server's verdict (`deliver`, without receipt)."""
+        await self.deliver(email)
 
     async def deliver(
         self, email: StreamedEmail, *, reached: Callable[[], None] | None = None
