@@ -49,4 +49,4 @@ else:
     register_after_restore(process.after_restore)
 
 if os.environ.get("AWS_LAMBDA_FUNCTION_NAME"):
-    process.start(ses_events=os.environ.get("_HANDLER") == SES_EVENTS_HANDLER)
+    process.init(ses_events=os.environ.get("_HANDLER") == SES_EVENTS_HANDLER)

@@ -35,6 +35,15 @@ _T = TypeVar("_T", bound=str)
 TLS_MODES: tuple[TlsMode, ...] = ("starttls", "tls", "none")
 MIB = 1024 * 1024
 SUPPORTED_LOCALES: tuple[str, ...] = ("pt-BR", "en")
+# Lambda's application log levels (AWS_LAMBDA_LOG_LEVEL) as Python's: TRACE has no twin.
+LAMBDA_LOG_LEVELS = {
+    "TRACE": "DEBUG",
+    "DEBUG": "DEBUG",
+    "INFO": "INFO",
+    "WARN": "WARNING",
+    "ERROR": "ERROR",
+    "FATAL": "CRITICAL",
+}
 DEFAULT_TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "templates"
 # An SES SMTP endpoint: email-smtp.REGION.amazonaws.com, its FIPS twin, and an interface
 # VPC endpoint's own name.
@@ -106,6 +115,7 @@ class Settings:
     templates_dir: Path = DEFAULT_TEMPLATES_DIR
     tmp_dir: Path = field(default_factory=lambda: Path(tempfile.gettempdir()))
     download_chunk_bytes: int = 1024 * 1024
+    # LOG_LEVEL, or in Lambda the function's application log level (AWS_LAMBDA_LOG_LEVEL).
     log_level: str = "INFO"
     # Reliability (deadlines, retries, dead letters, idempotency, large files).
     deadline_margin: float | None = None
@@ -209,8 +219,9 @@ class Settings:
             download_chunk_bytes=env.integer(
                 "DOWNLOAD_CHUNK_BYTES", 1024 * 1024, low=4096, high=64 * 1024 * 1024
             ),
-            log_level=env.choice(
-                "LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR"), upper=True
+            log_level=env.log_level(
+                env.choice("LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR"), upper=True),
+                lambda_level=env.optional("AWS_LAMBDA_LOG_LEVEL"),
             ),
             deadline_margin=env.optional_number("DEADLINE_MARGIN_SECONDS", low=0.0),
             s3_timeout=env.number("S3_TIMEOUT", 30.0, low=0.1),
@@ -379,6 +390,21 @@ class _Env:
                 return option
         self.problems.append(f"{name} must be one of {', '.join(choices)}, got {raw!r}")
         return default
+
+    def log_level(self, own: str, *, lambda_level: str | None) -> str:
+        """LOG_LEVEL, unless Lambda's application log level is set (AWS_LAMBDA_LOG_LEVEL,
+        from the function's LoggingConfig): then that one, as Powertools does. Lambda drops
+        every line below it anyway, and it is the level the function's configuration shows."""
+        if lambda_level is None:
+            return own
+        level = LAMBDA_LOG_LEVELS.get(lambda_level.upper())
+        if level is None:
+            choices = ", ".join(LAMBDA_LOG_LEVELS)
+            self.problems.append(
+                f"AWS_LAMBDA_LOG_LEVEL must be one of {choices}, got {lambda_level!r}"
+            )
+            return own
+        return level
 
     def optional_number(self, name: str, *, low: float) -> float | None:
         if self.optional(name) is None:

@@ -52,7 +52,9 @@ MAX_METRICS_PER_DIRECTIVE = 100  # EMF: a MetricDirective holds at most 100 metr
 MAX_DIMENSIONS = 30  # EMF: a DimensionSet holds at most 30 keys
 MAX_NAME = 255  # CloudWatch metric and namespace names
 MAX_DIMENSION_VALUE = 1024
-_RESERVED = "_aws"
+# `_aws` is EMF's metadata; `level` and `timestamp` are put in front of each line by the
+# package's log handler (`logs.py`), for Lambda's JSON log format.
+_RESERVED = frozenset({"_aws", "level", "timestamp"})
 # CloudWatch's namespace characters; "AWS/" is reserved for AWS's own namespaces.
 
 _GroupKey = tuple[tuple[str, str], ...]
@@ -107,7 +109,7 @@ class InvocationMetrics:
 
     def set_property(self, name: str, value: Any) -> None:
         """A top-level field that is not a metric (e.g. the request id), for Logs Insights."""
-        if name == _RESERVED or name in self.dimensions or self._is_metric(name):
+        if name in _RESERVED or name in self.dimensions or self._is_metric(name):
             raise ValueError(f"property {name!r} collides with a metric or dimension")
         json.dumps(value)  # fail here, not at emit time
         self._properties[name] = value
@@ -177,7 +179,7 @@ class InvocationMetrics:
             raise ValueError(f"metric {name!r}: dimensions repeat the base dimensions")
         combined = {**self.dimensions, **extra}
         _check_dimensions(combined)
-        if name == _RESERVED or name in combined or name in self._properties:
+        if name in _RESERVED or name in combined or name in self._properties:
             raise ValueError(f"metric name {name!r} collides with a dimension or property")
         for other_key in self._groups:
             if name in dict(other_key) or any(k in self._groups[other_key] for k in extra):
@@ -199,7 +201,7 @@ def _check_dimensions(dimensions: Mapping[str, str]) -> None:
     if len(dimensions) > MAX_DIMENSIONS:
         raise ValueError(f"more than {MAX_DIMENSIONS} dimensions")
     for name, value in dimensions.items():
-        if not isinstance(name, str) or not name or len(name) > MAX_NAME or name == _RESERVED:
+        if not isinstance(name, str) or not name or len(name) > MAX_NAME or name in _RESERVED:
             raise ValueError(f"invalid dimension name {name!r}")
         if not isinstance(value, str) or not value or len(value) > MAX_DIMENSION_VALUE:
             raise ValueError(f"dimension {name!r} needs a non-empty string value")
