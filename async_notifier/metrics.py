@@ -149,11 +149,13 @@ class InvocationMetrics:
         return [json.dumps(d, separators=(",", ":"), ensure_ascii=False) for d in self.documents()]
 
     def emit(self, stream: IO[str] | None = None) -> str:
-        """Write the EMF lines; return what was written.
+        """Write the EMF lines; return them.
 
         Lambda sends stdout to CloudWatch Logs line by line, where each line that is an EMF
         document becomes metrics. Without `stream` the lines go through the package's log
-        handlers (see `logs.emit_raw`), so whoever redirects the logs gets them too.
+        handlers (see `logs.emit_raw`), so whoever redirects the logs gets them too; the
+        package's handler writes `level` and `timestamp` in front of each, for Lambda's JSON
+        log format.
         """
         lines = self.lines()
         if stream is None:

@@ -65,8 +65,16 @@ POOL_ID = f"{REGION}_AbCdEf123"
 KMS_KEY = f"arn:aws:kms:{REGION}:{ACCOUNT}:key/1234abcd-12ab-34cd-56ef-1234567890ab"
 # The verified SES identity EmailFrom sends as, for stacks with the SES API transport.
 SES_IDENTITY = "example.com"
-# Worker settings the template leaves unset on purpose (see the comment at its top).
-DELIBERATELY_UNSET = {"AWS_REGION", "AWS_ENDPOINT_URL", "SMTP_PASSWORD", "TEMPLATES_DIR", "TMP_DIR"}
+# Worker settings the template leaves unset on purpose (see the comment at its top), and
+# AWS_LAMBDA_LOG_LEVEL: Lambda sets it from LoggingConfig's ApplicationLogLevel.
+DELIBERATELY_UNSET = {
+    "AWS_REGION",
+    "AWS_ENDPOINT_URL",
+    "AWS_LAMBDA_LOG_LEVEL",
+    "SMTP_PASSWORD",
+    "TEMPLATES_DIR",
+    "TMP_DIR",
+}
 # Settings the worker is getting with fleet-wide pacing and retry by age (another branch):
 # the template carries them before config.py reads them.
 # And those it is getting with the SES API transport and failover (TRANSPORT_VARIABLES).
@@ -1321,7 +1329,9 @@ def test_ses_events_function_records_bounces_with_the_template_environment(
     ttl = Stack().resources()["SuppressionTable"]["Properties"]["TimeToLiveSpecification"]
     expiring = [item for item in items if ttl["AttributeName"] in item]
     assert [item["suppressed"]["BOOL"] for item in expiring] == [False]
-    (document,) = documents
+    # The process's first invocation: its ColdStart, then the batch's numbers.
+    cold, document = documents
+    assert cold["ColdStart"] == 1
     assert (document["HardBounces"], document["SoftBounces"], document["Complaints"]) == (1, 1, 1)
     assert document["SesEventsReceived"] == 3
     for address in ("gone@example.com", "full@example.com", "angry@example.com"):

@@ -4,6 +4,7 @@ the spec's rules in support/emf.py), counted per outcome and per error class."""
 from __future__ import annotations
 
 import io
+import re
 
 import pytest
 from emf import directive_of, parse_lines, units_of
@@ -145,15 +146,22 @@ def test_batch_metrics(batch: BatchResult) -> None:
 def test_emit_writes_raw_lines_to_stdout_through_the_package_logs(
     batch: BatchResult, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """Raw EMF lines on stdout, whatever LOG_LEVEL, and not wrapped in the JSON log format."""
+    """Raw EMF lines on stdout, whatever LOG_LEVEL, not wrapped in the JSON log format: the
+    documents themselves, with only Lambda's `level` (the package's: a filter that lets its
+    logs through lets the metrics through) and an RFC 3339 `timestamp` in front."""
     logger = configure("ERROR")
     try:
         metrics = metrics_from_batch(batch, duration_s=0.5, namespace=NAMESPACE, function_name=None)
         text = metrics.emit()
-        assert capsys.readouterr().out == text
+        written = parse_lines(capsys.readouterr().out)
     finally:
         for log_handler in list(logger.handlers):
             logger.removeHandler(log_handler)
+    assert [list(d)[:3] for d in written] == [["level", "timestamp", "_aws"]] * len(written)
+    assert {d.pop("level") for d in written} == {"ERROR"}
+    for document in written:
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", document.pop("timestamp"))
+    assert written == parse_lines(text)
     main, *by_class = parse_lines(text)
     assert directive_of(main)["Dimensions"] == [[]]  # no dimensions: the namespace-wide metric
     assert all(directive_of(d)["Dimensions"] == [["ErrorClass"]] for d in by_class)
