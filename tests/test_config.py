@@ -331,3 +331,28 @@ def test_transport_problems(env: dict[str, str], problem: str) -> None:
     message = problems({**base, **env})
     assert problem in message
     assert message.count("FALLBACK_TRANSPORT") <= 1  # one problem, said once
+
+
+@pytest.mark.parametrize(
+    ("log_level", "lambda_level", "expected"),
+    [
+        (None, None, "INFO"),
+        ("warning", None, "WARNING"),
+        # Lambda's application log level (LoggingConfig) wins over LOG_LEVEL, either way.
+        ("DEBUG", "WARN", "WARNING"),
+        ("ERROR", "INFO", "INFO"),
+        (None, "TRACE", "DEBUG"),
+        (None, "fatal", "CRITICAL"),
+    ],
+)
+def test_log_level_is_lambdas_application_level_when_set(
+    log_level: str | None, lambda_level: str | None, expected: str
+) -> None:
+    env = {"LOG_LEVEL": log_level, "AWS_LAMBDA_LOG_LEVEL": lambda_level}
+    assert settings(**{k: v for k, v in env.items() if v is not None}).log_level == expected
+
+
+def test_an_unknown_lambda_log_level_is_a_problem() -> None:
+    assert "AWS_LAMBDA_LOG_LEVEL must be one of TRACE, DEBUG, INFO, WARN, ERROR, FATAL" in (
+        problems({**MINIMAL, "AWS_LAMBDA_LOG_LEVEL": "WARNING"})
+    )

@@ -71,6 +71,10 @@ def test_fixed_clock_sets_the_timestamp() -> None:
         (lambda m: m.add(""), "invalid metric name"),
         (lambda m: m.add("x" * 256), "invalid metric name"),
         (lambda m: m.add("_aws"), "collides"),
+        # The log handler puts Lambda's `level` and `timestamp` in front of every line.
+        (lambda m: m.add("level"), "collides"),
+        (lambda m: m.set_property("timestamp", "x"), "collides"),
+        (lambda m: m.add("X", dimensions={"level": "v"}), "invalid dimension name"),
         (lambda m: m.add("FunctionName"), "collides"),
         (lambda m: m.add("X", dimensions={"FunctionName": "g"}), "repeat"),
         (lambda m: m.add("X", dimensions={"ErrorClass": ""}), "non-empty"),
