@@ -48,6 +48,8 @@ from async_notifier.runner import HEARTBEAT_TASK_NAME, MIN_EXTENSION
 from async_notifier.wiring import AwsBackend
 
 ROOT = Path(__file__).resolve().parent.parent
+LAMBDA_KEYS = {"cold_start", "function_name", "function_memory_size", "xray_trace_id"}
+TRACE_HEADER = "Root=1-67891233-abcdef012345678912345678;Parent=53995c3f42cd8ad8;Sampled=1"
 
 
 @pytest.fixture
@@ -715,12 +717,17 @@ def test_cli_drains_the_queue(
         text=True,
         timeout=120,
         cwd=ROOT,
-        env={**os.environ, "SMTP_RATE_LIMIT": "100"},
+        # A trace variable in the environment (an X-Ray-instrumented host) does not make
+        # the runner's batches Lambda invocations.
+        env={**os.environ, "SMTP_RATE_LIMIT": "100", "_X_AMZN_TRACE_ID": TRACE_HEADER},
         check=False,
     )
 
     assert done.returncode == 0, done.stderr + done.stdout
     logs = _log_lines(done.stdout)
+    # Lambda's keys (and its ColdStart metric) are the handler's alone.
+    assert [line for line in logs if LAMBDA_KEYS & set(line) or "ColdStart" in line] == []
+    assert any(line.get("message") == "batch done" for line in logs)
     [started] = [line for line in logs if line.get("message") == "runner started"]
     assert started["batch_timeout"] == 60
     assert started["visibility_timeout"] == 1
