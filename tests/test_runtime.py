@@ -28,7 +28,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from emf import validate_emf
 from lambda_sandbox import (
+    FUNCTION_NAME,
     LambdaProcess,
     Target,
     build_zip,
@@ -157,6 +159,18 @@ def _answer(api: RuntimeApi, process: LambdaProcess, event: Any) -> Invocation:
     return api.invocation(request_id)
 
 
+def _written(output: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(log lines, EMF documents) of the package in the runtime's output."""
+    lines = [json.loads(line) for line in output.splitlines() if line.startswith("{")]
+    documents = [validate_emf(json.dumps(line)) for line in lines if "_aws" in line]
+    return [line for line in lines if "_aws" not in line], documents
+
+
+def _trace_root(invocation: Invocation) -> str:
+    root, *_ = invocation.trace_id.split(";")
+    return root.removeprefix("Root=")
+
+
 def _failed(invocation: Invocation) -> list[str]:
     assert invocation.response is not None
     body = invocation.response.body
@@ -251,6 +265,61 @@ def test_warm_process_serves_batches(
     # Lambda's log stream (the process's output) names no recipient.
     for address in ("maria@example.com", "john@example.com", "ana@example.com"):
         assert address not in output
+
+    # Each invocation's lines carry Lambda's keys: from its context, and the trace the
+    # runtime client put in _X_AMZN_TRACE_ID for it; the first is the cold start. (The
+    # third, with no records, logs nothing.)
+    logs, documents = _written(output)
+    for invocation in invocations[:2]:
+        mine = [line for line in logs if line.get("request_id") == invocation.request_id]
+        assert mine, invocation.request_id
+        assert {line["cold_start"] for line in mine} == {invocation is invocations[0]}
+        assert {line["xray_trace_id"] for line in mine} == {_trace_root(invocation)}
+        assert {(line["function_name"], line["function_memory_size"]) for line in mine} == {
+            (FUNCTION_NAME, 1024)
+        }
+    cold = [d["request_id"] for d in documents if "ColdStart" in d]
+    assert cold == [invocations[0].request_id]
+
+
+def test_json_log_format_keeps_our_lines_and_their_metrics(
+    deployment: Deployment,
+    runtime_api: RuntimeApi,
+    aws: MotoServer,
+    bucket: str,
+    smtp_sink: SmtpSink,
+    tmp_path: Path,
+) -> None:
+    """LoggingConfig with LogFormat JSON and ApplicationLogLevel WARN: Lambda starts the
+    runtime with AWS_LAMBDA_LOG_FORMAT=JSON and AWS_LAMBDA_LOG_LEVEL=WARN. The runtime
+    client formats the root logger's records; the package's lines reach stdout unwrapped,
+    only from WARN up (LOG_LEVEL says INFO: Lambda's level wins), in Lambda's level names,
+    and the metric lines at WARN, which Lambda's filter keeps, still EMF documents."""
+    settings = {
+        **_settings(aws, smtp_sink, bucket),
+        "AWS_LAMBDA_LOG_FORMAT": "JSON",
+        "AWS_LAMBDA_LOG_LEVEL": "WARN",
+        "LOG_LEVEL": "INFO",
+    }
+    record = sqs_record({"video_id": "v1", "status": "FAILED", "email": "ana@example.com"})
+    with _process(deployment, runtime_api, settings, tmp_path) as process:
+        first = _answer(runtime_api, process, {"Records": [record]})
+        assert _failed(first) == []
+        second = _answer(runtime_api, process, {"Records": "none"})
+        assert _failed(second) == []
+        output = process.output()
+    smtp_sink.wait_for(1)
+
+    logs, documents = _written(output)
+    [warning] = logs
+    assert warning["message"] == "event has no Records list; nothing to do"
+    assert warning["level"] == "WARN"
+    assert (warning["request_id"], warning["cold_start"]) == (second.request_id, False)
+    assert warning["xray_trace_id"] == _trace_root(second)
+    assert {d["level"] for d in documents} == {"WARN"}
+    cold = [d["request_id"] for d in documents if "ColdStart" in d]
+    assert cold == [first.request_id]
+    assert [d["request_id"] for d in documents if "RecordsReceived" in d] == [first.request_id]
 
 
 def test_bad_setting_is_reported_by_the_runtime_client(
