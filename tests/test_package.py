@@ -7,6 +7,8 @@ The unpacked zip is then imported by a clean interpreter (`-I -S`: no site-packa
 environment, nothing but the zip's directory and the standard library on sys.path), which
 runs the handler on an empty batch and on a real one against moto and an SMTP sink.
 tests/test_runtime.py runs the real 3.13 zips on CPython 3.13 (`make test-runtime`).
+The `cold_build` test (`make test-cold-build`, downloads every wheel) builds the real targets
+twice from empty caches; the others share build/package/ and reuse its installs.
 """
 
 from __future__ import annotations
