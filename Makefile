@@ -4,6 +4,9 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PY := $(BIN)/python
 STAMP := $(VENV)/.installed
+UV := $(BIN)/uv
+# make lock: extra flags for uv pip compile, e.g. LOCK_ARGS='--upgrade-package botocore'
+LOCK_ARGS ?=
 PYTEST_ARGS ?=
 # make bench: extra flags for python -m bench, e.g. BENCH_ARGS='--scenario remote'
 BENCH_ARGS ?=
@@ -35,7 +38,7 @@ ARCH ?= arm64
 PYTHON_VERSION = 3.13
 
 .DEFAULT_GOAL := help
-.PHONY: help venv test lint format run-local localstack localstack-stop test-localstack \
+.PHONY: help venv lock test test-cold-build lint format run-local localstack localstack-stop test-localstack \
 	bench bench-quick clean distclean package test-runtime test-mta cfn-lint
 
 help:
@@ -43,6 +46,8 @@ help:
 	@echo "make run-local   run the worker end to end on a local S3/SQS + mail catcher"
 	@echo "                 options: MESSAGES=8 ZIP_SIZE=262144 OUTBOX=outbox, and"
 	@echo "                 AWS_ENDPOINT_URL=http://127.0.0.1:4566 to use a running endpoint"
+	@echo "make lock        refresh requirements.lock (hashes) from requirements.txt;"
+	@echo "                 LOCK_ARGS=--upgrade (or '--upgrade-package NAME') moves the others"
 	@echo "make lint        ruff (lint + format check) and mypy"
 	@echo "make format      apply ruff's formatting and safe fixes"
 	@echo "make localstack  start LocalStack on 127.0.0.1:4566 without Docker (own venv)"
@@ -55,6 +60,8 @@ help:
 	@echo "make package     build dist/deployment-package.zip for Lambda (python3.13, ARCH=arm64"
 	@echo "                 or ARCH=x86_64; PYTHON_VERSION=3.12); reproducible, prints its sizes"
 	@echo "                 and sha256"
+	@echo "make test-cold-build  build each zip twice from empty caches (downloads every"
+	@echo "                 wheel) and check both builds have the same sha256"
 	@echo "make test-runtime  run both zips (CPython 3.13, x86_64 and arm64 under qemu) in Debian"
 	@echo "                 chroots under Lambda's runtime client (root; caches ~/.cache/async-notifier)"
 	@echo "make test-mta    the SMTP client against real Postfix and Exim, each in a Debian chroot"
@@ -63,21 +70,52 @@ help:
 	@echo "make clean       remove the venv, caches, outbox/, build/, dist/ and bench/out/"
 	@echo "make distclean   also LocalStack's venv and state (.localstack/)"
 
-$(STAMP): requirements.txt requirements-dev.txt pyproject.toml
+# The runtime dependencies come from the lock, hash-checked, exactly as the zip gets them; the
+# dev tools are then held to the lock's versions (pip refuses hashes in a constraints file: any
+# hash there switches every requirement to hash-checking, so the constraints are the lock
+# without its hashes). A dev tool that needs another version of a locked package fails here
+# instead of silently testing against something the zip does not ship.
+$(STAMP): requirements.txt requirements.lock requirements-dev.txt pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11) and "Python 3.11+ is required")'
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -r requirements-dev.txt
+	$(PY) -m pip install --quiet --require-hashes --no-deps -r requirements.lock
+	sed -e '/--hash=/d' -e 's/ *\\$$//' requirements.lock > $(VENV)/constraints.txt
+	$(PY) -m pip install --quiet -r requirements-dev.txt -c $(VENV)/constraints.txt || { \
+		echo "make venv: requirements-dev.txt conflicts with requirements.lock;" \
+			"after changing requirements.txt, run make lock" >&2; exit 1; }
 	$(PY) -m pip install --quiet --no-deps -e .
+	$(PY) -m pip check
 	@touch $@
 
 venv: $(STAMP)
+
+# uv alone, pinned in requirements-dev.txt: `make lock` must work when requirements.txt has
+# changed and the lock (hence the full venv) is stale.
+$(UV):
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11) and "Python 3.11+ is required")'
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet "$$(grep -E '^uv==' requirements-dev.txt)"
+
+# One lock for every target: CPython 3.11 and newer on any platform (--universal writes a
+# marker where the answer differs); scripts/package.py evaluates those markers for Lambda.
+# uv keeps the lock's other pins unless LOCK_ARGS asks for more (--upgrade, or
+# --upgrade-package NAME).
+lock: $(UV)
+	$(UV) pip compile requirements.txt --quiet --universal --python-version 3.11 \
+		--generate-hashes --custom-compile-command 'make lock' \
+		--output-file requirements.lock $(LOCK_ARGS)
 
 # Two worker processes (pytest-xdist), each with its own moto; --dist loadfile gives a worker
 # a whole module at a time, so module-scoped set-up (the benchmark run, the package builds)
 # happens once. PYTEST_ARGS comes last: PYTEST_ARGS='-n 0' runs the suite in one process.
 test: $(STAMP)
 	$(PY) -m pytest -n 2 --dist loadfile $(PYTEST_ARGS)
+
+# The zip for each architecture, twice, each time from an empty dependency cache with pip's
+# cache off: every wheel downloaded from PyPI again (about a minute and a half), same sha256.
+test-cold-build: $(STAMP)
+	$(PY) -m pytest -m cold_build tests/test_package.py $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check async_notifier handler.py tests bench scripts

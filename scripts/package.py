@@ -1,25 +1,34 @@
 #!/usr/bin/env python3
 """Build the Lambda deployment package: `dist/deployment-package.zip` (`make package`).
 
-The zip holds, at its root, the runtime dependencies of requirements.txt built for the Lambda
-runtime (binary wheels for CPython 3.13 on arm64 or x86_64, fetched with
-`pip install --platform ... --only-binary=:all: --target`), the `async_notifier` package
-(without `async_notifier/local/`, the dev demo, which needs moto and aiosmtpd), `handler.py`
-and `templates/`.
+The zip holds, at its root, the runtime dependencies exactly as requirements.lock pins them
+(every transitive one, `make lock`), built for the Lambda runtime: binary wheels for CPython
+3.13 on arm64 or x86_64, fetched with `pip install --require-hashes --no-deps --platform ...
+--only-binary=:all: --target`. Then the `async_notifier` package (without
+`async_notifier/local/`, the dev demo, which needs moto and aiosmtpd), `handler.py` and
+`templates/`.
 
-It is reproducible: entries sorted, every timestamp 1980-01-01 (or SOURCE_DATE_EPOCH), modes
-0644 for files and 0755 for directories, so two builds from the same inputs have the same
-sha256. Tests, caches, type stubs, Cython sources, console scripts and the dist-info files
-nothing reads at run time are left out; each dist-info keeps METADATA (dnspython and others
-call importlib.metadata.version at import), entry_points.txt and its licence files.
+The lock's environment markers are evaluated here, for the target (pip would evaluate them
+for the interpreter running it, not for --python-version and --platform). The build refuses a
+lock that disagrees with a direct pin of requirements.txt, and an install in which a
+dependency requires something the lock does not provide for the target.
 
-The dependency install is cached under build/package/, keyed by requirements.txt, the
+It is reproducible: every wheel is the one whose sha256 the lock names, and the zip's entries
+are sorted, every timestamp 1980-01-01 (or SOURCE_DATE_EPOCH), modes 0644 for files and 0755
+for directories. So the same lock, sources, architecture and Python version give the same
+sha256 from an empty cache or a warm one, today or later. Tests, caches, type stubs, Cython
+sources, console scripts and the dist-info files nothing reads at run time are left out; each
+dist-info keeps METADATA (dnspython and others call importlib.metadata.version at import),
+entry_points.txt and its licence files.
+
+The dependency install is cached under build/package/, keyed by the lock's content, the
 platform and the Python version, so a second build only zips. The build fails when the zip is
 over 50 MiB or its contents over 250 MiB (Lambda's limits for a direct upload and for the
 unzipped function).
 
 Usage: python scripts/package.py [--arch arm64|x86_64] [--python-version 3.13]
                                  [--output dist/deployment-package.zip] [--refresh]
+                                 [--cache-dir build/package]
 """
 
 from __future__ import annotations
@@ -32,12 +41,25 @@ import shutil
 import stat
 import subprocess
 import sys
+import tempfile
 import time
 import zipfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from importlib import metadata
 from pathlib import Path, PurePosixPath
+from typing import NamedTuple
+
+try:
+    from packaging.requirements import InvalidRequirement, Requirement
+    from packaging.utils import canonicalize_name
+except ImportError:  # outside the dev venv: pip, which the build needs anyway, vendors it
+    from pip._vendor.packaging.requirements import InvalidRequirement, Requirement
+    from pip._vendor.packaging.utils import canonicalize_name
 
 ROOT = Path(__file__).resolve().parent.parent
+# The direct pins (edited by hand) and every dependency they pull in, with hashes (make lock).
+REQUIREMENTS = ROOT / "requirements.txt"
+LOCK = ROOT / "requirements.lock"
 MIB = 1024 * 1024
 # Lambda: 50 MB for a zip uploaded directly, 250 MB for the unzipped function (and layers).
 # AWS counts these in binary megabytes: the API refuses more than 262,144,000 bytes unzipped.
@@ -56,7 +78,7 @@ FILE_MODE = 0o644
 DIR_MODE = 0o755
 ZIP_EPOCH = 315532800  # 1980-01-01T00:00:00Z, the earliest time a ZIP entry can hold
 # Bump when the shape of the cached dependency install changes.
-CACHE_FORMAT = "1"
+CACHE_FORMAT = "2"
 
 # Never imported or read at run time.
 _SKIP_DIRS = frozenset({"__pycache__", "tests", "test"})
@@ -77,6 +99,155 @@ def platform_tags(arch: str) -> list[str]:
     return [*newer, f"manylinux2014_{machine}"]
 
 
+class Pin(NamedTuple):
+    """One entry of the lock: `name==version`, the marker it holds under, its hashes.
+
+    (A NamedTuple, not a dataclass: the tests load this script by path, unregistered in
+    sys.modules, where a dataclass cannot resolve its string annotations.)
+    """
+
+    requirement: Requirement
+    hashes: tuple[str, ...]
+
+    @property
+    def name(self) -> str:
+        return canonicalize_name(self.requirement.name)
+
+    @property
+    def version(self) -> str:
+        return next(iter(self.requirement.specifier)).version
+
+    def line(self) -> str:
+        """The pin for pip, without its marker (evaluated by `for_target`)."""
+        hashes = " ".join(f"--hash={digest}" for digest in self.hashes)
+        return f"{self.requirement.name}=={self.version} {hashes}"
+
+
+def _logical_lines(text: str) -> Iterator[str]:
+    """A requirements file's lines, continuations joined and comments dropped."""
+    pending = ""
+    for raw in text.splitlines():
+        line = re.sub(r"(^|\s)#.*$", "", raw)
+        if line.endswith("\\"):
+            pending += line[:-1] + " "
+            continue
+        joined = " ".join((pending + line).split())
+        pending = ""
+        if joined:
+            yield joined
+
+
+def read_requirements(path: Path) -> list[Requirement]:
+    """requirements.txt's direct requirements (the file holds nothing but requirements)."""
+    try:
+        return [Requirement(line) for line in _logical_lines(path.read_text())]
+    except InvalidRequirement as exc:
+        raise PackageError(f"{path.name}: {exc}") from None
+
+
+def read_lock(path: Path) -> list[Pin]:
+    """The lock's pins; anything but a hash-pinned `name==version [; marker]` is refused."""
+    pins = []
+    for line in _logical_lines(path.read_text()):
+        words = line.split(" ")
+        hashes = tuple(word.removeprefix("--hash=") for word in words if word.startswith("--hash="))
+        rest = " ".join(word for word in words if not word.startswith("--hash="))
+        try:
+            requirement = Requirement(rest)
+        except InvalidRequirement:
+            requirement = None
+        specifiers = list(requirement.specifier) if requirement else []
+        if (
+            requirement is None
+            or rest.startswith("-")
+            or requirement.url
+            or requirement.extras
+            or len(specifiers) != 1
+            or specifiers[0].operator != "=="
+            or not hashes
+        ):
+            raise PackageError(
+                f"{path.name}: not a hash-pinned name==version: {line[:80]!r} (run make lock)"
+            )
+        pins.append(Pin(requirement, hashes))
+    return pins
+
+
+def stale_pins(requirements: Sequence[Requirement], pins: Sequence[Pin]) -> list[str]:
+    """Direct requirements the lock lacks or pins to a version they do not allow."""
+    locked = {pin.name: pin.version for pin in pins}
+    problems = []
+    for requirement in requirements:
+        version = locked.get(canonicalize_name(requirement.name))
+        if version is None:
+            problems.append(f"{requirement} is not in the lock")
+        elif not requirement.specifier.contains(version, prereleases=True):
+            problems.append(f"{requirement} but the lock has {version}")
+    return problems
+
+
+def target_environment(arch: str, python_version: str) -> dict[str, str]:
+    """PEP 508 marker values on Lambda: Linux, CPython `python_version`, this processor."""
+    full = f"{python_version}.0"  # markers that tell patch releases apart are not expected
+    return {
+        "implementation_name": "cpython",
+        "implementation_version": full,
+        "os_name": "posix",
+        "platform_machine": ARCHES[arch],
+        "platform_python_implementation": "CPython",
+        "platform_release": "",
+        "platform_system": "Linux",
+        "platform_version": "",
+        "python_full_version": full,
+        "python_version": python_version,
+        "sys_platform": "linux",
+    }
+
+
+def for_target(pins: Sequence[Pin], environment: Mapping[str, str]) -> list[Pin]:
+    """The pins whose marker holds in `environment` (all of them when none has a marker)."""
+    return [
+        pin
+        for pin in pins
+        if pin.requirement.marker is None or pin.requirement.marker.evaluate(dict(environment))
+    ]
+
+
+def unmet_dependencies(deps: Path, environment: Mapping[str, str]) -> list[str]:
+    """What the distributions installed in `deps` require and the others do not provide.
+
+    pip's --no-deps installs the lock's pins and nothing else, so a dependency the lock
+    lacks for this target (or pins outside a requirer's range) would go unnoticed until
+    import. Extras are followed: `aiobotocore[boto3]` requires boto3 too.
+    """
+    installed = {
+        canonicalize_name(dist.metadata["Name"]): dist
+        for dist in metadata.distributions(path=[str(deps)])
+    }
+    problems: set[str] = set()
+    todo = [(name, "") for name in installed]
+    seen: set[tuple[str, str]] = set()
+    while todo:
+        name, extra = todo.pop()
+        if (name, extra) in seen:
+            continue
+        seen.add((name, extra))
+        for line in installed[name].requires or []:
+            requirement = Requirement(line)
+            marker = requirement.marker
+            if marker is not None and not marker.evaluate({**environment, "extra": extra}):
+                continue
+            wanted = canonicalize_name(requirement.name)
+            found = installed.get(wanted)
+            if found is None:
+                problems.add(f"{name} requires {requirement}, which the lock does not pin")
+            elif not requirement.specifier.contains(found.version, prereleases=True):
+                problems.add(f"{name} requires {requirement}, the lock pins {found.version}")
+            else:
+                todo.extend((wanted, wanted_extra) for wanted_extra in requirement.extras)
+    return sorted(problems)
+
+
 def install_dependencies(
     requirements: Path,
     *,
@@ -84,8 +255,14 @@ def install_dependencies(
     python_version: str,
     cache_root: Path,
     refresh: bool = False,
+    locked: bool = False,
 ) -> Path:
-    """Install requirements for the target platform into a cached directory and return it."""
+    """Install requirements for the target platform into a cached directory and return it.
+
+    `locked`: `requirements` is a lock (requirements.lock): its pins for this target are
+    installed alone (--no-deps) and hash-checked, and must meet each other's requirements.
+    Otherwise pip resolves `requirements` itself (the runtime client of the tests).
+    """
     tags = platform_tags(arch)
     key_source = "\n".join([CACHE_FORMAT, *tags, python_version, requirements.read_text()])
     key = hashlib.sha256(key_source.encode()).hexdigest()[:16]
@@ -98,45 +275,63 @@ def install_dependencies(
     cache_root.mkdir(parents=True, exist_ok=True)
     staging = cache_root / f".staging-{target.name}-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
-    command = [
-        sys.executable,
-        "-m",
-        "pip",
-        "install",
-        "--quiet",
-        "--disable-pip-version-check",
-        "--no-input",
-        "--no-compile",
-        "--target",
-        str(staging),
-        *(option for tag in tags for option in ("--platform", tag)),
-        "--implementation",
-        "cp",
-        "--python-version",
-        python_version,
-        "--only-binary=:all:",
-        "-r",
-        str(requirements),
-    ]
+    environment = target_environment(arch, python_version)
+    pins = for_target(read_lock(requirements), environment) if locked else None
+    options = ["--require-hashes", "--no-deps"] if locked else []
     print(
-        f"dependencies: pip install for CPython {python_version} on {arch} "
-        f"({tags[-1]} to {tags[0]})"
+        f"dependencies: pip install {' '.join([*options, '-r', requirements.name])} for CPython "
+        f"{python_version} on {arch} ({tags[-1]} to {tags[0]})"
     )
     started = time.monotonic()
-    try:
-        subprocess.run(command, check=True)
-    except subprocess.CalledProcessError as exc:
+    with tempfile.TemporaryDirectory(prefix=".requirements-", dir=cache_root) as scratch:
+        requirement_file = requirements
+        if pins is not None:  # markers evaluated here, for the target, not by pip
+            requirement_file = Path(scratch, requirements.name)
+            requirement_file.write_text("".join(f"{pin.line()}\n" for pin in pins))
+        command = [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            "--no-input",
+            "--no-compile",
+            "--target",
+            str(staging),
+            *(option for tag in tags for option in ("--platform", tag)),
+            "--implementation",
+            "cp",
+            "--python-version",
+            python_version,
+            "--only-binary=:all:",
+            *options,
+            "-r",
+            str(requirement_file),
+        ]
+        try:
+            subprocess.run(command, check=True)
+        except subprocess.CalledProcessError as exc:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise PackageError(
+                f"pip install failed (exit {exc.returncode}); a dependency without a binary "
+                f"wheel for CPython {python_version} on {arch} (manylinux up to glibc "
+                f"2.{LAMBDA_GLIBC_MINOR}) cannot be packaged: pin a version that has one"
+                + (", and every file must have a sha256 the lock lists" if locked else "")
+            ) from exc
+    unmet = unmet_dependencies(staging, environment) if locked else []
+    if unmet:
         shutil.rmtree(staging, ignore_errors=True)
         raise PackageError(
-            f"pip install failed (exit {exc.returncode}); a dependency without a binary wheel "
-            f"for CPython {python_version} on {arch} (manylinux up to glibc "
-            f"2.{LAMBDA_GLIBC_MINOR}) cannot be packaged: pin a version that has one"
-        ) from exc
+            f"{requirements.name} is incomplete for CPython {python_version} on {arch}: "
+            + "; ".join(unmet)
+            + " (run make lock)"
+        )
     marker_tmp = staging / ".complete"
     marker_tmp.write_text(key_source)
     shutil.rmtree(target, ignore_errors=True)
     staging.rename(target)
-    # Older installs for the same interpreter and arch are stale: requirements changed.
+    # Older installs for the same interpreter and arch are stale: the lock changed.
     for old in cache_root.glob(f"{prefix}*"):
         if old != target:
             shutil.rmtree(old, ignore_errors=True)
@@ -265,12 +460,18 @@ def build(
 ) -> str:
     """Build the package and return its sha256; raise PackageError when it cannot be used."""
     started = time.monotonic()
+    stale = stale_pins(read_requirements(REQUIREMENTS), read_lock(LOCK))
+    if stale:
+        raise PackageError(
+            f"{LOCK.name} disagrees with {REQUIREMENTS.name}: {'; '.join(stale)} (run make lock)"
+        )
     deps = install_dependencies(
-        ROOT / "requirements.txt",
+        LOCK,
         arch=arch,
         python_version=python_version,
         cache_root=cache_root,
         refresh=refresh,
+        locked=True,
     )
     print("vendored: " + ", ".join(_distributions(deps)))
     files = dependency_files(deps)

@@ -7,10 +7,14 @@ The unpacked zip is then imported by a clean interpreter (`-I -S`: no site-packa
 environment, nothing but the zip's directory and the standard library on sys.path), which
 runs the handler on an empty batch and on a real one against moto and an SMTP sink.
 tests/test_runtime.py runs the real 3.13 zips on CPython 3.13 (`make test-runtime`).
+The `cold_build` test (`make test-cold-build`, downloads every wheel) builds the real targets
+twice from empty caches; the others share build/package/ and reuse its installs.
 """
 
 from __future__ import annotations
 
+import contextlib
+import email
 import hashlib
 import importlib.util
 import json
@@ -26,6 +30,7 @@ from typing import Any
 
 import pytest
 from package_cache import one_build_at_a_time
+from packaging.utils import canonicalize_name
 from servers import MotoServer, SmtpSink, make_zip, s3_client, seed_objects, sqs_record
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -71,21 +76,34 @@ class Build:
     stdout: str
 
 
-def _build(output: Path) -> Build:
-    with one_build_at_a_time():
+def _build(
+    output: Path,
+    *,
+    arch: str | None = ARCH,
+    python_version: str = PYTHON_VERSION,
+    cache_dir: Path | None = None,
+    env: dict[str, str] | None = None,
+) -> Build:
+    """Run scripts/package.py; with `cache_dir`, on that private cache instead of build/package/
+    (so without the lock that shared cache needs)."""
+    options = ["--cache-dir", str(cache_dir)] if cache_dir is not None else []
+    shared = one_build_at_a_time() if cache_dir is None else contextlib.nullcontext()
+    with shared:
         completed = subprocess.run(
             [
                 sys.executable,
                 str(SCRIPT),
                 "--arch",
-                str(ARCH),
+                str(arch),
                 "--python-version",
-                PYTHON_VERSION,
+                python_version,
                 "--output",
                 str(output),
+                *options,
             ],
             capture_output=True,
             text=True,
+            env=env,
             check=False,
             timeout=600,
         )
@@ -124,6 +142,59 @@ def test_two_builds_are_byte_identical(builds: tuple[Build, Build]) -> None:
     assert _sha256(second.path) == second.sha256
     assert first.sha256 == second.sha256
     assert "dependencies: cached" in second.stdout
+
+
+@pytest.mark.cold_build
+@pytest.mark.parametrize("arch", ["arm64", "x86_64"])
+def test_two_cold_builds_are_byte_identical_and_carry_the_lock(arch: str, tmp_path: Path) -> None:
+    """The real target, built twice from nothing: each build has its own empty dependency
+    cache and pip's cache is off, so every wheel is downloaded again. Same bytes, and
+    exactly the lock's pins."""
+    env = {**os.environ, "PIP_NO_CACHE_DIR": "1"}
+    builds = []
+    for name in ("first", "second"):
+        build = _build(
+            tmp_path / name / "deployment-package.zip",
+            arch=arch,
+            python_version=LAMBDA_PYTHON,
+            cache_dir=tmp_path / name / "package-cache",
+            env=env,
+        )
+        assert "dependencies: pip install" in build.stdout  # not "dependencies: cached"
+        builds.append(build)
+    first, second = builds
+    assert _sha256(first.path) == first.sha256
+    assert first.sha256 == second.sha256
+    package = _load_script()
+    locked = {
+        (pin.name, pin.version)
+        for pin in package.for_target(
+            package.read_lock(package.LOCK), package.target_environment(arch, LAMBDA_PYTHON)
+        )
+    }
+    assert _vendored(first.path) == locked
+
+
+def _vendored(archive: Path) -> set[tuple[str, str]]:
+    """(canonical name, version) of every distribution in the zip, from its METADATA."""
+    vendored = set()
+    with zipfile.ZipFile(archive) as opened:
+        for name in opened.namelist():
+            parts = PurePosixPath(name).parts
+            if len(parts) == 2 and parts[0].endswith(".dist-info") and parts[1] == "METADATA":
+                fields = email.message_from_bytes(opened.read(name))
+                vendored.add((canonicalize_name(fields["Name"]), fields["Version"]))
+    return vendored
+
+
+def test_zip_carries_exactly_the_locked_distributions(builds: tuple[Build, Build]) -> None:
+    package = _load_script()
+    environment = package.target_environment(ARCH, PYTHON_VERSION)
+    locked = {
+        (pin.name, pin.version)
+        for pin in package.for_target(package.read_lock(package.LOCK), environment)
+    }
+    assert _vendored(builds[0].path) == locked
 
 
 def test_build_reports_sizes_within_lambda_limits(builds: tuple[Build, Build]) -> None:
