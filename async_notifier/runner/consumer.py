@@ -50,6 +50,11 @@ BatchCallback = Callable[[list[dict[str, Any]], BatchResult], None]
 class BatchWorker(Protocol):
     """What the runner hands each batch to: `Notifier` (emails) or `SesEventsRecorder`."""
 
+    async def prepare(self) -> None:
+        """Make the clients before the first receive; ConfigError on a broken setting only
+        the clients can show (an SMTP secret no login can use)."""
+        ...
+
     async def process(
         self,
         records: list[Any],
