@@ -10,6 +10,7 @@ on, and the first login reads it again.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -72,7 +73,7 @@ async def test_a_plain_password_without_smtp_user_fails_the_start(secrets_manage
     ("value", "changes"),
     [
         (PASSWORD, {"SMTP_USER": "notifier"}),  # the username from SMTP_USER
-        ('{"username": "notifier", "password": "%s"}' % PASSWORD, {}),  # from the secret
+        (json.dumps({"username": "notifier", "password": PASSWORD}), {}),  # from the secret
     ],
     ids=["plain-with-smtp-user", "json-with-username"],
 )
