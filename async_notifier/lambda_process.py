@@ -83,8 +83,10 @@ class LambdaProcess:
 
     def before_snapshot(self) -> None:
         """SnapStart: no socket goes into the snapshot (SMTP connections say QUIT, AWS
-        clients close their HTTP connections); every copy restored from it connects afresh."""
+        clients close their HTTP connections), nor the secrets the init read to check them;
+        every copy restored from it connects and reads afresh."""
         for worker in self._workers():
+            worker.forget_secrets()
             self.run(worker.aclose())
 
     def after_restore(self) -> None:

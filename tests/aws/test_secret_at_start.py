@@ -22,6 +22,7 @@ import pytest
 from servers import REGION, MotoServer
 
 from async_notifier.config import ConfigError, Settings
+from async_notifier.lambda_process import LambdaProcess
 from async_notifier.wiring import build_notifier
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -135,3 +136,23 @@ def test_the_runner_does_not_start(secrets_manager: Any) -> None:
     assert_names_the_setting_not_the_secret(done.stderr)
     assert PASSWORD not in done.stdout
     assert "runner started" not in done.stdout
+
+
+def test_a_snapshot_keeps_no_secret_the_init_read(secrets_manager: Any) -> None:
+    """SnapStart: the secret read at init to check it is dropped before the snapshot, so a
+    restored copy holds none until it reads the secret again."""
+    secrets_manager.create_secret(Name=SECRET, SecretString=PASSWORD)
+    worker_settings = settings(SMTP_USER="notifier")
+    process = LambdaProcess(
+        notifier=lambda: build_notifier(worker_settings),
+        ses_recorder=lambda: pytest.fail("not this entry point"),
+    )
+    try:
+        notifier = process.start(ses_events=False)
+        source = notifier.backend.secret  # type: ignore[attr-defined]
+        assert source.fetches == 1  # read at init
+        process.before_snapshot()
+        process.run(source.get())
+        assert source.fetches == 2  # nothing was kept to answer from
+    finally:
+        process.reset()
