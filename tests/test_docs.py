@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import os
 import re
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -457,3 +458,15 @@ def test_the_settings_checker_reads_rows_and_writes_ranges() -> None:
     assert default_problem("X", Rule(default=0.2), "`0.25`") is not None
     assert default_problem("X", Rule(required=True), "(required with SMTP)") is None
     assert default_problem("X", Rule(required=True), "`x`") is not None
+
+
+def test_the_documented_import_cost_command_imports_what_exists() -> None:
+    """docs/operations.md quotes `python -m bench.import_cost`: what it times (the worker's
+    imports, then this package's metrics module) must import, or the command fails."""
+    from bench import import_cost
+
+    milliseconds, modules = import_cost.measure(
+        sys.executable, import_cost.STATEMENTS[0], import_cost.WORKER_IMPORTS, dict(os.environ)
+    )
+    assert milliseconds >= 0
+    assert modules == 0  # the worker's imports already bring the metrics module
