@@ -6,8 +6,8 @@ Without --powertools-python it makes a throw-away venv with the same interpreter
 installs aws-lambda-powertools there (the project never depends on it). Each statement is
 timed with time.perf_counter in a fresh interpreter, `--runs` times, twice: in an empty
 interpreter, and after the imports a cold start of the worker does anyway (`handler`, which
-brings the whole package, and aioboto3), which is what a Lambda cold start would pay on top. Bytecode is compiled by a
-warm-up run first, as in a deployment package built with pip.
+brings the whole package, and aioboto3), which is what a Lambda cold start would pay on
+top. Bytecode is compiled by a warm-up run first, as in a deployment package built with pip.
 """
 
 from __future__ import annotations
