@@ -172,15 +172,28 @@ def readme_settings_table() -> str:
 
 
 def table_rows(section: str) -> Iterator[list[str]]:
-    """The cells of each body row of the Markdown tables in `section` (header and rule
-    rows left out); a `|` inside a code span does not split a cell."""
+    """The cells of each row of the Markdown tables in `section`, header rows included and
+    rule rows left out; a `|` inside a code span does not split a cell."""
+    for table in tables(section):
+        yield from table
+
+
+def tables(section: str) -> list[list[list[str]]]:
+    """Each Markdown table of `section`: its rows' cells, the header row first."""
+    found: list[list[list[str]]] = []
+    inside = False
     for _, line in prose_lines(section):
         if not line.startswith("|"):
+            inside = False
             continue
         cells = [cell.strip() for cell in re.split(r"\|(?=(?:[^`]*`[^`]*`)*[^`]*$)", line)[1:-1]]
         if all(re.fullmatch(r":?-+:?", cell) for cell in cells):
             continue
-        yield cells
+        if not inside:
+            found.append([])
+            inside = True
+        found[-1].append(cells)
+    return found
 
 
 def code_spans(cell: str) -> list[str]:
@@ -196,10 +209,10 @@ class SettingRow:
 
 def readme_settings() -> dict[str, SettingRow]:
     """The configuration table's rows, by variable (a row may name several)."""
+    header = ["variable", "default", "allowed", "meaning"]
+    [table] = [t for t in tables(readme_settings_table()) if t[0] == header]
     rows: dict[str, SettingRow] = {}
-    for cells in table_rows(readme_settings_table()):
-        if cells[:3] == ["variable", "default", "allowed"]:
-            continue
+    for cells in table[1:]:
         assert len(cells) == 4, f"README configuration row without 4 cells: {cells}"
         names = tuple(code_spans(cells[0]))
         for name in names:
@@ -254,10 +267,10 @@ def template_resources() -> dict[str, str]:
 
 
 def readme_stack_resources() -> list[str]:
-    """The logical ids the README's Deploy section lists: its table's last column."""
-    return [
-        span for cells in table_rows(readme_section("Deploy")) for span in code_spans(cells[-1])
-    ]
+    """The logical ids the README's Deploy section lists: the "resources" column of its
+    `| what | resources |` table."""
+    [table] = [t for t in tables(readme_section("Deploy")) if t[0] == ["what", "resources"]]
+    return [span for cells in table[1:] for span in code_spans(cells[-1])]
 
 
 # --------------------------------------------------------------------------- the repository's docs
@@ -443,6 +456,8 @@ def test_the_settings_checker_reads_rows_and_writes_ranges() -> None:
         ["variable", "default", "allowed", "meaning"],
         ["`A`, `B`", "`30`", "at least `0.1`", "a `x | y` pipe in code"],
     ]
+    two = "| a | b |\n|---|---|\n| `1` | `2` |\n\n| c |\n|---|\n| `3` |\n"
+    assert tables(two) == [[["a", "b"], ["`1`", "`2`"]], [["c"], ["`3`"]]]
     assert allowed_text(Rule(default=3, low=1, high=20)) == "`1` to `20`"
     assert allowed_text(Rule(default=30.0, low=0.1)) == "at least `0.1`"
     assert allowed_text(Rule(low=0.0)) == "at least `0`"
