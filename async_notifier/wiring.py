@@ -92,6 +92,9 @@ class SesEventsBackend:
     def forget_secrets(self) -> None:
         pass  # it reads no secret
 
+    async def check_secrets(self) -> None:
+        pass  # it reads no secret
+
     async def open(self, connections: int) -> _SesEventsAdapters:
         return await self._adapters_of_this_loop()
 
@@ -185,9 +188,9 @@ class AwsBackend:
         await self._session.get_credentials()
         # With SMTP_RATE_LIMIT=auto, the account's rate before the first batch (bounded).
         await adapters.transport.refresh_limits()
-        await self._check_smtp_secret()
+        await self.check_secrets()
 
-    async def _check_smtp_secret(self) -> None:
+    async def check_secrets(self) -> None:
         """Refuse to start on an SMTP secret that no login can use: a password alone with
         no SMTP_USER would fail every record, and only reading the secret shows its shape.
         A secret that cannot be read now is left to the first login (`secret_unavailable`,

@@ -50,9 +50,8 @@ BatchCallback = Callable[[list[dict[str, Any]], BatchResult], None]
 class BatchWorker(Protocol):
     """What the runner hands each batch to: `Notifier` (emails) or `SesEventsRecorder`."""
 
-    async def prepare(self) -> None:
-        """Make the clients before the first receive; ConfigError on a broken setting only
-        the clients can show (an SMTP secret no login can use)."""
+    async def check_secrets(self) -> None:
+        """Before the first receive: ConfigError on an SMTP secret no login can use."""
         ...
 
     async def process(
