@@ -316,6 +316,9 @@ def _run(args: argparse.Namespace) -> int:
     except (asyncio.CancelledError, KeyboardInterrupt):
         print("async-notifier: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except ConfigError as exc:  # a setting only the start could judge (the SMTP secret)
+        print(f"async-notifier: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     except Exception as exc:
         # Startup failures (queue missing, endpoint unreachable): logged with the traceback,
         # then one plain line for whoever reads the terminal.

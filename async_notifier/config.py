@@ -15,12 +15,15 @@ from dataclasses import dataclass, field
 from email.headerregistry import Address
 from email.utils import getaddresses
 from pathlib import Path
-from typing import Literal, TypeVar, overload
+from typing import Any, Literal, TypeVar, overload
 
 TlsMode = Literal["starttls", "tls", "none"]
 #: TRANSPORT: an SMTP relay, or the SES v2 API (SendEmail with raw content).
 Transport = Literal["smtp", "ses"]
 TRANSPORTS: tuple[Transport, ...] = ("smtp", "ses")
+#: FALLBACK_TRANSPORT: the other transport, or none.
+Fallback = Literal["none", "smtp", "ses"]
+FALLBACKS: tuple[Fallback, ...] = ("none", *TRANSPORTS)
 #: SMTP_RATE_LIMIT: the account's sends per second for the whole fleet, "auto" (read from
 #: SES), or None (no pacing).
 RateLimit = float | Literal["auto"] | None
@@ -29,6 +32,23 @@ RateLimit = float | Literal["auto"] | None
 class ConfigError(Exception):
     """A missing or invalid setting (or template); raised once, at start, naming every
     problem: the function cannot run, so the invocation fails loudly."""
+
+
+@dataclass(frozen=True)
+class Rule:
+    """What `Settings.from_env` enforces for one variable, as its reader declares it.
+
+    Recorded by the readers themselves (`Settings.rules`), so the bounds written in a
+    reader's call are the only copy: the README's configuration table is checked against
+    these (tests/test_docs.py), and cannot promise a range the parser does not hold.
+    """
+
+    default: str | int | float | bool | None = None  # None: unset, or not a literal
+    required: bool = False
+    low: float | None = None
+    high: float | None = None
+    choices: tuple[str, ...] = ()  # also the words a number may be replaced by
+    pattern: str | None = None  # a text's shape, in words
 
 
 _T = TypeVar("_T", bound=str)
@@ -66,15 +86,15 @@ _CONFIGURATION_SET_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 USER_POOL_ID_RE = re.compile(r"^[\w-]+_[0-9a-zA-Z]+$")
 # CloudWatch's namespace characters; "AWS/" is reserved for AWS's own namespaces.
 _NAMESPACE_RE = re.compile(r"^[A-Za-z0-9 .\-_/#:]{1,255}$")
+NAMESPACE_RULE = "1-255 of A-Z a-z 0-9 . - _ / # : and space, not starting with AWS/"
+USER_POOL_ID_RULE = "a user pool id such as us-east-1_AbCdEf123"
+CONFIGURATION_SET_RULE = "1-64 of A-Z a-z 0-9 _ -"
 
 
 def validate_namespace(namespace: str) -> str:
     """The namespace if CloudWatch accepts it, else ValueError (for the metrics too)."""
     if not _NAMESPACE_RE.match(namespace) or namespace.startswith("AWS/"):
-        raise ValueError(
-            f"invalid metric namespace {namespace!r}: 1-255 of A-Z a-z 0-9 . - _ / # : and "
-            "space, not starting with 'AWS/'"
-        )
+        raise ValueError(f"invalid metric namespace {namespace!r}: {NAMESPACE_RULE}")
     return namespace
 
 
@@ -160,13 +180,25 @@ class Settings:
         sender and buckets are not needed, and SUPPRESSION_TABLE is.
         """
         env = _Env(os.environ if environ is None else environ)
+        settings = cls._read(env, sending=sending)
+        if env.problems:
+            raise ConfigError("invalid configuration: " + "; ".join(env.problems))
+        return settings
+
+    @classmethod
+    def rules(cls) -> dict[str, Rule]:
+        """Every variable `from_env` reads, with the default and bounds its reader enforces
+        (read from the readers themselves, on an empty environment)."""
+        env = _Env({})
+        cls._read(env, sending=True)
+        return dict(env.rules)
+
+    @classmethod
+    def _read(cls, env: _Env, *, sending: bool) -> Settings:
+        """The settings `env` holds; its problems are collected in `env.problems`."""
         transport = env.choice("TRANSPORT", "smtp", TRANSPORTS)
-        fallback: Transport | None = None
-        if (env.optional("FALLBACK_TRANSPORT") or "none").lower() != "none":
-            known = len(env.problems)
-            fallback = env.choice("FALLBACK_TRANSPORT", "smtp", TRANSPORTS)
-            if len(env.problems) > known:
-                fallback = None  # reported as it is, not as "the same as TRANSPORT" too
+        fallback_name = env.choice("FALLBACK_TRANSPORT", "none", FALLBACKS)
+        fallback: Transport | None = None if fallback_name == "none" else fallback_name
         needs_smtp = sending and "smtp" in (transport, fallback)
         settings = cls(
             transport=transport,
@@ -221,7 +253,7 @@ class Settings:
             ),
             log_level=env.log_level(
                 env.choice("LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR"), upper=True),
-                lambda_level=env.optional("AWS_LAMBDA_LOG_LEVEL"),
+                lambda_variable="AWS_LAMBDA_LOG_LEVEL",
             ),
             deadline_margin=env.optional_number("DEADLINE_MARGIN_SECONDS", low=0.0),
             s3_timeout=env.number("S3_TIMEOUT", 30.0, low=0.1),
@@ -256,13 +288,15 @@ class Settings:
             max_tmp_bytes=env.integer("MAX_TMP_BYTES", 400 * MIB, low=MIB),
             smtp_password_secret_id=env.optional("SMTP_PASSWORD_SECRET_ID"),
             smtp_secret_ttl=env.number("SMTP_SECRET_TTL_SECONDS", 300.0, low=0.0),
-            metrics_namespace=env.text("METRICS_NAMESPACE", "AsyncNotifier"),
-            cognito_user_pool_id=env.optional("COGNITO_USER_POOL_ID"),
+            metrics_namespace=env.namespace("METRICS_NAMESPACE", "AsyncNotifier"),
+            cognito_user_pool_id=env.pattern(
+                "COGNITO_USER_POOL_ID", USER_POOL_ID_RE, USER_POOL_ID_RULE
+            ),
             allow_unverified_email=env.boolean("ALLOW_UNVERIFIED_EMAIL", False),
             link_signing_secret_id=env.optional("LINK_SIGNING_SECRET_ID"),
             reply_to=env.address("REPLY_TO", required=False),
             ses_configuration_set=env.pattern(
-                "SES_CONFIGURATION_SET", _CONFIGURATION_SET_RE, "1-64 of A-Z a-z 0-9 _ -"
+                "SES_CONFIGURATION_SET", _CONFIGURATION_SET_RE, CONFIGURATION_SET_RULE
             ),
         )
         if settings.smtp_password and not settings.smtp_user:
@@ -283,14 +317,6 @@ class Settings:
                 "SMTP_PASSWORD_SECRET_ID is set with SMTP_TLS=none: the password would cross "
                 "the network in clear text"
             )
-        try:
-            validate_namespace(settings.metrics_namespace)
-        except ValueError as exc:
-            env.problems.append(f"METRICS_NAMESPACE: {exc}")
-        if settings.cognito_user_pool_id and not USER_POOL_ID_RE.match(
-            settings.cognito_user_pool_id
-        ):
-            env.problems.append("COGNITO_USER_POOL_ID must look like us-east-1_AbCdEf123")
         if settings.smtp_user and settings.smtp_tls == "none":
             env.problems.append(
                 "SMTP_USER is set with SMTP_TLS=none: the password would cross the network "
@@ -298,8 +324,6 @@ class Settings:
             )
         if settings.fallback_transport == settings.transport:
             env.problems.append("FALLBACK_TRANSPORT must differ from TRANSPORT (or be none)")
-        if env.problems:
-            raise ConfigError("invalid configuration: " + "; ".join(env.problems))
         return settings
 
     @property
@@ -336,15 +360,24 @@ class _Env:
     def __init__(self, environ: Mapping[str, str]) -> None:
         self.environ = environ
         self.problems: list[str] = []
+        # What each variable's reader enforces (`Settings.rules`); a typed reader's rule
+        # replaces the bare one of the `optional` read it starts with.
+        self.rules: dict[str, Rule] = {}
+
+    def _rule(self, name: str, **rule: Any) -> None:
+        self.rules[name] = Rule(**rule)
 
     def optional(self, name: str) -> str | None:
+        self.rules.setdefault(name, Rule())
         value = self.environ.get(name, "").strip()
         return value or None
 
     def text(self, name: str, default: str) -> str:
+        self._rule(name, default=default)
         return self.optional(name) or default
 
     def required(self, name: str) -> str:
+        self._rule(name, required=True)
         value = self.optional(name)
         if value is None:
             self.problems.append(f"{name} is required")
@@ -352,6 +385,7 @@ class _Env:
         return value
 
     def integer(self, name: str, default: int, *, low: int, high: int | None = None) -> int:
+        self._rule(name, default=default, low=low, high=high)
         raw = self.optional(name)
         if raw is None:
             return default
@@ -367,6 +401,10 @@ class _Env:
         return value
 
     def number(self, name: str, default: float, *, low: float) -> float:
+        self._rule(name, default=default, low=low)
+        return self._number(name, default, low=low)
+
+    def _number(self, name: str, default: float, *, low: float) -> float:
         raw = self.optional(name)
         if raw is None:
             return default
@@ -381,6 +419,7 @@ class _Env:
         return value
 
     def choice(self, name: str, default: _T, choices: tuple[_T, ...], *, upper: bool = False) -> _T:
+        self._rule(name, default=default, choices=choices)
         raw = self.optional(name)
         if raw is None:
             return default
@@ -391,28 +430,33 @@ class _Env:
         self.problems.append(f"{name} must be one of {', '.join(choices)}, got {raw!r}")
         return default
 
-    def log_level(self, own: str, *, lambda_level: str | None) -> str:
+    def log_level(self, own: str, *, lambda_variable: str) -> str:
         """LOG_LEVEL, unless Lambda's application log level is set (AWS_LAMBDA_LOG_LEVEL,
         from the function's LoggingConfig): then that one, as Powertools does. Lambda drops
         every line below it anyway, and it is the level the function's configuration shows."""
+        self._rule(lambda_variable, choices=tuple(LAMBDA_LOG_LEVELS))
+        lambda_level = self.optional(lambda_variable)
         if lambda_level is None:
             return own
         level = LAMBDA_LOG_LEVELS.get(lambda_level.upper())
         if level is None:
             choices = ", ".join(LAMBDA_LOG_LEVELS)
             self.problems.append(
-                f"AWS_LAMBDA_LOG_LEVEL must be one of {choices}, got {lambda_level!r}"
+                f"{lambda_variable} must be one of {choices}, got {lambda_level!r}"
             )
             return own
         return level
 
     def optional_number(self, name: str, *, low: float) -> float | None:
+        self._rule(name, low=low)
         if self.optional(name) is None:
             return None
-        return self.number(name, low, low=low)
+        return self._number(name, low, low=low)
 
     def rate_limit(self, name: str, *, ses: bool) -> RateLimit:
         """Sends per second, "auto" (the default when the relay is SES), or "none" (None)."""
+        low = 0.001
+        self._rule(name, low=low, choices=("auto", "none"))
         raw = self.optional(name)
         if raw is None:
             return "auto" if ses else None
@@ -420,9 +464,10 @@ class _Env:
             return "auto"
         if raw.lower() in ("none", "off"):
             return None
-        return self.number(name, 1.0, low=0.001)
+        return self._number(name, 1.0, low=low)
 
     def boolean(self, name: str, default: bool) -> bool:
+        self._rule(name, default=default, choices=("true", "false"))
         raw = self.optional(name)
         if raw is None:
             return default
@@ -436,6 +481,7 @@ class _Env:
 
     def buckets(self, name: str) -> frozenset[str]:
         """Required: bucket names, comma-separated, or "*" for any bucket (on purpose)."""
+        self._rule(name, required=True)
         raw = self.optional(name)
         if raw is None:
             self.problems.append(
@@ -477,7 +523,18 @@ class _Env:
             return None
         return raw
 
+    def namespace(self, name: str, default: str) -> str:
+        """A CloudWatch namespace (`validate_namespace`)."""
+        self._rule(name, default=default, pattern=NAMESPACE_RULE)
+        value = self.optional(name) or default
+        try:
+            return validate_namespace(value)
+        except ValueError as exc:
+            self.problems.append(f"{name}: {exc}")
+            return default
+
     def pattern(self, name: str, pattern: re.Pattern[str], what: str) -> str | None:
+        self._rule(name, pattern=what)
         raw = self.optional(name)
         if raw is not None and not pattern.match(raw):
             self.problems.append(f"{name} must be {what}, got {raw[:80]!r}")
@@ -508,6 +565,7 @@ class _Env:
 
     def address(self, name: str, *, required: bool = True) -> Address | None:
         raw = self.required(name) if required else self.optional(name)
+        self._rule(name, required=required)
         if not raw:
             return Address() if required else None
         if "\r" in raw or "\n" in raw:

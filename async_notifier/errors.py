@@ -248,6 +248,12 @@ class SecretUnavailable(TransientError):
     kind = "secret_unavailable"
 
 
+class SecretWithoutUsername(SecretUnavailable):
+    """The SMTP secret is a password alone and SMTP_USER is not set: no login can work.
+    Read at start, it is a broken setting (the start fails); met later (a rotation that
+    dropped the username), it fails the records like any malformed secret."""
+
+
 class SuppressionUnavailable(TransientError):
     """The suppression list could not be read: sending now could mail a suppressed address."""
 

@@ -100,9 +100,11 @@ class LambdaProcess:
 
     def before_snapshot(self) -> None:
         """SnapStart: no socket goes into the snapshot (SMTP connections say QUIT, AWS
-        clients close their HTTP connections); every copy restored from it connects afresh."""
+        clients close their HTTP connections), nor the secrets the init read to check them;
+        every copy restored from it connects and reads afresh."""
         with bound(keys=function_keys(os.environ)):
             for worker in self._workers():
+                worker.forget_secrets()
                 self.run(worker.aclose())
 
     def after_restore(self) -> None:

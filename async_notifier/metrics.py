@@ -4,8 +4,9 @@ An EMF line is a JSON log event that CloudWatch Logs turns into metrics: no PutM
 call, no extra latency or IAM permission, and the numbers stay searchable in the logs.
 This is a small module of our own rather than aws-lambda-powertools' Metrics: the few
 rules we need (units, 100 metrics per directive, 30 dimensions) fit in a page, and
-importing Powertools' metrics package costs a cold start several times more than this
-module (measured with `python -X importtime`; the numbers are in the README).
+importing Powertools' metrics package costs a cold start about 15 ms on top of the
+worker's own imports, which bring this module anyway (`python -m bench.import_cost`; the
+numbers are in docs/operations.md, "Metrics and logs").
 """
 
 from __future__ import annotations

@@ -222,6 +222,11 @@ class Backend(Protocol):
         """Drop cached secrets: the next use reads them again (after a SnapStart restore)."""
         ...
 
+    async def check_secrets(self) -> None:
+        """At start: read the secrets whose shape only reading shows, and raise ConfigError
+        for one no login can use (`prepare` does it too; the SQS runner does only this)."""
+        ...
+
     def held(self) -> ProviderCondition | None:
         """What holds for every message now (`MailTransport.held`), if the transport is made."""
         ...

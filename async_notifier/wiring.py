@@ -25,11 +25,17 @@ from .aws.sqs import SqsFeedback
 from .aws.suppression import DynamoSuppressionList
 from .batch.notifier import Notifier
 from .batch.ses_recorder import SesEventsRecorder
-from .config import Settings
-from .errors import ProviderCondition
+from .config import ConfigError, Settings
+from .errors import ProviderCondition, SecretUnavailable, SecretWithoutUsername
 from .failover import FailoverTransport
+from .logs import get_logger
 from .ports import MailTransport
 from .smtp.pool import SmtpPool
+
+log = get_logger()
+# The SMTP secret is read at start to check its shape; an answer slower than this is left
+# to the first login (the init phase must not wait on Secrets Manager for long).
+SECRET_CHECK_TIMEOUT = 5.0
 
 
 def build_notifier(settings: Settings) -> Notifier:
@@ -84,6 +90,9 @@ class SesEventsBackend:
         return None  # it sends no email: no provider condition holds it back
 
     def forget_secrets(self) -> None:
+        pass  # it reads no secret
+
+    async def check_secrets(self) -> None:
         pass  # it reads no secret
 
     async def open(self, connections: int) -> _SesEventsAdapters:
@@ -179,6 +188,32 @@ class AwsBackend:
         await self._session.get_credentials()
         # With SMTP_RATE_LIMIT=auto, the account's rate before the first batch (bounded).
         await adapters.transport.refresh_limits()
+        await self.check_secrets()
+
+    async def check_secrets(self) -> None:
+        """Refuse to start on an SMTP secret that no login can use: a password alone with
+        no SMTP_USER would fail every record, and only reading the secret shows its shape.
+        A secret that cannot be read now is left to the first login (`secret_unavailable`,
+        transient): Secrets Manager being slow is no broken setting."""
+        s = self.settings
+        if self.secret is None or "smtp" not in (s.transport, s.fallback_transport):
+            return
+        try:
+            async with asyncio.timeout(SECRET_CHECK_TIMEOUT):
+                await self.secret.get()
+        except SecretWithoutUsername:
+            raise ConfigError(
+                "invalid configuration: SMTP_PASSWORD_SECRET_ID names a secret that holds a "
+                "password alone, and SMTP_USER is not set: set SMTP_USER, or store the secret "
+                'as JSON {"username": ..., "password": ...}'
+            ) from None
+        except SecretUnavailable:
+            pass  # logged by the source; the first login reads it again
+        except TimeoutError:
+            log.warning(
+                "smtp secret not checked at start: no answer in time",
+                extra={"secret_id": self.secret.secret_id, "timeout": SECRET_CHECK_TIMEOUT},
+            )
 
     def held(self) -> ProviderCondition | None:
         adapters = self._adapters

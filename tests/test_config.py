@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from async_notifier.config import DEFAULT_TEMPLATES_DIR, ConfigError, Settings
+from async_notifier.config import DEFAULT_TEMPLATES_DIR, ConfigError, Rule, Settings
 
 MINIMAL = {
     "SMTP_SERVER": "smtp.example.com",
@@ -321,7 +321,7 @@ def test_transport_and_its_fallback() -> None:
         ({"TRANSPORT": "ses", "FALLBACK_TRANSPORT": "smtp"}, "SMTP_SERVER is required"),
         ({"FALLBACK_TRANSPORT": "smtp"}, "FALLBACK_TRANSPORT must differ from TRANSPORT"),
         ({"TRANSPORT": "http"}, "TRANSPORT must be one of smtp, ses"),
-        ({"FALLBACK_TRANSPORT": "sms"}, "FALLBACK_TRANSPORT must be one of smtp, ses"),
+        ({"FALLBACK_TRANSPORT": "sms"}, "FALLBACK_TRANSPORT must be one of none, smtp, ses"),
     ],
 )
 def test_transport_problems(env: dict[str, str], problem: str) -> None:
@@ -356,3 +356,82 @@ def test_an_unknown_lambda_log_level_is_a_problem() -> None:
     assert "AWS_LAMBDA_LOG_LEVEL must be one of TRACE, DEBUG, INFO, WARN, ERROR, FATAL" in (
         problems({**MINIMAL, "AWS_LAMBDA_LOG_LEVEL": "WARNING"})
     )
+
+
+# --------------------------------------------------------------------------- the recorded rules
+# `Settings.rules()` is what the README's table is checked against (tests/test_docs.py); these
+# tests hold the rules to what `from_env` really does, so neither can drift from the other.
+
+RULES = Settings.rules()
+
+
+def _text(value: float | str | bool) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def _below(low: float) -> float:
+    return low - 1 if float(low).is_integer() else low / 2
+
+
+def test_the_rules_name_every_variable_with_their_readers_bounds() -> None:
+    assert len(RULES) >= 50
+    assert RULES["RETRY_ATTEMPTS"] == Rule(default=3, low=1, high=20)
+    assert RULES["SMTP_TIMEOUT"] == Rule(default=30.0, low=0.1)
+    assert RULES["FALLBACK_TRANSPORT"] == Rule(default="none", choices=("none", "smtp", "ses"))
+    assert RULES["SMTP_RATE_LIMIT"] == Rule(low=0.001, choices=("auto", "none"))
+    assert RULES["EMAIL_FROM"].required
+    assert RULES["ALLOWED_BUCKETS"].required
+    assert RULES["SMTP_PASSWORD"] == Rule()
+
+
+@pytest.mark.parametrize("name", sorted(n for n, r in RULES.items() if r.default is not None))
+def test_a_rules_default_is_the_value_applied_when_unset(name: str) -> None:
+    default = RULES[name].default
+    assert default is not None
+    assert settings(**{name: _text(default)}) == Settings.from_env(MINIMAL)
+
+
+@pytest.mark.parametrize("name", sorted(n for n, r in RULES.items() if r.low is not None))
+def test_a_rules_bounds_are_the_ones_refused_past(name: str) -> None:
+    rule = RULES[name]
+    assert rule.low is not None
+    settings(**{name: _text(rule.low)})
+    assert f"{name} must be" in problems({**MINIMAL, name: _text(_below(rule.low))})
+    if rule.high is not None:
+        settings(**{name: _text(rule.high)})
+        assert f"{name} must be" in problems({**MINIMAL, name: _text(rule.high + 1)})
+
+
+@pytest.mark.parametrize("name", sorted(n for n, r in RULES.items() if r.choices))
+def test_a_rules_choices_are_the_ones_accepted(name: str) -> None:
+    for choice in RULES[name].choices:
+        if name == "FALLBACK_TRANSPORT" and choice == "smtp":
+            settings(**{name: choice, "TRANSPORT": "ses"})
+        else:
+            settings(**{name: choice})
+    assert name in problems({**MINIMAL, name: "bogus"})
+
+
+@pytest.mark.parametrize("name", sorted(n for n, r in RULES.items() if r.required))
+def test_a_required_rule_is_required(name: str) -> None:
+    env = {**MINIMAL}
+    del env[name]
+    assert name in problems(env)
+
+
+@pytest.mark.parametrize(
+    ("name", "good", "bad"),
+    [
+        ("COGNITO_USER_POOL_ID", "us-east-1_AbCdEf123", "not a pool"),
+        ("METRICS_NAMESPACE", "VideoTools/Notifier", "AWS/Lambda"),
+        ("SES_CONFIGURATION_SET", "notifier-events", "no spaces"),
+    ],
+)
+def test_a_rules_pattern_is_enforced(name: str, good: str, bad: str) -> None:
+    assert RULES[name].pattern
+    settings(**{name: good})
+    assert RULES[name].pattern in problems({**MINIMAL, name: bad})

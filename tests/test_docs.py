@@ -10,11 +10,15 @@ from __future__ import annotations
 import functools
 import os
 import re
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from cfnlint.decode import decode_str
+
+from async_notifier.config import Rule, Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
@@ -151,16 +155,122 @@ def quoted_paths(path: Path) -> Iterator[tuple[int, str]]:
 
 
 def config_variables() -> set[str]:
-    """Every environment variable `Settings.from_env` reads."""
-    source = (ROOT / "async_notifier" / "config.py").read_text(encoding="utf-8")
-    return set(re.findall(r"env\.\w+\(\s*\"([A-Z][A-Z0-9_]*)\"", source))
+    """Every environment variable `Settings.from_env` reads (its readers record them)."""
+    return set(Settings.rules())
+
+
+def readme_section(heading: str) -> str:
+    """The README's `## heading` section, up to the next `## `."""
+    text = README.read_text(encoding="utf-8")
+    start = text.index(f"\n## {heading}\n")
+    end = text.find("\n## ", start + 1)
+    return text[start : end if end != -1 else None]
 
 
 def readme_settings_table() -> str:
-    text = README.read_text(encoding="utf-8")
-    start = text.index("\n## Configuration\n")
-    end = text.find("\n## ", start + 1)
-    return text[start : end if end != -1 else None]
+    return readme_section("Configuration")
+
+
+def table_rows(section: str) -> Iterator[list[str]]:
+    """The cells of each row of the Markdown tables in `section`, header rows included and
+    rule rows left out; a `|` inside a code span does not split a cell."""
+    for table in tables(section):
+        yield from table
+
+
+def tables(section: str) -> list[list[list[str]]]:
+    """Each Markdown table of `section`: its rows' cells, the header row first."""
+    found: list[list[list[str]]] = []
+    inside = False
+    for _, line in prose_lines(section):
+        if not line.startswith("|"):
+            inside = False
+            continue
+        cells = [cell.strip() for cell in re.split(r"\|(?=(?:[^`]*`[^`]*`)*[^`]*$)", line)[1:-1]]
+        if all(re.fullmatch(r":?-+:?", cell) for cell in cells):
+            continue
+        if not inside:
+            found.append([])
+            inside = True
+        found[-1].append(cells)
+    return found
+
+
+def code_spans(cell: str) -> list[str]:
+    return [match[2] for match in _CODE_SPAN.finditer(cell)]
+
+
+@dataclass(frozen=True)
+class SettingRow:
+    names: tuple[str, ...]
+    default: str
+    allowed: str
+
+
+def readme_settings() -> dict[str, SettingRow]:
+    """The configuration table's rows, by variable (a row may name several)."""
+    header = ["variable", "default", "allowed", "meaning"]
+    [table] = [t for t in tables(readme_settings_table()) if t[0] == header]
+    rows: dict[str, SettingRow] = {}
+    for cells in table[1:]:
+        assert len(cells) == 4, f"README configuration row without 4 cells: {cells}"
+        names = tuple(code_spans(cells[0]))
+        for name in names:
+            assert name not in rows, f"{name} has two rows in README's configuration table"
+            rows[name] = SettingRow(names, cells[1], cells[2])
+    return rows
+
+
+def literal(value: float | str | bool) -> str:
+    """A default or bound as the README writes it: `true`, `30` (not 30.0), `0.2`."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return value
+    return str(int(value)) if float(value).is_integer() else repr(float(value))
+
+
+def allowed_text(rule: Rule) -> str:
+    """The "allowed" cell a rule reads as: `1` to `20`, at least `0.1`, `a`, `b` or `c`,
+    or the rule's words for a text's shape; empty when any value goes."""
+    parts: list[str] = []
+    if rule.low is not None:
+        low = f"`{literal(rule.low)}`"
+        parts.append(
+            f"{low} to `{literal(rule.high)}`" if rule.high is not None else f"at least {low}"
+        )
+    parts += [f"`{choice}`" for choice in rule.choices]
+    if rule.pattern:
+        parts.append(rule.pattern)
+    if len(parts) < 2:
+        return "".join(parts)
+    return ", ".join(parts[:-1]) + " or " + parts[-1]
+
+
+def default_problem(name: str, rule: Rule, cell: str) -> str | None:
+    """Why the README's default cell does not say the code's default (None: it does)."""
+    if rule.required:
+        return None if cell.startswith("(required") else f"{name}: required, README says {cell!r}"
+    if rule.default is None:
+        return None  # no literal default: the README says in words what the code does
+    wanted = f"`{literal(rule.default)}`"
+    if cell.startswith(wanted):
+        return None
+    return f"{name}: the default is {wanted}, README says {cell!r}"
+
+
+def template_resources() -> dict[str, str]:
+    """template.yaml's resources: logical id -> type (short tags read by cfn-lint's loader)."""
+    template, matches = decode_str((ROOT / "template.yaml").read_text(encoding="utf-8"))
+    assert not matches, matches
+    return {name: resource["Type"] for name, resource in template["Resources"].items()}
+
+
+def readme_stack_resources() -> list[str]:
+    """The logical ids the README's Deploy section lists: the "resources" column of its
+    `| what | resources |` table."""
+    [table] = [t for t in tables(readme_section("Deploy")) if t[0] == ["what", "resources"]]
+    return [span for cells in table[1:] for span in code_spans(cells[-1])]
 
 
 # --------------------------------------------------------------------------- the repository's docs
@@ -211,11 +321,54 @@ def test_readme_opens_on_the_two_commands() -> None:
 
 
 def test_readme_lists_every_setting() -> None:
-    table = readme_settings_table()
+    documented = readme_settings()
     variables = config_variables()
     assert len(variables) >= 40
-    missing = sorted(name for name in variables if f"`{name}`" not in table)
+    missing = sorted(variables - set(documented))
     assert not missing, f"settings read by config.py but not in README's table: {missing}"
+    unknown = sorted(set(documented) - variables)
+    assert not unknown, f"settings in README's table that config.py does not read: {unknown}"
+
+
+def test_readme_gives_each_settings_default() -> None:
+    """The default column says the default `from_env` applies: `30`, `true`, (required)."""
+    documented = readme_settings()
+    rules = Settings.rules()
+    assert sum(rule.default is not None for rule in rules.values()) >= 35
+    problems = [
+        why
+        for name, rule in sorted(rules.items())
+        if (why := default_problem(name, rule, documented[name].default))
+    ]
+    assert not problems, "\n".join(problems)
+
+
+def test_readme_gives_each_settings_range() -> None:
+    """The allowed column says exactly what `from_env` refuses outside of: the bounds and
+    choices its readers were given, nothing the code does not enforce."""
+    documented = readme_settings()
+    rules = Settings.rules()
+    assert sum(rule.low is not None for rule in rules.values()) >= 25
+    problems = [
+        f"{name}: the code allows {allowed_text(rule)!r}, README says {row.allowed!r}"
+        for name, rule in sorted(rules.items())
+        if (row := documented[name]).allowed != allowed_text(rule)
+    ]
+    assert not problems, "\n".join(problems)
+
+
+def test_readme_lists_every_resource_of_the_stack() -> None:
+    """What `sam deploy` creates is listed by logical id: a resource added to the template
+    must be added to the README's Deploy table, and one listed there must exist."""
+    resources = template_resources()
+    listed = readme_stack_resources()
+    assert len(resources) >= 30
+    missing = sorted(set(resources) - set(listed))
+    assert not missing, f"template.yaml resources missing from README's Deploy table: {missing}"
+    unknown = sorted(set(listed) - set(resources))
+    assert not unknown, f"README's Deploy table lists resources not in template.yaml: {unknown}"
+    repeated = sorted(name for name in set(listed) if listed.count(name) > 1)
+    assert not repeated, f"listed twice in README's Deploy table: {repeated}"
 
 
 # --------------------------------------------------------------------------- the checker itself
@@ -286,3 +439,49 @@ def test_quoted_paths_are_found_outside_fences(tmp_path: Path) -> None:
     assert path_exists("async_notifier/mail/render.py", page)
     assert path_exists("wiring.py", page)  # a bare name: some file of the repository
     assert not path_exists("smtp_pool.py", page)
+
+
+def test_the_settings_checker_reads_rows_and_writes_ranges() -> None:
+    section = "\n".join(
+        [
+            "| variable | default | allowed | meaning |",
+            "|---|---|---|---|",
+            "| `A`, `B` | `30` | at least `0.1` | a `x | y` pipe in code |",
+            "```",
+            "| `IN_A_FENCE` | | | |",
+            "```",
+        ]
+    )
+    assert list(table_rows(section)) == [
+        ["variable", "default", "allowed", "meaning"],
+        ["`A`, `B`", "`30`", "at least `0.1`", "a `x | y` pipe in code"],
+    ]
+    two = "| a | b |\n|---|---|\n| `1` | `2` |\n\n| c |\n|---|\n| `3` |\n"
+    assert tables(two) == [[["a", "b"], ["`1`", "`2`"]], [["c"], ["`3`"]]]
+    assert allowed_text(Rule(default=3, low=1, high=20)) == "`1` to `20`"
+    assert allowed_text(Rule(default=30.0, low=0.1)) == "at least `0.1`"
+    assert allowed_text(Rule(low=0.0)) == "at least `0`"
+    assert allowed_text(Rule(choices=("smtp", "ses"))) == "`smtp` or `ses`"
+    assert allowed_text(Rule(choices=("a", "b", "c"))) == "`a`, `b` or `c`"
+    assert allowed_text(Rule(low=0.001, choices=("auto", "none"))) == (
+        "at least `0.001`, `auto` or `none`"
+    )
+    assert allowed_text(Rule(pattern="1-64 of A-Z")) == "1-64 of A-Z"
+    assert allowed_text(Rule()) == ""
+    assert default_problem("X", Rule(default=30.0), "`30`, or more") is None
+    assert default_problem("X", Rule(default=True), "`true`") is None
+    assert default_problem("X", Rule(default=0.2), "`0.25`") is not None
+    assert default_problem("X", Rule(required=True), "(required with SMTP)") is None
+    assert default_problem("X", Rule(required=True), "`x`") is not None
+
+
+def test_the_documented_import_cost_command_imports_what_exists() -> None:
+    """docs/operations.md quotes `python -m bench.import_cost`: what it times (the worker's
+    imports, then this package's metrics module) must import, or the command fails."""
+    from bench import import_cost
+
+    milliseconds, modules = import_cost.measure(
+        sys.executable, import_cost.STATEMENTS[0], import_cost.WORKER_IMPORTS, dict(os.environ)
+    )
+    assert milliseconds >= 0
+    assert modules == 0  # the worker's imports already bring the metrics module

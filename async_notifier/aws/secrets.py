@@ -22,7 +22,7 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
-from ..errors import SecretUnavailable
+from ..errors import SecretUnavailable, SecretWithoutUsername
 from ..logs import get_logger
 from ..ports import SmtpCredentials
 from .errors import aws_error
@@ -285,5 +285,5 @@ def _with_username(
 ) -> SmtpCredentials:
     username = username or default_username or None
     if username is None and required:
-        raise SecretUnavailable(f"{where} has no username and no default (SMTP_USER) is set")
+        raise SecretWithoutUsername(f"{where} has no username and no default (SMTP_USER) is set")
     return SmtpCredentials(username=username, password=password)

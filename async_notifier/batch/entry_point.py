@@ -38,6 +38,10 @@ class BatchEntryPoint:
     def forget_secrets(self) -> None:
         self.backend.forget_secrets()
 
+    async def check_secrets(self) -> None:
+        """ConfigError on a secret no login can use (a password alone, no SMTP_USER)."""
+        await self.backend.check_secrets()
+
     def held_for(self) -> float:
         """Seconds a provider-wide condition still holds (0: none): the SQS runner stops
         receiving meanwhile, so nothing is taken that cannot be sent."""

@@ -85,7 +85,8 @@ async def run(
     long), with the cutoff `settings.deadline_margin` before it, as a Lambda invocation gets
     its timeout. `stop` ends the run after the batch being processed; no receive starts
     after it is set. `on_batch(records, result)` sees every batch after its deletes
-    (run-local's report). The caller owns `notifier` (`wiring.build_notifier`) and closes it.
+    (run-local's report). The caller owns `notifier` (`wiring.build_notifier`) and closes it;
+    the run checks its secrets first (`check_secrets`: a broken SMTP secret is refused).
     """
     if not 1 <= batch_size <= 10_000:
         raise ValueError("batch_size must be between 1 and 10000")
@@ -102,6 +103,8 @@ async def run(
     if pollers < 1:
         raise ValueError("pollers must be at least 1")
     stop = stop or asyncio.Event()
+    # As in a Lambda function's init: a secret no login can use fails the start.
+    await notifier.check_secrets()
     async with sqs_client(settings, pollers=pollers, wait_time=wait_time) as sqs:
         attributes = await _queue_attributes(sqs, queue_url)
         queue = QueueInfo(queue_url, attributes["QueueArn"])

@@ -50,6 +50,10 @@ BatchCallback = Callable[[list[dict[str, Any]], BatchResult], None]
 class BatchWorker(Protocol):
     """What the runner hands each batch to: `Notifier` (emails) or `SesEventsRecorder`."""
 
+    async def check_secrets(self) -> None:
+        """Before the first receive: ConfigError on an SMTP secret no login can use."""
+        ...
+
     async def process(
         self,
         records: list[Any],
