@@ -36,7 +36,7 @@ PYTHON_VERSION = 3.13
 
 .DEFAULT_GOAL := help
 .PHONY: help venv test lint format run-local localstack localstack-stop test-localstack \
-	bench bench-quick clean distclean package test-runtime test-mta cfn-lint
+	bench bench-quick clean distclean package test-wheel test-runtime test-mta cfn-lint
 
 help:
 	@echo "make test        create the venv, install, run the whole test suite (2 processes)"
@@ -55,6 +55,8 @@ help:
 	@echo "make package     build dist/deployment-package.zip for Lambda (python3.13, ARCH=arm64"
 	@echo "                 or ARCH=x86_64; PYTHON_VERSION=3.12); reproducible, prints its sizes"
 	@echo "                 and sha256"
+	@echo "make test-wheel  build the sdist and, from it, the wheel; install the wheel in a fresh"
+	@echo "                 virtualenv outside the checkout and run it (preview, run against moto)"
 	@echo "make test-runtime  run both zips (CPython 3.13, x86_64 and arm64 under qemu) in Debian"
 	@echo "                 chroots under Lambda's runtime client (root; caches ~/.cache/async-notifier)"
 	@echo "make test-mta    the SMTP client against real Postfix and Exim, each in a Debian chroot"
@@ -118,6 +120,11 @@ bench-quick: $(STAMP)
 
 package: $(STAMP)
 	$(PY) scripts/package.py --arch "$(ARCH)" --python-version "$(PYTHON_VERSION)"
+
+# The sdist, and the wheel built from it, installed into a fresh virtualenv in a temp dir and
+# run there (--version, preview, run --drain against moto and an SMTP sink): tests/test_wheel.py.
+test-wheel: $(STAMP)
+	$(PY) -m pytest -m wheel tests/test_wheel.py $(PYTEST_ARGS)
 
 # Builds (or reuses) the Debian root file systems first, so their download is not charged to
 # a test; the tests build both zips for CPython 3.13 and run them under awslambdaric.
