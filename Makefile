@@ -38,8 +38,9 @@ ARCH ?= arm64
 PYTHON_VERSION = 3.13
 
 .DEFAULT_GOAL := help
-.PHONY: help venv lock test test-cold-build lint format run-local localstack localstack-stop test-localstack \
-	bench bench-quick clean distclean package test-runtime test-mta cfn-lint
+.PHONY: help venv lock test test-cold-build test-wheel lint format run-local localstack \
+	localstack-stop test-localstack bench bench-quick clean distclean package test-runtime \
+	test-mta cfn-lint
 
 help:
 	@echo "make test        create the venv, install, run the whole test suite (2 processes)"
@@ -62,6 +63,8 @@ help:
 	@echo "                 and sha256"
 	@echo "make test-cold-build  build each zip twice from empty caches (downloads every"
 	@echo "                 wheel) and check both builds have the same sha256"
+	@echo "make test-wheel  build the sdist and, from it, the wheel; install the wheel in a fresh"
+	@echo "                 virtualenv outside the checkout and run it (preview, run against moto)"
 	@echo "make test-runtime  run both zips (CPython 3.13, x86_64 and arm64 under qemu) in Debian"
 	@echo "                 chroots under Lambda's runtime client (root; caches ~/.cache/async-notifier)"
 	@echo "make test-mta    the SMTP client against real Postfix and Exim, each in a Debian chroot"
@@ -156,6 +159,11 @@ bench-quick: $(STAMP)
 
 package: $(STAMP)
 	$(PY) scripts/package.py --arch "$(ARCH)" --python-version "$(PYTHON_VERSION)"
+
+# The sdist, and the wheel built from it, installed into a fresh virtualenv in a temp dir and
+# run there (--version, preview, run --drain against moto and an SMTP sink): tests/test_wheel.py.
+test-wheel: $(STAMP)
+	$(PY) -m pytest -m wheel tests/test_wheel.py $(PYTEST_ARGS)
 
 # Builds (or reuses) the Debian root file systems first, so their download is not charged to
 # a test; the tests build both zips for CPython 3.13 and run them under awslambdaric.

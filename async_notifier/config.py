@@ -65,6 +65,17 @@ LAMBDA_LOG_LEVELS = {
     "FATAL": "CRITICAL",
 }
 DEFAULT_TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "templates"
+
+
+def _default_templates_dir(package: Path) -> Path:
+    """The package's own templates/ (an installed wheel ships them there), else the one
+    beside the package: a checkout, an editable install and the Lambda zip keep templates/ at
+    the top level, next to async_notifier/."""
+    inside = package / "templates"
+    return inside if inside.is_dir() else package.parent / "templates"
+
+
+DEFAULT_TEMPLATES_DIR = _default_templates_dir(Path(__file__).resolve().parent)
 # An SES SMTP endpoint: email-smtp.REGION.amazonaws.com, its FIPS twin, and an interface
 # VPC endpoint's own name.
 _REGION = r"(?P<region>[a-z]{2}(?:-[a-z]+)+-\d+)"
