@@ -86,7 +86,8 @@ def test_precedence_ranks_ses_over_the_worker_and_ties_by_time() -> None:
     assert not supersedes(RANK["failed"], 1, RANK["accepted"], 9)
     assert supersedes(RANK["accepted"], 1, None, None)
     assert set(STATES) == set(RANK)
-    assert "accepted" not in TERMINAL and "delayed" not in TERMINAL
+    assert "accepted" not in TERMINAL
+    assert "delayed" not in TERMINAL
 
 
 @pytest.mark.parametrize(
@@ -122,7 +123,8 @@ async def test_a_delivery_written_before_the_acceptance_is_not_overwritten(
     assert (first.result, first.known) == ("current", False)  # SES was quicker
     late = await store.write(ACCEPTED)
     assert late.result == "history"
-    assert late.before is not None and late.before.status == "delivered"
+    assert late.before is not None
+    assert late.before.status == "delivered"
 
     record = await reader.get(TRACKING)
     assert record is not None
