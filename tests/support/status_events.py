@@ -22,7 +22,7 @@ def validator() -> jsonschema.protocols.Validator:
     schema = json.loads(SCHEMA.read_text())
     cls = jsonschema.validators.validator_for(schema)
     cls.check_schema(schema)
-    return cls(schema)  # type: ignore[no-any-return]
+    return cls(schema)
 
 
 def create_status_table(endpoint_url: str, name: str) -> Any:
