@@ -53,6 +53,8 @@ class SesEventHandler:
         self._settings = settings
         self._store = store
         self.counts: Counter[str] = Counter({"hard": 0, "soft": 0, "complaints": 0, "untracked": 0})
+        # SES's events that say what became of an accepted email (docs/delivery-status.md).
+        self.events: Counter[str] = Counter({"Delivery": 0, "DeliveryDelay": 0, "Reject": 0})
 
     async def prepare(self, records: Sequence[SqsRecord]) -> None:
         """Nothing the whole batch needs: each record is parsed when it runs."""
@@ -81,6 +83,9 @@ class SesEventHandler:
         metrics.set("HardBounces", counts["hard"], "Count")
         metrics.set("SoftBounces", counts["soft"], "Count")
         metrics.set("Complaints", counts["complaints"], "Count")
+        metrics.set("Deliveries", self.events["Delivery"], "Count")
+        metrics.set("DeliveryDelays", self.events["DeliveryDelay"], "Count")
+        metrics.set("Rejects", self.events["Reject"], "Count")
         add_status_metrics(metrics, result.status)
         if result.status.active:
             metrics.set("StatusEventsUntracked", counts["untracked"], "Count")
@@ -107,6 +112,8 @@ class RecordEvents:
             kind = "complaints" if event.kind == "complaint" else "hard" if event.hard else "soft"
             counts[kind] += 1
         self._status = notification.status
+        if notification.event_type in self._handler.events:
+            self._handler.events[notification.event_type] += 1
         if notification.untracked:
             counts["untracked"] += 1
             log.info(
