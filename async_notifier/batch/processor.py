@@ -12,8 +12,11 @@ batch of 10,000 good records keeps counts, not outcomes (`BatchResult`).
 
 What must follow the records runs in shielded scopes bounded by the deadline's end: each
 record's own (its idempotency claim), then each failure's fate (`settle.py`: dead letters,
-back-off), then the transport's `finish_batch` (QUIT): settling comes first, saying QUIT is
-a courtesy done with what time remains. Then the handler reports (metrics, summary log).
+back-off), then what is left of the delivery statuses (`status.py`: each acknowledged
+record's was queued as it finished and written alongside the others; the failures' follow
+from their fates, with a few seconds at most), then the transport's `finish_batch` (QUIT):
+settling comes first, saying QUIT is a courtesy done with what time remains. Then the
+handler reports (metrics, summary log).
 
 anyio's clock is the event loop's (`anyio.current_time()`, loop.time()); a `Deadline` is on
 `time.monotonic()`. They are the same clock on asyncio, but the scopes convert anyway.
@@ -142,12 +145,13 @@ class BatchProcessor:
                 result.fates = await settle(result, adapters, self.policy, deadline)
             if scope.cancelled_caught:
                 result.fates = unsettled(result, self.policy)
-            # The failures' statuses follow from their fates, now decided.
-            now = status.clock()
-            for outcome, fate in result.settled():
-                status.add(status_of(outcome, fate, now=now))
-            with anyio.CancelScope(shield=True, deadline=_after_end(deadline)):
-                await status.close()
+            if status.active:
+                # The failures' statuses follow from their fates, now decided.
+                now = status.clock()
+                for outcome, fate in result.settled():
+                    status.add(status_of(outcome, fate, now=now))
+                with anyio.CancelScope(shield=True, deadline=_after_end(deadline)):
+                    await status.close()
             result.status = status.counts
         finally:
             status.abort()
