@@ -505,3 +505,48 @@ def test_each_fate_is_one_status() -> None:
     assert state(down, Retry(30)) is None
     assert state(down, DeadLetter("expired: old", Expired("old"))) == "expired"
     assert state(Outcome("m2", error=BucketNotAllowed("x")), Retry()) is None  # no notification
+
+
+def test_a_status_store_that_never_answers_holds_no_send_back(
+    faulty_lambda_env: dict[str, str],
+    aws: MotoServer,
+    bucket: str,
+    s3_proxy: Any,
+    faulty_smtp: SmtpSink,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Every status write hangs (the proxy takes DynamoDB's UpdateItem and never answers):
+    the emails still go, each record succeeds, and the writes are counted as failed once the
+    batch gives them their few seconds."""
+    from faults import S3Action, S3Rule
+
+    create_status_table(aws.endpoint_url, STATUS_TABLE)
+    monkeypatch.setenv("STATUS_TABLE", STATUS_TABLE)
+    seed_objects(s3_client(aws.endpoint_url), bucket, {"v1/v1.zip": make_zip(2_000, seed=1)})
+    s3_proxy.set_rules(S3Rule(S3Action.STALL, target="DynamoDB_20120810.UpdateItem"))
+    records = [sqs_record(completed(f"v{i}", f"u{i}@example.com"), f"m{i}") for i in range(4)]
+    sent = send(records, capsys)
+    assert sent["response"] == {"batchItemFailures": []}
+    assert len(faulty_smtp.messages) == 4
+    assert (sent["metrics"]["StatusWriteFailed"], sent["metrics"]["StatusWritten"]) == (4, 0)
+    stalled = [r for r in s3_proxy.requests if r.target == "DynamoDB_20120810.UpdateItem"]
+    assert stalled
+    assert {r.action for r in stalled} == {S3Action.STALL}
+
+
+def test_a_topic_without_a_table_tells_every_change(
+    status_env: Subscriber,
+    aws: MotoServer,
+    smtp_sink: SmtpSink,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("STATUS_TABLE")
+    body = completed("v1", "ana@example.com")
+    sent = send([sqs_record(body, "m1")], capsys)
+    assert (sent["metrics"]["StatusPublished"], sent["metrics"]["StatusWritten"]) == (1, 0)
+    assert item(aws, tracking_id(body)) is None
+    [event] = status_env.events(expected=1)
+    assert (event["status"], event["current_status"]) == ("accepted", "accepted")
+    assert event["tracking_id"] == tracking_id(body)

@@ -122,6 +122,8 @@ class StatusWriter:
         self._wake = asyncio.Event()
         self._closing = False
         self._failed_in_row = 0
+        self._writing = 0  # changes taken from the queue and not yet counted
+        self._publishing = 0  # events taken from the queue and not yet counted
 
     @property
     def active(self) -> bool:
@@ -163,10 +165,11 @@ class StatusWriter:
         if task is not None and not task.done():
             task.cancel()
             task.add_done_callback(_retrieve)
-        self.counts.failed += len(self._pending)
-        self.counts.publish_failed += len(self._events)
+        self.counts.failed += len(self._pending) + self._writing
+        self.counts.publish_failed += len(self._events) + self._publishing
         self._pending.clear()
         self._events.clear()
+        self._writing = self._publishing = 0
 
     async def _run(self) -> None:
         while True:
@@ -175,6 +178,7 @@ class StatusWriter:
                     self._pending.popleft()
                     for _ in range(min(self._concurrency, len(self._pending)))
                 ]
+                self._writing += len(chunk)
                 await asyncio.gather(*(self._write(change) for change in chunk))
             topic = self._topic
             if topic is not None:
@@ -189,10 +193,16 @@ class StatusWriter:
             await self._wake.wait()
 
     async def _write(self, change: StatusChange) -> None:
+        outcome = await self._try_write(change)
+        self._writing -= 1  # not reached when cancelled: `abort` counts it as failed
+        if outcome is not None:
+            self._events.append(outcome)
+
+    async def _try_write(self, change: StatusChange) -> dict[str, Any] | None:
+        """Write one change; the event to publish for it, if there is one to publish."""
         store = self._store
         if store is None:  # a topic without a table: every change is news
-            self._events.append(status_event(change))
-            return
+            return status_event(change) if self._topic is not None else None
         problem = "given up for this batch"
         for attempt in range(self._attempts):
             if self._failed_in_row >= GIVE_UP_AFTER:
@@ -210,7 +220,7 @@ class StatusWriter:
             self._failed_in_row = 0
             if write.result == "duplicate":
                 self.counts.duplicates += 1
-                return
+                return None
             self.counts.written += 1
             if not write.known and change.source == "ses":
                 self.counts.unknown += 1
@@ -218,19 +228,19 @@ class StatusWriter:
                     "status for a notification the table does not know yet",
                     extra={"tracking_id": change.tracking_id, "state": change.state},
                 )
-            if self._topic is not None:
-                self._events.append(status_event(change, write))
-            return
+            return status_event(change, write) if self._topic is not None else None
         self._failed_in_row += 1
         self.counts.failed += 1
         log.warning(
             "status write failed",
             extra={"tracking_id": change.tracking_id, "state": change.state, "error": problem},
         )
+        return None
 
     async def _publish(self, topic: StatusTopic) -> None:
         size = min(topic.max_batch, len(self._events))
         events = [self._events.popleft() for _ in range(size)]
+        self._publishing = size
         refused = size
         for attempt in range(self._attempts):
             try:
@@ -247,6 +257,7 @@ class StatusWriter:
                 continue
             refused = result
             break
+        self._publishing = 0  # not reached when cancelled: `abort` counts them as failed
         self.counts.published += size - refused
         self.counts.publish_failed += refused
 
