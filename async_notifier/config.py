@@ -93,6 +93,8 @@ ANY_BUCKET = "*"
 KEY_PREFIX_FIELDS = frozenset({"cognito_user_id", "video_id"})
 # SES: "up to 64 characters: letters, numbers, underscores and dashes".
 _CONFIGURATION_SET_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+# A standard SNS topic's ARN (PublishBatch needs no group id: not a FIFO topic).
+_TOPIC_ARN_RE = re.compile(r"^arn:aws[a-z-]*:sns:[a-z0-9-]+:\d{12}:[A-Za-z0-9_-]{1,256}$")
 # The pattern AWS documents for UserPoolId.
 USER_POOL_ID_RE = re.compile(r"^[\w-]+_[0-9a-zA-Z]+$")
 # CloudWatch's namespace characters; "AWS/" is reserved for AWS's own namespaces.
@@ -166,6 +168,10 @@ class Settings:
     idempotency_ttl: int = 24 * 3600
     suppression_table: str | None = None
     suppression_soft_ttl: int = 30 * 24 * 3600
+    # Delivery status per notification (`delivery_status`): the table, its TTL, the topic.
+    status_table: str | None = None
+    status_ttl: int = 90 * 24 * 3600
+    status_topic_arn: str | None = None
     max_attachment_bytes: int = 18 * MIB
     link_expiry_seconds: int = 7 * 24 * 3600
     max_tmp_bytes: int = 400 * MIB
@@ -290,6 +296,13 @@ class Settings:
             ),
             suppression_soft_ttl=env.integer(
                 "SUPPRESSION_SOFT_TTL_SECONDS", 30 * 24 * 3600, low=3600
+            ),
+            status_table=env.optional("STATUS_TABLE"),
+            status_ttl=env.integer("STATUS_TTL_SECONDS", 90 * 24 * 3600, low=3600),
+            status_topic_arn=env.pattern(
+                "STATUS_TOPIC_ARN",
+                _TOPIC_ARN_RE,
+                "an SNS topic ARN (arn:aws:sns:REGION:ACCOUNT:NAME)",
             ),
             max_attachment_bytes=env.integer("MAX_ATTACHMENT_BYTES", 18 * MIB, low=0),
             # SigV4 presigned URLs are valid for at most 7 days.

@@ -325,6 +325,11 @@ class AttachmentChanged(RuntimeError):
     """The file no longer has the size the message was built for; its `size` would be wrong."""
 
 
+class StatusUnavailable(Exception):
+    """A delivery-status write or publish failed (STATUS_TABLE, STATUS_TOPIC_ARN): never a
+    record's error, only counted and logged. Its text is safe to log (a code, a type)."""
+
+
 class TooLarge(Exception):
     """A download of unknown size passed the most it was allowed (not a record's error)."""
 

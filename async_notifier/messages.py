@@ -18,6 +18,7 @@ from typing import Any, Literal
 from email_validator import EmailNotValidError, validate_email
 
 from .config import SUPPORTED_LOCALES
+from .delivery_status import TRACKING_ID_LENGTH
 from .errors import BadMessage
 
 Status = Literal["COMPLETED", "FAILED"]
@@ -139,6 +140,17 @@ class Notification:
         if self.delivery is not None:
             parts.append(self.delivery)
         return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()
+
+    @property
+    def tracking_id(self) -> str:
+        """The notification's id outside the worker: the key of its delivery status
+        (STATUS_TABLE) and the SES message tag its email carries, so SES's events find it.
+
+        The first 40 hex digits of `identity` (a hash: it holds no address), and so the
+        local part of the email's Message-ID when the message names its recipient's address.
+        Taken before a Cognito lookup, which changes `identity`, so it stays the same from
+        the record to the status."""
+        return self.identity[:TRACKING_ID_LENGTH]
 
     @property
     def display_name(self) -> str:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Literal, Protocol, TypeVar
 
 from .after_cutoff import AfterCutoff
+from .delivery_status import StatusChange, StatusWrite
 from .errors import NotifierError, ProviderCondition
 from .mail.mime import StreamedEmail
 from .messages import SqsRecord
@@ -169,6 +170,29 @@ class SuppressionList(Protocol):
     async def record(self, events: Sequence[AddressEvent]) -> None: ...
 
 
+# --------------------------------------------------------------------------- delivery status
+
+
+class StatusStore(Protocol):
+    """Each notification's delivery status and history (STATUS_TABLE, `aws/status.py`)."""
+
+    async def write(self, change: StatusChange) -> StatusWrite:
+        """Record one change by the precedence rules (`delivery_status`); idempotent by
+        `change.event_id`. Raises on failure (the caller retries and counts)."""
+        ...
+
+
+class StatusTopic(Protocol):
+    """Where status changes are told back (STATUS_TOPIC_ARN, `aws/status_topic.py`)."""
+
+    max_batch: int  # events per call
+
+    async def publish(self, events: Sequence[dict[str, Any]]) -> int:
+        """Publish up to `max_batch` events (`delivery_status.status_event`); return how many
+        were refused (a failed call raises)."""
+        ...
+
+
 # --------------------------------------------------------------------------- the queue
 
 
@@ -204,6 +228,12 @@ class Adapters(Protocol):
 
     @property
     def suppression(self) -> SuppressionList | None: ...
+
+    @property
+    def status_store(self) -> StatusStore | None: ...
+
+    @property
+    def status_topic(self) -> StatusTopic | None: ...
 
     async def feedback(self) -> QueueFeedback | None:
         """The queue feedback, made when first needed; None when nothing is configured."""

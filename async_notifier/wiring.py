@@ -22,6 +22,8 @@ from .aws.secrets import KeyPairSource, SecretSource
 from .aws.ses_quota import SesQuotaReader
 from .aws.ses_transport import SesTransport
 from .aws.sqs import SqsFeedback
+from .aws.status import DynamoStatusStore
+from .aws.status_topic import SnsStatusTopic
 from .aws.suppression import DynamoSuppressionList
 from .batch.notifier import Notifier
 from .batch.ses_recorder import SesEventsRecorder
@@ -59,6 +61,8 @@ class _SesEventsAdapters:
     settings: Settings
     session: Any
     suppression: DynamoSuppressionList
+    status_store: DynamoStatusStore | None = None
+    status_topic: SnsStatusTopic | None = None
     transport: None = None
     objects: None = None
     idempotency: None = None
@@ -110,13 +114,16 @@ class SesEventsBackend:
         stack = contextlib.AsyncExitStack()
         try:
             dynamodb = await stack.enter_async_context(aws_client("dynamodb", s, self._session))
+            status_store, status_topic = await _status(stack, s, self._session, dynamodb)
         except BaseException:
             await stack.aclose()
             raise
         suppression = DynamoSuppressionList(
             dynamodb, s.suppression_table, soft_ttl=s.suppression_soft_ttl
         )
-        self._adapters = _SesEventsAdapters(loop, stack, s, self._session, suppression)
+        self._adapters = _SesEventsAdapters(
+            loop, stack, s, self._session, suppression, status_store, status_topic
+        )
         return self._adapters
 
     async def aclose(self) -> None:
@@ -140,6 +147,8 @@ class _Adapters:
     idempotency: DynamoIdempotencyStore | None
     recipients: CognitoRecipients | None
     suppression: DynamoSuppressionList | None
+    status_store: DynamoStatusStore | None = None
+    status_topic: SnsStatusTopic | None = None
     _feedback: SqsFeedback | None = None
 
     async def feedback(self) -> SqsFeedback:
@@ -271,8 +280,9 @@ class AwsBackend:
                     if limits is not None:
                         limits.use_quota(reader)
             dynamodb = None
-            if s.idempotency_table or s.suppression_table:
+            if s.idempotency_table or s.suppression_table or s.status_table:
                 dynamodb = await stack.enter_async_context(aws_client("dynamodb", s, session))
+            status_store, status_topic = await _status(stack, s, session, dynamodb)
             idempotency = None
             if dynamodb is not None and s.idempotency_table:
                 idempotency = DynamoIdempotencyStore(
@@ -295,7 +305,18 @@ class AwsBackend:
             await stack.aclose()
             raise
         self._adapters = _Adapters(
-            loop, stack, s, session, transport, pool, objects, idempotency, recipients, suppression
+            loop,
+            stack,
+            s,
+            session,
+            transport,
+            pool,
+            objects,
+            idempotency,
+            recipients,
+            suppression,
+            status_store,
+            status_topic,
         )
         return self._adapters
 
@@ -318,6 +339,20 @@ def _transport(
     fallback = by_name[settings.fallback_transport]
     assert fallback is not None
     return FailoverTransport(primary, fallback)
+
+
+async def _status(
+    stack: contextlib.AsyncExitStack, settings: Settings, session: Any, dynamodb: Any
+) -> tuple[DynamoStatusStore | None, SnsStatusTopic | None]:
+    """The delivery-status table (on the shared DynamoDB client) and topic, when set."""
+    store = None
+    if settings.status_table and dynamodb is not None:
+        store = DynamoStatusStore(dynamodb, settings.status_table, ttl_seconds=settings.status_ttl)
+    topic = None
+    if settings.status_topic_arn:
+        sns = await stack.enter_async_context(aws_client("sns", settings, session))
+        topic = SnsStatusTopic(sns, settings.status_topic_arn)
+    return store, topic
 
 
 async def _queue_feedback(

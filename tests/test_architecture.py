@@ -32,6 +32,7 @@ CORE = {
     "after_cutoff",
     "messages",
     "ses_events",
+    "delivery_status",
     "metrics",
     "mail",
     "ports",

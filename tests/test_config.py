@@ -435,3 +435,34 @@ def test_a_rules_pattern_is_enforced(name: str, good: str, bad: str) -> None:
     assert RULES[name].pattern
     settings(**{name: good})
     assert RULES[name].pattern in problems({**MINIMAL, name: bad})
+def test_delivery_status_is_off_unless_named() -> None:
+    s = settings()
+    assert (s.status_table, s.status_topic_arn) == (None, None)
+    assert s.status_ttl == 90 * 24 * 3600
+    on = settings(
+        STATUS_TABLE="notifier-status",
+        STATUS_TTL_SECONDS="3600",
+        STATUS_TOPIC_ARN="arn:aws:sns:sa-east-1:123456789012:notification-status",
+    )
+    assert (on.status_table, on.status_ttl) == ("notifier-status", 3600)
+    assert on.status_topic_arn == "arn:aws:sns:sa-east-1:123456789012:notification-status"
+    # The SES events function reads them too: it records what SES reports.
+    events = Settings.from_env(
+        {"SUPPRESSION_TABLE": "suppression", "STATUS_TABLE": "notifier-status"}, sending=False
+    )
+    assert events.status_table == "notifier-status"
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("STATUS_TTL_SECONDS", "3599"),
+        ("STATUS_TOPIC_ARN", "notification-status"),
+        ("STATUS_TOPIC_ARN", "arn:aws:sqs:us-east-1:123456789012:queue"),
+        ("STATUS_TOPIC_ARN", "arn:aws:sns:us-east-1:123456789012:events.fifo"),
+    ],
+)
+def test_delivery_status_settings_refused(name: str, value: str) -> None:
+    message = problems({**MINIMAL, name: value})
+    assert name in message
+    assert value in message

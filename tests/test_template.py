@@ -26,7 +26,7 @@ from servers import CapturedLogs, FakeLambdaContext, MotoServer, failed_ids, sqs
 
 import handler
 from async_notifier.batch.disposition import BACKOFF_BASE
-from async_notifier.batch.outcome import BatchResult, DeadLetter, Outcome, Retry
+from async_notifier.batch.outcome import BatchResult, DeadLetter, Outcome, Retry, StatusCounts
 from async_notifier.batch.report import metrics_from_batch
 from async_notifier.config import ConfigError, Settings
 from async_notifier.errors import (
@@ -305,6 +305,13 @@ def test_sam_translation_is_lint_clean_and_adds_no_broad_policy() -> None:
             "AWS::IAM::Role",
             "AWS::Lambda::Function",
             "AWS::Lambda::EventSourceMapping",
+            # Delivery status (EnableDeliveryStatus), and its sample subscriber queue
+            # (EnableStatusSubscriberQueue).
+            "AWS::DynamoDB::Table",
+            "AWS::SNS::Topic",
+            "AWS::SQS::Queue",
+            "AWS::SQS::QueuePolicy",
+            "AWS::SNS::Subscription",
             # Operations.
             *["AWS::CloudWatch::Alarm"] * 17,
             "AWS::CloudWatch::Dashboard",
@@ -337,7 +344,11 @@ def test_a_stack_without_ses_translates_lint_clean_and_has_no_ses_part() -> None
     assert [str(match) for match in lint(json.dumps(translated))] == []
     resources = Stack(translated, EnableSuppression="false").resources()
     types = {resource["Type"] for resource in resources.values()}
-    assert not {t for t in types if t.startswith(("AWS::SES::", "AWS::SNS::"))}
+    assert not {t for t in types if t.startswith("AWS::SES::")}
+    # The one topic left is the delivery status's (the worker's own verdicts).
+    assert [n for n, r in resources.items() if r["Type"].startswith("AWS::SNS::")] == [
+        "StatusTopic"
+    ]
     assert not [name for name in resources if name.startswith(("Ses", "Suppression"))]
     assert Counter(r["Type"] for r in resources.values())["AWS::Lambda::Function"] == 1
 
@@ -509,11 +520,12 @@ def test_iam_defaults_name_every_resource() -> None:
         "sqs:ChangeMessageVisibility": queue,
         "sqs:SendMessage": {"<GetAtt DeadLetterQueue.Arn>"},
         "s3:GetObject": {"arn:aws:s3:::videos-zip/*"},
-        "dynamodb:GetItem": {"<GetAtt IdempotencyTable.Arn>"},
+        "dynamodb:GetItem": {"<GetAtt IdempotencyTable.Arn>", STATUS_TABLE_ARN},
         "dynamodb:PutItem": {"<GetAtt IdempotencyTable.Arn>"},
-        "dynamodb:UpdateItem": {"<GetAtt IdempotencyTable.Arn>"},
+        "dynamodb:UpdateItem": {"<GetAtt IdempotencyTable.Arn>", STATUS_TABLE_ARN},
         "dynamodb:DeleteItem": {"<GetAtt IdempotencyTable.Arn>"},
         "dynamodb:BatchGetItem": {"<GetAtt SuppressionTable.Arn>"},
+        "sns:Publish": {STATUS_TOPIC},
         "ses:GetSendQuota": {"*"},
     }
 
@@ -559,9 +571,11 @@ def test_iam_with_every_option(tmp_path: Path) -> None:
 
 
 def test_iam_without_options_has_no_optional_grants() -> None:
-    stack = Stack(EnableIdempotency="false", EnableSuppression="false")
+    stack = Stack(
+        EnableIdempotency="false", EnableSuppression="false", EnableDeliveryStatus="false"
+    )
     grants = stack.grants()
-    for prefix in ("dynamodb:", "secretsmanager:", "cognito-idp:", "kms:"):
+    for prefix in ("dynamodb:", "secretsmanager:", "cognito-idp:", "kms:", "sns:"):
         assert not [action for action in grants if action.startswith(prefix)]
     assert "IdempotencyTable" not in stack.resources()
     assert "SuppressionTable" not in stack.resources()
@@ -803,6 +817,8 @@ def _resolved(environment: dict[str, str], tmp_path: Path) -> dict[str, str]:
         "<Ref SuppressionTable>": "notifier-SuppressionTable-1",
         "<Ref EmailConfigurationSet>": "EmailConfigurationSet-AbCdEf123456",
         "<Ref SesEventsDeadLetterQueue>": f"https://sqs.{REGION}.amazonaws.com/{ACCOUNT}/ses-dlq",
+        "<Ref StatusTable>": "notifier-StatusTable-1",
+        "<Ref StatusTopic>": f"arn:aws:sns:{REGION}:{ACCOUNT}:notifier-StatusTopic-1",
     }
     env = {name: placeholders.get(value, value) for name, value in environment.items()}
     assert not [value for value in env.values() if value.startswith("<")]
@@ -1007,6 +1023,8 @@ NOT_FOR_SES_EVENTS = {
     "RETRY_BASE_DELAY",
 }
 SUPPRESSION_TABLE_ARN = "<GetAtt SuppressionTable.Arn>"
+STATUS_TABLE_ARN = "<GetAtt StatusTable.Arn>"
+STATUS_TOPIC = "<Ref StatusTopic>"
 
 
 def test_ses_events_function_runs_the_other_entry_point_of_the_same_zip() -> None:
@@ -1097,7 +1115,9 @@ def test_ses_events_role_names_every_resource() -> None:
         "sqs:GetQueueAttributes": queue,
         "sqs:ChangeMessageVisibility": queue,
         "sqs:SendMessage": {"<GetAtt SesEventsDeadLetterQueue.Arn>"},
-        "dynamodb:UpdateItem": {SUPPRESSION_TABLE_ARN},
+        "dynamodb:UpdateItem": {SUPPRESSION_TABLE_ARN, STATUS_TABLE_ARN},
+        "dynamodb:GetItem": {STATUS_TABLE_ARN},
+        "sns:Publish": {STATUS_TOPIC},
     }
 
 
@@ -1117,7 +1137,10 @@ def test_the_notifier_only_reads_the_suppression_list_and_ses_events_only_writes
     assert stack.environment()["SUPPRESSION_TABLE"] == "<Ref SuppressionTable>"
     # Neither may touch the other's tables.
     assert "dynamodb:BatchGetItem" not in stack.grants("SesEventsRole")
-    assert stack.grants()["dynamodb:UpdateItem"] == {"<GetAtt IdempotencyTable.Arn>"}
+    assert stack.grants()["dynamodb:UpdateItem"] == {
+        "<GetAtt IdempotencyTable.Arn>",
+        STATUS_TABLE_ARN,
+    }
 
 
 def test_suppression_table_matches_the_code_and_outlives_the_stack() -> None:
@@ -1197,7 +1220,9 @@ def test_bounces_and_complaints_of_the_configuration_set_reach_the_topic(
 def test_without_suppression_the_stack_has_no_ses_part(configuration_set: str) -> None:
     stack = Stack(EnableSuppression="false", SesConfigurationSet=configuration_set)
     resources = stack.resources()
-    assert not [r for r in resources.values() if r["Type"].startswith(("AWS::SES", "AWS::SNS"))]
+    assert not [r for r in resources.values() if r["Type"].startswith("AWS::SES")]
+    sns = [name for name, r in resources.items() if r["Type"].startswith("AWS::SNS")]
+    assert sns == ["StatusTopic"]  # the delivery status's, not SES's
     assert not [name for name in resources if name.startswith(("Ses", "Suppression"))]
     assert "dynamodb:BatchGetItem" not in stack.grants()
     env = stack.environment()
@@ -1438,6 +1463,7 @@ def _notifier_metrics() -> dict[str, set[frozenset[str]]]:
         DeadLetter("expired", expired),
         *(Retry(30) for _ in held),
     ]
+    result.status = StatusCounts(active=True, written=2, failed=1)  # STATUS_TABLE is set
     metrics = metrics_from_batch(
         result,
         duration_s=1.5,
@@ -1726,7 +1752,8 @@ def test_dashboard_shows_what_the_code_and_aws_emit(
         if metric == "MessagesAccepted"
     ]
     expected = {"FunctionName": "<Ref NotifierFunction>", "Transport": ""}
-    assert accepted == [(NAMESPACE, expected)]
+    total = {"FunctionName": "<Ref NotifierFunction>"}  # beside SES's deliveries
+    assert accepted == [(NAMESPACE, expected)] + [(NAMESPACE, total)] * (suppression == "true")
     # Held records split by Condition, like failed ones by ErrorClass.
     held = [
         (namespace, dimensions)
@@ -1738,3 +1765,114 @@ def test_dashboard_shows_what_the_code_and_aws_emit(
     ses_events = {("custom", m, "SesEventsFunction") for m in ("HardBounces", "Complaints")}
     assert (ses_events <= shown) is (suppression == "true")
     assert not [w for w in shown if "SesEvents" in w[2]] or suppression == "true"
+
+
+# --------------------------------------------------------------------------- delivery status
+
+
+def test_the_status_table_is_the_one_the_code_reads_and_writes(aws: MotoServer) -> None:
+    """Made on moto from the template's own definition, the table takes the store's
+    conditional writes and answers the reader's video query (its index, by name)."""
+    import asyncio
+
+    import aioboto3
+
+    from async_notifier.aws.status import VIDEO_INDEX, DynamoStatusReader, DynamoStatusStore
+    from async_notifier.delivery_status import StatusChange
+
+    resource = Stack().resources()["StatusTable"]
+    table = resource["Properties"]
+    assert table["BillingMode"] == "PAY_PER_REQUEST"
+    assert table["KeySchema"] == [{"AttributeName": "id", "KeyType": "HASH"}]
+    assert table["TimeToLiveSpecification"] == {"AttributeName": "expires_at", "Enabled": True}
+    assert table["SSESpecification"] == {"SSEEnabled": True}
+    (index,) = table["GlobalSecondaryIndexes"]
+    assert index["IndexName"] == VIDEO_INDEX
+    name = "notifier-StatusTable-1"
+    dynamodb = boto3.client("dynamodb", endpoint_url=aws.endpoint_url, region_name=REGION)
+    dynamodb.create_table(
+        TableName=name,
+        **{
+            key: table[key]
+            for key in (
+                "AttributeDefinitions",
+                "KeySchema",
+                "BillingMode",
+                "GlobalSecondaryIndexes",
+            )
+        },
+    )
+
+    async def write_and_read() -> list[str]:
+        async with aioboto3.Session().client(
+            "dynamodb", endpoint_url=aws.endpoint_url, region_name=REGION
+        ) as client:
+            change = StatusChange("ab" * 20, "accepted", 1, "worker", "accepted:m:1", video_id="v1")
+            assert (await DynamoStatusStore(client, name).write(change)).result == "current"
+            found = await DynamoStatusReader(client, name).for_video("v1")
+            return [record.status for record in found]
+
+    assert asyncio.run(write_and_read()) == ["accepted"]
+
+
+@pytest.mark.parametrize("function", ["NotifierFunction", "SesEventsFunction"])
+def test_both_functions_get_the_status_table_and_topic(function: str, tmp_path: Path) -> None:
+    stack = Stack(StatusTtlSeconds="86400")
+    env = stack.environment(function)
+    assert env["STATUS_TABLE"] == "<Ref StatusTable>"
+    assert env["STATUS_TOPIC_ARN"] == STATUS_TOPIC
+    assert env["STATUS_TTL_SECONDS"] == "86400"
+    settings = Settings.from_env(_resolved(env, tmp_path), sending=function == "NotifierFunction")
+    assert settings.status_table == "notifier-StatusTable-1"
+    assert settings.status_topic_arn == f"arn:aws:sns:{REGION}:{ACCOUNT}:notifier-StatusTopic-1"
+    assert settings.status_ttl == 86400
+    assert PARAMETERS["StatusTtlSeconds"]["Default"] == Settings.status_ttl
+    role = "NotifierRole" if function == "NotifierFunction" else "SesEventsRole"
+    on_status = {a for a, on in stack.grants(role).items() if STATUS_TABLE_ARN in on}
+    assert on_status == {"dynamodb:UpdateItem", "dynamodb:GetItem"}  # no scan, no query
+    assert stack.grants(role)["sns:Publish"] == {STATUS_TOPIC}
+
+
+def test_ses_reports_deliveries_delays_and_rejections_with_the_status() -> None:
+    def types(**overrides: str) -> list[str]:
+        destination = Stack(**overrides).resources()["SesEventsDestination"]["Properties"]
+        event_types: list[str] = destination["EventDestination"]["MatchingEventTypes"]
+        return event_types
+
+    assert types() == ["bounce", "complaint", "delivery", "deliveryDelay", "reject"]
+    assert types(EnableDeliveryStatus="false") == ["bounce", "complaint"]
+
+
+def test_without_the_status_nothing_of_it_is_made_or_granted() -> None:
+    stack = Stack(EnableDeliveryStatus="false", EnableStatusSubscriberQueue="true")
+    resources = stack.resources()
+    assert not [name for name in resources if name.startswith("Status")]
+    for function, role in (
+        ("NotifierFunction", "NotifierRole"),
+        ("SesEventsFunction", "SesEventsRole"),
+    ):
+        env = stack.environment(function)
+        assert (env["STATUS_TABLE"], env["STATUS_TOPIC_ARN"]) == ("", "")
+        assert "sns:Publish" not in stack.grants(role)
+        assert STATUS_TABLE_ARN not in {r for on in stack.grants(role).values() for r in on}
+    assert "Delivered vs accepted" not in resources["Dashboard"]["Properties"]["DashboardBody"]
+
+
+def test_the_status_topic_is_exported_and_its_sample_subscriber_admits_only_it() -> None:
+    outputs = TEMPLATE["Outputs"]
+    assert outputs["StatusTopicArn"]["Value"] == {"Ref": "StatusTopic"}
+    assert outputs["StatusTopicArn"]["Condition"] == "UseDeliveryStatus"
+    export = Stack().eval(outputs["StatusTopicArn"]["Export"]["Name"])
+    assert export == "notifier-StatusTopicArn"
+    assert "StatusSubscriberQueue" not in Stack().resources()
+    resources = Stack(EnableStatusSubscriberQueue="true").resources()
+    (statement,) = resources["StatusSubscriberQueuePolicy"]["Properties"]["PolicyDocument"][
+        "Statement"
+    ]
+    assert statement["Principal"] == {"Service": "sns.amazonaws.com"}
+    assert statement["Resource"] == "<GetAtt StatusSubscriberQueue.Arn>"
+    assert statement["Condition"] == {"ArnEquals": {"aws:SourceArn": STATUS_TOPIC}}
+    subscription = resources["StatusSubscription"]["Properties"]
+    assert subscription["TopicArn"] == STATUS_TOPIC
+    assert subscription["Endpoint"] == "<GetAtt StatusSubscriberQueue.Arn>"
+    assert subscription["RawMessageDelivery"] is True

@@ -1,7 +1,8 @@
 """The SES v2 API as a mail transport (`ports.MailTransport`), beside SMTP.
 
 `SendEmail` with raw content takes the very bytes the SMTP pool would send (the tags
-travel beside them as SES message tags, never as a header), signs with the function's
+travel beside them as `EmailTags`, which SES takes over the message's X-SES-MESSAGE-TAGS
+header), signs with the function's
 role instead of an IAM user's SMTP password, answers with SES's MessageId, and says what
 went wrong as a typed error. What this module adds around the call:
 

@@ -1,24 +1,35 @@
-"""The DynamoDB tables the worker writes: the idempotency store and the suppression list.
+"""The DynamoDB tables the worker writes: the idempotency store, the suppression list and
+the delivery statuses.
 
-Both are keyed by a string `id` and expire their items through TTL on `expires_at`, so one
-function makes either (local runs, tests; the SAM template makes them in AWS).
+All are keyed by a string `id` and expire their items through TTL on `expires_at`, so one
+function makes any of them (local runs, tests; the SAM template makes them in AWS).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from .errors import aws_error
 
 
-async def create_table(client: Any, table: str) -> None:
-    """Create the table (on-demand, keyed by `id`) with TTL on `expires_at`; idempotent."""
+async def create_table(
+    client: Any,
+    table: str,
+    *,
+    attributes: Sequence[dict[str, str]] = (),
+    indexes: Sequence[dict[str, Any]] = (),
+) -> None:
+    """Create the table (on-demand, keyed by `id`) with TTL on `expires_at`; idempotent.
+    `indexes` are global secondary indexes over `attributes` (the status table's)."""
+    extra: dict[str, Any] = {"GlobalSecondaryIndexes": list(indexes)} if indexes else {}
     try:
         await client.create_table(
             TableName=table,
-            AttributeDefinitions=[{"AttributeName": "id", "AttributeType": "S"}],
+            AttributeDefinitions=[{"AttributeName": "id", "AttributeType": "S"}, *attributes],
             KeySchema=[{"AttributeName": "id", "KeyType": "HASH"}],
             BillingMode="PAY_PER_REQUEST",
+            **extra,
         )
     except Exception as exc:
         if aws_error(exc).code != "ResourceInUseException":

@@ -67,6 +67,8 @@ class _Record:
     retry: Retrier
     video_id: str | None = None
     status: str | None = None
+    tracking_id: str | None = None  # the notification's (`Notification.tracking_id`)
+    notification_id: str | None = None  # the producer's, when the message says one
     bytes: int = 0
     maybe_delivered: bool = False
     receipt: Receipt | None = None  # what the provider said when it accepted the email
@@ -98,6 +100,8 @@ class RecordDelivery:
         state = self._state
         outcome.video_id = state.video_id
         outcome.status = state.status
+        outcome.tracking_id = state.tracking_id
+        outcome.notification_id = state.notification_id
         outcome.bytes = state.bytes
         outcome.retries = state.retry.retries
         outcome.maybe_delivered = state.maybe_delivered
@@ -144,6 +148,8 @@ class Delivery:
             raise notification
         state.video_id = notification.video_id
         state.status = notification.status
+        state.tracking_id = notification.tracking_id  # before a Cognito lookup changes it
+        state.notification_id = notification.notification_id
         check_location(notification, self._settings)
         # Two records for the same email in one batch: send once, both share the outcome.
         first = await self._dedup.run(
@@ -209,7 +215,7 @@ class Delivery:
                 notification = dataclasses.replace(
                     notification, email=recipient.email, name=notification.name or recipient.name
                 )
-            email = self._compose(notification, attachment)
+            email = self._compose(notification, attachment, state.tracking_id)
             try:
                 state.receipt = await state.retry.run(lambda: self._send(email, state))
             except MessageTooLarge:
@@ -226,7 +232,7 @@ class Delivery:
                 )
                 attachment = await self._link(notification.bucket, notification.key, attached.size)
                 state.bytes = 0
-                email = self._compose(notification, attachment)
+                email = self._compose(notification, attachment, state.tracking_id)
                 state.receipt = await state.retry.run(lambda: self._send(email, state))
             return "sent_link" if attachment.link else "sent"
         finally:
@@ -234,7 +240,9 @@ class Delivery:
                 lookup.cancel()
             await self._discard(attachment)
 
-    def _compose(self, notification: Notification, attachment: Attachment) -> StreamedEmail:
+    def _compose(
+        self, notification: Notification, attachment: Attachment, tracking_id: str | None
+    ) -> StreamedEmail:
         rendered = self._renderer.render(
             notification,
             attachment_name=attachment.name,
@@ -249,6 +257,7 @@ class Delivery:
             attachment_name=attachment.name,
             reply_to=self._settings.reply_to,
             configuration_set=self._settings.ses_configuration_set,
+            tracking_id=tracking_id,
         )
 
     async def _discard(self, attachment: Attachment) -> None:

@@ -13,6 +13,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
+from ..delivery_status import StatusChange
 from ..errors import NotifierError
 from ..messages import SqsRecord
 from ..ports import Receipt
@@ -55,6 +56,12 @@ class Outcome:
     record: SqsRecord | None = None  # kept for a failure: dead letter, back-off
     video_id: str | None = None
     status: str | None = None
+    tracking_id: str | None = None  # the notification's, once its body was parsed
+    notification_id: str | None = None  # the producer's, when the message says one
+    attempt: int = 1  # SQS's receive count of the record
+    # A status a provider reported (the SES events function): recorded once the record is
+    # acknowledged (`batch/status.py`).
+    reported: StatusChange | None = None
     bytes: int = 0  # the ZIP's size, when it was attached
     retries: int = 0  # attempts repeated inside the invocation
     maybe_delivered: bool = False  # cut off after its message data went out
@@ -89,6 +96,19 @@ class Tally:
 
 
 @dataclass
+class StatusCounts:
+    """What one batch's delivery-status writes came to (`status.StatusWriter`)."""
+
+    active: bool = False  # a status table or topic is configured
+    written: int = 0  # changes recorded (as the current status or in the history)
+    duplicates: int = 0  # changes the store had already recorded
+    failed: int = 0  # changes given up: StatusWriteFailed
+    unknown: int = 0  # SES's changes for notifications the store did not know yet
+    published: int = 0
+    publish_failed: int = 0
+
+
+@dataclass
 class BatchResult:
     """The failed records' outcomes in batch order, the tally of the rest, and (once the
     batch is settled) each failure's fate, in the same order as `errors`."""
@@ -96,6 +116,7 @@ class BatchResult:
     errors: list[Outcome] = field(default_factory=list)
     delivered: Tally = field(default_factory=Tally)
     fates: list[Disposition] = field(default_factory=list)
+    status: StatusCounts = field(default_factory=StatusCounts)  # the delivery statuses written
 
     @classmethod
     def of(cls, outcomes: Iterable[Outcome]) -> BatchResult:

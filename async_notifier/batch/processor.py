@@ -12,8 +12,11 @@ batch of 10,000 good records keeps counts, not outcomes (`BatchResult`).
 
 What must follow the records runs in shielded scopes bounded by the deadline's end: each
 record's own (its idempotency claim), then each failure's fate (`settle.py`: dead letters,
-back-off), then the transport's `finish_batch` (QUIT): settling comes first, saying QUIT is
-a courtesy done with what time remains. Then the handler reports (metrics, summary log).
+back-off), then what is left of the delivery statuses (`status.py`: each acknowledged
+record's was queued as it finished and written alongside the others; the failures' follow
+from their fates, with a few seconds at most), then the transport's `finish_batch` (QUIT):
+settling comes first, saying QUIT is a courtesy done with what time remains. Then the
+handler reports (metrics, summary log).
 
 anyio's clock is the event loop's (`anyio.current_time()`, loop.time()); a `Deadline` is on
 `time.monotonic()`. They are the same clock on asyncio, but the scopes convert anyway.
@@ -43,9 +46,10 @@ from ..errors import (
 from ..logs import get_logger
 from ..messages import SqsRecord, message_id_of
 from ..ports import Adapters, Backend, PoolStats
-from .disposition import Policy
+from .disposition import Policy, disposition
 from .outcome import Action, BatchResult, Outcome
 from .settle import settle, unsettled
+from .status import StatusWriter, status_of
 
 log = get_logger()
 
@@ -124,6 +128,7 @@ class BatchProcessor:
         started = time.monotonic()
         adapters = await self.backend.open(connections=len(raw_records))
         pool = PoolStats()
+        status = StatusWriter(adapters.status_store, adapters.status_topic, deadline)
         try:
             handler = handler_for(adapters, deadline)
             batch = Batch.parse(raw_records)
@@ -133,14 +138,23 @@ class BatchProcessor:
                 result = held_back(batch, held)
             else:
                 try:
-                    result = await self._run(batch, handler, deadline)
+                    result = await self._run(batch, handler, deadline, status)
                 finally:
                     handler.close()
             with anyio.CancelScope(shield=True, deadline=_after_end(deadline)) as scope:
                 result.fates = await settle(result, adapters, self.policy, deadline)
             if scope.cancelled_caught:
                 result.fates = unsettled(result, self.policy)
+            if status.active:
+                # The failures' statuses follow from their fates, now decided.
+                now = status.clock()
+                for outcome, fate in result.settled():
+                    status.add(status_of(outcome, fate, now=now))
+                with anyio.CancelScope(shield=True, deadline=_after_end(deadline)):
+                    await status.close()
+            result.status = status.counts
         finally:
+            status.abort()
             if adapters.transport is not None:
                 with anyio.CancelScope(shield=True, deadline=_after_end(deadline)):
                     pool = await adapters.transport.finish_batch(
@@ -155,13 +169,20 @@ class BatchProcessor:
         return result
 
     async def _run(
-        self, batch: Batch, handler: RecordHandler, deadline: Deadline | None
+        self,
+        batch: Batch,
+        handler: RecordHandler,
+        deadline: Deadline | None,
+        status: StatusWriter,
     ) -> BatchResult:
         with anyio.CancelScope(deadline=_cutoff(deadline)):
             await handler.prepare(batch.records)
 
         async def one(record: SqsRecord) -> Outcome:
-            return await run_record(handler.start(record), record, deadline)
+            outcome = await run_record(handler.start(record), record, deadline)
+            if outcome.ok and status.active:  # acknowledged: its status is known now
+                status.add(status_of(outcome, disposition(outcome, self.policy), now=time.time()))
+            return outcome
 
         return await run_batch(batch, one, concurrency=self.concurrency)
 
@@ -190,6 +211,7 @@ async def run_record(work: RecordWork, record: SqsRecord, deadline: Deadline | N
         action=action if error is None else None,
         # Only a failure needs its record later (dead-letter queue, retry back-off).
         record=record if error is not None else None,
+        attempt=record.receive_count,
     )
     work.annotate(outcome)
     outcome.duration = time.monotonic() - started

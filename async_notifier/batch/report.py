@@ -14,7 +14,7 @@ from ..errors import (
 from ..logs import request_id
 from ..metrics import InvocationMetrics
 from ..ports import PoolStats
-from .outcome import BatchResult, DeadLetter
+from .outcome import BatchResult, DeadLetter, StatusCounts
 
 
 def metrics_from_batch(
@@ -84,7 +84,21 @@ def metrics_from_batch(
     for outcome in errors:
         assert outcome.error is not None
         metrics.add("RecordsFailed", dimensions={"ErrorClass": outcome.error.kind})
+    add_status_metrics(metrics, result.status)
     rid = request_id.get()
     if rid:
         metrics.set_property("request_id", rid)
     return metrics
+
+
+def add_status_metrics(metrics: InvocationMetrics, status: StatusCounts) -> None:
+    """The delivery-status writes of a batch, when STATUS_TABLE or STATUS_TOPIC_ARN is set
+    (else none: no metric is created for a feature that is off)."""
+    if not status.active:
+        return
+    metrics.set("StatusWritten", status.written, "Count")
+    metrics.set("StatusWriteFailed", status.failed, "Count")
+    metrics.set("StatusDuplicates", status.duplicates, "Count")
+    metrics.set("StatusEventsUnknown", status.unknown, "Count")
+    metrics.set("StatusPublished", status.published, "Count")
+    metrics.set("StatusPublishFailed", status.publish_failed, "Count")

@@ -183,6 +183,7 @@ async def test_tags_and_configuration_set_go_beside_the_message(
     assert request.body["EmailTags"] == [
         {"Name": "video_id", "Value": "298ce197-3627-4845-83d7-cd6c98a9df8c"},
         {"Name": "status", "Value": "FAILED"},
+        {"Name": "tracking_id", "Value": dict(email.tags)["tracking_id"]},
         {"Name": "notification_id", "Value": "n_42__"},
     ]
     assert request.raw == email.as_bytes()
@@ -199,7 +200,11 @@ async def test_without_a_configuration_set_none_is_named(
         await transport(client, settings(api.endpoint_url)).deliver(email)
     [request] = api.requests
     assert "ConfigurationSetName" not in request.body
-    assert [tag["Name"] for tag in request.body["EmailTags"]] == ["video_id", "status"]
+    assert [tag["Name"] for tag in request.body["EmailTags"]] == [
+        "video_id",
+        "status",
+        "tracking_id",
+    ]
 
 
 UNVERIFIED = (

@@ -41,6 +41,7 @@ from async_notifier.mail.mime import (
     encoded_length,
     message_tags,
     tag_value,
+    tags_header,
 )
 from async_notifier.mail.render import Renderer
 
@@ -308,14 +309,49 @@ def test_tag_values_follow_ses_rules(value: str, expected: str) -> None:
     assert tag_value(value) == expected
 
 
-def test_tags_travel_beside_the_message_not_in_it(renderer: Renderer) -> None:
+def tags_of(data: bytes) -> dict[str, str]:
+    """X-SES-MESSAGE-TAGS as SES reads it: the unfolded header, "name=value, name=value"."""
+    raw = parse(data)["X-SES-MESSAGE-TAGS"]
+    assert raw is not None
+    value = re.sub(r"\r?\n[ \t]", " ", str(raw))  # RFC 5322 unfolding
+    assert "=?" not in value  # no encoded word: SES would read it as the tag's value
+    return dict(pair.split("=", 1) for pair in value.split(", "))
+
+
+def test_tags_travel_beside_the_message_and_in_its_ses_header(renderer: Renderer) -> None:
+    """The SES API takes them as EmailTags (and then ignores the header); SES's SMTP
+    interface reads X-SES-MESSAGE-TAGS. Both carry the tracking id that joins SES's events
+    to the notification's delivery status."""
     n = notification(notification_id="batch 7/1")
     streamed = build_streamed_email(n, renderer.render(n), sender=SENDER)
     assert streamed.tags == (
         ("video_id", "298ce197-3627-4845-83d7-cd6c98a9df8c"),
         ("status", "COMPLETED"),
+        ("tracking_id", n.tracking_id),
         ("notification_id", "batch_7_1"),
     )
-    assert b"batch" not in streamed.as_bytes()  # no header carries them
+    assert n.tracking_id == n.identity[:40]
+    assert streamed.message_id.startswith(f"<{n.tracking_id}@")
+    assert tags_of(streamed.as_bytes()) == dict(streamed.tags)
     without = notification()
-    assert [name for name, _ in message_tags(without)] == ["video_id", "status"]
+    assert [name for name, _ in message_tags(without)] == ["video_id", "status", "tracking_id"]
+    # A Cognito recipient's tracking id is taken before the lookup, which changes `identity`.
+    looked_up = build_streamed_email(n, renderer.render(n), sender=SENDER, tracking_id="f" * 40)
+    assert dict(looked_up.tags)["tracking_id"] == "f" * 40
+    assert tags_of(looked_up.as_bytes())["tracking_id"] == "f" * 40
+
+
+def test_a_long_tags_header_is_folded_between_tags_never_encoded(renderer: Renderer) -> None:
+    n = notification(video_id="v" * 255, notification_id="n" * 200)
+    streamed = build_streamed_email(n, renderer.render(n), sender=SENDER)
+    head = streamed.head.decode("ascii")
+    start = head.index("X-SES-MESSAGE-TAGS:")
+    end = head.index("\r\nMIME-Version:", start)
+    lines = head[start:end].split("\r\n")
+    assert len(lines) == 4  # one tag a line
+    assert all(len(line) <= 998 for line in lines)
+    assert all(line.startswith(" ") for line in lines[1:])
+    assert tags_of(streamed.as_bytes()) == dict(streamed.tags)
+    assert dict(streamed.tags)["video_id"] == "v" * 255
+    with pytest.raises(ValueError, match="tag-safe"):
+        tags_header((("video_id", "a b"),))

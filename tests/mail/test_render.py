@@ -31,6 +31,7 @@ EXPECTED_HEADERS = {
     "message-id",
     "x-video-id",
     "auto-submitted",
+    "x-ses-message-tags",  # the SES message tags (video, status, tracking id): tag-safe
     "mime-version",
     "content-type",
     "content-language",
@@ -329,7 +330,7 @@ def test_no_header_injection_with_hostile_but_valid_input(
     [to] = message["To"].addresses  # exactly one recipient, and it is the record's
     assert to.addr_spec == "maria@example.com"
     assert out.recipient == "maria@example.com"
-    for header in ("To", "Subject", "From", "X-Video-Id", "Message-ID"):
+    for header in ("To", "Subject", "From", "X-Video-Id", "Message-ID", "X-SES-MESSAGE-TAGS"):
         value = str(message[header])
         assert "\r" not in value
         assert "\n" not in value
