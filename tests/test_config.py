@@ -435,6 +435,8 @@ def test_a_rules_pattern_is_enforced(name: str, good: str, bad: str) -> None:
     assert RULES[name].pattern
     settings(**{name: good})
     assert RULES[name].pattern in problems({**MINIMAL, name: bad})
+
+
 def test_delivery_status_is_off_unless_named() -> None:
     s = settings()
     assert (s.status_table, s.status_topic_arn) == (None, None)
