@@ -228,8 +228,9 @@ def _assert_built_for(build_dir: Path, arch: str, python: str) -> None:
         assert "async_notifier/__init__.py" in files
         assert "templates/base.html" in files
         assert not [f for f in files if f.startswith("async_notifier/local/")]
+        suffixes = (f".cpython-{tag}-{MACHINE[arch]}-linux-gnu.so", ".abi3.so")
         for module in _extension_modules(function_dir):
-            assert module.name.endswith((f".cpython-{tag}-{MACHINE[arch]}-linux-gnu.so", ".abi3.so"))
+            assert module.name.endswith(suffixes), module
             header = module.read_bytes()[:20]
             assert header[:4] == b"\x7fELF", module
             assert int.from_bytes(header[18:20], "little") == ELF_MACHINE[arch], module
