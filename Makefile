@@ -30,17 +30,22 @@ LOCALSTACK_STAMP := $(LOCALSTACK_VENV)/.installed-$(LOCALSTACK_VERSION)
 LOCALSTACK_PACKAGES := 'localstack-core[runtime]==$(LOCALSTACK_VERSION)' 'cbor2<6' \
 	'pyopenssl==25.1.0' 'cryptography>=45,<46' service-identity
 # make package: the Lambda architecture to build for (arm64 = Graviton, or x86_64); it must
-# match the stack's Architecture parameter.
+# match the stack's Architecture parameter. (sam build follows that parameter.)
 ARCH ?= arm64
 # make package: the CPython the wheels are for; it must match the template's Runtime
 # (python3.13). Set on the command line only (make package PYTHON_VERSION=3.12): `=`, not `?=`,
 # because Python's container images export a PYTHON_VERSION of their own (3.11.7...).
 PYTHON_VERSION = 3.13
+# The AWS SAM CLI, in its own venv (it pins many libraries): make test-sam.
+SAM_VERSION ?= 1.170.0
+SAM_DIR := .sam
+SAM_VENV := $(SAM_DIR)/venv
+SAM_STAMP := $(SAM_VENV)/.installed-$(SAM_VERSION)
 
 .DEFAULT_GOAL := help
-.PHONY: help venv lock test test-cold-build test-wheel lint format run-local localstack \
-	localstack-stop test-localstack bench bench-quick clean distclean package test-runtime \
-	test-mta cfn-lint
+.PHONY: help venv lock test test-cold-build test-wheel test-sam lint format run-local \
+	localstack localstack-stop test-localstack bench bench-quick clean distclean package \
+	test-runtime test-mta cfn-lint build-NotifierFunction build-SesEventsFunction
 
 help:
 	@echo "make test        create the venv, install, run the whole test suite (2 processes)"
@@ -60,7 +65,7 @@ help:
 	@echo "make bench-quick the same with small numbers, well under a minute"
 	@echo "make package     build dist/deployment-package.zip for Lambda (python3.13, ARCH=arm64"
 	@echo "                 or ARCH=x86_64; PYTHON_VERSION=3.12); reproducible, prints its sizes"
-	@echo "                 and sha256"
+	@echo "                 and sha256; dist/template.yaml deploys it without sam build"
 	@echo "make test-cold-build  build each zip twice from empty caches (downloads every"
 	@echo "                 wheel) and check both builds have the same sha256"
 	@echo "make test-wheel  build the sdist and, from it, the wheel; install the wheel in a fresh"
@@ -70,8 +75,10 @@ help:
 	@echo "make test-mta    the SMTP client against real Postfix and Exim, each in a Debian chroot"
 	@echo "                 (root; first run downloads them; caches ~/.cache/async-notifier)"
 	@echo "make cfn-lint    lint template.yaml (the SAM template) with cfn-lint"
-	@echo "make clean       remove the venv, caches, outbox/, build/, dist/ and bench/out/"
-	@echo "make distclean   also LocalStack's venv and state (.localstack/)"
+	@echo "make test-sam    sam validate --lint and sam build (the SAM CLI in its own venv,"
+	@echo "                 .sam/; no Docker), then run the built function's handler"
+	@echo "make clean       remove the venv, caches, outbox/, build/, dist/, .aws-sam/, bench/out/"
+	@echo "make distclean   also the venvs of LocalStack (and its state) and the SAM CLI"
 
 # The runtime dependencies come from the lock, hash-checked, exactly as the zip gets them; the
 # dev tools are then held to the lock's versions (pip refuses hashes in a constraints file: any
@@ -159,6 +166,18 @@ bench-quick: $(STAMP)
 
 package: $(STAMP)
 	$(PY) scripts/package.py --arch "$(ARCH)" --python-version "$(PYTHON_VERSION)"
+	$(PY) scripts/zip_template.py
+
+# `sam build` (template.yaml: Metadata BuildMethod makefile) runs make build-<LogicalId> with
+# ARTIFACTS_DIR set, and zips that directory itself: make package's build, unpacked there, for
+# the architecture and runtime SAM resolved (scripts/sam_build.py reads them from SAM's
+# build.toml); ARCH and PYTHON_VERSION, when given, win. SAM builds each function on its
+# own; the second reuses the first's cached dependencies.
+SAM_BUILD_FLAGS = $(if $(filter command%,$(origin ARCH)),--arch "$(ARCH)") \
+	$(if $(filter command%,$(origin PYTHON_VERSION)),--python-version "$(PYTHON_VERSION)")
+
+build-NotifierFunction build-SesEventsFunction: $(STAMP)
+	$(PY) scripts/sam_build.py $(@:build-%=%) $(SAM_BUILD_FLAGS)
 
 # The sdist, and the wheel built from it, installed into a fresh virtualenv in a temp dir and
 # run there (--version, preview, run --drain against moto and an SMTP sink): tests/test_wheel.py.
@@ -180,9 +199,22 @@ test-mta: $(STAMP)
 cfn-lint: $(STAMP)
 	$(BIN)/cfn-lint template.yaml
 
-clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache outbox build dist bench/out
+$(SAM_STAMP):
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11) and "Python 3.11+ is required")'
+	$(PYTHON) -m venv $(SAM_VENV)
+	$(SAM_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(SAM_VENV)/bin/python -m pip install --quiet 'aws-sam-cli==$(SAM_VERSION)'
+	@touch $@
 
-# Also LocalStack's venv and state (a few minutes to reinstall); stop it first.
+# sam validate --lint, then sam build as a deployer runs it (into a temporary directory), and
+# the built function run by the host's Python (tests/test_sam.py).
+test-sam: $(STAMP) $(SAM_STAMP)
+	SAM_CLI=$(SAM_VENV)/bin/sam $(PY) -m pytest -m sam tests/test_sam.py $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache outbox build dist .aws-sam bench/out
+
+# Also LocalStack's venv and state, and the SAM CLI's venv (minutes to reinstall); stop
+# LocalStack first.
 distclean: clean
-	rm -rf $(LOCALSTACK_DIR)
+	rm -rf $(LOCALSTACK_DIR) $(SAM_DIR)

@@ -26,9 +26,12 @@ platform and the Python version, so a second build only zips. The build fails wh
 over 50 MiB or its contents over 250 MiB (Lambda's limits for a direct upload and for the
 unzipped function).
 
+`--output-dir DIR` writes the same files unpacked into DIR instead of the zip: what
+`sam build` runs (`make build-NotifierFunction`), SAM zipping `$ARTIFACTS_DIR` itself.
+
 Usage: python scripts/package.py [--arch arm64|x86_64] [--python-version 3.13]
-                                 [--output dist/deployment-package.zip] [--refresh]
-                                 [--cache-dir build/package]
+                                 [--output dist/deployment-package.zip | --output-dir DIR]
+                                 [--refresh] [--cache-dir build/package]
 """
 
 from __future__ import annotations
@@ -422,6 +425,44 @@ def write_zip(files: dict[str, Path], output: Path, *, epoch: int) -> int:
     return unzipped
 
 
+def write_tree(files: dict[str, Path], directory: Path, *, epoch: int) -> int:
+    """Write `files` (arcname -> path) into `directory` as the zip would unpack them (same
+    modes and dates); return their size. The directory must be empty or absent: a file left
+    there by another build would ship unnoticed."""
+    if directory.exists() and any(directory.iterdir()):
+        raise PackageError(f"{_show(directory)} is not empty")
+    stamp = max(epoch, ZIP_EPOCH)
+    size = 0
+    for name in sorted(files):
+        target = directory / name
+        target.parent.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+        data = files[name].read_bytes()
+        target.write_bytes(data)
+        target.chmod(FILE_MODE)
+        os.utime(target, (stamp, stamp))
+        size += len(data)
+    for path in sorted(directory.rglob("*"), reverse=True):
+        if path.is_dir():
+            path.chmod(DIR_MODE)
+            os.utime(path, (stamp, stamp))
+    return size
+
+
+def _build_tree(files: dict[str, Path], directory: Path, *, epoch: int, what: str) -> str:
+    """The unpacked package in `directory`; its sha256 is over the names and contents."""
+    unzipped = write_tree(files, directory, epoch=epoch)
+    digest = hashlib.sha256()
+    for name in sorted(files):
+        digest.update(f"{name}\0{_sha256(files[name])}\n".encode())
+    print(f"package:  {_show(directory)}/ ({len(files)} files, {what})")
+    print(f"unzipped: {_mib(unzipped)}, limit {_mib(MAX_UNZIPPED_BYTES)}")
+    if unzipped > MAX_UNZIPPED_BYTES:
+        raise PackageError(
+            f"the unzipped package is {_mib(unzipped)}, over Lambda's {_mib(MAX_UNZIPPED_BYTES)}"
+        )
+    return digest.hexdigest()
+
+
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as stream:
@@ -457,8 +498,10 @@ def build(
     cache_root: Path,
     refresh: bool = False,
     epoch: int = ZIP_EPOCH,
+    output_dir: Path | None = None,
 ) -> str:
-    """Build the package and return its sha256; raise PackageError when it cannot be used."""
+    """Build the package and return its sha256; raise PackageError when it cannot be used.
+    With `output_dir`, the files are written there unpacked instead of zipped to `output`."""
     started = time.monotonic()
     stale = stale_pins(read_requirements(REQUIREMENTS), read_lock(LOCK))
     if stale:
@@ -480,6 +523,11 @@ def build(
     if clash:
         raise PackageError(f"a dependency ships files of this project: {', '.join(clash)}")
     files.update(own)
+    if output_dir is not None:
+        what = f"CPython {python_version}, {arch}"
+        tree_sha256 = _build_tree(files, output_dir, epoch=epoch, what=what)
+        print(f"built in {time.monotonic() - started:.1f} s")
+        return tree_sha256
     unzipped = write_zip(files, output, epoch=epoch)
     zipped = output.stat().st_size
     sha256 = _sha256(output)
@@ -525,11 +573,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         help=f"CPython version the wheels are for (default {DEFAULT_PYTHON}, Lambda's "
         f"python{DEFAULT_PYTHON})",
     )
-    parser.add_argument(
+    destination = parser.add_mutually_exclusive_group()
+    destination.add_argument(
         "--output",
         type=Path,
         default=ROOT / "dist" / "deployment-package.zip",
         help="where to write the zip (default dist/deployment-package.zip)",
+    )
+    destination.add_argument(
+        "--output-dir",
+        type=Path,
+        help="write the files unpacked into this empty directory instead (sam build)",
     )
     parser.add_argument(
         "--cache-dir",
@@ -551,6 +605,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             cache_root=args.cache_dir,
             refresh=args.refresh,
             epoch=_source_date_epoch(),
+            output_dir=args.output_dir,
         )
     except PackageError as exc:
         print(f"package: error: {exc}", file=sys.stderr)

@@ -254,6 +254,37 @@ def test_zip_holds_the_function_and_nothing_it_does_not_need(
     assert any(path.parts[0].startswith("idna-") for path in metadata)
 
 
+def test_output_dir_holds_what_the_zip_unpacks_to(
+    builds: tuple[Build, Build], tmp_path: Path
+) -> None:
+    """`--output-dir` (what `sam build` runs): the zip's files, bytes, modes and dates."""
+    tree = tmp_path / "tree"
+    command = [sys.executable, str(SCRIPT), "--arch", str(ARCH), "--python-version"]
+    command += [PYTHON_VERSION, "--output-dir", str(tree)]
+    with one_build_at_a_time():
+        completed = subprocess.run(
+            command, capture_output=True, text=True, check=False, timeout=600
+        )
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+    assert "dependencies: cached" in completed.stdout
+    assert not list(tmp_path.glob("*.zip"))
+    with zipfile.ZipFile(builds[0].path) as archive:
+        infos = {info.filename.rstrip("/"): info for info in archive.infolist()}
+        written = {path.relative_to(tree).as_posix(): path for path in sorted(tree.rglob("*"))}
+        assert sorted(written) == sorted(infos)
+        for name, path in written.items():
+            info = infos[name]
+            assert path.stat().st_mode == info.external_attr >> 16, name
+            assert path.stat().st_mtime == 315532800, name  # 1980-01-01, the zip's date
+            if not info.is_dir():
+                assert path.read_bytes() == archive.read(info), name
+    # Never into a directory that holds something: it would ship too.
+    with one_build_at_a_time():
+        again = subprocess.run(command, capture_output=True, text=True, check=False, timeout=600)
+    assert again.returncode == 1
+    assert "is not empty" in again.stderr
+
+
 def _run_clean(unpacked: Path, event: dict[str, Any], env: dict[str, str]) -> dict[str, Any]:
     completed = subprocess.run(
         [sys.executable, "-I", "-S", "-c", RUNNER, str(unpacked)],
@@ -406,8 +437,8 @@ def test_python_version_is_lambdas_python_313_everywhere() -> None:
     # The Debian root file systems that `make test-runtime` runs the zips in.
     assert _load_script(ROOT / "scripts" / "rootfs.py").PYTHON_VERSION == LAMBDA_PYTHON
     runtimes = re.findall(r"^\s+Runtime: (\S+)$", (ROOT / "template.yaml").read_text(), re.M)
-    # Both functions (the notifier and the SES events one) run the same zip.
-    assert runtimes == [f"python{LAMBDA_PYTHON}"] * 2
+    # Once, in Globals: both functions (the notifier and the SES events one) run the same code.
+    assert runtimes == [f"python{LAMBDA_PYTHON}"]
     makefile = (ROOT / "Makefile").read_text()
     assert re.search(rf"^PYTHON_VERSION = {re.escape(LAMBDA_PYTHON)}$", makefile, re.M)
 

@@ -1,16 +1,20 @@
 """template.yaml: cfn-lint clean, translatable by SAM, and wired the way the worker needs.
 
 The template is read with cfn-lint's own YAML loader (short tags such as !Ref and !If become
-their long forms) and evaluated for chosen parameter values by a small interpreter of the
-intrinsic functions it uses, so the IAM assertions look at the statements a stack would get,
-conditions resolved, rather than at the template's text.
+their long forms), its Globals merged into the functions by SAM's own Globals plugin, and
+evaluated for chosen parameter values by a small interpreter of the intrinsic functions it
+uses, so the IAM assertions look at the statements a stack would get, conditions resolved,
+rather than at the template's text.
 """
 
 from __future__ import annotations
 
 import ast
+import copy
 import json
+import os
 import re
+import subprocess
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +25,7 @@ import pytest
 from cfnlint.api import lint
 from cfnlint.decode import decode_str
 from samtranslator.parser.parser import Parser
+from samtranslator.plugins.globals.globals_plugin import GlobalsPlugin
 from samtranslator.translator.translator import Translator
 from servers import CapturedLogs, FakeLambdaContext, MotoServer, failed_ids, sqs_event, sqs_record
 
@@ -107,7 +112,16 @@ def _load() -> dict[str, Any]:
     return loaded
 
 
-TEMPLATE = _load()
+def _with_globals(template: dict[str, Any]) -> dict[str, Any]:
+    """The template with its Globals merged into each function, as SAM does first."""
+    merged = copy.deepcopy(template)
+    GlobalsPlugin().on_before_transform_template(merged)
+    return merged
+
+
+# As written (with its Globals section), and as SAM sees each function (Globals merged).
+WRITTEN = _load()
+TEMPLATE = _with_globals(WRITTEN)
 RESOURCES: dict[str, Any] = TEMPLATE["Resources"]
 PARAMETERS: dict[str, Any] = TEMPLATE["Parameters"]
 
@@ -262,13 +276,12 @@ def test_cfn_lint_reports_nothing() -> None:
 
 def _translate(**overrides: str) -> dict[str, Any]:
     """The CloudFormation that SAM makes of the template (what `sam deploy` submits)."""
-    template = json.loads(json.dumps(TEMPLATE))
-    # sam deploy uploads the zip and puts its S3 location here (one zip, both functions).
-    for resource in template["Resources"].values():
-        if resource["Type"] == "AWS::Serverless::Function":
-            resource["Properties"]["CodeUri"] = (
-                "s3://deployment-artifacts/async-notifier/deployment-package.zip"
-            )
+    template = json.loads(json.dumps(WRITTEN))
+    # sam deploy uploads the built code and puts its S3 location here (one code location,
+    # in Globals, for both functions).
+    template["Globals"]["Function"]["CodeUri"] = (
+        "s3://deployment-artifacts/async-notifier/deployment-package.zip"
+    )
     translator = Translator({}, Parser(), boto_session=boto3.Session(region_name=REGION))
     translated: dict[str, Any] = translator.translate(
         template, parameter_values={**REQUIRED, **overrides}, get_managed_policy_map=dict
@@ -361,7 +374,7 @@ def test_function_runs_the_packaged_handler_on_python_313() -> None:
     assert RESOURCES["NotifierFunction"]["Type"] == "AWS::Serverless::Function"
     assert function["Handler"] == "handler.lambda_handler"
     assert function["Runtime"] == "python3.13"
-    assert function["CodeUri"] == "dist/deployment-package.zip"
+    assert function["CodeUri"] == "."
     assert function["Architectures"] == [{"Ref": "Architecture"}]
     assert function["Role"] == {"Fn::GetAtt": ["NotifierRole", "Arn"]}
     assert "Policies" not in function
@@ -391,6 +404,119 @@ def test_sizes_are_parameters_with_sensible_defaults() -> None:
     assert max(map(int, PARAMETERS["FunctionTimeout"]["AllowedValues"])) <= 900
     assert min(map(int, PARAMETERS["EphemeralStorage"]["AllowedValues"])) == 512
     assert max(map(int, PARAMETERS["EphemeralStorage"]["AllowedValues"])) == 10240
+
+
+# --------------------------------------------------------------------------- build, logs, tracing
+
+SERVERLESS_FUNCTIONS = sorted(
+    name for name, r in RESOURCES.items() if r["Type"] == "AWS::Serverless::Function"
+)
+# Lambda's application log levels, least to most severe.
+LAMBDA_LEVELS = ["TRACE", "DEBUG", "INFO", "WARN", "ERROR", "FATAL"]
+
+
+def test_globals_hold_what_the_functions_share() -> None:
+    assert SERVERLESS_FUNCTIONS == ["NotifierFunction", "SesEventsFunction"]
+    shared = WRITTEN["Globals"]["Function"]
+    assert shared["CodeUri"] == "."
+    assert shared["Runtime"] == "python3.13"
+    assert shared["Architectures"] == [{"Ref": "Architecture"}]
+    assert shared["Tracing"] == {"Ref": "Tracing"}
+    for name in SERVERLESS_FUNCTIONS:
+        written = WRITTEN["Resources"][name]["Properties"]
+        # Said once: a function repeating a shared value would let the two drift apart.
+        assert not set(written) & set(shared) - {"Environment", "LoggingConfig"}, name
+        assert not set(written["Environment"]["Variables"]) & set(
+            shared["Environment"]["Variables"]
+        ), name
+        assert not set(written["LoggingConfig"]) & set(shared["LoggingConfig"]), name
+        # SAM's merge gives each function both its own and the shared values.
+        merged = _function(name)
+        assert merged["LoggingConfig"]["LogGroup"] == written["LoggingConfig"]["LogGroup"]
+        assert merged["LoggingConfig"]["LogFormat"] == "JSON"
+        assert merged["Environment"]["Variables"]["LOG_LEVEL"] == {"Ref": "LogLevel"}
+
+
+def test_sam_builds_each_function_with_the_makefile() -> None:
+    """`sam build` runs `make build-<LogicalId>` in CodeUri: the Makefile has the target, and
+    it runs make package's build (scripts/package.py) through scripts/sam_build.py."""
+    env = {"PATH": os.environ["PATH"], "ARTIFACTS_DIR": "/tmp/artifacts"}
+    for name in SERVERLESS_FUNCTIONS:
+        assert RESOURCES[name]["Metadata"] == {"BuildMethod": "makefile"}, name
+        completed = subprocess.run(
+            ["make", "-n", f"build-{name}"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            env=env,
+            check=True,
+            timeout=60,
+        )
+        (command,) = (line for line in completed.stdout.splitlines() if "sam_build.py" in line)
+        # Nothing but the function: the architecture and Python are SAM's (build.toml).
+        assert command.split()[1:] == ["scripts/sam_build.py", name], command
+    sam_build = (ROOT / "scripts" / "sam_build.py").read_text()
+    assert "package.main(" in sam_build
+    assert '"--output-dir"' in sam_build
+
+
+@pytest.mark.parametrize("level", PARAMETERS["LogLevel"]["AllowedValues"])
+@pytest.mark.parametrize("function", ["NotifierFunction", "SesEventsFunction"])
+def test_lambda_logs_json_at_the_log_level_but_never_drops_the_metrics(
+    level: str, function: str, tmp_path: Path
+) -> None:
+    """LoggingConfig: JSON, Lambda's application level is LogLevel in Lambda's names. Lambda
+    hands it to the worker as AWS_LAMBDA_LOG_LEVEL, which wins over LOG_LEVEL: the worker must
+    then run at LogLevel itself, and its metric lines carry that level (INFO at least), so
+    Lambda's filter keeps them (tests/test_lambda_logs.py)."""
+    stack = Stack(LogLevel=level)
+    config = stack.resources()[function]["Properties"]["LoggingConfig"]
+    assert config["LogFormat"] == "JSON"
+    application = config["ApplicationLogLevel"]
+    assert application in LAMBDA_LEVELS
+    assert application == {"DEBUG": "DEBUG", "INFO": "INFO", "WARNING": "WARN"}.get(level, level)
+    assert config["SystemLogLevel"] == stack.params["SystemLogLevel"] == "INFO"
+    log_group = {"NotifierFunction": "NotifierLogGroup", "SesEventsFunction": "SesEventsLogGroup"}
+    assert config["LogGroup"] == f"<Ref {log_group[function]}>"
+    # LOG_LEVEL stays a level the worker reads, and with the level Lambda sets from
+    # LoggingConfig the worker runs at the same one.
+    env = _resolved(stack.environment(function), tmp_path)
+    assert env["LOG_LEVEL"] == level
+    sending = function == "NotifierFunction"
+    assert Settings.from_env(env, sending=sending).log_level == level
+    in_lambda = {**env, "AWS_LAMBDA_LOG_LEVEL": application}
+    assert Settings.from_env(in_lambda, sending=sending).log_level == level
+    assert set(TEMPLATE["Mappings"]["LogLevelToLambda"]) == set(
+        PARAMETERS["LogLevel"]["AllowedValues"]
+    )
+
+
+def test_system_log_level_and_tracing_are_parameters() -> None:
+    assert PARAMETERS["SystemLogLevel"]["Default"] == "INFO"
+    assert PARAMETERS["SystemLogLevel"]["AllowedValues"] == ["DEBUG", "INFO", "WARN"]
+    assert PARAMETERS["Tracing"]["Default"] == "PassThrough"
+    assert sorted(PARAMETERS["Tracing"]["AllowedValues"]) == ["Active", "PassThrough"]
+    for tracing in ("Active", "PassThrough"):
+        translated = _translate(Tracing=tracing)
+        functions = Stack(translated, Tracing=tracing).resources()
+        for name in SERVERLESS_FUNCTIONS:
+            properties = functions[name]["Properties"]
+            assert properties["TracingConfig"] == {"Mode": tracing}, name
+            assert properties["LoggingConfig"]["LogFormat"] == "JSON", name
+
+
+XRAY = {"xray:PutTraceSegments", "xray:PutTelemetryRecords"}
+
+
+@pytest.mark.parametrize("role", ["NotifierRole", "SesEventsRole"])
+def test_active_tracing_lets_each_role_write_traces(role: str) -> None:
+    """SAM adds X-Ray's policy only to the roles it makes; ours are written out."""
+    grants = Stack(Tracing="Active").grants(role)
+    assert {action: grants[action] for action in XRAY} == {action: {"*"} for action in XRAY}
+    _assert_scoped(grants)
+    assert not XRAY & set(Stack().grants(role))
+    (statement,) = (s for s in Stack(Tracing="Active").statements(role) if s["Sid"] == "Tracing")
+    assert "Condition" not in statement
 
 
 # --------------------------------------------------------------------------- queue
@@ -489,8 +615,8 @@ def test_both_functions_retry_by_age_with_the_parameters(function: str) -> None:
 
 
 # Actions that have no resource-level permissions, so "*" is their only form: the one
-# exception to "every statement names its resource".
-UNSCOPED = {"ses:GetSendQuota"}
+# exception to "every statement names its resource" (X-Ray's only with Tracing=Active).
+UNSCOPED = {"ses:GetSendQuota", "xray:PutTraceSegments", "xray:PutTelemetryRecords"}
 
 
 def _assert_scoped(grants: dict[str, set[str]]) -> None:
@@ -1031,11 +1157,13 @@ def test_ses_events_function_runs_the_other_entry_point_of_the_same_zip() -> Non
     notifier, ses_events = _function(), _function("SesEventsFunction")
     assert RESOURCES["SesEventsFunction"]["Condition"] == "UseSuppression"
     assert ses_events["Handler"] == "handler.ses_events_handler"
-    for same in ("CodeUri", "Runtime", "Architectures"):
+    for same in ("CodeUri", "Runtime", "Architectures", "Tracing"):
         assert ses_events[same] == notifier[same], same
     assert ses_events["Role"] == {"Fn::GetAtt": ["SesEventsRole", "Arn"]}
     assert "Policies" not in ses_events
-    assert ses_events["LoggingConfig"] == {"LogGroup": {"Ref": "SesEventsLogGroup"}}
+    assert ses_events["LoggingConfig"]["LogGroup"] == {"Ref": "SesEventsLogGroup"}
+    shared = {k: v for k, v in notifier["LoggingConfig"].items() if k != "LogGroup"}
+    assert ses_events["LoggingConfig"] == {**shared, "LogGroup": {"Ref": "SesEventsLogGroup"}}
     (event,) = ses_events["Events"].values()
     assert event["Type"] == "SQS"
     assert event["Properties"]["Queue"] == {"Fn::GetAtt": ["SesEventsQueue", "Arn"]}
