@@ -4,7 +4,8 @@
 batch code as the Lambda function; settings come from the same environment variables.
 `preview` renders one email to files without sending it, for whoever edits the templates.
 `redrive` moves dead-lettered notifications back to a queue once their cause is fixed.
-`status` prints what became of a video's notifications (STATUS_TABLE).
+`status` prints what became of a video's notifications (STATUS_TABLE). `canary` proves a
+deployment: it mails SES's mailbox simulator through the queue and waits for the statuses.
 Each command imports its modules when it runs, so neither pays for the other's (and
 `--help` stays instant).
 """
@@ -262,6 +263,47 @@ def build_parser() -> argparse.ArgumentParser:
     status_parser.add_argument(
         "--json", action="store_true", help="print JSON for scripts instead of text"
     )
+    canary_parser = commands.add_parser(
+        "canary",
+        help="prove the deployed path: mail SES's mailbox simulator, wait for the statuses",
+        description=(
+            "Publish three notifications to the notification queue, addressed to SES's "
+            "mailbox simulator (success, bounce and complaint addresses), and wait until "
+            "STATUS_TABLE says delivered, bounced and complained. Exit 0 when all three "
+            "came, 1 when one is missing (each listed, with what came instead), 2 on a "
+            "settings error, 3 when the queue or the table cannot be used. Needs "
+            "STATUS_TABLE, AWS_REGION, and credentials allowed sqs:SendMessage on the queue "
+            "and dynamodb:GetItem on the table. The first thing to run after `sam deploy`."
+        ),
+    )
+    canary_parser.add_argument(
+        "--queue-url", type=_queue_url, required=True, help="the notification queue"
+    )
+    canary_parser.add_argument(
+        "--timeout",
+        type=_positive_seconds,
+        default=300.0,
+        metavar="SECONDS",
+        help="how long to wait for the statuses (default: %(default)s)",
+    )
+    canary_parser.add_argument(
+        "--interval",
+        type=_positive_seconds,
+        default=5.0,
+        metavar="SECONDS",
+        help="how often to read them (default: %(default)s)",
+    )
+    canary_parser.add_argument(
+        "--zip",
+        metavar="s3://BUCKET/KEY",
+        help=(
+            "send COMPLETED notifications of this ZIP (it must exist in an allowed bucket), "
+            "which adds the download to the path; default: FAILED ones, which need none"
+        ),
+    )
+    canary_parser.add_argument(
+        "--json", action="store_true", help="print the run's summary as JSON"
+    )
     return parser
 
 
@@ -273,6 +315,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _redrive(args)
     if args.command == "status":
         return _status(args)
+    if args.command == "canary":
+        return _canary(args)
     return _run(args)
 
 
@@ -491,6 +535,78 @@ def _status(args: argparse.Namespace) -> int:
             if value
         )
         return fail(f"no status for {asked} in {table}", EXIT_NOT_FOUND)
+    return 0
+
+
+def _canary(args: argparse.Namespace) -> int:
+    import asyncio
+    import json
+
+    from .canary import CanaryResult, new_run_id, parse_zip_location
+    from .config import ConfigError, Settings
+    from .wiring import run_canary_on
+
+    def fail(text: str, status: int) -> int:
+        print(f"async-notifier canary: {text}", file=sys.stderr)
+        return status
+
+    try:
+        zip_location = parse_zip_location(args.zip) if args.zip else None
+    except ValueError as exc:
+        return fail(f"--zip: {exc}", EXIT_CONFIG)
+    try:
+        settings = Settings.for_status()
+    except ConfigError as exc:
+        return fail(str(exc), EXIT_CONFIG)
+    run_id = new_run_id()
+    seen: dict[str, str] = {}
+
+    def progress(result: CanaryResult) -> None:
+        for entry in result.results:
+            status = entry.record.status if entry.record is not None else "-"
+            if seen.get(entry.probe.kind, "-") != status:
+                seen[entry.probe.kind] = status
+                print(f"  {entry.probe.kind}: {status}", file=sys.stderr, flush=True)
+
+    print(
+        f"async-notifier canary {run_id}: 3 notifications to SES's mailbox simulator via "
+        f"{args.queue_url}; waiting up to {args.timeout:g} s for their statuses in "
+        f"{settings.status_table}...",
+        file=sys.stderr,
+        flush=True,
+    )
+    try:
+        result = asyncio.run(
+            run_canary_on(
+                settings,
+                args.queue_url,
+                run_id=run_id,
+                wait=args.timeout,
+                interval=args.interval,
+                zip_location=zip_location,
+                on_progress=progress,
+            )
+        )
+    except (asyncio.CancelledError, KeyboardInterrupt):
+        return fail("interrupted", EXIT_INTERRUPTED)
+    if args.json:
+        print(json.dumps(result.summary(), indent=2))
+    else:
+        for entry in result.results:
+            status = entry.record.status if entry.record is not None else "no status"
+            verdict = "ok" if entry.ok else "MISSING"
+            print(
+                f"{entry.probe.kind:<9}  expected {entry.probe.expected:<10}  got "
+                f"{status:<13}  {verdict}  {entry.probe.tracking_id}"
+            )
+    if result.error is not None:
+        return fail(result.error, EXIT_UNAVAILABLE)
+    if not result.ok:
+        why = f"timed out after {args.timeout:g} s" if result.timed_out else "a dead end"
+        for line in result.missing():
+            fail(f"missing: {line}", 1)
+        return fail(f"FAILED ({why}): run {run_id}", 1)
+    print(f"async-notifier canary: passed in {result.seconds:.1f} s", file=sys.stderr)
     return 0
 
 

@@ -21,11 +21,12 @@ from email.message import EmailMessage
 from email.utils import getaddresses
 from typing import Any, Literal
 
+from ..canary import SIMULATOR_DOMAIN
+
 Outcome = Literal["delivered", "bounced", "complained"]
 
-#: SES's mailbox simulator: what SES does with mail to each of its addresses (a `+label`
-#: after the local part is allowed and changes nothing).
-SIMULATOR_DOMAIN = "simulator.amazonses.com"
+#: SES's mailbox simulator (`canary.EXPECTED`): what SES does with mail to each of its
+#: addresses (a `+label` after the local part is allowed and changes nothing).
 SIMULATOR: dict[str, Outcome] = {
     "success": "delivered",
     "bounce": "bounced",
