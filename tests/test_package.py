@@ -406,8 +406,8 @@ def test_python_version_is_lambdas_python_313_everywhere() -> None:
     # The Debian root file systems that `make test-runtime` runs the zips in.
     assert _load_script(ROOT / "scripts" / "rootfs.py").PYTHON_VERSION == LAMBDA_PYTHON
     runtimes = re.findall(r"^\s+Runtime: (\S+)$", (ROOT / "template.yaml").read_text(), re.M)
-    # Both functions (the notifier and the SES events one) run the same zip.
-    assert runtimes == [f"python{LAMBDA_PYTHON}"] * 2
+    # Every function (the notifier, the SES events one and the canary) runs the same zip.
+    assert runtimes == [f"python{LAMBDA_PYTHON}"] * 3
     makefile = (ROOT / "Makefile").read_text()
     assert re.search(rf"^PYTHON_VERSION = {re.escape(LAMBDA_PYTHON)}$", makefile, re.M)
 
