@@ -45,7 +45,8 @@ SAM_STAMP := $(SAM_VENV)/.installed-$(SAM_VERSION)
 .DEFAULT_GOAL := help
 .PHONY: help venv lock test test-cold-build test-wheel test-sam lint format run-local \
 	localstack localstack-stop test-localstack bench bench-quick clean distclean package \
-	test-runtime test-mta cfn-lint build-NotifierFunction build-SesEventsFunction
+	test-runtime test-mta cfn-lint build-NotifierFunction build-SesEventsFunction \
+	build-CanaryFunction
 
 help:
 	@echo "make test        create the venv, install, run the whole test suite (2 processes)"
@@ -176,7 +177,7 @@ package: $(STAMP)
 SAM_BUILD_FLAGS = $(if $(filter command%,$(origin ARCH)),--arch "$(ARCH)") \
 	$(if $(filter command%,$(origin PYTHON_VERSION)),--python-version "$(PYTHON_VERSION)")
 
-build-NotifierFunction build-SesEventsFunction: $(STAMP)
+build-NotifierFunction build-SesEventsFunction build-CanaryFunction: $(STAMP)
 	$(PY) scripts/sam_build.py $(@:build-%=%) $(SAM_BUILD_FLAGS)
 
 # The sdist, and the wheel built from it, installed into a fresh virtualenv in a temp dir and

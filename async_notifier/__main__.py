@@ -4,6 +4,8 @@
 batch code as the Lambda function; settings come from the same environment variables.
 `preview` renders one email to files without sending it, for whoever edits the templates.
 `redrive` moves dead-lettered notifications back to a queue once their cause is fixed.
+`status` prints what became of a video's notifications (STATUS_TABLE). `canary` proves a
+deployment: it mails SES's mailbox simulator through the queue and waits for the statuses.
 Each command imports its modules when it runs, so neither pays for the other's (and
 `--help` stays instant).
 """
@@ -235,6 +237,73 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help=f"move at most N messages a second, 1-{MAX_MOVE_RATE} (default: as fast as SQS)",
     )
+    status_parser = commands.add_parser(
+        "status",
+        help="print the delivery status and history of a video's notifications, or of one",
+        description=(
+            "Print each notification's delivery status (STATUS_TABLE) and its history: "
+            "every state with its time, reason, provider message id, transport and attempt. "
+            "Exit 0 when something was found, 1 when nothing was, 2 on a usage or settings "
+            "error, 3 when the table cannot be read. Needs STATUS_TABLE, AWS_REGION "
+            "(and AWS_ENDPOINT_URL), and credentials allowed dynamodb:GetItem and "
+            "dynamodb:Query on the table."
+        ),
+    )
+    status_parser.add_argument(
+        "--video-id", metavar="ID", help="every notification of this video, oldest first"
+    )
+    status_parser.add_argument(
+        "--notification-id",
+        metavar="ID",
+        help=(
+            "one notification: its tracking id (the status events' tracking_id) or its "
+            "email's Message-ID; with --video-id, also the producer's notification_id"
+        ),
+    )
+    status_parser.add_argument(
+        "--json", action="store_true", help="print JSON for scripts instead of text"
+    )
+    canary_parser = commands.add_parser(
+        "canary",
+        help="prove the deployed path: mail SES's mailbox simulator, wait for the statuses",
+        description=(
+            "Publish three notifications to the notification queue, addressed to SES's "
+            "mailbox simulator (success, bounce and complaint addresses), and wait until "
+            "STATUS_TABLE says delivered, bounced and complained. Exit 0 when all three "
+            "came, 1 when one is missing (each listed, with what came instead), 2 on a "
+            "settings error, 3 when the queue or the table cannot be used. Needs "
+            "STATUS_TABLE, AWS_REGION, and credentials allowed sqs:SendMessage on the queue "
+            "and dynamodb:GetItem on the table. The first thing to run after `sam deploy`."
+        ),
+    )
+    canary_parser.add_argument(
+        "--queue-url", type=_queue_url, required=True, help="the notification queue"
+    )
+    canary_parser.add_argument(
+        "--timeout",
+        type=_positive_seconds,
+        default=300.0,
+        metavar="SECONDS",
+        help="how long to wait for the statuses (default: %(default)s)",
+    )
+    canary_parser.add_argument(
+        "--interval",
+        type=_positive_seconds,
+        default=5.0,
+        metavar="SECONDS",
+        help="how often to read them (default: %(default)s)",
+    )
+    canary_parser.add_argument(
+        "--zip",
+        metavar="s3://BUCKET/KEY",
+        help=(
+            "send COMPLETED notifications of this ZIP (it must exist in an allowed bucket), "
+            "which adds the download to the path; default: FAILED ones, which need none"
+        ),
+    )
+    canary_parser.add_argument(
+        "--json", action="store_true", help="print the run's summary as JSON"
+    )
     return parser
 
 
@@ -244,6 +313,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _preview(args)
     if args.command == "redrive":
         return _redrive(args)
+    if args.command == "status":
+        return _status(args)
+    if args.command == "canary":
+        return _canary(args)
     return _run(args)
 
 
@@ -395,6 +468,146 @@ def _redrive(args: argparse.Namespace) -> int:
         print(f"async-notifier redrive: {line}", file=sys.stderr)
     print(redrive_summary(result))
     return 0 if result.ok else 1
+
+
+EXIT_NOT_FOUND = 1
+EXIT_UNAVAILABLE = 3
+
+
+def _status(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from .aws.clients import aws_client
+    from .aws.status import DynamoStatusReader, tracking_id_from
+    from .config import ConfigError, Settings
+    from .delivery_status import StatusRecord
+    from .errors import StatusUnavailable
+    from .status_view import records_json, records_text
+
+    def fail(text: str, status: int) -> int:
+        print(f"async-notifier status: {text}", file=sys.stderr)
+        return status
+
+    video_id: str | None = args.video_id
+    wanted: str | None = args.notification_id
+    if not video_id and not wanted:
+        return fail("give --video-id or --notification-id (or both)", EXIT_CONFIG)
+    key = tracking_id_from(wanted) if wanted else None
+    if wanted and key is None and not video_id:
+        return fail(
+            f"--notification-id {wanted[:80]!r} is not a tracking id (40 hex digits) nor a "
+            "Message-ID: to find a producer's notification_id, give its --video-id too",
+            EXIT_CONFIG,
+        )
+    try:
+        settings = Settings.for_status()
+    except ConfigError as exc:
+        return fail(str(exc), EXIT_CONFIG)
+    table = settings.status_table or ""
+
+    async def read() -> list[StatusRecord]:
+        async with aws_client("dynamodb", settings) as client:
+            reader = DynamoStatusReader(client, table)
+            if not video_id:
+                found = await reader.get(key or "")
+                return [] if found is None else [found]
+            records = await reader.for_video(video_id)
+            if wanted:
+                records = [
+                    r for r in records if key == r.tracking_id or wanted == r.notification_id
+                ]
+            return records
+
+    try:
+        records = asyncio.run(read())
+    except StatusUnavailable as exc:
+        return fail(f"{exc} (table {table})", EXIT_UNAVAILABLE)
+    except (asyncio.CancelledError, KeyboardInterrupt):
+        return fail("interrupted", EXIT_INTERRUPTED)
+    if args.json:
+        print(records_json(records))
+    elif records:
+        print(records_text(records))
+    if not records:
+        asked = " and ".join(
+            f"{name} {value}"
+            for name, value in (("video", video_id), ("notification", wanted))
+            if value
+        )
+        return fail(f"no status for {asked} in {table}", EXIT_NOT_FOUND)
+    return 0
+
+
+def _canary(args: argparse.Namespace) -> int:
+    import asyncio
+    import json
+
+    from .canary import CanaryResult, new_run_id, parse_zip_location
+    from .config import ConfigError, Settings
+    from .wiring import run_canary_on
+
+    def fail(text: str, status: int) -> int:
+        print(f"async-notifier canary: {text}", file=sys.stderr)
+        return status
+
+    try:
+        zip_location = parse_zip_location(args.zip) if args.zip else None
+    except ValueError as exc:
+        return fail(f"--zip: {exc}", EXIT_CONFIG)
+    try:
+        settings = Settings.for_status()
+    except ConfigError as exc:
+        return fail(str(exc), EXIT_CONFIG)
+    run_id = new_run_id()
+    seen: dict[str, str] = {}
+
+    def progress(result: CanaryResult) -> None:
+        for entry in result.results:
+            status = entry.record.status if entry.record is not None else "-"
+            if seen.get(entry.probe.kind, "-") != status:
+                seen[entry.probe.kind] = status
+                print(f"  {entry.probe.kind}: {status}", file=sys.stderr, flush=True)
+
+    print(
+        f"async-notifier canary {run_id}: 3 notifications to SES's mailbox simulator via "
+        f"{args.queue_url}; waiting up to {args.timeout:g} s for their statuses in "
+        f"{settings.status_table}...",
+        file=sys.stderr,
+        flush=True,
+    )
+    try:
+        result = asyncio.run(
+            run_canary_on(
+                settings,
+                args.queue_url,
+                run_id=run_id,
+                wait=args.timeout,
+                interval=args.interval,
+                zip_location=zip_location,
+                on_progress=progress,
+            )
+        )
+    except (asyncio.CancelledError, KeyboardInterrupt):
+        return fail("interrupted", EXIT_INTERRUPTED)
+    if args.json:
+        print(json.dumps(result.summary(), indent=2))
+    else:
+        for entry in result.results:
+            status = entry.record.status if entry.record is not None else "no status"
+            verdict = "ok" if entry.ok else "MISSING"
+            print(
+                f"{entry.probe.kind:<9}  expected {entry.probe.expected:<10}  got "
+                f"{status:<13}  {verdict}  {entry.probe.tracking_id}"
+            )
+    if result.error is not None:
+        return fail(result.error, EXIT_UNAVAILABLE)
+    if not result.ok:
+        why = f"timed out after {args.timeout:g} s" if result.timed_out else "a dead end"
+        for line in result.missing():
+            fail(f"missing: {line}", 1)
+        return fail(f"FAILED ({why}): run {run_id}", 1)
+    print(f"async-notifier canary: passed in {result.seconds:.1f} s", file=sys.stderr)
+    return 0
 
 
 class ProgressBar:

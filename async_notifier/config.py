@@ -203,6 +203,17 @@ class Settings:
         return settings
 
     @classmethod
+    def for_status(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """The `status` and `canary` commands' settings: they read the status table, so
+        STATUS_TABLE is required, and they mail nothing (no SMTP server, sender, buckets or
+        suppression table needed)."""
+        env = _Env(os.environ if environ is None else environ)
+        settings = cls._read(env, sending=False, reading_status=True)
+        if env.problems:
+            raise ConfigError("invalid configuration: " + "; ".join(env.problems))
+        return settings
+
+    @classmethod
     def rules(cls) -> dict[str, Rule]:
         """Every variable `from_env` reads, with the default and bounds its reader enforces
         (read from the readers themselves, on an empty environment)."""
@@ -211,7 +222,7 @@ class Settings:
         return dict(env.rules)
 
     @classmethod
-    def _read(cls, env: _Env, *, sending: bool) -> Settings:
+    def _read(cls, env: _Env, *, sending: bool, reading_status: bool = False) -> Settings:
         """The settings `env` holds; its problems are collected in `env.problems`."""
         transport = env.choice("TRANSPORT", "smtp", TRANSPORTS)
         fallback_name = env.choice("FALLBACK_TRANSPORT", "none", FALLBACKS)
@@ -292,12 +303,16 @@ class Settings:
             idempotency_table=env.optional("IDEMPOTENCY_TABLE"),
             idempotency_ttl=env.integer("IDEMPOTENCY_TTL_SECONDS", 24 * 3600, low=60),
             suppression_table=(
-                env.optional("SUPPRESSION_TABLE") if sending else env.required("SUPPRESSION_TABLE")
+                env.optional("SUPPRESSION_TABLE")
+                if sending or reading_status
+                else env.required("SUPPRESSION_TABLE")
             ),
             suppression_soft_ttl=env.integer(
                 "SUPPRESSION_SOFT_TTL_SECONDS", 30 * 24 * 3600, low=3600
             ),
-            status_table=env.optional("STATUS_TABLE"),
+            status_table=(
+                env.required("STATUS_TABLE") if reading_status else env.optional("STATUS_TABLE")
+            ),
             status_ttl=env.integer("STATUS_TTL_SECONDS", 90 * 24 * 3600, low=3600),
             status_topic_arn=env.pattern(
                 "STATUS_TOPIC_ARN",

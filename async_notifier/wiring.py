@@ -16,21 +16,24 @@ from typing import Any
 from .account.limits import SendLimits
 from .aws.clients import aws_client, new_session
 from .aws.cognito import CognitoRecipients
+from .aws.errors import aws_error
 from .aws.idempotency import DynamoIdempotencyStore
 from .aws.s3 import LinkSigner, ObjectStore
 from .aws.secrets import KeyPairSource, SecretSource
 from .aws.ses_quota import SesQuotaReader
 from .aws.ses_transport import SesTransport
 from .aws.sqs import SqsFeedback
-from .aws.status import DynamoStatusStore
+from .aws.status import DynamoStatusReader, DynamoStatusStore
 from .aws.status_topic import SnsStatusTopic
 from .aws.suppression import DynamoSuppressionList
 from .batch.notifier import Notifier
 from .batch.ses_recorder import SesEventsRecorder
+from .canary import CanaryRequest, CanaryResult, run_canary
 from .config import ConfigError, Settings
 from .errors import ProviderCondition, SecretUnavailable, SecretWithoutUsername
 from .failover import FailoverTransport
-from .logs import get_logger
+from .logs import configure, get_logger
+from .metrics import InvocationMetrics
 from .ports import MailTransport
 from .smtp.pool import SmtpPool
 
@@ -49,6 +52,69 @@ def build_ses_recorder(settings: Settings) -> SesEventsRecorder:
     """The SES events consumer (bounces, complaints), wired to DynamoDB and SQS only: it
     sends no email, so it gets no SMTP pool and no S3 client (`SesEventsBackend`)."""
     return SesEventsRecorder(settings, SesEventsBackend(settings))
+
+
+async def run_canary_on(settings: Settings, queue_url: str, **options: Any) -> CanaryResult:
+    """The canary (`canary.run_canary`, `options` its own) wired to SQS, to send the probes
+    to `queue_url`, and to STATUS_TABLE, to read their statuses: what `async-notifier
+    canary` and `handler.canary_handler` run, with the caller's credentials."""
+    session = await asyncio.to_thread(new_session)
+    async with (
+        aws_client("sqs", settings, session) as sqs,
+        aws_client("dynamodb", settings, session) as dynamodb,
+    ):
+        reader = DynamoStatusReader(dynamodb, settings.status_table or "")
+
+        async def send(body: str) -> None:
+            try:
+                await sqs.send_message(QueueUrl=queue_url, MessageBody=body)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                raise RuntimeError(aws_error(exc).describe()) from None
+
+        return await run_canary(send, reader.get, **options)
+
+
+def canary_lambda(event: Any, context: Any) -> dict[str, Any]:
+    """The scheduled canary (`handler.canary_handler`): the event names the queue
+    (`queue_url`, and optionally `timeout_seconds`, `zip`), settings come from the
+    environment (`Settings.for_status`). Its verdict is the metric `CanaryFailed` (1 or 0,
+    dimension `FunctionName`, with `CanaryMissing`: the probes without their status) and
+    the returned summary; an error in the canary itself is a `CanaryFailed` too, then
+    raised (the function's `Errors`)."""
+    settings = Settings.for_status()
+    configure(settings.log_level)
+    remaining = getattr(context, "get_remaining_time_in_millis", None)
+    request = CanaryRequest.from_event(event, remaining() / 1000 if remaining else None)
+    name = getattr(context, "function_name", None)
+    metrics = InvocationMetrics(
+        settings.metrics_namespace,
+        dimensions={"FunctionName": name} if isinstance(name, str) and name else None,
+    )
+    try:
+        result = asyncio.run(
+            run_canary_on(
+                settings,
+                request.queue_url,
+                wait=request.timeout,
+                zip_location=request.zip_location,
+            )
+        )
+    except BaseException:
+        metrics.set("CanaryFailed", 1, "Count")
+        metrics.emit()
+        raise
+    summary = result.summary()
+    metrics.set("CanaryFailed", 0 if result.ok else 1, "Count")
+    metrics.set("CanaryMissing", len(summary["missing"]), "Count")
+    metrics.set("CanarySeconds", result.seconds, "Seconds")
+    metrics.emit()
+    if result.ok:
+        log.info("canary passed", extra={"canary": summary})
+    else:
+        log.error("canary failed", extra={"canary": summary})
+    return summary
 
 
 @dataclass

@@ -33,7 +33,7 @@ from typing import Any
 
 import boto3
 
-from . import control, fleet, payload, previous, report, ses_sent
+from . import control, fleet, payload, previous, report, ses_sent, status_table
 from .procs import (
     LOOPBACK,
     ROOT,
@@ -135,6 +135,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="run the project under cProfile (slower!); writes profile-<scenario>.pstats/.txt "
         "next to --out",
+    )
+    parser.add_argument(
+        "--status-table",
+        action="store_true",
+        help="give the project and previous targets a delivery-status table on moto "
+        "(STATUS_TABLE; code before the status work ignores it), and check that each project "
+        "run wrote a status per record",
     )
     parser.add_argument("--keep", action="store_true", help="keep the work dir (logs, events)")
     args = parser.parse_args(argv)
@@ -369,6 +376,8 @@ class Bench:
         )
         total_bytes = payload.seed(s3, items, scenario.size)
         seed_s = time.perf_counter() - started
+        if self.args.status_table:
+            status_table.create(self.moto.endpoint_url)
         if "ses" in scenario.transports:
             ses_sent.verify_sender(self.moto.endpoint_url, payload.REGION, SENDER)
         log(
@@ -429,6 +438,9 @@ class Bench:
                 extra["SES_MAX_INFLIGHT_BYTES"] = str(scenario.ses_max_inflight_bytes)
             if scenario.max_concurrency:
                 extra["MAX_CONCURRENCY"] = str(scenario.max_concurrency)
+            if self.args.status_table:
+                extra["STATUS_TABLE"] = status_table.NAME
+                status_table.clear(self.moto.endpoint_url)
             extra.update(item.split("=", 1) for item in self.args.env)
         env = self._target_env(tmp_dir, extra, ports)
         row = _row(scenario, target, run, batch, extra)
@@ -481,6 +493,14 @@ class Bench:
         if transport == "ses":
             row.update(self._ses_memory(row, extra, sink.max_size))
         self._check(row, child, sink, scenario, batch)
+        if self.args.status_table and target in HANDLERS:
+            row["statuses"] = status_table.count(self.moto.endpoint_url)
+            if target == "project" and row["statuses"] < expected_messages:
+                row["errors"].append(
+                    f"STATUS_TABLE holds {row['statuses']} statuses for {expected_messages} "
+                    "records: writes were dropped"
+                )
+            log(f"[{name}] STATUS_TABLE: {row['statuses']} statuses")
         self._log_run(row, sink.connections)
         return row
 

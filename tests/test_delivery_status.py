@@ -516,7 +516,8 @@ def test_a_status_store_that_never_answers_holds_no_send_back(
     capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Every status write hangs (the proxy takes DynamoDB's UpdateItem and never answers):
+    """Every status write hangs (the proxy takes DynamoDB's PutItem, with which the worker
+    makes an item, and UpdateItem, and never answers):
     the emails still go, each record succeeds, and the writes are counted as failed once the
     batch gives them their few seconds."""
     from faults import S3Action, S3Rule
@@ -524,13 +525,16 @@ def test_a_status_store_that_never_answers_holds_no_send_back(
     create_status_table(aws.endpoint_url, STATUS_TABLE)
     monkeypatch.setenv("STATUS_TABLE", STATUS_TABLE)
     seed_objects(s3_client(aws.endpoint_url), bucket, {"v1/v1.zip": make_zip(2_000, seed=1)})
-    s3_proxy.set_rules(S3Rule(S3Action.STALL, target="DynamoDB_20120810.UpdateItem"))
+    s3_proxy.set_rules(
+        S3Rule(S3Action.STALL, target="DynamoDB_20120810.PutItem"),
+        S3Rule(S3Action.STALL, target="DynamoDB_20120810.UpdateItem"),
+    )
     records = [sqs_record(completed(f"v{i}", f"u{i}@example.com"), f"m{i}") for i in range(4)]
     sent = send(records, capsys)
     assert sent["response"] == {"batchItemFailures": []}
     assert len(faulty_smtp.messages) == 4
     assert (sent["metrics"]["StatusWriteFailed"], sent["metrics"]["StatusWritten"]) == (4, 0)
-    stalled = [r for r in s3_proxy.requests if r.target == "DynamoDB_20120810.UpdateItem"]
+    stalled = [r for r in s3_proxy.requests if r.target == "DynamoDB_20120810.PutItem"]
     assert stalled
     assert {r.action for r in stalled} == {S3Action.STALL}
 

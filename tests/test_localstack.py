@@ -58,10 +58,12 @@ async def test_run_local_flow_against_localstack(
     # the bounce is recorded and the next email to that recipient is suppressed.
     if report.skipped:
         assert "serves no DynamoDB" in report.skipped
-        assert "Skipped bounce and suppression" in output
-        assert "SES: bounce, permanent" not in by_label
+        assert "Skipped SES's events, suppression and delivery status" in output
+        assert not [label for label in by_label if label.startswith("SES")]
     else:
-        assert by_label["SES: bounce, permanent"].recorded
+        assert by_label["SES (simulated): #1 bounced, permanent"].recorded
+        assert by_label["COMPLETED pt-BR"].status is not None
+        assert by_label["COMPLETED pt-BR"].status.status == "bounced"
         suppressed = by_label["FAILED pt-BR, to the bounced"]
         assert suppressed.in_dlq
         assert not suppressed.emails

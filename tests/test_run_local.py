@@ -65,7 +65,8 @@ def test_make_run_local(tmp_path: Path) -> None:
         "COMPLETED pt-BR",
         "FAILED en",
         "bad: not JSON",
-        "SES: bounce, permanent",
+        "SES (simulated): #1 bounced, permanent",
+        "SES (simulated): #2 delivered",
         "FAILED pt-BR, to the bounced",
     }, output
     assert rows["COMPLETED pt-BR"]["result"] == "sent"
@@ -73,13 +74,39 @@ def test_make_run_local(tmp_path: Path) -> None:
     assert rows["bad: not JSON"]["result"] == "moved to DLQ"
     assert rows["bad: not JSON"]["tries"] == "1"  # the worker dead-letters it at once
     assert "bad_message: body is not valid JSON" in rows["bad: not JSON"]["detail"]
-    # The bounce is recorded, and the next email to that recipient is suppressed.
-    assert rows["SES: bounce, permanent"]["result"] == "recorded"
+    # SES's events (simulated: no local SES publishes any) are recorded, the bounce in the
+    # suppression list, and the next email to that recipient is suppressed.
+    assert rows["SES (simulated): #1 bounced, permanent"]["result"] == "recorded"
+    assert rows["SES (simulated): #2 delivered"]["result"] == "recorded"
     bounced = rows["FAILED pt-BR, to the bounced"]
     assert bounced["result"] == "moved to DLQ"
     assert bounced["detail"].startswith("suppressed: addr-"), output
     assert "@" not in bounced["detail"]
     assert "Every message ended where it should." in output
+
+    # The delivery status of each, read back from the status table: SES's word on the
+    # emails, the worker's on the rest, and none for a body that is no notification.
+    section = output.split("Delivery status (", 1)[1].split("\n\n", 1)[0]
+    assert "SES's events simulated by the demo" in section
+    statuses = {
+        m["n"]: (m["video"], m["status"], m["history"])
+        for m in re.finditer(
+            r"^\s*(?P<n>\d+)  (?P<video>demo-\d{4}|-)  +(?P<status>[a-z_]+)  +(?P<history>.*)$",
+            section,
+            re.MULTILINE,
+        )
+    }
+    time = r"\d\d:\d\d:\d\d\.\d{3}"
+    assert set(statuses) == {"1", "2", "3", str(bounced["n"])}, section
+    assert statuses["1"][:2] == ("demo-0001", "bounced")
+    assert re.fullmatch(f"accepted {time}, bounced {time} \\(bounce:Permanent:General\\)",
+                        statuses["1"][2]), section  # fmt: skip
+    assert statuses["2"][:2] == ("demo-0002", "delivered")
+    assert re.fullmatch(f"accepted {time}, delivered {time}", statuses["2"][2]), section
+    assert statuses["3"] == ("-", "none", "not a notification")
+    again = statuses[str(bounced["n"])]
+    assert again[1] == "suppressed"
+    assert again[2].startswith("suppressed "), section
 
     # The files: an .eml and an .html per email, named in the table.
     emls = sorted(outbox.glob("*.eml"))
@@ -126,7 +153,11 @@ async def test_an_endpoint_without_dynamodb_runs_the_rest_of_the_demo(
     assert [s.label for s in report.samples] == ["COMPLETED pt-BR", "FAILED en", "bad: not JSON"]
     assert [s.result for s in report.samples] == ["sent", "sent", "moved to DLQ"]
     assert "Every message ended where it should." in output
-    assert f"Skipped bounce and suppression: {s3_proxy.endpoint_url} serves no DynamoDB" in output
+    assert (
+        f"Skipped SES's events, suppression and delivery status: {s3_proxy.endpoint_url} "
+        "serves no DynamoDB" in output
+    )
+    assert "Delivery status (" not in output
     assert "SUPPRESSION_TABLE" not in os.environ
     assert s3_proxy.counts[S3Action.INTERNAL_ERROR] >= 1
     sqs = client("sqs", moto_server.endpoint_url)
@@ -160,4 +191,14 @@ async def test_the_demo_through_the_ses_api(
     assert mail.attachments == ("férias na praia.zip",)
     assert mail.eml.exists()
     assert [m.video_id for m in by_label["FAILED en"].emails] == [by_label["FAILED en"].video_id]
+    # The statuses join SES's MessageId: the API's answer (accepted) and its events' own.
+    delivered = by_label["FAILED en"].status
+    assert delivered is not None
+    assert delivered.status == "delivered"
+    assert [e.state for e in delivered.history] == ["accepted", "delivered"]
+    assert delivered.provider_id
+    assert {e.provider_id for e in delivered.history} == {delivered.provider_id}
+    bounced = by_label["COMPLETED pt-BR"].status
+    assert bounced is not None
+    assert (bounced.status, bounced.reason) == ("bounced", "bounce:Permanent:General")
     assert os.environ["TRANSPORT"] == "ses"

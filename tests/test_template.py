@@ -33,6 +33,7 @@ import handler
 from async_notifier.batch.disposition import BACKOFF_BASE
 from async_notifier.batch.outcome import BatchResult, DeadLetter, Outcome, Retry, StatusCounts
 from async_notifier.batch.report import metrics_from_batch
+from async_notifier.canary import CanaryRequest
 from async_notifier.config import ConfigError, Settings
 from async_notifier.errors import (
     AccountPaused,
@@ -325,6 +326,14 @@ def test_sam_translation_is_lint_clean_and_adds_no_broad_policy() -> None:
             "AWS::SQS::Queue",
             "AWS::SQS::QueuePolicy",
             "AWS::SNS::Subscription",
+            # The scheduled canary (CanarySchedule): its function, schedule and alarms.
+            "AWS::Logs::LogGroup",
+            "AWS::IAM::Role",
+            "AWS::Lambda::Function",
+            "AWS::Lambda::EventInvokeConfig",
+            "AWS::Events::Rule",
+            "AWS::Lambda::Permission",
+            *["AWS::CloudWatch::Alarm"] * 2,
             # Operations.
             *["AWS::CloudWatch::Alarm"] * 17,
             "AWS::CloudWatch::Dashboard",
@@ -416,7 +425,7 @@ LAMBDA_LEVELS = ["TRACE", "DEBUG", "INFO", "WARN", "ERROR", "FATAL"]
 
 
 def test_globals_hold_what_the_functions_share() -> None:
-    assert SERVERLESS_FUNCTIONS == ["NotifierFunction", "SesEventsFunction"]
+    assert SERVERLESS_FUNCTIONS == ["CanaryFunction", "NotifierFunction", "SesEventsFunction"]
     shared = WRITTEN["Globals"]["Function"]
     assert shared["CodeUri"] == "."
     assert shared["Runtime"] == "python3.13"
@@ -426,8 +435,12 @@ def test_globals_hold_what_the_functions_share() -> None:
         written = WRITTEN["Resources"][name]["Properties"]
         # Said once: a function repeating a shared value would let the two drift apart.
         assert not set(written) & set(shared) - {"Environment", "LoggingConfig"}, name
-        assert not set(written["Environment"]["Variables"]) & set(
-            shared["Environment"]["Variables"]
+        # Bar the canary's status settings: it exists only with the table (UseCanary), so it
+        # names the table outright and publishes nothing.
+        overridden = {"CanaryFunction": {"STATUS_TABLE", "STATUS_TOPIC_ARN"}}.get(name, set())
+        assert (
+            set(written["Environment"]["Variables"]) & set(shared["Environment"]["Variables"])
+            == overridden
         ), name
         assert not set(written["LoggingConfig"]) & set(shared["LoggingConfig"]), name
         # SAM's merge gives each function both its own and the shared values.
@@ -497,8 +510,10 @@ def test_system_log_level_and_tracing_are_parameters() -> None:
     assert PARAMETERS["Tracing"]["Default"] == "PassThrough"
     assert sorted(PARAMETERS["Tracing"]["AllowedValues"]) == ["Active", "PassThrough"]
     for tracing in ("Active", "PassThrough"):
-        translated = _translate(Tracing=tracing)
-        functions = Stack(translated, Tracing=tracing).resources()
+        # With a schedule, so that the canary exists too.
+        with_canary = {"Tracing": tracing, "CanarySchedule": "rate(1 hour)"}
+        translated = _translate(**with_canary)
+        functions = Stack(translated, **with_canary).resources()
         for name in SERVERLESS_FUNCTIONS:
             properties = functions[name]["Properties"]
             assert properties["TracingConfig"] == {"Mode": tracing}, name
@@ -508,14 +523,16 @@ def test_system_log_level_and_tracing_are_parameters() -> None:
 XRAY = {"xray:PutTraceSegments", "xray:PutTelemetryRecords"}
 
 
-@pytest.mark.parametrize("role", ["NotifierRole", "SesEventsRole"])
+@pytest.mark.parametrize("role", ["NotifierRole", "SesEventsRole", "CanaryRole"])
 def test_active_tracing_lets_each_role_write_traces(role: str) -> None:
     """SAM adds X-Ray's policy only to the roles it makes; ours are written out."""
-    grants = Stack(Tracing="Active").grants(role)
+    schedule = {"CanarySchedule": "rate(1 hour)"}
+    active = Stack(Tracing="Active", **schedule)
+    grants = active.grants(role)
     assert {action: grants[action] for action in XRAY} == {action: {"*"} for action in XRAY}
     _assert_scoped(grants)
-    assert not XRAY & set(Stack().grants(role))
-    (statement,) = (s for s in Stack(Tracing="Active").statements(role) if s["Sid"] == "Tracing")
+    assert not XRAY & set(Stack(**schedule).grants(role))
+    (statement,) = (s for s in active.statements(role) if s["Sid"] == "Tracing")
     assert "Condition" not in statement
 
 
@@ -2004,3 +2021,89 @@ def test_the_status_topic_is_exported_and_its_sample_subscriber_admits_only_it()
     assert subscription["TopicArn"] == STATUS_TOPIC
     assert subscription["Endpoint"] == "<GetAtt StatusSubscriberQueue.Arn>"
     assert subscription["RawMessageDelivery"] is True
+
+
+# --------------------------------------------------------------------------- the canary
+
+CANARY = {"CanarySchedule": "rate(1 hour)"}
+
+
+def test_the_canary_is_off_by_default_and_needs_the_statuses() -> None:
+    for overrides in (
+        {},
+        {**CANARY, "EnableDeliveryStatus": "false"},
+        {**CANARY, "EnableSuppression": "false"},
+    ):
+        resources = Stack(**overrides).resources()
+        assert not [name for name in resources if name.startswith("Canary")], overrides
+    names = {name for name in Stack(**CANARY).resources() if name.startswith("Canary")}
+    assert names == {
+        "CanaryLogGroup",
+        "CanaryRole",
+        "CanaryFunction",
+        "CanaryFailedAlarm",
+        "CanaryErrorsAlarm",
+    }
+    pattern = PARAMETERS["CanarySchedule"]["AllowedPattern"]
+    for good in ("", "rate(1 hour)", "rate(15 minutes)", "cron(0 * * * ? *)"):
+        assert re.fullmatch(pattern, good), good
+    for bad in ("1 hour", "rate(1 hour", "every(1 hour)"):
+        assert not re.fullmatch(pattern, bad), bad
+
+
+def test_the_canary_runs_its_own_entry_point_on_the_schedule(tmp_path: Path) -> None:
+    stack = Stack(**CANARY)
+    function = stack.resources()["CanaryFunction"]["Properties"]
+    assert function["Handler"] == "handler.canary_handler"
+    assert function["CodeUri"] == _function()["CodeUri"]
+    assert function["EventInvokeConfig"] == {"MaximumRetryAttempts": 0}
+    schedule = function["Events"]["Schedule"]
+    assert schedule["Type"] == "Schedule"
+    assert schedule["Properties"]["Schedule"] == "rate(1 hour)"
+    event = json.loads(schedule["Properties"]["Input"])
+    assert event["queue_url"] == "<Ref NotificationQueue>"
+    # The entry point takes the event, and reports before the function's timeout.
+    request = CanaryRequest.from_event(
+        {**event, "queue_url": "https://sqs.us-east-1.amazonaws.com/1/q"},
+        remaining_seconds=function["Timeout"],
+    )
+    assert request.timeout == event["timeout_seconds"]
+    assert event["timeout_seconds"] + CanaryRequest.REPORT_MARGIN < function["Timeout"]
+    # Its environment is enough for its settings, and names its table.
+    env = _resolved(stack.environment("CanaryFunction"), tmp_path)
+    assert Settings.for_status(env).status_table == "notifier-StatusTable-1"
+
+
+def test_the_canary_may_only_send_probes_and_read_statuses() -> None:
+    grants = Stack(**CANARY).grants("CanaryRole")
+    _assert_scoped(grants)
+    assert grants == {
+        "logs:CreateLogStream": {"<GetAtt CanaryLogGroup.Arn>"},
+        "logs:PutLogEvents": {"<GetAtt CanaryLogGroup.Arn>"},
+        "sqs:SendMessage": {"<GetAtt NotificationQueue.Arn>"},
+        "dynamodb:GetItem": {STATUS_TABLE_ARN},
+    }
+
+
+def test_the_canary_alarms_watch_its_metric_and_its_errors() -> None:
+    resources = Stack(**CANARY, MetricsNamespace=NAMESPACE).resources()
+    failed = resources["CanaryFailedAlarm"]["Properties"]
+    assert (failed["Namespace"], failed["MetricName"]) == (NAMESPACE, "CanaryFailed")
+    errors = resources["CanaryErrorsAlarm"]["Properties"]
+    assert (errors["Namespace"], errors["MetricName"]) == ("AWS/Lambda", "Errors")
+    for alarm in (failed, errors):
+        assert alarm["Dimensions"] == [{"Name": "FunctionName", "Value": "<Ref CanaryFunction>"}]
+        assert alarm["Threshold"] == "0"
+        assert alarm["ComparisonOperator"] == "GreaterThanThreshold"
+
+
+def test_a_stack_with_the_canary_translates_lint_clean() -> None:
+    translated = _translate(**CANARY)
+    assert [str(match) for match in lint(json.dumps(translated))] == []
+    types = [
+        resource["Type"]
+        for name, resource in translated["Resources"].items()
+        if name.startswith("Canary")
+    ]
+    assert "AWS::Events::Rule" in types
+    assert "AWS::Lambda::EventInvokeConfig" in types

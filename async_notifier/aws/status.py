@@ -117,6 +117,24 @@ class DynamoStatusStore:
 
     async def write(self, change: StatusChange) -> StatusWrite:
         now = self._clock()
+        if change.source == "worker":
+            # The worker's verdict is almost always a notification's first change: a put
+            # that only creates the item (attribute_not_exists) says the same as the update
+            # below on a missing item, and costs DynamoDB (and moto: a seventh of the CPU)
+            # less to evaluate. An item that exists falls through to the full rules.
+            try:
+                await self._call(
+                    "PutItem",
+                    self._client.put_item,
+                    TableName=self._table,
+                    Item=self._new_item(change, now),
+                    ConditionExpression="attribute_not_exists(#id)",
+                    ExpressionAttributeNames={"#id": "id"},
+                    ReturnValuesOnConditionCheckFailure="ALL_OLD",
+                )
+                return StatusWrite("current", None)
+            except _ConditionFailed:
+                pass
         values: dict[str, Any] = {
             ":state": {"S": change.state},
             ":rank": {"N": str(change.rank)},
@@ -203,6 +221,32 @@ class DynamoStatusStore:
             return StatusWrite("history", before)
         old = response.get("Attributes")
         return StatusWrite("current", record_of(old) if old else None)
+
+    def _new_item(self, change: StatusChange, now: float) -> dict[str, Any]:
+        """The item `write`'s update makes of a missing one, whole."""
+        item: dict[str, Any] = {
+            "id": {"S": change.tracking_id},
+            "status": {"S": change.state},
+            "rank": {"N": str(change.rank)},
+            "status_at": {"N": str(change.at_ms)},
+            "history": {"L": [{"M": _entry(change)}]},
+            "events": {"SS": [change.event_id]},
+            "created_at": {"N": str(epoch_ms(now))},
+            "updated_at": {"N": str(epoch_ms(now))},
+            "expires_at": {"N": str(math.ceil(now) + self._ttl)},
+        }
+        for name, text in (
+            ("reason", change.reason),
+            ("video_id", change.video_id),
+            ("notification_id", change.notification_id),
+            ("provider_id", change.provider_id),
+            ("transport", change.transport),
+        ):
+            if text is not None:
+                item[name] = {"S": text}
+        if change.attempt is not None:
+            item["attempts"] = {"N": str(change.attempt)}
+        return item
 
     async def _update(
         self, change: StatusChange, update: str, condition: str, values: dict[str, Any]

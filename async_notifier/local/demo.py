@@ -4,11 +4,15 @@ A new user should see the real thing within a minute, with nothing but Python in
 moto (or any endpoint already running, such as LocalStack) serves S3, SQS and DynamoDB, a
 mail catcher files what the worker sends under the outbox, and the SQS runner — the same
 batch code as the Lambda function — drains a queue holding good and bad notifications. Then
-SES reports that one of the demo's recipients bounced (a notification on the SES events
-queue, recorded in the suppression table by the second entry point), and the next message
-to that recipient is suppressed. The report says, per message, what happened and where its
-email is, and the exit status says whether every message ended where it should (emailed,
-recorded, or in the dead-letter queue).
+SES reports what became of each email: a delivery, or a permanent bounce for one of the
+demo's recipients. No local endpoint publishes SES's events, so the demo writes the ones
+SES would (`ses_feed`, labelled as simulated) and puts them on the SES events queue, where
+the second entry point records them: the bounce in the suppression table, each event as its
+email's delivery status (STATUS_TABLE). The next message to the bounced recipient is
+suppressed. The report says, per message, what happened and where its email is, then each
+notification's delivery status as `async-notifier status` reads it; the exit status says
+whether every message ended where it should (emailed, recorded, or in the dead-letter
+queue, with the status it should have).
 """
 
 from __future__ import annotations
@@ -31,15 +35,18 @@ from pathlib import Path
 from typing import Any, Literal, TextIO
 
 from ..aws.errors import aws_error
+from ..aws.status import DynamoStatusReader, create_status_table
 from ..aws.tables import create_table
 from ..batch.outcome import BatchResult
 from ..config import Settings
+from ..delivery_status import StatusRecord
 from ..logs import JsonFormatter, configure
 from ..runner import BatchWorker, RunnerStats
 from ..runner import run as run_queue
 from ..wiring import build_notifier, build_ses_recorder
 from .mailcatcher import CaughtMail, MailCatcher, clear_outbox
 from .moto import MotoProcess
+from .ses_feed import Outcome, mail_tags, parse_email, recipients, ses_events, sns_envelope
 from .ses_outbox import sent_messages
 
 REGION = "us-east-1"
@@ -79,6 +86,11 @@ class Sample:
     emails: list[CaughtMail] = field(default_factory=list)
     in_dlq: bool = False
     recorded: bool = False  # an SES event the second entry point wrote down
+    # The delivery status it should end with (None: none, its body is not a notification),
+    # and, once read back from STATUS_TABLE, the one it has.
+    expect_status: str | None = None
+    status: StatusRecord | None = None
+    status_read: bool = False
 
     @property
     def result(self) -> str:
@@ -94,6 +106,10 @@ class Sample:
 
     @property
     def as_expected(self) -> bool:
+        if self.status_read:
+            found = self.status.status if self.status is not None else None
+            if found != self.expect_status:
+                return False
         if self.expect == "sent":
             return bool(self.emails)
         if self.expect == "recorded":
@@ -110,6 +126,7 @@ class Report:
     stats: RunnerStats | None = None
     resource_name: str = ""  # the bucket and the queue (its DLQ: +"-dlq")
     skipped: str = ""  # a part of the demo this endpoint cannot show, and why
+    status_table: str = ""  # where the statuses were read from ("": none were)
     interrupted: bool = False
     timed_out: bool = False
     seconds: float = 0.0
@@ -177,7 +194,7 @@ def build_samples(count: int, bucket: str) -> list[Sample]:
         if kind == "bad-json":
             samples.append(Sample(number, "bad: not JSON", '{"video_id": "demo-broken", ', "dlq"))
             continue
-        if kind == "bad-email":
+        if kind == "bad-email":  # not a notification: no tracking id, so no status
             body = {"video_id": video_id, "status": "COMPLETED", "bucket": bucket, "key": "x.zip"}
             samples.append(
                 Sample(number, "bad: no email", json.dumps(body), "dlq", video_id=video_id)
@@ -203,36 +220,44 @@ def build_samples(count: int, bucket: str) -> list[Sample]:
             message.update(bucket=bucket, key=zip_key)
             label = f"COMPLETED {locale}"
         expect: Expect = "sent"
+        # SES's (simulated) word on each email: the bouncing recipient's bounce.
+        expect_status = "bounced" if address == BOUNCING else "delivered"
         if status == "missing-zip":
             label = f"COMPLETED {locale}, ZIP missing"
             zip_key = None  # announced but never uploaded
             expect = "dlq"
-        samples.append(
-            Sample(number, label, json.dumps(message), expect, video_id=video_id, zip_key=zip_key)
-        )
+            expect_status = "dead_lettered"
+        sample = Sample(number, label, json.dumps(message), expect, video_id, zip_key)
+        sample.expect_status = expect_status
+        samples.append(sample)
     return samples
 
 
-def bounce_samples(first_number: int, bucket: str) -> tuple[Sample, Sample]:
-    """SES reports a permanent bounce for a demo recipient; then a message to them."""
-    ses_event = {
-        "eventType": "Bounce",
-        "mail": {"messageId": "demo-ses-0001", "destination": [BOUNCING]},
-        "bounce": {
-            "bounceType": "Permanent",
-            "bounceSubType": "General",
-            "bouncedRecipients": [{"emailAddress": BOUNCING, "status": "5.1.1"}],
-            "timestamp": datetime.now(UTC).isoformat(timespec="seconds"),
-        },
-    }
-    # What SNS puts on the queue without raw message delivery.
-    envelope = {
-        "Type": "Notification",
-        "MessageId": str(uuid.uuid4()),
-        "Message": json.dumps(ses_event),
-    }
-    bounce = Sample(first_number, "SES: bounce, permanent", json.dumps(envelope), "recorded")
-    video_id = f"demo-{first_number + 1:04d}"
+def ses_samples(
+    first_number: int, sent: list[tuple[bytes, str]], samples: list[Sample]
+) -> list[Sample]:
+    """The events SES would publish about the emails sent so far (`ses_feed`): a permanent
+    bounce for those to BOUNCING, a delivery for the rest; one SES events queue message
+    each, as SNS puts it there."""
+    by_video = {sample.video_id: sample for sample in samples if sample.video_id}
+    feed: list[Sample] = []
+    for raw, provider_id in sent:
+        message = parse_email(raw)
+        video_id = (mail_tags(message).get("video_id") or [""])[0]
+        source = by_video.get(video_id)
+        to = [address.lower() for address in recipients(message)]
+        outcome: Outcome = "bounced" if BOUNCING in to else "delivered"
+        what = "bounced, permanent" if outcome == "bounced" else "delivered"
+        about = f"#{source.number}" if source else (video_id or "?")
+        for event in ses_events(message, outcome, message_id=provider_id):
+            label = f"SES (simulated): {about} {what}"
+            feed.append(Sample(first_number + len(feed), label, sns_envelope(event), "recorded"))
+    return feed
+
+
+def again_sample(number: int) -> Sample:
+    """A message to the recipient SES reported as bounced: suppressed, never mailed."""
+    video_id = f"demo-{number:04d}"
     name, address, file_name = _PEOPLE["pt-BR"]
     message = {
         "video_id": video_id,
@@ -243,23 +268,27 @@ def bounce_samples(first_number: int, bucket: str) -> tuple[Sample, Sample]:
         "message": "a second try, after the bounce",
         "timestamp": datetime.now(UTC).isoformat(timespec="seconds"),
     }
-    again = Sample(
-        first_number + 1, "FAILED pt-BR, to the bounced", json.dumps(message), "dlq", video_id
-    )
-    return bounce, again
+    again = Sample(number, "FAILED pt-BR, to the bounced", json.dumps(message), "dlq", video_id)
+    again.expect_status = "suppressed"
+    return again
 
 
 # --------------------------------------------------------------------------- the run
 
 
 def resource_environment(name: str, dlq_url: str, *, suppression: bool) -> dict[str, str]:
-    """The demo's own resources: its bucket is the one bucket allowed, its table the
-    suppression list, and permanent failures go straight to the dead-letter queue (with
-    their reason), as a deployed stack does."""
+    """The demo's own resources: its bucket is the one bucket allowed, its tables the
+    suppression list and the delivery statuses, and permanent failures go straight to the
+    dead-letter queue (with their reason), as a deployed stack does."""
     values = {"ALLOWED_BUCKETS": name, "DEAD_LETTER_QUEUE_URL": dlq_url}
     if suppression:
         values["SUPPRESSION_TABLE"] = name
+        values["STATUS_TABLE"] = status_table_name(name)
     return values
+
+
+def status_table_name(name: str) -> str:
+    return f"{name}-status"
 
 
 def worker_environment(
@@ -299,6 +328,8 @@ _UNSET = (
     "ALLOWED_KEY_PREFIX",
     "LINK_SIGNING_SECRET_ID",
     "SUPPRESSION_TABLE",
+    "STATUS_TABLE",
+    "STATUS_TOPIC_ARN",
     "FALLBACK_TRANSPORT",
     "SES_REGION",
 )
@@ -383,6 +414,7 @@ async def _resources(
     no_table = ""
     try:
         await create_table(dynamodb, name)
+        await create_status_table(dynamodb, status_table_name(name))
     except Exception as exc:
         if not cleanup:  # our own moto serves DynamoDB: a failure here is a bug
             raise
@@ -395,8 +427,9 @@ async def _resources(
                 with contextlib.suppress(Exception):
                     await sqs.delete_queue(QueueUrl=url)
             if not no_table:
-                with contextlib.suppress(Exception):
-                    await dynamodb.delete_table(TableName=name)
+                for table in (name, status_table_name(name)):
+                    with contextlib.suppress(Exception):
+                        await dynamodb.delete_table(TableName=table)
             with contextlib.suppress(Exception):
                 listing = await s3.list_objects_v2(Bucket=name)
                 for item in listing.get("Contents", []):
@@ -495,6 +528,28 @@ async def _dead_letters(sqs: Any, dlq_url: str) -> tuple[set[str], set[str]]:
                 originals.add(original["StringValue"])
 
 
+async def _sent_so_far(
+    options: Options, catcher: MailCatcher, endpoint_url: str
+) -> list[tuple[bytes, str]]:
+    """Each email sent so far, raw, with the id SES's events give it: SES's MessageId
+    through the SES API; through the mail catcher, which is no SES, one made up."""
+    if options.transport == "ses":
+        kept = await asyncio.to_thread(sent_messages, endpoint_url)
+        return [(sent.raw, sent.message_id) for sent in kept]
+    return [(m.eml.read_bytes(), f"simulated-{m.index:04d}") for m in catcher.messages]
+
+
+async def _read_statuses(reader: DynamoStatusReader, samples: list[Sample]) -> None:
+    """Each notification's delivery status, as `async-notifier status --video-id` reads it."""
+    for sample in samples:
+        if sample.expect == "recorded":
+            continue
+        if sample.video_id:
+            records = await reader.for_video(sample.video_id)
+            sample.status = records[-1] if records else None
+        sample.status_read = True
+
+
 async def run_local(
     options: Options, *, out: TextIO = sys.stdout, stop: asyncio.Event | None = None
 ) -> Report:
@@ -539,7 +594,8 @@ async def run_local(
             )
             if not suppression:
                 report.skipped = (
-                    f"bounce and suppression: {endpoint_url} serves no DynamoDB table "
+                    f"SES's events, suppression and delivery status: {endpoint_url} serves "
+                    "no DynamoDB table "
                     f"({_clip(made.no_table, 80)})"
                 )
             settings = Settings.from_env()
@@ -569,20 +625,23 @@ async def run_local(
                         notifier, settings, made.queue_url, samples, options, stop, out
                     )
                     if report.stats.drained and suppression:
-                        bounce, again = bounce_samples(len(samples) + 1, bucket)
-                        samples += [bounce, again]
+                        so_far = await _sent_so_far(options, catcher, endpoint_url)
+                        feed = ses_samples(len(samples) + 1, so_far, samples)
+                        samples += feed
                         _print(
                             out,
-                            f"SES reports that {BOUNCING} bounced (permanent); recording it "
-                            "in the suppression table, then mailing them again...",
+                            f"SES reports a delivery for each email and a permanent bounce "
+                            f"for {BOUNCING} (simulated: no local endpoint publishes SES's "
+                            "events); the SES events function records them, then the demo "
+                            "mails the bounced recipient again...",
                         )
-                        await _send(sqs, made.ses_queue_url, [bounce])
+                        await _send(sqs, made.ses_queue_url, feed)
                         ses_settings = Settings.from_env(sending=False)
                         async with build_ses_recorder(ses_settings) as recorder:
                             ses_queue = made.ses_queue_url
-                            await _drain(
-                                recorder, settings, ses_queue, [bounce], options, stop, out
-                            )
+                            await _drain(recorder, settings, ses_queue, feed, options, stop, out)
+                        again = again_sample(len(samples) + 1)
+                        samples.append(again)
                         await _send(sqs, made.queue_url, [again])
                         report.stats = await _drain(
                             notifier, settings, made.queue_url, [again], options, stop, out
@@ -599,6 +658,9 @@ async def run_local(
             for sample in samples:
                 sample.in_dlq = sample.message_id in ids or sample.message_id in originals
                 sample.emails = [m for m in catcher.messages if m.video_id == sample.video_id]
+            if suppression and settings.status_table:
+                report.status_table = settings.status_table
+                await _read_statuses(DynamoStatusReader(dynamodb, settings.status_table), samples)
     report.seconds = time.monotonic() - started
     print_report(report, options, out)
     return report
@@ -624,11 +686,14 @@ def print_report(report: Report, options: Options, out: TextIO) -> None:
             f"{row[3]:>{widths[3]}}  {row[4]}".rstrip(),
         )
     _print(out, "")
+    if report.status_table:
+        print_statuses(report, out)
+        _print(out, "")
     sent = sum(1 for s in report.samples if s.emails)
     dead = sum(1 for s in report.samples if s.in_dlq)
     recorded = sum(1 for s in report.samples if s.recorded)
     summary = (
-        f"{len(report.samples)} messages: {sent} emailed, {recorded} SES event recorded, "
+        f"{len(report.samples)} messages: {sent} emailed, {recorded} SES events recorded, "
         f"{dead} in the dead-letter queue ({report.seconds:.1f} s)."
     )
     if report.interrupted:
@@ -648,6 +713,34 @@ def print_report(report: Report, options: Options, out: TextIO) -> None:
         f"Open the .html files in a browser and the .eml files in a mail client; "
         f"worker logs: {_show(report.log_file)}",
     )
+
+
+def print_statuses(report: Report, out: TextIO) -> None:
+    """Each notification's delivery status and history, read back from STATUS_TABLE."""
+    _print(
+        out,
+        f"Delivery status ({report.status_table}; SES's events simulated by the demo; "
+        "`async-notifier status --video-id ID` prints the same from a deployed table):",
+    )
+    rows = [("#", "video", "status", "history")]
+    for sample in report.samples:
+        if not sample.status_read:
+            continue
+        record = sample.status
+        if record is None:
+            rows.append((str(sample.number), sample.video_id or "-", "none", "not a notification"))
+            continue
+        steps = []
+        for entry in record.history:
+            step = f"{entry.state} {entry.time[11:23]}"
+            if entry.reason:
+                step += f" ({_clip(entry.reason, 60)})"
+            steps.append(step)
+        rows.append((str(sample.number), record.video_id or "-", record.status, ", ".join(steps)))
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    for row in rows:
+        line = f"{row[0]:>{widths[0]}}  {row[1]:<{widths[1]}}  {row[2]:<{widths[2]}}  {row[3]}"
+        _print(out, line.rstrip())
 
 
 def _files(mail: CaughtMail) -> str:

@@ -203,6 +203,36 @@ async def test_the_item_holds_no_address_and_expires(
     assert item["events"] == {"SS": [f"suppressed:{NOW}"]}
 
 
+async def test_the_workers_first_change_is_one_put_making_the_item_an_update_would(
+    store: DynamoStatusStore, dynamodb: Any
+) -> None:
+    """A worker's verdict on an unknown notification goes by a put that only creates the
+    item (cheaper to evaluate); it must make exactly the item the conditional update makes
+    of a missing one, which an SES change (always an update) shows."""
+    other = "f" * 40
+    fields = {"video_id": "v1", "notification_id": "n-1", "provider_id": "ses-1",
+              "transport": "smtp", "attempt": 2, "reason": "why not"}  # fmt: skip
+    calls = store.calls
+    await store.write(change("accepted", NOW, source="worker", **fields))
+    assert store.calls == calls + 1
+    await store.write(change("accepted", NOW, source="ses", tracking_id=other, **fields))
+
+    async def stored(key: str) -> dict[str, Any]:
+        item = (await dynamodb.get_item(TableName=TABLE, Key={"id": {"S": key}}))["Item"]
+        item.pop("id")
+        for entry in item["history"]["L"]:
+            entry["M"].pop("source")
+        return dict(item)
+
+    assert await stored(TRACKING) == await stored(other)
+    # On an item that exists, the put gives way to the full rules: a later attempt's verdict
+    # becomes the status, and the history keeps both.
+    again = await store.write(change("failed", NOW + 1, reason="bad_message: x"))
+    assert again.result == "current"
+    assert again.before is not None
+    assert again.before.status == "accepted"
+
+
 async def test_a_video_lists_its_notifications_oldest_first(
     dynamodb: Any, reader: DynamoStatusReader
 ) -> None:
