@@ -459,8 +459,11 @@ async def test_cut_body_aioboto3_raises_payload_error(
             received.write(chunk)
 
     # Streaming in chunks (as the worker does) yields the first half, then fails.
-    with pytest.raises(aiohttp.ClientPayloadError, match="Not enough data"):
-        await stream()
+    try:
+        with pytest.raises(aiohttp.ClientPayloadError, match="Not enough data"):
+            await stream()
+    finally:
+        response["Body"].close()  # the broken connection, as the worker closes it
     assert received.getvalue() == PAYLOAD[: len(PAYLOAD) // 2]
 
 

@@ -14,6 +14,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import boto3
+from connections import Connections
 
 from async_notifier.aws.tables import create_table
 from async_notifier.batch.notifier import Notifier
@@ -213,6 +214,7 @@ class SqsRecorder(Service):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._server: asyncio.AbstractServer | None = None
+        self._connections = Connections()
 
     @property
     def endpoint_url(self) -> str:
@@ -237,7 +239,9 @@ class SqsRecorder(Service):
 
         def run() -> None:
             asyncio.set_event_loop(loop)
-            self._server = loop.run_until_complete(asyncio.start_server(self._serve, self.host, 0))
+            self._server = loop.run_until_complete(
+                asyncio.start_server(self._connections.track(self._serve), self.host, 0)
+            )
             self.port = self._server.sockets[0].getsockname()[1]
             started.set()
             loop.run_forever()
@@ -261,10 +265,7 @@ class SqsRecorder(Service):
             if self._server is not None:
                 self._server.close()
                 self._server = None
-            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await self._connections.close()
 
         with contextlib.suppress(Exception):
             asyncio.run_coroutine_threadsafe(shutdown(), loop).result(10.0)
