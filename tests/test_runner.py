@@ -488,10 +488,14 @@ async def test_messages_arriving_during_a_batch_are_not_received_until_it_ends(
     # Not received (hidden, with nobody working on it) while the first batch ran, but after.
     [late_record] = batches.seen[1][0]
     assert int(late_record["attributes"]["ApproximateFirstReceiveTimestamp"]) >= batches.ended_ms[0]
-    # On the wire: no receive was in flight while a batch was being processed.
+    # On the wire: no receive was in flight while a batch was being processed; the first
+    # batch came from receives before it, the second from receives between the two.
     receives = recorder.calls("ReceiveMessage")
-    for span in notifier.spans:
+    first, second = notifier.spans
+    for span in (first, second):
         assert [c for c in receives if c.started < span.ended and c.answered > span.started] == []
+    assert [c for c in receives if c.answered <= first.started]
+    assert [c for c in receives if first.ended <= c.started and c.answered <= second.started]
     assert stats.deleted == 3
     _assert_each_emailed_once_and_deleted(smtp_sink, sqs, queues, emails)
 
