@@ -360,6 +360,7 @@ async def test_heartbeat_keeps_a_batch_longer_than_the_visibility_timeout_hidden
         runner.cancel()
         await notifier.aclose()
 
+    assert competitor.polls >= 1
     assert competitor.received == []
     [(records, result)] = batches.seen
     assert {r["messageId"] for r in records} == set(emails)

@@ -332,7 +332,9 @@ class Competitor:
         self._url = url
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
         self.received: list[dict[str, Any]] = []
+        self.polls = 0  # receives answered: it did look, all along
 
     def __enter__(self) -> Competitor:
         self._thread = threading.Thread(target=self._run, name="competitor", daemon=True)
@@ -340,16 +342,31 @@ class Competitor:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
+        """Stop polling; a competitor that crashed (or hangs) fails the test: an empty
+        `received` would otherwise pass for one that never looked."""
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join(10.0)
+        try:
+            if self._thread is not None:
+                self._thread.join(30.0)
+                if self._thread.is_alive():
+                    raise AssertionError("the competing consumer did not stop")
+            if self._error is not None:
+                raise AssertionError("the competing consumer crashed") from self._error
+        finally:
+            self._sqs.close()
 
     def _run(self) -> None:
-        while not self._stop.is_set():
-            response = self._sqs.receive_message(
-                QueueUrl=self._url, MaxNumberOfMessages=10, WaitTimeSeconds=1
-            )
-            self.received.extend(response.get("Messages", []))
+        try:
+            while True:  # at least one receive, however soon it is stopped
+                response = self._sqs.receive_message(
+                    QueueUrl=self._url, MaxNumberOfMessages=10, WaitTimeSeconds=1
+                )
+                self.received.extend(response.get("Messages", []))
+                self.polls += 1
+                if self._stop.is_set():
+                    return
+        except BaseException as exc:  # handed to the test's thread by __exit__
+            self._error = exc
 
 
 async def run_with_own_notifier(
