@@ -379,11 +379,13 @@ async def test_heartbeat_keeps_a_batch_longer_than_the_visibility_timeout_hidden
         entries = beat.request["Entries"]
         assert {e["ReceiptHandle"] for e in entries} == handles
         assert {e["VisibilityTimeout"] for e in entries} == {max(2, MIN_EXTENSION)}
-    # Each beat on the wire is booked once. A beat gives up after half its period (0.5 s
-    # here), and on a loaded machine moto can be slower than that: the server still
-    # extends, the runner books a failure, and the next beat (the extension is 3 s, the
-    # period 1 s) covers it. The messages stayed hidden all along (asserted above).
-    assert stats.extended + stats.extend_failed == 8 * len(beats)
+    # Each beat on the wire is booked once, for all eight messages. A beat gives up after
+    # half its period (0.5 s here), and on a loaded machine moto can be slower than that
+    # once: the server still extends, the runner books the beat's eight as failed, and the
+    # next beat (the extension is 3 s, the period 1 s) covers it. The messages stayed hidden
+    # all along (asserted above). One such beat at most; every other one extended all eight.
+    assert stats.extend_failed in (0, 8)
+    assert stats.extended == 8 * len(beats) - stats.extend_failed
     assert stats.extended >= 8 * 3
 
 
