@@ -162,6 +162,9 @@ async def _handle(
     except OSError:
         client_writer.close()
         return
+    except BaseException:  # the route stopped meanwhile
+        client_writer.close()
+        raise
     route.connections += 1
     turns = Turns(route)
     up = (
@@ -183,9 +186,11 @@ async def _handle(
     finally:
         for task in tasks:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        for writer in (client_writer, server_writer):
-            writer.close()
+        try:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        finally:  # even when the route stops (cancels this) meanwhile: no socket left open
+            for writer in (client_writer, server_writer):
+                writer.close()
 
 
 async def start_route(route: Route) -> asyncio.Server:
@@ -197,6 +202,10 @@ async def start_route(route: Route) -> asyncio.Server:
         route.tasks.add(task)
         try:
             await _handle(route, reader, writer)
+        except asyncio.CancelledError:
+            # stop_route: the connection is closed. Ending cancelled would trip Python
+            # 3.11's stream callback, which asks a cancelled task for its exception.
+            pass
         finally:
             route.tasks.discard(task)
 

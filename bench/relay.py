@@ -27,6 +27,7 @@ import collections
 import re
 import threading
 import time
+import weakref
 from types import TracebackType
 from typing import Any, Self
 
@@ -103,6 +104,7 @@ class ThrottlingRelay:
         self._server: asyncio.Server | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
+        self._sessions: weakref.WeakSet[_RelaySMTP] = weakref.WeakSet()  # the loop's thread
 
     # ------------------------------------------------------------------ the account
 
@@ -156,11 +158,14 @@ class ThrottlingRelay:
     async def serve(self) -> asyncio.Server:
         """Listen in the running loop (the process's, or `start()`'s thread's)."""
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(
-            lambda: _RelaySMTP(self), self.host, 0, backlog=1024
-        )
+        self._server = await loop.create_server(self._session, self.host, 0, backlog=1024)
         self.port = bound_port(self._server)
         return self._server
+
+    def _session(self) -> _RelaySMTP:
+        session = _RelaySMTP(self)
+        self._sessions.add(session)
+        return session
 
     def start(self) -> None:
         """Serve from a thread with its own event loop; returns once it accepts connections."""
@@ -197,8 +202,12 @@ class ThrottlingRelay:
         if self._server is not None:
             self._server.close()
             self._server = None
+        # aiosmtpd runs one task per connection, and cancelling it closes that connection, if
+        # it has started: one made a moment ago has not, so its connection is closed here.
+        for session in list(self._sessions):
+            if isinstance(session.transport, asyncio.Transport):
+                session.transport.abort()
         current = asyncio.current_task()
-        # aiosmtpd runs one task per connection: cancelling it closes that connection.
         tasks = [task for task in asyncio.all_tasks() if task is not current]
         for task in tasks:
             task.cancel()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from conditions import until
 from faults import FaultySmtp, SmtpFaults
 from pool_emails import outgoing, settings
 from servers import SmtpSink
@@ -22,6 +23,7 @@ from async_notifier.errors import (
     SmtpUnavailable,
 )
 from async_notifier.failover import FailoverTransport
+from async_notifier.smtp.breaker import BreakerState
 from async_notifier.smtp.pool import SmtpPool
 
 
@@ -46,7 +48,8 @@ async def test_the_fallback_carries_the_mail_while_the_primary_is_down_then_hand
     primary_server.start()
     try:
         primary_server.stop()  # its port now refuses connections
-        transport = FailoverTransport(pool(primary_server), pool(smtp_sink))
+        primary = pool(primary_server)
+        transport = FailoverTransport(primary, pool(smtp_sink))
         async with contextlib_closing(transport):
             transport.start_batch(2)
             results = await asyncio.gather(
@@ -68,7 +71,8 @@ async def test_the_fallback_carries_the_mail_while_the_primary_is_down_then_hand
             assert message_ids(smtp_sink) == sorted(f"<m{i}@example.com>" for i in range(6))
 
             primary_server.start()  # same port
-            await asyncio.sleep(1.1)  # the cool-down: the next email is the primary's probe
+            # The cool-down ends: the next email is the primary's probe.
+            await until(lambda: primary.breaker.state is BreakerState.HALF_OPEN)
             transport.start_batch(0)
             await transport.deliver(outgoing(6))
             stats = await transport.finish_batch()

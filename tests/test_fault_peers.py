@@ -459,8 +459,11 @@ async def test_cut_body_aioboto3_raises_payload_error(
             received.write(chunk)
 
     # Streaming in chunks (as the worker does) yields the first half, then fails.
-    with pytest.raises(aiohttp.ClientPayloadError, match="Not enough data"):
-        await stream()
+    try:
+        with pytest.raises(aiohttp.ClientPayloadError, match="Not enough data"):
+            await stream()
+    finally:
+        response["Body"].close()  # the broken connection, as the worker closes it
     assert received.getvalue() == PAYLOAD[: len(PAYLOAD) // 2]
 
 
@@ -492,12 +495,23 @@ async def test_chunked_body_arrives_whole_without_a_length(
 async def test_rules_by_target_pick_one_json_operation(
     aws: MotoServer, s3_proxy: S3FaultProxy
 ) -> None:
-    """JSON-protocol services (DynamoDB, SQS) all POST to "/": the operation is a header."""
+    """JSON-protocol services (DynamoDB, SQS) all POST to "/": the operation is a header.
+
+    The calls that must succeed get a read timeout far above a loaded machine's latency;
+    only the stalled one, which never gets an answer, has a short one to give up after.
+    """
     s3_proxy.set_rules(S3Rule(S3Action.STALL, target="DynamoDB_20120810.DeleteItem"))
+    session = aioboto3.Session()
+    patient = Config(retries={"total_max_attempts": 1}, read_timeout=30)
     impatient = Config(retries={"total_max_attempts": 1}, read_timeout=0.5)
-    async with aioboto3.Session().client(
-        "dynamodb", endpoint_url=s3_proxy.endpoint_url, config=impatient, **CREDENTIALS
-    ) as client:
+    async with (
+        session.client(
+            "dynamodb", endpoint_url=s3_proxy.endpoint_url, config=patient, **CREDENTIALS
+        ) as client,
+        session.client(
+            "dynamodb", endpoint_url=s3_proxy.endpoint_url, config=impatient, **CREDENTIALS
+        ) as stalled,
+    ):
         await client.create_table(
             TableName="t",
             AttributeDefinitions=[{"AttributeName": "id", "AttributeType": "S"}],
@@ -506,7 +520,7 @@ async def test_rules_by_target_pick_one_json_operation(
         )
         await client.put_item(TableName="t", Item={"id": {"S": "k"}})
         with pytest.raises(botocore.exceptions.ReadTimeoutError):
-            await client.delete_item(TableName="t", Key={"id": {"S": "k"}})
+            await stalled.delete_item(TableName="t", Key={"id": {"S": "k"}})
         assert "Item" in await client.get_item(TableName="t", Key={"id": {"S": "k"}})
     assert [(r.target, r.action) for r in s3_proxy.requests] == [
         ("DynamoDB_20120810.CreateTable", None),

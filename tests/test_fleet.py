@@ -16,6 +16,7 @@ import time
 from typing import Any
 
 import pytest
+from conditions import until
 from queues import (
     Queues,
     client,
@@ -36,7 +37,7 @@ from bench.relay import ThrottlingRelay
 RATE = 20.0  # the account's messages per second, for the whole fleet
 REPLICAS = 2
 NOTIFICATIONS = 60
-OUTAGE = 3.0  # seconds of "Daily message quota exceeded"
+OUTAGE = 3.0  # seconds of "Daily message quota exceeded", from the first refused MAIL
 
 
 @pytest.fixture
@@ -117,6 +118,8 @@ async def test_a_fleet_delivers_everything_once_through_an_outage_and_the_accoun
     relay.quota_exceeded = True
 
     async def end_outage() -> tuple[int, int]:
+        # OUTAGE seconds from the fleet's first MAIL, however long the replicas take to start.
+        await until(lambda: relay.quota_refusals >= 1)
         await asyncio.sleep(OUTAGE)
         relay.quota_exceeded = False
         return relay.mail_commands, relay.rate_refusals

@@ -341,22 +341,22 @@ def _check_bulk_delivery(sink: SmtpSink, count: int, objects: dict[str, bytes]) 
     assert seen == set(range(count))
 
 
-def test_500_records_use_at_most_pool_size_connections(
+def test_200_records_use_at_most_pool_size_connections(
     lambda_env: dict[str, str],
     aws: MotoServer,
     bucket: str,
     smtp_sink: SmtpSink,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    # With the default recycling (100 messages) 500 emails need at least 5 connections over
+    # With the default recycling (100 messages) 200 emails need at least 2 connections over
     # time; lift it so that the count measures the pool bound alone (recycling is tested below
-    # and in test_smtp_pool).
-    monkeypatch.setenv("SMTP_MAX_MESSAGES_PER_CONNECTION", "500")
-    records, objects = _bulk(aws, bucket, 500)
+    # and in smtp/test_pool.py).
+    monkeypatch.setenv("SMTP_MAX_MESSAGES_PER_CONNECTION", "200")
+    records, objects = _bulk(aws, bucket, 200)
     assert failed_ids(invoke(records)) == []
     handler.reset()  # the process ends: the warm pool QUITs
     smtp_sink.wait_idle()
-    _check_bulk_delivery(smtp_sink, 500, objects)
+    _check_bulk_delivery(smtp_sink, 200, objects)
     pool_size = int(lambda_env["SMTP_POOL_SIZE"])
     # All opened at the start of the batch (their handshakes overlap the first downloads),
     # then kept for the whole batch: never more than the pool.
@@ -366,23 +366,26 @@ def test_500_records_use_at_most_pool_size_connections(
     assert tmp_files(lambda_env) == []
 
 
-def test_2000_records_end_to_end(
+def test_800_records_end_to_end_through_20_generations_of_connections(
     lambda_env: dict[str, str],
     aws: MotoServer,
     bucket: str,
     smtp_sink: SmtpSink,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    # Recycling after 40 emails (the default of 100 is checked in test_config): a connection
+    # retires and another replaces it 20 times over, as 2,000 emails would with the default.
     monkeypatch.setenv("SMTP_POOL_SIZE", "8")
     monkeypatch.setenv("MAX_CONCURRENCY", "64")
-    records, objects = _bulk(aws, bucket, 2000)
+    monkeypatch.setenv("SMTP_MAX_MESSAGES_PER_CONNECTION", "40")
+    records, objects = _bulk(aws, bucket, 800)
     assert failed_ids(invoke(records)) == []
     handler.reset()  # the process ends: the warm pool QUITs
     smtp_sink.wait_idle()
-    _check_bulk_delivery(smtp_sink, 2000, objects)
-    # Default recycling: every retired connection carried 100 emails, and at most 8 (the pool)
-    # were still open at the end; each one was closed with QUIT.
-    assert 2000 // 100 <= smtp_sink.connections_opened <= 2000 // 100 + 8
+    _check_bulk_delivery(smtp_sink, 800, objects)
+    # Every retired connection carried 40 emails, and at most 8 (the pool) were still open
+    # at the end; each one was closed with QUIT.
+    assert 800 // 40 <= smtp_sink.connections_opened <= 800 // 40 + 8
     assert smtp_sink.quit_count == smtp_sink.connections_opened
     assert smtp_sink.connections_open == 0
     assert tmp_files(lambda_env) == []

@@ -18,7 +18,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import boto3
 import pytest
-from faults import FaultySmtp, SmtpFaults
+from faults import FaultySmtp, S3FaultProxy, SmtpFaults
 from servers import (
     LOOPBACK,
     REGION,
@@ -130,16 +130,32 @@ def test_only_allowed_objects_are_mailed(
     env: dict[str, str],
     aws: MotoServer,
     smtp_sink: SmtpSink,
+    s3_proxy: S3FaultProxy,
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     """Buckets outside ALLOWED_BUCKETS and keys outside the owner's prefix fail for good,
-    before any download; the owner's own key goes out."""
+    before any download: S3 (moto, behind a proxy that notes every request) is never asked
+    for them."""
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_proxy.endpoint_url)
     monkeypatch.setenv("ALLOWED_KEY_PREFIX", "users/{cognito_user_id}/")
     monkeypatch.setenv("COGNITO_USER_POOL_ID", "us-east-1_NotUsed1")  # never called here
     client = s3_client(aws.endpoint_url)
     zip_bytes = make_zip(2_000, seed=5)
-    seed_objects(client, BUCKET, {"users/u1/v.zip": zip_bytes, "users/u2/v.zip": zip_bytes})
+    # Every object named exists: refused after a download, each would fail the same way.
+    seed_objects(
+        client,
+        BUCKET,
+        {
+            key: zip_bytes
+            for key in (
+                "users/u1/v.zip",
+                "users/u2/v.zip",
+                "users/u1/x/v.zip",
+                "users/u1/../u2/v.zip",
+            )
+        },
+    )
     seed_objects(client, "private-data", {"secret.zip": zip_bytes})
     records = [
         sqs_record(
@@ -180,16 +196,27 @@ def test_only_allowed_objects_are_mailed(
     assert "'..' segments" in found["dot-segments"]["reason"]
     assert "must not contain '/'" in found["slash-in-owner"]["reason"]
     assert smtp_sink.messages == []
+    # Not one request for any of the objects: neither bucket was even asked.
+    assert [(r.method, r.path) for r in s3_proxy.requests if r.path != "/"] == []
 
 
 def test_the_owners_key_goes_out(
-    env: dict[str, str], aws: MotoServer, smtp_sink: SmtpSink, monkeypatch: pytest.MonkeyPatch
+    env: dict[str, str],
+    aws: MotoServer,
+    smtp_sink: SmtpSink,
+    s3_proxy: S3FaultProxy,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_proxy.endpoint_url)
     monkeypatch.setenv("ALLOWED_KEY_PREFIX", "videos/{video_id}/")
     seed_objects(s3_client(aws.endpoint_url), BUCKET, {"videos/v1/frames.zip": make_zip(900, 1)})
     record = sqs_record(completed("v1", "videos/v1/frames.zip", email="a@example.com"), "ok")
     assert invoke([record]) == []
     assert [m["X-Video-Id"] for m in smtp_sink.parsed()] == ["v1"]
+    # The proxy sees the worker's S3 requests (so its silence above means something).
+    assert [(r.method, r.path) for r in s3_proxy.requests if r.path != "/"] == [
+        ("GET", f"/{BUCKET}/videos/v1/frames.zip")
+    ]
 
 
 # --------------------------------------------------------------------------- recipients

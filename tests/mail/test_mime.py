@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from email.headerregistry import Address
 from email.message import EmailMessage
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import pytest
 from mime_reference import (
@@ -286,13 +286,31 @@ def test_streaming_50_mib_keeps_chunks_and_memory_bounded(
     assert peak < 10 * chunk_size, peak
 
 
+def recording(path: Path) -> tuple[Path, list[IO[bytes]]]:
+    """`path`, noting every file opened through it. The list keeps each file object alive,
+    so one left open stays open: the garbage collector cannot close it behind the test."""
+    opened: list[IO[bytes]] = []
+
+    class Recording(type(path)):  # type: ignore[misc]  # PosixPath; Path itself from 3.12
+        def open(self, *args: Any, **kwargs: Any) -> Any:
+            file = super().open(*args, **kwargs)
+            opened.append(file)
+            return file
+
+    return Recording(path), opened
+
+
 async def test_async_chunks_match_and_close_the_file(renderer: Renderer, tmp_path: Path) -> None:
-    path = write_file(tmp_path / "a.zip", 20_000)
+    path, opened = recording(write_file(tmp_path / "a.zip", 20_000))
     _, streamed = both(renderer, notification(), path)
     assert b"".join([c async for c in streamed.chunks(1024)]) == joined(streamed)
+    assert opened
+    assert all(file.closed for file in opened)  # read to the end: closed
     partial = streamed.chunks(1024)
     await anext(partial)
-    await partial.aclose()  # stops the sync generator too, closing the file (no ResourceWarning)
+    assert not opened[-1].closed  # open while the message is being read
+    await partial.aclose()  # stops the sync generator too, closing the file at once
+    assert opened[-1].closed
 
 
 @pytest.mark.parametrize(

@@ -5,11 +5,10 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from conditions import until, wait_until
 from faults import FaultySmtp, SmtpFaults
 from pool_emails import expected_subjects, outgoing, settings, subjects
 from servers import LOOPBACK, SmtpSink, TlsFiles, free_port, make_zip
@@ -35,15 +34,6 @@ async def idle(sink: SmtpSink) -> None:
     Blocking the loop instead would stop the client from ever closing its sockets.
     """
     await asyncio.to_thread(sink.wait_idle)
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    """Poll a server-side count from a thread (the client's loop must keep running)."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise TimeoutError("condition not reached")
-        time.sleep(0.01)
 
 
 async def test_connections_open_lazily(smtp_sink: SmtpSink) -> None:
@@ -404,7 +394,7 @@ async def test_a_batch_counts_the_connections_it_opened_warm_ups_included(
     async with SmtpPool(sink_settings(smtp_sink, SMTP_POOL_SIZE="4")) as pool:
         pool.start_batch(3)
         await asyncio.to_thread(wait_until, lambda: smtp_sink.connections_open == 3)
-        await asyncio.sleep(0.05)  # the handshakes are complete well before any send
+        await until(lambda: pool.check().idle == 3)  # the handshakes are complete: no send yet
         await asyncio.gather(*(pool.send(outgoing(i)) for i in range(3)))
         first = await pool.finish_batch()
         assert first.connections_opened == 3

@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from conditions import until
 from faults import FaultySmtp, SmtpFault, SmtpFaults
 from pool_emails import expected_subjects, outgoing, settings, subjects
 
@@ -241,13 +242,14 @@ async def test_cancellation_at_any_moment_leaves_the_pool_consistent(
 async def test_a_send_cancelled_while_waiting_for_a_place_takes_none(
     faulty_smtp: FaultySmtp,
 ) -> None:
-    faulty_smtp.faults = SmtpFaults(reply_delay=0.3, delay_on={"MESSAGE"})
+    # The one place stays taken until the holder's verdict, a second after its data.
+    faulty_smtp.faults = SmtpFaults(reply_delay=1.0, delay_on={"MESSAGE"})
     s = server_settings(faulty_smtp, SMTP_POOL_SIZE="1")
     async with checked_pool(s, faulty_smtp) as pool:
         holder = asyncio.create_task(pool.send(outgoing(0)))
         waiters = [asyncio.create_task(pool.send(outgoing(i))) for i in range(1, 6)]
-        await asyncio.sleep(0.1)
-        assert pool.check().waiting == 5
+        await until(lambda: pool.check().waiting == 5)
+        assert not holder.done()
         for waiter in waiters:
             waiter.cancel()
         await asyncio.gather(*waiters, return_exceptions=True)

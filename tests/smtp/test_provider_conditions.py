@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from conditions import until
 from faults import FaultySmtp, SmtpFaults
 from pool_emails import outgoing, settings
 from servers import SmtpSink, TlsFiles
@@ -53,15 +54,14 @@ async def test_a_spent_daily_quota_holds_every_send_until_the_probe(
         assert pool.held() is not None
         pool.check()
         # The hold ends; the probe meets the same refusal and the hold doubles.
-        await asyncio.sleep(1.05)
-        assert pool.held() is None
+        await until(lambda: pool.held() is None)
         with pytest.raises(DailyQuotaExceeded) as again:
             await pool.send(outgoing(6))
         assert 1 < again.value.retry_after <= 2
         assert faulty_smtp.mail_commands == 2
         # The quota frees: the probe after the hold is delivered, and nothing holds any more.
         faulty_smtp.configure(mail_reply=None)
-        await asyncio.sleep(2.05)
+        await until(lambda: pool.held() is None)
         await pool.send(outgoing(7))
         assert pool.held() is None
         await asyncio.gather(*(pool.send(outgoing(i)) for i in range(8, 12)))

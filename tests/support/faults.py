@@ -30,6 +30,7 @@ from typing import Any, Literal
 from urllib.parse import unquote, urlsplit
 
 from aiosmtpd.smtp import Envelope, Session, syntax
+from connections import Connections
 from servers import LOOPBACK, Received, SmtpSink, _Handler, _SinkController, _SinkSMTP
 
 from async_notifier.local.service import Service
@@ -732,7 +733,7 @@ class S3FaultProxy(Service):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._server: asyncio.AbstractServer | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._connections = Connections()
         self.faults = faults or S3Faults()
 
     @property
@@ -819,7 +820,9 @@ class S3FaultProxy(Service):
             asyncio.set_event_loop(loop)
             try:
                 self._server = loop.run_until_complete(
-                    asyncio.start_server(self._serve, self.host, 0, limit=_HEAD_LIMIT)
+                    asyncio.start_server(
+                        self._connections.track(self._serve), self.host, 0, limit=_HEAD_LIMIT
+                    )
                 )
                 self.port = self._server.sockets[0].getsockname()[1]
             except BaseException as exc:  # reported to start()
@@ -849,10 +852,7 @@ class S3FaultProxy(Service):
             self._server.close()
             await self._server.wait_closed()
             self._server = None
-        tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await self._connections.close()
 
     def stop(self) -> None:
         loop, thread = self._loop, self._thread
@@ -867,9 +867,6 @@ class S3FaultProxy(Service):
     # -- one connection (proxy thread)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._tasks.add(task)
         upstream: asyncio.StreamWriter | None = None
         try:
             try:
@@ -913,7 +910,6 @@ class S3FaultProxy(Service):
             if upstream is not None:
                 upstream.close()
             writer.close()
-            self._tasks.discard(task)
 
     async def _answer_error(
         self,

@@ -14,6 +14,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import boto3
+from connections import Connections
 
 from async_notifier.aws.tables import create_table
 from async_notifier.batch.notifier import Notifier
@@ -213,6 +214,7 @@ class SqsRecorder(Service):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._server: asyncio.AbstractServer | None = None
+        self._connections = Connections()
 
     @property
     def endpoint_url(self) -> str:
@@ -237,7 +239,9 @@ class SqsRecorder(Service):
 
         def run() -> None:
             asyncio.set_event_loop(loop)
-            self._server = loop.run_until_complete(asyncio.start_server(self._serve, self.host, 0))
+            self._server = loop.run_until_complete(
+                asyncio.start_server(self._connections.track(self._serve), self.host, 0)
+            )
             self.port = self._server.sockets[0].getsockname()[1]
             started.set()
             loop.run_forever()
@@ -261,10 +265,7 @@ class SqsRecorder(Service):
             if self._server is not None:
                 self._server.close()
                 self._server = None
-            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await self._connections.close()
 
         with contextlib.suppress(Exception):
             asyncio.run_coroutine_threadsafe(shutdown(), loop).result(10.0)
@@ -331,7 +332,9 @@ class Competitor:
         self._url = url
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
         self.received: list[dict[str, Any]] = []
+        self.polls = 0  # receives answered: it did look, all along
 
     def __enter__(self) -> Competitor:
         self._thread = threading.Thread(target=self._run, name="competitor", daemon=True)
@@ -339,16 +342,31 @@ class Competitor:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
+        """Stop polling; a competitor that crashed (or hangs) fails the test: an empty
+        `received` would otherwise pass for one that never looked."""
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join(10.0)
+        try:
+            if self._thread is not None:
+                self._thread.join(30.0)
+                if self._thread.is_alive():
+                    raise AssertionError("the competing consumer did not stop")
+            if self._error is not None:
+                raise AssertionError("the competing consumer crashed") from self._error
+        finally:
+            self._sqs.close()
 
     def _run(self) -> None:
-        while not self._stop.is_set():
-            response = self._sqs.receive_message(
-                QueueUrl=self._url, MaxNumberOfMessages=10, WaitTimeSeconds=1
-            )
-            self.received.extend(response.get("Messages", []))
+        try:
+            while True:  # at least one receive, however soon it is stopped
+                response = self._sqs.receive_message(
+                    QueueUrl=self._url, MaxNumberOfMessages=10, WaitTimeSeconds=1
+                )
+                self.received.extend(response.get("Messages", []))
+                self.polls += 1
+                if self._stop.is_set():
+                    return
+        except BaseException as exc:  # handed to the test's thread by __exit__
+            self._error = exc
 
 
 async def run_with_own_notifier(

@@ -24,6 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 
+from connections import Connections
 from servers import LOOPBACK
 
 from async_notifier.local.service import Service
@@ -137,7 +138,7 @@ class ScriptedRelay(Service):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._server: asyncio.Server | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._connections = Connections()
         self._stopping = False
 
     # -- observations (any thread)
@@ -193,7 +194,9 @@ class ScriptedRelay(Service):
         self._loop = asyncio.new_event_loop()
 
         async def serve() -> None:
-            self._server = await asyncio.start_server(self._serve, self.host, 0)
+            self._server = await asyncio.start_server(
+                self._connections.track(self._serve), self.host, 0
+            )
             self.port = self._server.sockets[0].getsockname()[1]
             ready.set()
 
@@ -217,9 +220,7 @@ class ScriptedRelay(Service):
             self._stopping = True
             if self._server is not None:
                 self._server.close()
-            for task in list(self._tasks):
-                task.cancel()
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+            await self._connections.close()
 
         with contextlib.suppress(Exception):
             asyncio.run_coroutine_threadsafe(shutdown(), loop).result(10.0)
@@ -231,9 +232,6 @@ class ScriptedRelay(Service):
     # -- the server (relay thread)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._tasks.add(task)
         with self._cond:
             conn = ConnectionLog(len(self.connections) + 1)
             self.connections.append(conn)
@@ -249,7 +247,6 @@ class ScriptedRelay(Service):
         finally:
             with contextlib.suppress(asyncio.CancelledError):
                 await session.hang_up(drain=graceful and not self._stopping)
-            self._tasks.discard(task)
 
     def _rule_for(self, command: str, conn: ConnectionLog, line: str = "") -> Rule | None:
         """Count this occurrence of `command` and return the first rule that matches it."""

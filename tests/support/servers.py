@@ -23,6 +23,7 @@ import ssl
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from email.message import EmailMessage
@@ -234,14 +235,27 @@ class _SinkController(Controller):
         super().__init__(self.handler_class(sink), **kwargs)
         self.sink = sink
         self.allow_plain_auth = allow_plain_auth
+        self._sessions: weakref.WeakSet[_SinkSMTP] = weakref.WeakSet()  # the loop's thread only
 
     def factory(self) -> _SinkSMTP:
-        return self.protocol_class(
+        session = self.protocol_class(
             self.handler,
             sink=self.sink,
             allow_plain_auth=self.allow_plain_auth,
             **self.SMTP_kwargs,
         )
+        self._sessions.add(session)
+        return session
+
+    def cancel_tasks(self, stop_loop: bool = True) -> None:
+        """Drop every client connection, then what aiosmtpd does: stop the loop, cancel the
+        tasks. A session's task cancelled before its first step (a connection made just
+        before the stop) never closes its socket, and the loop stops before anyone would."""
+        for session in list(self._sessions):
+            for transport in (session._original_transport, session.transport):
+                if isinstance(transport, asyncio.Transport):
+                    transport.abort()
+        super().cancel_tasks(stop_loop)
 
 
 class SmtpSink(Service):

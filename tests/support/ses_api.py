@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from connections import Connections
 from servers import LOOPBACK
 
 
@@ -58,7 +59,7 @@ class SesApi:
         self.peak_in_flight = 0
         self._arrived = asyncio.Event()
         self._server: asyncio.Server | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._connections = Connections()
 
     @property
     def endpoint_url(self) -> str:
@@ -66,15 +67,15 @@ class SesApi:
         return f"http://{LOOPBACK}:{self._server.sockets[0].getsockname()[1]}"
 
     async def __aenter__(self) -> SesApi:
-        self._server = await asyncio.start_server(self._serve, LOOPBACK, 0, limit=1 << 20)
+        self._server = await asyncio.start_server(
+            self._connections.track(self._serve), LOOPBACK, 0, limit=1 << 20
+        )
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
         assert self._server is not None
         self._server.close()
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._connections.close()
         await self._server.wait_closed()
 
     async def wait_in_flight(self, count: int) -> None:
@@ -84,9 +85,6 @@ class SesApi:
             await self._arrived.wait()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._tasks.add(task)
         try:
             head = await reader.readuntil(b"\r\n\r\n")
             lines = head.decode("latin-1").split("\r\n")
@@ -130,7 +128,6 @@ class SesApi:
             writer.close()
             with contextlib.suppress(ConnectionError):
                 await writer.wait_closed()
-            self._tasks.discard(task)
 
 
 def request_path_is_send_email(path: str) -> bool:
