@@ -92,3 +92,19 @@ def _name(requirement: str) -> str:
     """The normalised project name of a requirement (`Email_Validator>=2` -> email-validator)."""
     name = re.split(r"[<>=!~\[; ]", requirement, maxsplit=1)[0]
     return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def test_the_changelog_has_a_section_and_a_link_for_this_version() -> None:
+    """Keep a Changelog: `## [Unreleased]` on top, a dated `## [X.Y.Z] - YYYY-MM-DD` for the
+    version the package says it is, and a link reference for every heading."""
+    changelog = (ROOT / "CHANGELOG.md").read_text()
+    headings = re.findall(r"^## \[([^\]]+)\]", changelog, flags=re.M)
+    assert headings[0] == "Unreleased"
+    assert headings[1] == async_notifier.__version__
+    assert re.search(
+        rf"^## \[{re.escape(async_notifier.__version__)}\] - \d{{4}}-\d{{2}}-\d{{2}}$",
+        changelog,
+        flags=re.M,
+    )
+    links = set(re.findall(r"^\[([^\]]+)\]: https://\S+$", changelog, flags=re.M))
+    assert set(headings) <= links
