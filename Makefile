@@ -117,11 +117,12 @@ lock: $(UV)
 		--generate-hashes --custom-compile-command 'make lock' \
 		--output-file requirements.lock $(LOCK_ARGS)
 
-# Two worker processes (pytest-xdist), each with its own moto; --dist loadfile gives a worker
+# Three worker processes (pytest-xdist), each with its own moto: on 2 cores a third keeps
+# them busy while the others wait on sockets and sleeps; --dist loadfile gives a worker
 # a whole module at a time, so module-scoped set-up (the benchmark run, the package builds)
 # happens once. PYTEST_ARGS comes last: PYTEST_ARGS='-n 0' runs the suite in one process.
 test: $(STAMP)
-	$(PY) -m pytest -n 2 --dist loadfile $(PYTEST_ARGS)
+	$(PY) -m pytest -n 3 --dist loadfile $(PYTEST_ARGS)
 
 # The zip for each architecture, twice, each time from an empty dependency cache with pip's
 # cache off: every wheel downloaded from PyPI again (about a minute and a half), same sha256.

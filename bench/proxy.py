@@ -196,27 +196,31 @@ async def _handle(
 async def start_route(route: Route) -> asyncio.Server:
     """Listen for `route` on a free loopback port (also used in-process by the tests)."""
 
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
+    def accepted(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        # Registered as asyncio makes the connection, not on the task's first step: a task
+        # that stop_route cancels before that step never runs `_handle`, so its `done`
+        # callback closes the client's socket. (Our own task, not the stream callback's:
+        # ending cancelled is then no error.)
+        task = asyncio.get_running_loop().create_task(_handle(route, reader, writer))
         route.tasks.add(task)
-        try:
-            await _handle(route, reader, writer)
-        except asyncio.CancelledError:
-            # stop_route: the connection is closed. Ending cancelled would trip Python
-            # 3.11's stream callback, which asks a cancelled task for its exception.
-            pass
-        finally:
-            route.tasks.discard(task)
 
-    return await asyncio.start_server(handler, LOOPBACK, 0, backlog=1024)
+        def done(task: asyncio.Task[None]) -> None:
+            route.tasks.discard(task)
+            writer.close()
+
+        task.add_done_callback(done)
+
+    return await asyncio.start_server(accepted, LOOPBACK, 0, backlog=1024)
 
 
 async def stop_route(route: Route, server: asyncio.Server) -> None:
+    """Stop listening and close every connection, held requests dropped; one more turn of
+    the loop lets the transports finish closing before the loop may stop."""
     server.close()
     for task in list(route.tasks):
         task.cancel()
     await asyncio.gather(*route.tasks, return_exceptions=True)
+    await asyncio.sleep(0)
 
 
 async def serve(routes: list[Route]) -> None:

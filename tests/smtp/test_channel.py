@@ -154,15 +154,17 @@ async def test_a_server_that_stops_reading_times_out(renderer: Renderer, tmp_pat
     stalled, release = asyncio.Event(), asyncio.Event()
 
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writer.write(b"220 stall.test ESMTP\r\n")
-        while line := await reader.readline():
-            if line.startswith(b"DATA"):
-                writer.write(b"354 go ahead\r\n")
-                stalled.set()
-                await release.wait()  # read nothing more until the test is over
-                break
-            writer.write(b"250 OK\r\n")
-        writer.close()
+        try:
+            writer.write(b"220 stall.test ESMTP\r\n")
+            while line := await reader.readline():
+                if line.startswith(b"DATA"):
+                    writer.write(b"354 go ahead\r\n")
+                    stalled.set()
+                    await release.wait()  # read nothing more until the test is over
+                    break
+                writer.write(b"250 OK\r\n")
+        finally:  # also when the test's loop cancels it at its end
+            writer.close()
 
     path = tmp_path / "big.zip"
     with path.open("wb") as file:
