@@ -16,6 +16,7 @@ fixtures (its own moto).
 from __future__ import annotations
 
 import functools
+import gc
 import logging
 import os
 from collections.abc import Iterator
@@ -334,3 +335,24 @@ def _forget_handler() -> None:
     logger = logging.getLogger(LOGGER_NAME)
     for log_handler in list(logger.handlers):
         logger.removeHandler(log_handler)
+
+
+# --------------------------------------------------------------------------- leak hunting
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--gc-each-test",
+        action="store_true",
+        help="collect garbage at each test's teardown, so an unclosed socket or file fails "
+        "the test that left it (not a later one, whenever the collector runs)",
+    )
+
+
+@pytest.fixture(autouse=True)
+def _gc_each_test(request: pytest.FixtureRequest) -> Iterator[None]:
+    # Torn down before pytest reads the teardown's unraisable warnings: what the collection
+    # finds is this test's.
+    yield
+    if request.config.getoption("--gc-each-test"):
+        gc.collect()
