@@ -176,9 +176,18 @@ class SuppressionList(Protocol):
 class StatusStore(Protocol):
     """Each notification's delivery status and history (STATUS_TABLE, `aws/status.py`)."""
 
+    max_batch: int  # changes per `write_batch` call
+
     async def write(self, change: StatusChange) -> StatusWrite:
-        """Record one change by the precedence rules (`delivery_status`); idempotent by
-        `change.event_id`. Raises on failure (the caller retries and counts)."""
+        """Record one change, saying what it did by the precedence rules
+        (`delivery_status`); idempotent by `change.event_id`. Raises on failure (the
+        caller retries and counts)."""
+        ...
+
+    async def write_batch(self, changes: Sequence[StatusChange]) -> list[StatusChange]:
+        """Record up to `max_batch` changes in one call, without saying what each did (the
+        worker's verdicts); return those left unwritten, to try again. Raises when the
+        call fails."""
         ...
 
 

@@ -663,11 +663,12 @@ def test_iam_defaults_name_every_resource() -> None:
         "sqs:ChangeMessageVisibility": queue,
         "sqs:SendMessage": {"<GetAtt DeadLetterQueue.Arn>"},
         "s3:GetObject": {"arn:aws:s3:::videos-zip/*"},
-        "dynamodb:GetItem": {"<GetAtt IdempotencyTable.Arn>", STATUS_TABLE_ARN},
+        "dynamodb:GetItem": {"<GetAtt IdempotencyTable.Arn>"},
         "dynamodb:PutItem": {"<GetAtt IdempotencyTable.Arn>"},
-        "dynamodb:UpdateItem": {"<GetAtt IdempotencyTable.Arn>", STATUS_TABLE_ARN},
+        "dynamodb:UpdateItem": {"<GetAtt IdempotencyTable.Arn>"},
         "dynamodb:DeleteItem": {"<GetAtt IdempotencyTable.Arn>"},
         "dynamodb:BatchGetItem": {"<GetAtt SuppressionTable.Arn>"},
+        "dynamodb:BatchWriteItem": {STATUS_TABLE_ARN},
         "sns:Publish": {STATUS_TOPIC},
         "ses:GetSendQuota": {"*"},
     }
@@ -1260,8 +1261,9 @@ def test_ses_events_role_names_every_resource() -> None:
         "sqs:GetQueueAttributes": queue,
         "sqs:ChangeMessageVisibility": queue,
         "sqs:SendMessage": {"<GetAtt SesEventsDeadLetterQueue.Arn>"},
-        "dynamodb:UpdateItem": {SUPPRESSION_TABLE_ARN, STATUS_TABLE_ARN},
-        "dynamodb:GetItem": {STATUS_TABLE_ARN},
+        "dynamodb:UpdateItem": {SUPPRESSION_TABLE_ARN},
+        "dynamodb:PutItem": {STATUS_TABLE_ARN},
+        "dynamodb:Query": {STATUS_TABLE_ARN},
         "sns:Publish": {STATUS_TOPIC},
     }
 
@@ -1282,10 +1284,7 @@ def test_the_notifier_only_reads_the_suppression_list_and_ses_events_only_writes
     assert stack.environment()["SUPPRESSION_TABLE"] == "<Ref SuppressionTable>"
     # Neither may touch the other's tables.
     assert "dynamodb:BatchGetItem" not in stack.grants("SesEventsRole")
-    assert stack.grants()["dynamodb:UpdateItem"] == {
-        "<GetAtt IdempotencyTable.Arn>",
-        STATUS_TABLE_ARN,
-    }
+    assert stack.grants()["dynamodb:UpdateItem"] == {"<GetAtt IdempotencyTable.Arn>"}
 
 
 def test_suppression_table_matches_the_code_and_outlives_the_stack() -> None:
@@ -1917,7 +1916,8 @@ def test_dashboard_shows_what_the_code_and_aws_emit(
 
 def test_the_status_table_is_the_one_the_code_reads_and_writes(aws: MotoServer) -> None:
     """Made on moto from the template's own definition, the table takes the store's
-    conditional writes and answers the reader's video query (its index, by name)."""
+    writes (the worker's batches and SES's conditional puts) and answers the reader's
+    queries (the video's by its index, by name)."""
     import asyncio
 
     import aioboto3
@@ -1928,7 +1928,10 @@ def test_the_status_table_is_the_one_the_code_reads_and_writes(aws: MotoServer) 
     resource = Stack().resources()["StatusTable"]
     table = resource["Properties"]
     assert table["BillingMode"] == "PAY_PER_REQUEST"
-    assert table["KeySchema"] == [{"AttributeName": "id", "KeyType": "HASH"}]
+    assert table["KeySchema"] == [
+        {"AttributeName": "id", "KeyType": "HASH"},
+        {"AttributeName": "event", "KeyType": "RANGE"},
+    ]
     assert table["TimeToLiveSpecification"] == {"AttributeName": "expires_at", "Enabled": True}
     assert table["SSESpecification"] == {"SSEEnabled": True}
     (index,) = table["GlobalSecondaryIndexes"]
@@ -1952,12 +1955,15 @@ def test_the_status_table_is_the_one_the_code_reads_and_writes(aws: MotoServer) 
         async with aioboto3.Session().client(
             "dynamodb", endpoint_url=aws.endpoint_url, region_name=REGION
         ) as client:
+            store = DynamoStatusStore(client, name)
             change = StatusChange("ab" * 20, "accepted", 1, "worker", "accepted:m:1", video_id="v1")
-            assert (await DynamoStatusStore(client, name).write(change)).result == "current"
+            assert await store.write_batch([change]) == []
+            delivered = StatusChange("ab" * 20, "delivered", 2, "ses", "delivery:x")
+            assert (await store.write(delivered)).result == "current"
             found = await DynamoStatusReader(client, name).for_video("v1")
             return [record.status for record in found]
 
-    assert asyncio.run(write_and_read()) == ["accepted"]
+    assert asyncio.run(write_and_read()) == ["delivered"]
 
 
 @pytest.mark.parametrize("function", ["NotifierFunction", "SesEventsFunction"])
@@ -1974,7 +1980,14 @@ def test_both_functions_get_the_status_table_and_topic(function: str, tmp_path: 
     assert PARAMETERS["StatusTtlSeconds"]["Default"] == Settings.status_ttl
     role = "NotifierRole" if function == "NotifierFunction" else "SesEventsRole"
     on_status = {a for a, on in stack.grants(role).items() if STATUS_TABLE_ARN in on}
-    assert on_status == {"dynamodb:UpdateItem", "dynamodb:GetItem"}  # no scan, no query
+    # The worker only writes (in batches); SES's function puts and reads its notification's
+    # changes. Neither scans, nor reads the video index.
+    assert on_status == (
+        {"dynamodb:BatchWriteItem"}
+        if role == "NotifierRole"
+        else {"dynamodb:PutItem", "dynamodb:Query"}
+    )
+    assert not any("/index/" in arn for on in stack.grants(role).values() for arn in on)
     assert stack.grants(role)["sns:Publish"] == {STATUS_TOPIC}
 
 
@@ -2081,7 +2094,7 @@ def test_the_canary_may_only_send_probes_and_read_statuses() -> None:
         "logs:CreateLogStream": {"<GetAtt CanaryLogGroup.Arn>"},
         "logs:PutLogEvents": {"<GetAtt CanaryLogGroup.Arn>"},
         "sqs:SendMessage": {"<GetAtt NotificationQueue.Arn>"},
-        "dynamodb:GetItem": {STATUS_TABLE_ARN},
+        "dynamodb:Query": {STATUS_TABLE_ARN},
     }
 
 

@@ -12,7 +12,6 @@ cannot be reached the record fails (transiently): sending without the check coul
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import math
 import time
@@ -21,7 +20,7 @@ from typing import Any, Literal, TypeVar
 
 from ..errors import IdempotencyUnavailable
 from ..logs import get_logger
-from .errors import aws_error
+from .tables import ConditionFailed, dynamodb_call
 
 log = get_logger()
 
@@ -88,7 +87,7 @@ class DynamoIdempotencyStore:
                     },
                     ReturnValuesOnConditionCheckFailure="ALL_OLD",
                 )
-            except _ConditionFailed as failed:
+            except ConditionFailed as failed:
                 existing = failed.item
                 if existing is None:  # an emulator that does not return the old item
                     existing = await self._get(key)
@@ -117,7 +116,7 @@ class DynamoIdempotencyStore:
         """
         key = idempotency_key(identity)
         # A failed condition: completed meanwhile, or already gone; nothing to release.
-        with contextlib.suppress(_ConditionFailed):
+        with contextlib.suppress(ConditionFailed):
             await self._call(
                 "DeleteItem",
                 self._client.delete_item,
@@ -144,26 +143,13 @@ class DynamoIdempotencyStore:
     ) -> dict[str, Any]:
         """One DynamoDB call: a failed condition is an answer, any other error unavailability."""
         try:
-            return await method(**kwargs)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            error = aws_error(exc)
-            if error.code == "ConditionalCheckFailedException":
-                item = error.response.get("Item")
-                raise _ConditionFailed(item if isinstance(item, dict) else None) from None
-            detail = f"{error.code}: {error.message}" if error.code else f"{error.type_name}: {exc}"
+            return await dynamodb_call(operation, method, IdempotencyUnavailable, **kwargs)
+        except IdempotencyUnavailable as exc:
             log.warning(
                 "idempotency store unavailable",
-                extra={"operation": operation, "table": self._table, "error": detail[:500]},
+                extra={"operation": operation, "table": self._table, "error": str(exc)[:500]},
             )
-            raise IdempotencyUnavailable(f"DynamoDB {operation} failed: {detail}") from exc
-
-
-class _ConditionFailed(Exception):
-    def __init__(self, item: dict[str, Any] | None) -> None:
-        super().__init__("conditional check failed")
-        self.item = item
+            raise
 
 
 def _number(value: float) -> str:

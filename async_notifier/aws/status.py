@@ -1,36 +1,34 @@
-"""Delivery statuses in DynamoDB (STATUS_TABLE): one item per notification, and its reader.
+"""Delivery statuses in DynamoDB (STATUS_TABLE): every change one item, folded when read.
 
-The item is keyed by the notification's `tracking_id` (a hash: no address is stored) and
-holds its current status (`status`, `rank`, `status_at`, `reason`), what is known of it
-(`video_id`, `notification_id`, `provider_id`, `transport`, `attempts`), its `history` (a
-list of every change, in the order written), the `events` recorded (a string set of
-`event_id`s, which makes every write idempotent), times in epoch milliseconds
-(`created_at`, `updated_at`) and the TTL (`expires_at`, epoch seconds, pushed on every
-write). A global secondary index (`VIDEO_INDEX`: `video_id`, `created_at`) lists a video's
-notifications.
+A notification's changes share its `tracking_id` (the partition key `id`: a hash, so no
+address is stored); each is an item of its own under its `event_id` (the sort key `event`),
+holding the change (`state`, `rank`, `at`, `source`, `reason`, `provider_id`, `transport`,
+`attempt`, and `video_id`/`notification_id` when the writer knows them), when it was
+written (`created_at`, epoch ms) and its TTL (`expires_at`, epoch s). A global secondary
+index (`VIDEO_INDEX`: `video_id`, `created_at`) finds a video's notifications.
 
-Every write is one conditional `UpdateItem` (`delivery_status` states the rule): it sets
-the status when the change outranks the current one (or ties and is not older) and its
-event is new, and appends it to the history either way. When the condition fails the old
-item says why (ReturnValuesOnConditionCheckFailure): an event already there is a duplicate,
-anything else a change that lost on precedence, appended by a second `UpdateItem` that
-leaves the status alone. No state can go by `BatchWriteItem`, which only puts whole items
-unconditionally: any change may race another for the same notification (SES may report a
-delivery before the worker's acceptance lands), and a put would overwrite it. Nor by
-`TransactWriteItems`: one failed condition would cancel the whole batch's writes. So a
-batch's writes are single `UpdateItem`s, a few in flight at once (`batch/status.py`).
+Items are never updated, so writes cannot race: the current status is not stored but folded
+when read (`fold`), by the rule `delivery_status` states, whatever order the changes landed
+in (SES may report a delivery before the worker's acceptance lands). Writing the same event
+again writes the same key: idempotent by construction. This is what lets the worker's
+verdicts go by `BatchWriteItem`, 25 unconditional puts per call (`write_batch`): a batch of
+2,000 records costs 80 requests, where conditional updates cost 2,000. A change from SES
+(`write`) is a put that must be new (a failed condition is a duplicate event), then a
+consistent Query of the notification's items, which says whether it became the status and
+what was known before it, for the event told back.
 """
 
 from __future__ import annotations
 
-import asyncio
 import math
 import re
 import time
-from collections.abc import Callable
-from typing import Any, cast
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 from ..delivery_status import (
+    RANK,
     STATES,
     TRACKING_ID_LENGTH,
     HistoryEntry,
@@ -40,27 +38,16 @@ from ..delivery_status import (
     StatusWrite,
     epoch_ms,
     is_tracking_id,
+    supersedes,
 )
 from ..errors import StatusUnavailable
-from ..logs import get_logger
-from .errors import aws_error
-from .tables import create_table
-
-log = get_logger()
+from .tables import ConditionFailed, create_table, dynamodb_call
 
 VIDEO_INDEX = "video_id-created_at"
 DEFAULT_TTL = 90 * 24 * 3600
+#: Puts per BatchWriteItem call: DynamoDB's limit.
+MAX_BATCH = 25
 _MESSAGE_ID = re.compile(f"<?([0-9a-f]{{{TRACKING_ID_LENGTH}}})@[^>]*>?")
-_PLACEHOLDER = re.compile(r"[:#][A-Za-z_]+")
-# Every attribute the expressions name goes through a placeholder (`status` and others are
-# DynamoDB reserved words).
-_NAMES = {
-    f"#{name}": name
-    for name in (
-        "status", "rank", "status_at", "reason", "video_id", "notification_id", "provider_id",
-        "transport", "attempts", "history", "events", "created_at", "updated_at", "expires_at",
-    )
-}  # fmt: skip
 
 
 def tracking_id_from(text: str) -> str | None:
@@ -74,11 +61,12 @@ def tracking_id_from(text: str) -> str | None:
 
 
 async def create_status_table(client: Any, table: str) -> None:
-    """The table as the template makes it (keyed by `id`, TTL on `expires_at`, and the
+    """The table as the template makes it (`id` and `event`, TTL on `expires_at`, and the
     video index), for local runs and tests; idempotent."""
     await create_table(
         client,
         table,
+        sort_key="event",
         attributes=[
             {"AttributeName": "video_id", "AttributeType": "S"},
             {"AttributeName": "created_at", "AttributeType": "N"},
@@ -99,6 +87,8 @@ async def create_status_table(client: Any, table: str) -> None:
 class DynamoStatusStore:
     """`ports.StatusStore` over one DynamoDB table (see the module's docstring)."""
 
+    max_batch = MAX_BATCH
+
     def __init__(
         self,
         client: Any,
@@ -116,123 +106,64 @@ class DynamoStatusStore:
         self.calls = 0  # DynamoDB requests made
 
     async def write(self, change: StatusChange) -> StatusWrite:
-        now = self._clock()
-        if change.source == "worker":
-            # The worker's verdict is almost always a notification's first change: a put
-            # that only creates the item (attribute_not_exists) says the same as the update
-            # below on a missing item, and costs DynamoDB (and moto: a seventh of the CPU)
-            # less to evaluate. An item that exists falls through to the full rules.
-            try:
-                await self._call(
-                    "PutItem",
-                    self._client.put_item,
-                    TableName=self._table,
-                    Item=self._new_item(change, now),
-                    ConditionExpression="attribute_not_exists(#id)",
-                    ExpressionAttributeNames={"#id": "id"},
-                    ReturnValuesOnConditionCheckFailure="ALL_OLD",
-                )
-                return StatusWrite("current", None)
-            except _ConditionFailed:
-                pass
-        values: dict[str, Any] = {
-            ":state": {"S": change.state},
-            ":rank": {"N": str(change.rank)},
-            ":at": {"N": str(change.at_ms)},
-            ":now": {"N": str(epoch_ms(now))},
-            ":expires": {"N": str(math.ceil(now) + self._ttl)},
-            ":empty": {"L": []},
-            ":entry": {"L": [{"M": _entry(change)}]},
-            ":event": {"SS": [change.event_id]},
-            ":event_id": {"S": change.event_id},
-        }
-        common = [
-            "#updated_at = :now",
-            "#expires_at = :expires",
-            "#created_at = if_not_exists(#created_at, :now)",
-            "#history = list_append(if_not_exists(#history, :empty), :entry)",
-        ]
-        # What the notification is: the first writer to know says it.
-        first_known = {
-            "video_id": change.video_id,
-            "notification_id": change.notification_id,
-            "provider_id": change.provider_id,
-        }
-        # What its latest attempt was: set with the status it goes with.
-        latest: dict[str, dict[str, str] | None] = {
-            "transport": None if change.transport is None else {"S": change.transport},
-            "attempts": None if change.attempt is None else {"N": str(change.attempt)},
-        }
-        for name, text in first_known.items():
-            if text is not None:
-                values[f":{name}"] = {"S": text}
-                common.append(f"#{name} = if_not_exists(#{name}, :{name})")
-        for name, value in latest.items():
-            if value is not None:
-                values[f":{name}"] = value
-        current = [
-            *common,
-            "#status = :state",
-            "#rank = :rank",
-            "#status_at = :at",
-            *(f"#{name} = :{name}" for name, value in latest.items() if value is not None),
-        ]
-        remove = ""
-        if change.reason is not None:
-            values[":reason"] = {"S": change.reason}
-            current.append("#reason = :reason")
-        else:
-            remove = " REMOVE #reason"
+        item = self._item(change, self._clock())
         try:
-            response = await self._update(
-                change,
-                f"SET {', '.join(current)}{remove} ADD #events :event",
-                "(attribute_not_exists(#rank) OR #rank < :rank OR "
-                "(#rank = :rank AND #status_at <= :at)) AND NOT contains(#events, :event_id)",
-                values,
+            await self._call(
+                "PutItem",
+                self._client.put_item,
+                TableName=self._table,
+                Item=item,
+                ConditionExpression="attribute_not_exists(#event)",
+                ExpressionAttributeNames={"#event": "event"},
             )
-        except _ConditionFailed as failed:
-            old = failed.item if failed.item is not None else await self._get(change.tracking_id)
-            if old is None:  # expired (TTL) between the two: the next try creates it
-                raise StatusUnavailable("the item vanished during a conditional write") from None
-            before = record_of(old)
-            if change.event_id in old.get("events", {}).get("SS", []):
-                return StatusWrite("duplicate", before)
-            # A higher or newer status stands: only the history and what was unknown.
-            history = [
-                *common,
-                *(
-                    f"#{name} = if_not_exists(#{name}, :{name})"
-                    for name, value in latest.items()
-                    if value is not None
-                ),
-            ]
-            values = {k: v for k, v in values.items() if k not in (":state", ":rank", ":at")}
-            values.pop(":reason", None)
-            try:
-                await self._update(
-                    change,
-                    f"SET {', '.join(history)} ADD #events :event",
-                    "attribute_exists(#rank) AND NOT contains(#events, :event_id)",
-                    values,
-                )
-            except _ConditionFailed:  # the same event, written meanwhile
-                return StatusWrite("duplicate", before)
-            return StatusWrite("history", before)
-        old = response.get("Attributes")
-        return StatusWrite("current", record_of(old) if old else None)
+            duplicate = False
+        except ConditionFailed:
+            duplicate = True
+        others = [
+            found
+            for found in await _query_items(
+                self._call, self._client.query, self._table, change.tracking_id
+            )
+            if found.get("event", {}).get("S") != change.event_id
+        ]
+        before = fold(others) if others else None
+        if duplicate:
+            return StatusWrite("duplicate", before)
+        if before is None or supersedes(
+            change.rank, change.at_ms, RANK[before.status], before.status_at_ms
+        ):
+            return StatusWrite("current", before)
+        return StatusWrite("history", before)
 
-    def _new_item(self, change: StatusChange, now: float) -> dict[str, Any]:
-        """The item `write`'s update makes of a missing one, whole."""
+    async def write_batch(self, changes: Sequence[StatusChange]) -> list[StatusChange]:
+        """Put up to `max_batch` changes in one call, unconditionally (a change written
+        twice is the same item); return those DynamoDB left unprocessed, to try again."""
+        if len(changes) > self.max_batch:
+            raise ValueError(f"at most {self.max_batch} changes per call")
+        now = self._clock()
+        by_key = {(c.tracking_id, c.event_id): c for c in changes}  # a key once per call
+        response = await self._call(
+            "BatchWriteItem",
+            self._client.batch_write_item,
+            RequestItems={
+                self._table: [
+                    {"PutRequest": {"Item": self._item(change, now)}} for change in by_key.values()
+                ]
+            },
+        )
+        left = response.get("UnprocessedItems", {}).get(self._table, [])
+        keys = (_key_of(request.get("PutRequest", {}).get("Item", {})) for request in left)
+        return [by_key[key] for key in keys if key in by_key]
+
+    def _item(self, change: StatusChange, now: float) -> dict[str, Any]:
         item: dict[str, Any] = {
             "id": {"S": change.tracking_id},
-            "status": {"S": change.state},
+            "event": {"S": change.event_id},
+            "state": {"S": change.state},
             "rank": {"N": str(change.rank)},
-            "status_at": {"N": str(change.at_ms)},
-            "history": {"L": [{"M": _entry(change)}]},
-            "events": {"SS": [change.event_id]},
+            "at": {"N": str(change.at_ms)},
+            "source": {"S": change.source},
             "created_at": {"N": str(epoch_ms(now))},
-            "updated_at": {"N": str(epoch_ms(now))},
             "expires_at": {"N": str(math.ceil(now) + self._ttl)},
         }
         for name, text in (
@@ -245,49 +176,12 @@ class DynamoStatusStore:
             if text is not None:
                 item[name] = {"S": text}
         if change.attempt is not None:
-            item["attempts"] = {"N": str(change.attempt)}
+            item["attempt"] = {"N": str(change.attempt)}
         return item
-
-    async def _update(
-        self, change: StatusChange, update: str, condition: str, values: dict[str, Any]
-    ) -> dict[str, Any]:
-        used = set(_PLACEHOLDER.findall(f"{update} {condition}"))
-        return await self._call(
-            "UpdateItem",
-            self._client.update_item,
-            TableName=self._table,
-            Key={"id": {"S": change.tracking_id}},
-            UpdateExpression=update,
-            ConditionExpression=condition,
-            ExpressionAttributeNames={k: v for k, v in _NAMES.items() if k in used},
-            ExpressionAttributeValues={k: v for k, v in values.items() if k in used},
-            ReturnValues="ALL_OLD",
-            ReturnValuesOnConditionCheckFailure="ALL_OLD",
-        )
-
-    async def _get(self, tracking_id: str) -> dict[str, Any] | None:
-        response = await self._call(
-            "GetItem",
-            self._client.get_item,
-            TableName=self._table,
-            Key={"id": {"S": tracking_id}},
-            ConsistentRead=True,
-        )
-        item = response.get("Item")
-        return item if isinstance(item, dict) else None
 
     async def _call(self, operation: str, method: Any, **kwargs: Any) -> dict[str, Any]:
         self.calls += 1
-        try:
-            return cast(dict[str, Any], await method(**kwargs))
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            error = aws_error(exc)
-            if error.code == "ConditionalCheckFailedException":
-                item = error.response.get("Item")
-                raise _ConditionFailed(item if isinstance(item, dict) else None) from None
-            raise StatusUnavailable(f"DynamoDB {operation} failed: {error.describe()}") from None
+        return await dynamodb_call(operation, method, StatusUnavailable, **kwargs)
 
 
 class DynamoStatusReader:
@@ -307,109 +201,141 @@ class DynamoStatusReader:
         key = tracking_id_from(tracking_id)
         if key is None:
             raise ValueError(f"not a tracking id or Message-ID: {tracking_id[:80]!r}")
-        response = await self._call(
-            "GetItem",
-            self._client.get_item,
-            TableName=self._table,
-            Key={"id": {"S": key}},
-            ConsistentRead=True,
-        )
-        item = response.get("Item")
-        return record_of(item) if isinstance(item, dict) else None
+        items = await _query_items(self._call, self._client.query, self._table, key)
+        return fold(items) if items else None
 
     async def for_video(self, video_id: str, *, limit: int = 1000) -> list[StatusRecord]:
-        found: list[StatusRecord] = []
+        """The video's notifications in the order they were first written (the index holds
+        the changes that name the video: the worker's)."""
+        tracking_ids: dict[str, None] = {}
         request: dict[str, Any] = {
             "TableName": self._table,
             "IndexName": VIDEO_INDEX,
             "KeyConditionExpression": "#video_id = :video_id",
-            "ExpressionAttributeNames": {"#video_id": "video_id"},
+            "ExpressionAttributeNames": {"#video_id": "video_id", "#id": "id"},
             "ExpressionAttributeValues": {":video_id": {"S": video_id}},
+            "ProjectionExpression": "#id",
         }
-        while len(found) < limit:
+        while len(tracking_ids) < limit:
             response = await self._call("Query", self._client.query, **request)
-            found += [record_of(item) for item in response.get("Items", [])]
+            for item in response.get("Items", []):
+                tracking_ids.setdefault(item.get("id", {}).get("S", ""), None)
             last = response.get("LastEvaluatedKey")
             if not last:
                 break
             request["ExclusiveStartKey"] = last
-        return found[:limit]
+        found = []
+        for key in list(tracking_ids)[:limit]:
+            items = await _query_items(self._call, self._client.query, self._table, key)
+            if items:  # expired between the two reads
+                found.append(fold(items))
+        return found
 
     async def _call(self, operation: str, method: Any, **kwargs: Any) -> dict[str, Any]:
-        try:
-            return cast(dict[str, Any], await method(**kwargs))
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            error = aws_error(exc)
-            raise StatusUnavailable(f"DynamoDB {operation} failed: {error.describe()}") from None
+        return await dynamodb_call(operation, method, StatusUnavailable, **kwargs)
 
 
-class _ConditionFailed(Exception):
-    def __init__(self, item: dict[str, Any] | None) -> None:
-        super().__init__("conditional check failed")
-        self.item = item
-
-
-def _entry(change: StatusChange) -> dict[str, Any]:
-    """A change as a history entry (a DynamoDB map)."""
-    entry: dict[str, Any] = {
-        "state": {"S": change.state},
-        "at": {"N": str(change.at_ms)},
-        "source": {"S": change.source},
+async def _query_items(
+    call: Callable[..., Any], query: Any, table: str, tracking_id: str
+) -> list[dict[str, Any]]:
+    """Every item of one notification, read consistently."""
+    items: list[dict[str, Any]] = []
+    request: dict[str, Any] = {
+        "TableName": table,
+        "KeyConditionExpression": "#id = :id",
+        "ExpressionAttributeNames": {"#id": "id"},
+        "ExpressionAttributeValues": {":id": {"S": tracking_id}},
+        "ConsistentRead": True,
     }
-    for name, value in (
-        ("reason", change.reason),
-        ("provider_id", change.provider_id),
-        ("transport", change.transport),
-    ):
-        if value is not None:
-            entry[name] = {"S": value}
-    if change.attempt is not None:
-        entry["attempt"] = {"N": str(change.attempt)}
-    return entry
+    while True:
+        response = await call("Query", query, **request)
+        items += response.get("Items", [])
+        last = response.get("LastEvaluatedKey")
+        if not last:
+            return items
+        request["ExclusiveStartKey"] = last
 
 
-def record_of(item: dict[str, Any]) -> StatusRecord:
-    """A stored item as a `StatusRecord`."""
-
-    def text(attributes: dict[str, Any], name: str) -> str | None:
-        value = attributes.get(name, {}).get("S")
-        return value if isinstance(value, str) else None
-
-    def number(attributes: dict[str, Any], name: str) -> int | None:
-        value = attributes.get(name, {}).get("N")
-        return int(value) if isinstance(value, str) else None
-
-    history = []
-    for raw in item.get("history", {}).get("L", []):
-        entry = raw.get("M", {})
-        history.append(
-            HistoryEntry(
-                state=_state(text(entry, "state")),
-                at_ms=number(entry, "at") or 0,
-                source="ses" if text(entry, "source") == "ses" else "worker",
-                reason=text(entry, "reason"),
-                provider_id=text(entry, "provider_id"),
-                transport=text(entry, "transport"),
-                attempt=number(entry, "attempt"),
-            )
-        )
-    history.sort(key=lambda e: e.at_ms)  # written in arrival order; read in time order
-    return StatusRecord(
-        tracking_id=text(item, "id") or "",
-        status=_state(text(item, "status")),
-        status_at_ms=number(item, "status_at") or 0,
-        history=tuple(history),
-        video_id=text(item, "video_id"),
-        notification_id=text(item, "notification_id"),
-        reason=text(item, "reason"),
-        provider_id=text(item, "provider_id"),
-        transport=text(item, "transport"),
-        attempts=number(item, "attempts"),
-        created_at_ms=number(item, "created_at"),
-        updated_at_ms=number(item, "updated_at"),
+def fold(items: Iterable[dict[str, Any]]) -> StatusRecord:
+    """A notification's items (at least one) as its `StatusRecord`: the history in time
+    order, and as the status the change that wins by `delivery_status.supersedes` taken in
+    that order. What the notification is (video, notification and provider ids) is what
+    the first change to know it said; what its latest attempt was (transport, attempts)
+    comes with the status it goes with, or from any change when that one does not say."""
+    changes = sorted(
+        (_Stored.of(item) for item in items), key=lambda c: (c.entry.at_ms, c.written, c.event)
     )
+    if not changes:
+        raise ValueError("a notification has at least one change")
+    current = changes[0]
+    for change in changes[1:]:
+        if supersedes(
+            RANK[change.entry.state], change.entry.at_ms, RANK[current.entry.state],
+            current.entry.at_ms,
+        ):  # fmt: skip
+            current = change
+
+    def first(values: Iterable[Any]) -> Any:
+        return next((value for value in values if value is not None), None)
+
+    latest = [current, *reversed(changes)]
+    return StatusRecord(
+        tracking_id=changes[0].tracking_id,
+        status=current.entry.state,
+        status_at_ms=current.entry.at_ms,
+        history=tuple(change.entry for change in changes),
+        video_id=first(c.video_id for c in changes),
+        notification_id=first(c.notification_id for c in changes),
+        reason=current.entry.reason,
+        provider_id=first(c.entry.provider_id for c in changes),
+        transport=first(c.entry.transport for c in latest),
+        attempts=first(c.entry.attempt for c in latest),
+        created_at_ms=min(c.written for c in changes),
+        updated_at_ms=max(c.written for c in changes),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class _Stored:
+    """One item as read: the change it records and what the history entry leaves out."""
+
+    tracking_id: str
+    event: str
+    written: int
+    entry: HistoryEntry
+    video_id: str | None
+    notification_id: str | None
+
+    @classmethod
+    def of(cls, item: dict[str, Any]) -> _Stored:
+        def text(name: str) -> str | None:
+            value = item.get(name, {}).get("S")
+            return value if isinstance(value, str) else None
+
+        def number(name: str) -> int | None:
+            value = item.get(name, {}).get("N")
+            return int(value) if isinstance(value, str) else None
+
+        return cls(
+            tracking_id=text("id") or "",
+            event=text("event") or "",
+            written=number("created_at") or 0,
+            entry=HistoryEntry(
+                state=_state(text("state")),
+                at_ms=number("at") or 0,
+                source="ses" if text("source") == "ses" else "worker",
+                reason=text("reason"),
+                provider_id=text("provider_id"),
+                transport=text("transport"),
+                attempt=number("attempt"),
+            ),
+            video_id=text("video_id"),
+            notification_id=text("notification_id"),
+        )
+
+
+def _key_of(item: dict[str, Any]) -> tuple[str, str]:
+    return item.get("id", {}).get("S", ""), item.get("event", {}).get("S", "")
 
 
 def _state(value: str | None) -> State:

@@ -8,7 +8,11 @@ yet). The SES events function's records carry the status SES reported (`Outcome.
 
 `StatusWriter` never holds a send back: `add` only queues the change, and one background
 task writes the queue to the store (STATUS_TABLE) while the records go on, a few calls at
-a time, then publishes what changed to the topic (STATUS_TOPIC_ARN) in batches. Each call
+a time, then publishes what changed to the topic (STATUS_TOPIC_ARN) in batches. The
+worker's verdicts go in batches (`StatusStore.write_batch`, 25 a call): the writer lets a
+batch fill for a moment (`LINGER`) unless the queue already holds one or the batch is
+settled. SES's changes go one by one (`write`), since the event told back for each says
+whether it became the status. Each call
 has the time limit of the work after the cutoff (`AfterCutoff`); a write that fails is tried
 again a bounded number of times, then counted (`StatusWriteFailed`) and logged, and after
 several changes in a row have failed the writer stops trying for the batch (a store that is
@@ -22,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import time
 from collections.abc import Callable
 from typing import Any
@@ -46,6 +51,8 @@ RETRY_DELAY = 0.05  # seconds before the second try; doubling
 GIVE_UP_AFTER = 3
 #: Seconds `close` gives what is still queued once the batch is settled.
 DRAIN_SECONDS = 5.0
+#: Seconds the writer waits for a batch of the worker's verdicts to fill.
+LINGER = 0.25
 
 
 def status_of(outcome: Outcome, fate: Disposition, *, now: float) -> StatusChange | None:
@@ -105,6 +112,7 @@ class StatusWriter:
         attempts: int = ATTEMPTS,
         retry_delay: float = RETRY_DELAY,
         drain_seconds: float = DRAIN_SECONDS,
+        linger: float = LINGER,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._store = store
@@ -114,6 +122,7 @@ class StatusWriter:
         self._attempts = attempts
         self._retry_delay = retry_delay
         self._drain_seconds = drain_seconds
+        self._linger = linger
         self.clock = clock
         self.counts = StatusCounts(active=store is not None or topic is not None)
         self._pending: collections.deque[StatusChange] = collections.deque()
@@ -177,12 +186,10 @@ class StatusWriter:
     async def _run(self) -> None:
         while True:
             if self._pending:
-                chunk = [
-                    self._pending.popleft()
-                    for _ in range(min(self._concurrency, len(self._pending)))
-                ]
-                self._writing += len(chunk)
-                await asyncio.gather(*(self._write(change) for change in chunk))
+                await self._let_fill()
+                calls = self._take_calls()
+                self._writing += sum(len(group) for group in calls)
+                await asyncio.gather(*(self._write(group) for group in calls))
             topic = self._topic
             if topic is not None:
                 # Full batches as they fill; the rest once nothing is waiting to be written.
@@ -195,11 +202,83 @@ class StatusWriter:
             self._wake.clear()
             await self._wake.wait()
 
-    async def _write(self, change: StatusChange) -> None:
-        event = await self._try_write(change)
-        self._writing -= 1  # not reached when cancelled: `abort` counts it as failed
-        if event is not None:
-            self._events.append(event)
+    def _batched(self, change: StatusChange) -> bool:
+        return self._store is not None and change.source == "worker"
+
+    async def _let_fill(self) -> None:
+        """Wait `linger` seconds at most for a full batch of the worker's verdicts (not
+        when closing: what is queued then is all there will be)."""
+        store = self._store
+        if store is None or not self._batched(self._pending[0]):
+            return
+        loop = asyncio.get_running_loop()
+        until = loop.time() + self._linger
+        while len(self._pending) < store.max_batch and not self._closing:
+            self._wake.clear()
+            try:
+                async with asyncio.timeout(until - loop.time()):
+                    await self._wake.wait()
+            except TimeoutError:
+                return
+
+    def _take_calls(self) -> list[list[StatusChange]]:
+        """The next calls (`concurrency` at most): a batch of the worker's verdicts, or one
+        change of SES's."""
+        calls: list[list[StatusChange]] = []
+        size = self._store.max_batch if self._store is not None else 1
+        while self._pending and len(calls) < self._concurrency:
+            group = [self._pending.popleft()]
+            if self._batched(group[0]):
+                while self._pending and len(group) < size and self._batched(self._pending[0]):
+                    group.append(self._pending.popleft())
+            calls.append(group)
+        return calls
+
+    async def _write(self, group: list[StatusChange]) -> None:
+        if len(group) == 1 and not self._batched(group[0]):
+            events = [await self._try_write(group[0])]
+        else:
+            events = await self._try_write_batch(group)
+        self._writing -= len(group)  # not reached when cancelled: `abort` counts them failed
+        self._events.extend(event for event in events if event is not None)
+
+    async def _try_write_batch(self, group: list[StatusChange]) -> list[dict[str, Any] | None]:
+        """Write the worker's verdicts, trying what is left unwritten again; the events to
+        publish for those written (their own state is their status: the store is not read)."""
+        store = self._store
+        assert store is not None
+        left = group
+        problem = "given up for this batch"
+        for attempt in range(self._attempts):
+            if self._failed_in_row >= GIVE_UP_AFTER:
+                break
+            try:
+                write = functools.partial(store.write_batch, left)
+                left = await AfterCutoff(self._deadline).call(write)
+            except OutOfTime as exc:
+                problem = str(exc)
+                break
+            except Exception as exc:  # any failure is the store's: counted, never raised
+                problem = f"{type(exc).__name__}: {redact(str(exc))[:300]}"
+            else:
+                self._failed_in_row = 0
+                if not left:
+                    break
+                problem = f"{len(left)} left unprocessed by DynamoDB"
+            if attempt + 1 < self._attempts:
+                await asyncio.sleep(self._retry_delay * 2**attempt)
+        unwritten = {id(change) for change in left}
+        self.counts.written += len(group) - len(unwritten)
+        if unwritten:
+            self._failed_in_row += 1
+            self.counts.failed += len(unwritten)
+            log.warning(
+                "status writes failed",
+                extra={"changes": len(unwritten), "error": problem},
+            )
+        if self._topic is None:
+            return []
+        return [status_event(change) for change in group if id(change) not in unwritten]
 
     async def _try_write(self, change: StatusChange) -> dict[str, Any] | None:
         """Write one change; the event to publish for it, if there is one to publish."""

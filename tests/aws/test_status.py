@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import Any
 
 import aioboto3
@@ -109,7 +110,10 @@ def test_anything_else_is_not_a_tracking_id(text: str) -> None:
 async def test_create_table_makes_the_video_index_and_ttl(dynamodb: Any) -> None:
     await create_status_table(dynamodb, TABLE)  # again: idempotent
     table = (await dynamodb.describe_table(TableName=TABLE))["Table"]
-    assert table["KeySchema"] == [{"AttributeName": "id", "KeyType": "HASH"}]
+    assert table["KeySchema"] == [
+        {"AttributeName": "id", "KeyType": "HASH"},
+        {"AttributeName": "event", "KeyType": "RANGE"},
+    ]
     [index] = table["GlobalSecondaryIndexes"]
     assert index["IndexName"] == VIDEO_INDEX
     ttl = (await dynamodb.describe_time_to_live(TableName=TABLE))["TimeToLiveDescription"]
@@ -191,46 +195,69 @@ async def test_the_latest_attempt_speaks_among_the_workers_verdicts(
     assert (record.status, record.transport, record.reason) == ("accepted", "ses", None)
 
 
-async def test_the_item_holds_no_address_and_expires(
+async def test_each_change_is_an_item_holding_no_address_that_expires(
     store: DynamoStatusStore, dynamodb: Any
 ) -> None:
     await store.write(
         change("suppressed", NOW, reason="suppressed: addr-1234567890 is on the suppression list")
     )
-    item = (await dynamodb.get_item(TableName=TABLE, Key={"id": {"S": TRACKING}}))["Item"]
-    assert "@" not in json.dumps(item)
-    assert item["expires_at"] == {"N": str(int(NOW) + 3600)}
-    assert item["events"] == {"SS": [f"suppressed:{NOW}"]}
+    await store.write_batch([ACCEPTED])
+    items = (await dynamodb.scan(TableName=TABLE))["Items"]
+    assert sorted(item["event"]["S"] for item in items) == sorted(
+        [f"suppressed:{NOW}", ACCEPTED.event_id]
+    )
+    assert "@" not in json.dumps(items)
+    assert {item["expires_at"]["N"] for item in items} == {str(int(NOW) + 3600)}
+    assert {item["id"]["S"] for item in items} == {TRACKING}
 
 
-async def test_the_workers_first_change_is_one_put_making_the_item_an_update_would(
-    store: DynamoStatusStore, dynamodb: Any
+async def test_the_workers_verdicts_go_25_to_a_call_and_fold_like_single_writes(
+    store: DynamoStatusStore, reader: DynamoStatusReader
 ) -> None:
-    """A worker's verdict on an unknown notification goes by a put that only creates the
-    item (cheaper to evaluate); it must make exactly the item the conditional update makes
-    of a missing one, which an SES change (always an update) shows."""
-    other = "f" * 40
-    fields = {"video_id": "v1", "notification_id": "n-1", "provider_id": "ses-1",
-              "transport": "smtp", "attempt": 2, "reason": "why not"}  # fmt: skip
+    """60 verdicts of 60 notifications in 3 BatchWriteItem calls; each reads back as the
+    same change written alone would (an SES change, written by `write`, shows it)."""
+    verdicts = [
+        change("accepted", NOW, tracking_id=f"{n:040x}", video_id="v9", provider_id=f"p-{n}",
+               transport="smtp", attempt=1, notification_id=f"n-{n}")
+        for n in range(60)
+    ]  # fmt: skip
     calls = store.calls
-    await store.write(change("accepted", NOW, source="worker", **fields))
-    assert store.calls == calls + 1
-    await store.write(change("accepted", NOW, source="ses", tracking_id=other, **fields))
+    for start in range(0, 60, store.max_batch):
+        assert await store.write_batch(verdicts[start : start + store.max_batch]) == []
+    assert store.calls == calls + 3
+    alone = replace(verdicts[0], tracking_id="f" * 40, source="ses")
+    await store.write(alone)
+    batched, single = await reader.get(f"{0:040x}"), await reader.get("f" * 40)
+    assert batched is not None
+    assert single is not None
+    assert replace(batched, tracking_id="", created_at_ms=0, updated_at_ms=0, history=()) == (
+        replace(single, tracking_id="", created_at_ms=0, updated_at_ms=0, history=())
+    )
+    assert [(e.state, e.at_ms, e.transport) for e in batched.history] == [
+        (e.state, e.at_ms, e.transport) for e in single.history
+    ]
+    assert len(await reader.for_video("v9")) == 61
+    # The same verdict again is the same item: nothing new.
+    assert await store.write_batch([verdicts[0], verdicts[0]]) == []
+    again = await reader.get(f"{0:040x}")
+    assert again is not None
+    assert len(again.history) == 1
+    with pytest.raises(ValueError, match="at most 25"):
+        await store.write_batch(verdicts[:26])
 
-    async def stored(key: str) -> dict[str, Any]:
-        item = (await dynamodb.get_item(TableName=TABLE, Key={"id": {"S": key}}))["Item"]
-        item.pop("id")
-        for entry in item["history"]["L"]:
-            entry["M"].pop("source")
-        return dict(item)
 
-    assert await stored(TRACKING) == await stored(other)
-    # On an item that exists, the put gives way to the full rules: a later attempt's verdict
-    # becomes the status, and the history keeps both.
-    again = await store.write(change("failed", NOW + 1, reason="bad_message: x"))
+async def test_a_later_attempts_verdict_becomes_the_status_over_a_batched_one(
+    store: DynamoStatusStore, reader: DynamoStatusReader
+) -> None:
+    await store.write_batch([change("accepted", NOW, attempt=1, transport="smtp")])
+    again = await store.write(change("failed", NOW + 1, reason="bad_message: x", attempt=2))
     assert again.result == "current"
     assert again.before is not None
     assert again.before.status == "accepted"
+    record = await reader.get(TRACKING)
+    assert record is not None
+    assert (record.status, record.reason, record.attempts) == ("failed", "bad_message: x", 2)
+    assert record.transport == "smtp"  # the failed attempt did not say: the latest that did
 
 
 async def test_a_video_lists_its_notifications_oldest_first(
@@ -240,9 +267,14 @@ async def test_a_video_lists_its_notifications_oldest_first(
         clock_at = NOW + index
         store = DynamoStatusStore(dynamodb, TABLE, clock=lambda at=clock_at: at)
         video = "v2" if tracking == "b" * 40 else "v1"
-        await store.write(change("accepted", clock_at, tracking_id=tracking, video_id=video))
+        await store.write_batch(
+            [change("accepted", clock_at, tracking_id=tracking, video_id=video)]
+        )
+        # SES's later word names no video: the notification is listed once, as it is now.
+        await store.write(change("delivered", clock_at + 5, tracking_id=tracking))
     found = await reader.for_video("v1")
     assert [r.tracking_id for r in found] == ["a" * 40, "c" * 40]
+    assert {r.status for r in found} == {"delivered"}
     assert [r.tracking_id for r in await reader.for_video("v2")] == ["b" * 40]
     assert await reader.for_video("nothing") == []
     assert await reader.get("d" * 40) is None
@@ -254,6 +286,8 @@ async def test_a_missing_table_is_unavailable(dynamodb: Any) -> None:
     store = DynamoStatusStore(dynamodb, "no-such-table")
     with pytest.raises(StatusUnavailable, match="ResourceNotFoundException"):
         await store.write(ACCEPTED)
+    with pytest.raises(StatusUnavailable, match="ResourceNotFoundException"):
+        await store.write_batch([ACCEPTED])
     with pytest.raises(StatusUnavailable):
         await DynamoStatusReader(dynamodb, "no-such-table").get(TRACKING)
 
