@@ -2,7 +2,7 @@
 
 A notification's changes share its `tracking_id` (the partition key `id`: a hash, so no
 address is stored); each is an item of its own under its `event_id` (the sort key `event`),
-holding the change (`state`, `rank`, `at`, `source`, `reason`, `provider_id`, `transport`,
+holding the change (`state`, `at`, `source`, `reason`, `provider_id`, `transport`,
 `attempt`, and `video_id`/`notification_id` when the writer knows them), when it was
 written (`created_at`, epoch ms) and its TTL (`expires_at`, epoch s). A global secondary
 index (`VIDEO_INDEX`: `video_id`, `created_at`) finds a video's notifications.
@@ -160,7 +160,6 @@ class DynamoStatusStore:
             "id": {"S": change.tracking_id},
             "event": {"S": change.event_id},
             "state": {"S": change.state},
-            "rank": {"N": str(change.rank)},
             "at": {"N": str(change.at_ms)},
             "source": {"S": change.source},
             "created_at": {"N": str(epoch_ms(now))},

@@ -223,10 +223,14 @@ class StatusWriter:
 
     def _take_calls(self) -> list[list[StatusChange]]:
         """The next calls (`concurrency` at most): a batch of the worker's verdicts, or one
-        change of SES's."""
+        change of SES's. A batch short of `max_batch` goes only as the first call (the
+        linger is over) or when closing: otherwise a short tail waits for more."""
         calls: list[list[StatusChange]] = []
         size = self._store.max_batch if self._store is not None else 1
         while self._pending and len(calls) < self._concurrency:
+            short = len(self._pending) < size and self._batched(self._pending[0])
+            if calls and short and not self._closing:
+                break
             group = [self._pending.popleft()]
             if self._batched(group[0]):
                 while self._pending and len(group) < size and self._batched(self._pending[0]):

@@ -112,3 +112,22 @@ async def test_ses_changes_go_one_by_one() -> None:
     assert store.singles == ["delivered:m1:1", "delivered:m2:1"]
     assert store.batches == []
     assert writer.counts.written == 2
+
+
+async def test_a_short_tail_waits_for_more_while_the_batch_runs() -> None:
+    """30 queued: 25 go at once, the other 5 wait (a long linger) for 20 more to fill a
+    second full call, rather than going as a call of 5."""
+    store = ScriptedStore()
+    writer = StatusWriter(store, None, None, linger=60)
+    for n in range(30):
+        writer.add(verdict(n))
+    async with asyncio.timeout(30):
+        await store.called.wait()
+    store.called.clear()
+    for n in range(30, 50):
+        writer.add(verdict(n))
+    async with asyncio.timeout(30):
+        await store.called.wait()
+    assert [len(batch) for batch in store.batches] == [25, 25]
+    await writer.close()
+    assert writer.counts.written == 50
