@@ -123,6 +123,7 @@ class StatusWriter:
         self._retry_delay = retry_delay
         self._drain_seconds = drain_seconds
         self._linger = linger
+        self._batch_size = store.max_batch if store is not None else 1
         self.clock = clock
         self.counts = StatusCounts(active=store is not None or topic is not None)
         self._pending: collections.deque[StatusChange] = collections.deque()
@@ -143,7 +144,11 @@ class StatusWriter:
         if change is None or not self.active or self._closing:
             return
         self._pending.append(change)
-        self._wake.set()
+        # Woken for the first change, a full batch, or one that goes alone: not for every
+        # verdict while a batch fills (2,000 wake-ups of a batch that takes 80 calls).
+        queued = len(self._pending)
+        if queued == 1 or queued >= self._batch_size or not self._batched(change):
+            self._wake.set()
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._run())
 
@@ -208,12 +213,11 @@ class StatusWriter:
     async def _let_fill(self) -> None:
         """Wait `linger` seconds at most for a full batch of the worker's verdicts (not
         when closing: what is queued then is all there will be)."""
-        store = self._store
-        if store is None or not self._batched(self._pending[0]):
+        if not self._batched(self._pending[0]):
             return
         loop = asyncio.get_running_loop()
         until = loop.time() + self._linger
-        while len(self._pending) < store.max_batch and not self._closing:
+        while len(self._pending) < self._batch_size and not self._closing:
             self._wake.clear()
             try:
                 async with asyncio.timeout(until - loop.time()):
@@ -226,7 +230,7 @@ class StatusWriter:
         change of SES's. A batch short of `max_batch` goes only as the first call (the
         linger is over) or when closing: otherwise a short tail waits for more."""
         calls: list[list[StatusChange]] = []
-        size = self._store.max_batch if self._store is not None else 1
+        size = self._batch_size
         while self._pending and len(calls) < self._concurrency:
             short = len(self._pending) < size and self._batched(self._pending[0])
             if calls and short and not self._closing:
