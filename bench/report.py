@@ -26,6 +26,7 @@ import datetime as dt
 import hashlib
 import os
 import platform
+import statistics
 import sys
 from pathlib import Path
 from typing import Any
@@ -370,6 +371,7 @@ def render(results: dict[str, Any]) -> str:
         _ses_budget,
         _medians,
         _cpu,
+        _instructions,
         _baseline_ratios,
         _comparison,
         _round_trips,
@@ -625,6 +627,39 @@ def _cpu(results: dict[str, Any]) -> list[str]:
             + ", ".join(noisy)
             + "; those numbers are disturbed."
         )
+    return out
+
+
+def _instructions(results: dict[str, Any]) -> list[str]:
+    """`--callgrind`: each target process's instructions, and project against previous."""
+    rows = [row for row in results["results"] if row.get("instructions")]
+    if not rows:
+        return []
+    out = ["", "instructions (callgrind; whole target process incl. start-up):"]
+    out += _table(
+        ["scenario", "target", "instructions", "per record"],
+        [
+            [
+                row["scenario"],
+                label(row, results),
+                f"{row['instructions']:,}",
+                f"{row['instructions'] / max(row.get('records') or 1, 1):,.0f}",
+            ]
+            for row in rows
+        ],
+        right={2, 3},
+    )
+    for scenario in dict.fromkeys(row["scenario"] for row in rows):
+        counts: dict[str, list[int]] = {}
+        for row in rows:
+            if row["scenario"] == scenario:
+                counts.setdefault(row["target"], []).append(row["instructions"])
+        if "project" in counts and "previous" in counts:
+            ratio = statistics.median(counts["project"]) / statistics.median(counts["previous"])
+            out.append(
+                f"{scenario}: project executes {ratio:.3f}x the instructions of previous "
+                f"(medians; above 1 = project costs more)"
+            )
     return out
 
 

@@ -145,6 +145,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "delivery-status table on moto (STATUS_TABLE; code before the status work ignores "
         "it), and check that each project run wrote a status per record",
     )
+    parser.add_argument(
+        "--callgrind",
+        action="store_true",
+        help="run the project and previous targets under valgrind's callgrind and report the "
+        "instructions each process executed: the same count whatever the machine's speed, "
+        "for an A/B closer than wall time can tell (about 50x slower: use a few hundred "
+        "--records)",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the work dir (logs, events)")
     args = parser.parse_args(argv)
     try:
@@ -469,8 +477,18 @@ class Bench:
             row["profiled"] = True
         all_bytes = batch.total_bytes + (warmup.total_bytes if warmup is not None else 0)
         timeout = 600 + 3 * expected_messages + 4 * all_bytes / MiB
+        counted = self.logs / f"callgrind-{name}.out"
+        if self.args.callgrind:
+            command = [
+                "valgrind", "--tool=callgrind", "--quiet", f"--callgrind-out-file={counted}",
+                *command,
+            ]  # fmt: skip
+            timeout *= 100
         helper = Helper(name, command, self.logs, cwd=self.trees[target])
         child = self._execute(helper, env, timeout, result_path, row)
+        if self.args.callgrind:
+            row["instructions"] = callgrind_total(counted)
+            log(f"[{name}] {row['instructions']:,} instructions")
         sink = self.sink.collect(expected=0 if transport == "ses" else expected_messages)
         if transport == "ses":
             if sink.messages or sink.connections:
@@ -987,6 +1005,18 @@ class _CpuAccount:
 def _cpu(who: int) -> float:
     usage = resource.getrusage(who)
     return usage.ru_utime + usage.ru_stime
+
+
+def callgrind_total(path: Path) -> int | None:
+    """The instructions a callgrind run counted (its `totals:` line), None without one."""
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith("totals:"):
+            return int(line.split()[1])
+    return None
 
 
 def log(text: str) -> None:
