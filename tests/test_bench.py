@@ -419,3 +419,34 @@ def test_only_modules_of_the_tree_count_as_its_own(tmp_path: Path) -> None:
     strays = _stray_modules(str(tmp_path))
     assert any(stray.startswith("bench.target ") for stray in strays)
     assert _stray_modules(str(ROOT)) == []
+
+
+def test_callgrind_counts_are_read_and_compared(tmp_path: Path) -> None:
+    """`--callgrind`: the count is callgrind's own `totals:` line, from a real valgrind run
+    of a small program, and the report compares the targets' medians."""
+    from bench import report
+    from bench.run import callgrind_total
+
+    out = tmp_path / "callgrind.out"
+    subprocess.run(
+        ["valgrind", "--tool=callgrind", "--quiet", f"--callgrind-out-file={out}", "true"],
+        check=True,
+        timeout=120,
+    )
+    counted = callgrind_total(out)
+    assert counted is not None
+    assert counted > 10_000
+    assert callgrind_total(tmp_path / "missing.out") is None
+    assert parse_args(["--callgrind"]).callgrind is True
+
+    def row(target: str, run: int, instructions: int) -> dict[str, Any]:
+        return {"scenario": "small", "target": target, "run": run, "records": 400,
+                "instructions": instructions}  # fmt: skip
+
+    rows = [row("previous", 1, 1_000_000), row("project", 1, 1_030_000),
+            row("previous", 2, 1_000_200), row("project", 2, 1_029_800)]  # fmt: skip
+    results = {"results": rows, "previous": None, "settings": {"repeat": 2}}
+    text = "\n".join(report._instructions(results))
+    assert "1,030,000" in text
+    assert "2,575" in text  # per record
+    assert "small: project executes 1.030x the instructions of previous" in text
